@@ -1,0 +1,337 @@
+"""Chapter 2: Working with text data.
+
+Defines the book's simple tokenizers, BPE through tiktoken, the sliding-window
+dataset `GPTDatasetV1` with `create_dataloader_v1`, and (beyond the book) the
+download helper every later chapter uses.
+
+Run:  python ch02_data.py [--text the-verdict.txt]
+Imports no earlier chapter file.
+"""
+import argparse
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+import tiktoken
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+               "ch02/01_main-chapter-code/the-verdict.txt")
+
+
+# ---- Beyond the book: reading and downloading files ----
+
+def read_text(path):
+    """Read a UTF-8 text file, failing with a message that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Text file not found: {path}. Check the path, "
+                                "or leave the option out to download the book's text.")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}). "
+                         "Convert it first, e.g. `iconv -t utf-8 FILE > FILE.utf8`.") from None
+
+
+class IncompleteDownload(IOError):
+    pass
+
+
+def _fetch_into(url, part, timeout, desc):
+    """Append the rest of `url` to `part`, resuming with an HTTP Range request."""
+    have = part.stat().st_size if part.exists() else 0
+    # identity: Content-Length must count the bytes we write, not gzip'd ones
+    headers = {"Accept-Encoding": "identity"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
+        if have and r.status_code == 416:  # our .part is already as long as the file, or longer
+            part.unlink()
+            raise IncompleteDownload(f"{url}: partial file did not match; starting over")
+        r.raise_for_status()
+        if r.status_code != 206:  # the server ignored Range: start from byte 0
+            have = 0
+        if r.status_code == 206 and "Content-Range" in r.headers:
+            total = int(r.headers["Content-Range"].rsplit("/", 1)[-1])
+        elif "Content-Length" in r.headers:
+            total = have + int(r.headers["Content-Length"])
+        else:
+            total = None
+        with open(part, "ab" if have else "wb") as f, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=desc,
+                disable=total is not None and total < 2**20, leave=False) as bar:
+            for chunk in r.iter_content(chunk_size=2**16):
+                f.write(chunk)
+                bar.update(len(chunk))
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise IncompleteDownload(f"{url}: got {size} of {total} bytes")
+
+
+def download_file(url, destination, backup_urls=(), retries=3, backoff=1.0, timeout=60):
+    """Download `url` to `destination` unless it is already there.
+
+    Bytes go to `destination.part`, which is renamed only once its size matches
+    the server's Content-Length; an interrupted download resumes from the .part
+    file. Connection errors are retried with exponential back-off, then the
+    `backup_urls` are tried in turn.
+    """
+    destination = Path(destination)
+    if destination.exists():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    part = destination.with_name(destination.name + ".part")
+    failures = []
+    for u in [url, *backup_urls]:
+        for attempt in range(retries):
+            try:
+                _fetch_into(u, part, timeout, desc=destination.name)
+                part.replace(destination)
+                return destination
+            except requests.HTTPError as err:
+                failures.append(f"{u}: {err}")
+                status = err.response.status_code
+                if status < 500 and status not in (408, 429):
+                    break  # the server said no: retrying will not help, try the next URL
+            except (requests.RequestException, IncompleteDownload) as err:
+                failures.append(f"{u}: {err}")
+            if attempt + 1 < retries:
+                time.sleep(backoff * 2 ** attempt)
+    tried = "\n  ".join(failures)
+    raise RuntimeError(
+        f"Could not download {destination.name}. Attempts:\n  {tried}\n"
+        f"Download it by hand and place it at {destination.resolve()} "
+        "(the partial .part file, if any, can be deleted).")
+
+
+def load_the_verdict(path=None, data_dir="data"):
+    """The book's short story: read `path`, or download it once into `data_dir`."""
+    if path is None:
+        path = download_file(VERDICT_URL, Path(data_dir) / "the-verdict.txt")
+    return read_text(path)
+
+
+# ---- 2.2 Tokenizing text ----
+
+def split_text(text):
+    """The book's split: punctuation, double dashes and whitespace; blanks dropped."""
+    tokens = re.split(r'([,.:;?_!"()\']|--|\s)', text)
+    return [item.strip() for item in tokens if item.strip()]
+
+
+# ---- 2.3 Converting tokens into token IDs ----
+
+def build_vocab(text, special_tokens=()):
+    """Sorted unique tokens of `text`, then the special tokens, mapped to ids."""
+    all_tokens = sorted(set(split_text(text)))
+    all_tokens.extend(special_tokens)
+    return {token: integer for integer, token in enumerate(all_tokens)}
+
+
+class SimpleTokenizerV1:
+    def __init__(self, vocab):
+        self.str_to_int = vocab
+        self.int_to_str = {i: s for s, i in vocab.items()}
+
+    def encode(self, text):
+        preprocessed = split_text(text)
+        unknown = [s for s in preprocessed if s not in self.str_to_int]
+        if unknown:
+            raise ValueError(f"Word {unknown[0]!r} is not in the vocabulary "
+                             f"({len(self.str_to_int)} tokens). Use SimpleTokenizerV2, "
+                             "which maps unknown words to <|unk|>.")
+        return [self.str_to_int[s] for s in preprocessed]
+
+    def decode(self, ids):
+        text = " ".join([self.int_to_str[i] for i in ids])
+        # Remove the spaces that join() put before punctuation
+        return re.sub(r'\s+([,.?!"()\'])', r'\1', text)
+
+
+# ---- 2.4 Adding special context tokens ----
+
+class SimpleTokenizerV2(SimpleTokenizerV1):
+    def encode(self, text):
+        preprocessed = [item if item in self.str_to_int else "<|unk|>"
+                        for item in split_text(text)]
+        return [self.str_to_int[s] for s in preprocessed]
+
+
+# ---- 2.5 Byte pair encoding ----
+
+def bpe_tokenizer():
+    """GPT-2's BPE tokenizer (tiktoken downloads its vocabulary once, then caches it)."""
+    return tiktoken.get_encoding("gpt2")
+
+
+# ---- 2.6 Data sampling with a sliding window ----
+
+class GPTDatasetV1(Dataset):
+    """Windows of `max_length` tokens every `stride` tokens; targets shifted by one.
+
+    The windows are the book's, but (beyond the book) the dataset keeps one token
+    array and slices each window on access, so memory is O(number of tokens)
+    whatever the stride. `token_ids` can be any 1-d integer array, including a
+    memory-mapped file (see `from_token_ids`).
+    """
+
+    def __init__(self, txt, tokenizer, max_length, stride):
+        token_ids = tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
+        self._set_windows(np.asarray(token_ids, dtype=np.int64), max_length, stride)
+
+    @classmethod
+    def from_token_ids(cls, token_ids, max_length, stride):
+        dataset = cls.__new__(cls)
+        dataset._set_windows(token_ids, max_length, stride)
+        return dataset
+
+    def _set_windows(self, token_ids, max_length, stride):
+        if len(token_ids) < max_length + 1:
+            raise ValueError(
+                f"The text has {len(token_ids)} tokens, but one window of max_length="
+                f"{max_length} needs {max_length + 1} (inputs plus the shifted target). "
+                "Use more text or a smaller max_length/context length.")
+        self.token_ids, self.max_length, self.stride = token_ids, max_length, stride
+        # The book's loop: for i in range(0, len(token_ids) - max_length, stride)
+        self.num_windows = len(range(0, len(token_ids) - max_length, stride))
+
+    def __len__(self):
+        return self.num_windows
+
+    def __getitem__(self, idx):
+        if not 0 <= idx < self.num_windows:
+            raise IndexError(f"window {idx} out of range ({self.num_windows} windows)")
+        start = idx * self.stride
+        chunk = torch.from_numpy(
+            np.asarray(self.token_ids[start:start + self.max_length + 1], dtype=np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
+                         drop_last=True, num_workers=0, tokenizer=None):
+    tokenizer = tokenizer or bpe_tokenizer()
+    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      drop_last=drop_last, num_workers=num_workers)
+
+
+# ---- Beyond the book: fixed sinusoidal positions (the original transformer's) ----
+
+def sinusoidal_position_encoding(context_length, dim):
+    """(context_length, dim) sines on even and cosines on odd columns, wavelengths
+    growing geometrically to 10000*2*pi: the alternative to a learned pos_emb."""
+    positions = torch.arange(context_length, dtype=torch.float32).unsqueeze(1)
+    frequencies = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32)
+                            * (-np.log(10000.0) / dim))
+    encoding = torch.zeros(context_length, dim)
+    encoding[:, 0::2] = torch.sin(positions * frequencies)
+    encoding[:, 1::2] = torch.cos(positions * frequencies[: dim // 2])
+    return encoding
+
+
+def count_tokens_cl100k(text):
+    """GPT-4's tokenizer for comparison; None when its vocabulary cannot be had."""
+    try:
+        return len(tiktoken.get_encoding("cl100k_base").encode(text))
+    except Exception:  # offline and not in tiktoken's cache: any fetch error
+        return None
+
+
+# ---- The chapter's demo ----
+
+def main(args):
+    raw_text = load_the_verdict(args.text, args.data_dir)
+    print("Total number of characters:", len(raw_text))
+    print(raw_text[:99])
+
+    # 2.2-2.4: the simple tokenizers
+    preprocessed = split_text(raw_text)
+    print("Tokens after the regex split:", len(preprocessed))
+    vocab = build_vocab(raw_text)
+    print("Vocabulary size:", len(vocab))
+    tokenizer = SimpleTokenizerV1(vocab)
+    text = """"It's the last he painted, you know,"
+           Mrs. Gisburn said with pardonable pride."""
+    ids = tokenizer.encode(text)
+    print("SimpleTokenizerV1:", ids)
+    print("  decoded:", tokenizer.decode(ids))
+
+    vocab = build_vocab(raw_text, special_tokens=["<|endoftext|>", "<|unk|>"])
+    print("Vocabulary size with special tokens:", len(vocab))
+    tokenizer = SimpleTokenizerV2(vocab)
+    text = " <|endoftext|> ".join(("Hello, do you like tea?",
+                                   "In the sunlit terraces of the palace."))
+    print("SimpleTokenizerV2:", tokenizer.encode(text))
+    print("  decoded:", tokenizer.decode(tokenizer.encode(text)))
+
+    # 2.5: BPE
+    tokenizer = bpe_tokenizer()
+    text = ("Hello, do you like tea? <|endoftext|> In the sunlit terraces"
+            "of someunknownPlace.")
+    integers = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
+    print("BPE:", integers)
+    print("  decoded:", tokenizer.decode(integers))
+    enc_text = tokenizer.encode(raw_text)
+    print("BPE tokens (gpt2) in the text:", len(enc_text))
+    n_cl100k = count_tokens_cl100k(raw_text)
+    print("BPE tokens (cl100k_base) in the text:",
+          n_cl100k if n_cl100k is not None else
+          "n/a (its vocabulary is not in tiktoken's cache and could not be downloaded)")
+
+    # 2.6: sliding windows
+    dataloader = create_dataloader_v1(raw_text, batch_size=1, max_length=4, stride=1,
+                                      shuffle=False)
+    data_iter = iter(dataloader)
+    print("First batch:", next(data_iter))
+    print("Second batch:", next(data_iter))
+    dataloader = create_dataloader_v1(raw_text, batch_size=8, max_length=4, stride=4,
+                                      shuffle=False)
+    inputs, targets = next(iter(dataloader))
+    print("Inputs:\n", inputs)
+    print("Targets:\n", targets)
+
+    # 2.7-2.8: token and position embeddings
+    torch.manual_seed(123)
+    embedding_layer = torch.nn.Embedding(6, 3)
+    print("Embedding weights:\n", embedding_layer.weight)
+    print("Embedding of ids [2, 3, 5, 1]:\n", embedding_layer(torch.tensor([2, 3, 5, 1])))
+
+    vocab_size, output_dim, context_length = 50257, args.emb_dim, args.max_length
+    token_embedding_layer = torch.nn.Embedding(vocab_size, output_dim)
+    pos_embedding_layer = torch.nn.Embedding(context_length, output_dim)
+    dataloader = create_dataloader_v1(raw_text, batch_size=args.batch_size,
+                                      max_length=args.max_length, stride=args.max_length,
+                                      shuffle=False)
+    inputs, targets = next(iter(dataloader))
+    token_embeddings = token_embedding_layer(inputs)
+    pos_embeddings = pos_embedding_layer(torch.arange(context_length))
+    input_embeddings = token_embeddings + pos_embeddings
+    print("Token embeddings:", tuple(token_embeddings.shape))
+    print("Learned position embeddings:", tuple(pos_embeddings.shape))
+    print("Sinusoidal position encoding:",
+          tuple(sinusoidal_position_encoding(context_length, output_dim).shape))
+    print("Input embeddings:", tuple(input_embeddings.shape))
+    return input_embeddings
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="Chapter 2 demo: tokenizers, sliding-window dataloader, embeddings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--text", default=None,
+                        help="UTF-8 text file to use; default: download the book's "
+                             "the-verdict.txt into --data-dir")
+    parser.add_argument("--data-dir", default="data",
+                        help="folder for downloaded data")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="batch size of the embedding demo")
+    parser.add_argument("--max-length", type=int, default=4,
+                        help="tokens per window (and context length) in the embedding demo")
+    parser.add_argument("--emb-dim", type=int, default=256,
+                        help="embedding size in the embedding demo")
+    main(parser.parse_args())

@@ -1,0 +1,248 @@
+"""Chapter 3: Coding attention mechanisms.
+
+The book's progression from simplified self-attention to `MultiHeadAttention`:
+`SelfAttention_v1`, `SelfAttention_v2`, `CausalAttention`,
+`MultiHeadAttentionWrapper`, `MultiHeadAttention`.
+
+Run:  python ch03_attention.py [--out runs/ch03]   (prints the book's numbers,
+      saves a heatmap of the causal attention weights)
+Imports no earlier chapter file.
+"""
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# "Your journey starts with one step": the book's 3-d embeddings of 6 tokens
+WORDS = ["Your", "journey", "starts", "with", "one", "step"]
+INPUTS = torch.tensor(
+    [[0.43, 0.15, 0.89],   # Your     (x^1)
+     [0.55, 0.87, 0.66],   # journey  (x^2)
+     [0.57, 0.85, 0.64],   # starts   (x^3)
+     [0.22, 0.58, 0.33],   # with     (x^4)
+     [0.77, 0.25, 0.10],   # one      (x^5)
+     [0.05, 0.80, 0.55]]   # step     (x^6)
+)
+
+
+# ---- 3.3 A simple self-attention mechanism without trainable weights ----
+
+def simple_attention(inputs):
+    """Dot-product scores of every pair, softmax per row, weighted sum of inputs."""
+    attn_scores = inputs @ inputs.T
+    attn_weights = torch.softmax(attn_scores, dim=-1)
+    return attn_weights, attn_weights @ inputs
+
+
+# ---- 3.4 Self-attention with trainable weights ----
+
+class SelfAttention_v1(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.W_query = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_key = nn.Parameter(torch.rand(d_in, d_out))
+        self.W_value = nn.Parameter(torch.rand(d_in, d_out))
+
+    def forward(self, x):
+        keys = x @ self.W_key
+        queries = x @ self.W_query
+        values = x @ self.W_value
+        attn_scores = queries @ keys.T
+        # Scaling by sqrt(d_k) keeps the softmax out of its flat, small-gradient regions
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        return attn_weights @ values
+
+
+class SelfAttention_v2(nn.Module):
+    def __init__(self, d_in, d_out, qkv_bias=False):
+        super().__init__()
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+
+    def forward(self, x):
+        keys = self.W_key(x)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+        attn_scores = queries @ keys.T
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        return attn_weights @ values
+
+
+# ---- 3.5 Hiding future words with causal attention ----
+
+class CausalAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, qkv_bias=False):
+        super().__init__()
+        self.d_out = d_out
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.dropout = nn.Dropout(dropout)
+        # A buffer moves with the module to the device and is not trained
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length),
+                                                diagonal=1))
+
+    def forward(self, x):
+        b, num_tokens, d_in = x.shape
+        keys = self.W_key(x)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+        attn_scores = queries @ keys.transpose(1, 2)  # (b, num_tokens, num_tokens)
+        attn_scores.masked_fill_(self.mask.bool()[:num_tokens, :num_tokens], -torch.inf)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+        return attn_weights @ values
+
+
+# ---- 3.6 Extending single-head attention to multi-head attention ----
+
+class MultiHeadAttentionWrapper(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        self.heads = nn.ModuleList(
+            [CausalAttention(d_in, d_out, context_length, dropout, qkv_bias)
+             for _ in range(num_heads)])
+
+    def forward(self, x):
+        return torch.cat([head(x) for head in self.heads], dim=-1)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+        super().__init__()
+        if d_out % num_heads != 0:
+            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}): "
+                             "each head gets d_out // num_heads dimensions.")
+        self.d_out = d_out
+        self.num_heads = num_heads
+        self.head_dim = d_out // num_heads
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)  # combines the heads' outputs
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length),
+                                                diagonal=1))
+
+    def forward(self, x):
+        b, num_tokens, d_in = x.shape
+        keys = self.W_key(x)  # (b, num_tokens, d_out)
+        queries = self.W_query(x)
+        values = self.W_value(x)
+
+        # Split the last dimension into heads: (b, num_tokens, num_heads, head_dim)
+        keys = keys.view(b, num_tokens, self.num_heads, self.head_dim)
+        values = values.view(b, num_tokens, self.num_heads, self.head_dim)
+        queries = queries.view(b, num_tokens, self.num_heads, self.head_dim)
+
+        # (b, num_heads, num_tokens, head_dim)
+        keys = keys.transpose(1, 2)
+        queries = queries.transpose(1, 2)
+        values = values.transpose(1, 2)
+
+        attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_tokens)
+        mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
+        attn_scores.masked_fill_(mask_bool, -torch.inf)
+        attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
+        attn_weights = self.dropout(attn_weights)
+
+        context_vec = (attn_weights @ values).transpose(1, 2)  # (b, num_tokens, num_heads, head_dim)
+        context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
+        return self.out_proj(context_vec)
+
+
+# ---- The chapter's demo ----
+
+def save_heatmap(weights, labels, path):
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    image = ax.imshow(weights, cmap="viridis")
+    ax.set_xticks(range(len(labels)), labels, rotation=45)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query")
+    ax.set_title("Causal attention weights")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(args):
+    torch.set_printoptions(precision=4, sci_mode=False)
+    inputs = INPUTS
+    d_in, d_out = inputs.shape[1], 2
+
+    # 3.3.1: attention for the second input, "journey"
+    query = inputs[1]
+    attn_scores_2 = inputs @ query
+    print("Attention scores for 'journey':", attn_scores_2)
+    attn_weights_2 = torch.softmax(attn_scores_2, dim=0)
+    print("Attention weights:", attn_weights_2, "sum:", attn_weights_2.sum())
+    print("Context vector:", attn_weights_2 @ inputs)
+
+    # 3.3.2: all inputs at once
+    attn_weights, all_context_vecs = simple_attention(inputs)
+    print("All attention weights:\n", attn_weights)
+    print("All context vectors:\n", all_context_vecs)
+
+    # 3.4: trainable weights
+    torch.manual_seed(123)
+    sa_v1 = SelfAttention_v1(d_in, d_out)
+    print("SelfAttention_v1:\n", sa_v1(inputs))
+    torch.manual_seed(789)
+    sa_v2 = SelfAttention_v2(d_in, d_out)
+    print("SelfAttention_v2:\n", sa_v2(inputs))
+
+    # 3.5: causal mask on v2's weights, then dropout
+    queries, keys = sa_v2.W_query(inputs), sa_v2.W_key(inputs)
+    attn_scores = queries @ keys.T
+    context_length = attn_scores.shape[0]
+    mask = torch.triu(torch.ones(context_length, context_length), diagonal=1)
+    masked = attn_scores.masked_fill(mask.bool(), -torch.inf)
+    causal_weights = torch.softmax(masked / keys.shape[-1] ** 0.5, dim=1)
+    print("Causal attention weights:\n", causal_weights)
+    torch.manual_seed(123)
+    print("Dropout(0.5) on the weights:\n", torch.nn.Dropout(0.5)(causal_weights))
+
+    batch = torch.stack((inputs, inputs), dim=0)
+    print("Batch shape:", tuple(batch.shape))
+    torch.manual_seed(123)
+    ca = CausalAttention(d_in, d_out, batch.shape[1], 0.0)
+    context_vecs = ca(batch)
+    print("CausalAttention:\n", context_vecs)
+    print("context_vecs.shape:", tuple(context_vecs.shape))
+
+    # 3.6: multi-head attention
+    torch.manual_seed(123)
+    mha = MultiHeadAttentionWrapper(d_in, d_out, batch.shape[1], 0.0, num_heads=2)
+    context_vecs = mha(batch)
+    print("MultiHeadAttentionWrapper:\n", context_vecs)
+    print("context_vecs.shape:", tuple(context_vecs.shape))
+    torch.manual_seed(123)
+    mha = MultiHeadAttention(d_in, d_out, batch.shape[1], 0.0, num_heads=2)
+    context_vecs = mha(batch)
+    print("MultiHeadAttention:\n", context_vecs)
+    print("context_vecs.shape:", tuple(context_vecs.shape))
+
+    heatmap = Path(args.out) / "causal_attention_weights.png"
+    save_heatmap(causal_weights.detach().numpy(), WORDS, heatmap)
+    print("Saved", heatmap)
+    return context_vecs
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="Chapter 3 demo: self-attention, causal attention, multi-head attention.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default="runs/ch03",
+                        help="folder for the attention-weights heatmap PNG")
+    main(parser.parse_args())

@@ -1,0 +1,265 @@
+"""Chapter 4: Implementing a GPT model from scratch to generate text.
+
+Defines `GPT_CONFIG_124M` and the GPT-2 size configurations, `LayerNorm`,
+`GELU`, `FeedForward`, `TransformerBlock`, `GPTModel`, `generate_text_simple`,
+and the device helper the later chapters use.
+
+Run:  python ch04_gpt.py [--prompt "Hello, I am"]
+Imports MultiHeadAttention from ch03_attention.py.
+"""
+import argparse
+
+import tiktoken
+import torch
+import torch.nn as nn
+
+from ch03_attention import MultiHeadAttention
+
+GPT_CONFIG_124M = {
+    "vocab_size": 50257,     # BPE vocabulary of GPT-2
+    "context_length": 1024,  # maximum number of input tokens
+    "emb_dim": 768,          # embedding dimension
+    "n_heads": 12,           # attention heads
+    "n_layers": 12,          # transformer blocks
+    "drop_rate": 0.1,        # dropout rate
+    "qkv_bias": False,       # bias in the query, key and value projections
+}
+
+# What changes from GPT_CONFIG_124M for each GPT-2 size; "tiny" is ours, for
+# tests and quick runs on a CPU.
+MODEL_CONFIGS = {
+    "124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
+    "355M": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
+    "774M": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
+    "1558M": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25},
+    "tiny": {"emb_dim": 64, "n_layers": 2, "n_heads": 4},
+}
+
+
+def gpt_config(size="124M", **overrides):
+    """GPT_CONFIG_124M with one size's dimensions and any further overrides."""
+    if size not in MODEL_CONFIGS:
+        raise ValueError(f"Unknown model size {size!r}; choose one of {list(MODEL_CONFIGS)}.")
+    return {**GPT_CONFIG_124M, **MODEL_CONFIGS[size], **overrides}
+
+
+def get_device(name="auto"):
+    """An explicit device name, else the best available: cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU "
+                         "(is this a CPU build of torch?). Use --device auto or cpu.")
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps was asked for, but MPS is not available "
+                         "(it needs Apple silicon and macOS 12.3+). Use --device auto or cpu.")
+    device = torch.device(name)
+    print(f"Using device: {device}")
+    return device
+
+
+# ---- 4.2 Normalizing activations with layer normalization ----
+
+class LayerNorm(nn.Module):
+    def __init__(self, emb_dim):
+        super().__init__()
+        self.eps = 1e-5  # keeps the division finite when the variance is 0
+        self.scale = nn.Parameter(torch.ones(emb_dim))
+        self.shift = nn.Parameter(torch.zeros(emb_dim))
+
+    def forward(self, x):
+        mean = x.mean(dim=-1, keepdim=True)
+        var = x.var(dim=-1, keepdim=True, unbiased=False)  # GPT-2's (biased) variance
+        norm_x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.scale * norm_x + self.shift
+
+
+# ---- 4.3 Implementing a feed forward network with GELU activations ----
+
+class GELU(nn.Module):
+    def forward(self, x):
+        # The tanh approximation GPT-2 was trained with
+        return 0.5 * x * (1 + torch.tanh(
+            torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
+            GELU(),
+            nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+# ---- 4.4 Adding shortcut connections ----
+
+class ExampleDeepNeuralNetwork(nn.Module):
+    def __init__(self, layer_sizes, use_shortcut):
+        super().__init__()
+        self.use_shortcut = use_shortcut
+        self.layers = nn.ModuleList([
+            nn.Sequential(nn.Linear(n_in, n_out), GELU())
+            for n_in, n_out in zip(layer_sizes[:-1], layer_sizes[1:])])
+
+    def forward(self, x):
+        for layer in self.layers:
+            layer_output = layer(x)
+            if self.use_shortcut and x.shape == layer_output.shape:
+                x = x + layer_output
+            else:
+                x = layer_output
+        return x
+
+
+def print_gradients(model, x):
+    output = model(x)
+    loss = nn.MSELoss()(output, torch.tensor([[0.]]))
+    loss.backward()
+    for name, param in model.named_parameters():
+        if "weight" in name:
+            print(f"{name} has gradient mean of {param.grad.abs().mean().item()}")
+
+
+# ---- 4.5 Connecting attention and linear layers in a transformer block ----
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.att = MultiHeadAttention(
+            d_in=cfg["emb_dim"],
+            d_out=cfg["emb_dim"],
+            context_length=cfg["context_length"],
+            num_heads=cfg["n_heads"],
+            dropout=cfg["drop_rate"],
+            qkv_bias=cfg["qkv_bias"])
+        self.ff = FeedForward(cfg)
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
+
+    def forward(self, x):
+        shortcut = x
+        x = self.norm1(x)  # pre-LayerNorm, as in GPT-2
+        x = self.att(x)    # (batch, num_tokens, emb_dim)
+        x = self.drop_shortcut(x)
+        x = x + shortcut
+
+        shortcut = x
+        x = self.norm2(x)
+        x = self.ff(x)
+        x = self.drop_shortcut(x)
+        return x + shortcut
+
+
+# ---- 4.6 Coding the GPT model ----
+
+class GPTModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.tok_emb = nn.Embedding(cfg["vocab_size"], cfg["emb_dim"])
+        self.pos_emb = nn.Embedding(cfg["context_length"], cfg["emb_dim"])
+        self.drop_emb = nn.Dropout(cfg["drop_rate"])
+        self.trf_blocks = nn.Sequential(
+            *[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
+        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+
+    def forward(self, in_idx):
+        batch_size, seq_len = in_idx.shape
+        context_length = self.pos_emb.num_embeddings
+        if seq_len > context_length:
+            raise ValueError(f"The input has {seq_len} tokens but the model's context_length "
+                             f"is {context_length}; crop it, e.g. idx[:, -{context_length}:].")
+        tok_embeds = self.tok_emb(in_idx)
+        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))
+        x = tok_embeds + pos_embeds  # (batch, num_tokens, emb_dim)
+        x = self.drop_emb(x)
+        x = self.trf_blocks(x)
+        x = self.final_norm(x)
+        return self.out_head(x)  # (batch, num_tokens, vocab_size)
+
+
+# ---- 4.7 Generating text ----
+
+def generate_text_simple(model, idx, max_new_tokens, context_size):
+    # idx: (batch, n_tokens) token ids of the current context
+    for _ in range(max_new_tokens):
+        idx_cond = idx[:, -context_size:]  # crop to the supported context size
+        with torch.no_grad():
+            logits = model(idx_cond)
+        logits = logits[:, -1, :]  # the last position predicts the next token
+        probas = torch.softmax(logits, dim=-1)
+        idx_next = torch.argmax(probas, dim=-1, keepdim=True)  # (batch, 1)
+        idx = torch.cat((idx, idx_next), dim=1)
+    return idx
+
+
+# ---- The chapter's demo ----
+
+def main(args):
+    torch.set_printoptions(precision=4, sci_mode=False)
+    tokenizer = tiktoken.get_encoding("gpt2")
+    cfg = gpt_config(args.model)
+
+    # 4.1: a batch of two texts
+    batch = torch.stack([torch.tensor(tokenizer.encode(t))
+                         for t in ("Every effort moves you", "Every day holds a")])
+    print("Input batch:\n", batch)
+
+    # 4.2: layer normalization
+    torch.manual_seed(123)
+    batch_example = torch.randn(2, 5)
+    layer = nn.Sequential(nn.Linear(5, 6), nn.ReLU())
+    out = LayerNorm(emb_dim=6)(layer(batch_example))
+    print("LayerNorm mean:", out.mean(dim=-1, keepdim=True).squeeze(-1))
+    print("LayerNorm variance:", out.var(dim=-1, unbiased=False, keepdim=True).squeeze(-1))
+
+    # 4.4: gradients with and without shortcut connections
+    layer_sizes, sample_input = [3, 3, 3, 3, 3, 1], torch.tensor([[1., 0., -1.]])
+    for use_shortcut in (False, True):
+        print(f"Gradients, use_shortcut={use_shortcut}:")
+        torch.manual_seed(123)
+        print_gradients(ExampleDeepNeuralNetwork(layer_sizes, use_shortcut), sample_input)
+
+    # 4.6: the full model
+    torch.manual_seed(123)
+    model = GPTModel(cfg)
+    out = model(batch)
+    print("Output shape:", tuple(out.shape))
+    total_params = sum(p.numel() for p in model.parameters())
+    print(f"Total number of parameters: {total_params:,}")
+    tied = total_params - sum(p.numel() for p in model.out_head.parameters())
+    print(f"Number of trainable parameters considering weight tying: {tied:,}")
+    print(f"Total size of the model: {total_params * 4 / 1024 ** 2:.2f} MB")
+
+    # 4.7: the untrained model continues a prompt
+    model.eval()  # no dropout
+    encoded = torch.tensor(tokenizer.encode(args.prompt)).unsqueeze(0)
+    out = generate_text_simple(model, encoded, args.max_new_tokens, cfg["context_length"])
+    print("Output:", out)
+    print("Output length:", out.shape[1])
+    print("Decoded:", tokenizer.decode(out.squeeze(0).tolist()))
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="Chapter 4 demo: build GPT-2 124M, count its parameters, and let "
+                    "the untrained model continue a prompt.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--prompt", default="Hello, I am", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=10,
+                        help="tokens to generate")
+    parser.add_argument("--model", default="124M", choices=list(MODEL_CONFIGS),
+                        help="model size (the book uses 124M)")
+    main(parser.parse_args())
