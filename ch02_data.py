@@ -193,9 +193,9 @@ class GPTDatasetV1(Dataset):
     def _set_windows(self, token_ids, max_length, stride):
         if len(token_ids) < max_length + 1:
             raise ValueError(
-                f"The text has {len(token_ids)} tokens, but one window of max_length="
-                f"{max_length} needs {max_length + 1} (inputs plus the shifted target). "
-                "Use more text or a smaller max_length/context length.")
+                f"the text has {len(token_ids)} tokens, but one window of max_length="
+                f"{max_length} needs {max_length + 1} (inputs plus the shifted target): "
+                "use more text or a smaller max_length.")
         self.token_ids, self.max_length, self.stride = token_ids, max_length, stride
         # The book's loop: for i in range(0, len(token_ids) - max_length, stride)
         self.num_windows = len(range(0, len(token_ids) - max_length, stride))

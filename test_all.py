@@ -184,7 +184,7 @@ def test_dataset_keeps_one_token_array():
 
 
 def test_too_short_text_says_how_many_tokens(tokenizer):
-    with pytest.raises(ValueError, match=r"has 4 tokens.*needs 9"):
+    with pytest.raises(ValueError, match=r"has 4 tokens, but one window of max_length=8 needs 9"):
         ch02.GPTDatasetV1("Every effort moves you", tokenizer, max_length=8, stride=1)
 
 
@@ -376,3 +376,310 @@ def test_gpt_config_sizes():
 def test_chapter4_main_runs_tiny():
     args = type("Args", (), dict(prompt="Hello, I am", max_new_tokens=3, model="tiny"))
     assert ch04.main(args).shape == (1, 7)
+
+
+# ======================= Chapter 5: training =======================
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import ch05_train as ch05  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def train_args(tmp_path, *extra):
+    """The command's arguments for a small, fast run on the-verdict."""
+    return ch05.build_parser().parse_args(
+        ["--data", str(SHARED / "data" / "the-verdict.txt"), "--model", "tiny",
+         "--context-length", "64", "--batch-size", "4", "--eval-iter", "2",
+         "--out", str(tmp_path), *extra])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def verdict_in_shared(verdict_path):
+    # the chapter-5 runs read the-verdict from ../shared (downloaded there if missing)
+    if not (SHARED / "data" / "the-verdict.txt").exists():
+        pytest.fail("../shared/data/the-verdict.txt is needed by the chapter-5 tests")
+
+
+def test_untrained_loss_is_near_log_vocab(verdict, tokenizer):
+    torch.manual_seed(123)
+    model = ch04.GPTModel(TINY).eval()
+    loader = ch02.create_dataloader_v1(verdict, batch_size=4, max_length=32, stride=32,
+                                       shuffle=False)
+    with torch.no_grad():
+        loss = ch05.calc_loss_loader(loader, model, "cpu", num_batches=5)
+    assert abs(loss - math.log(50257)) < 0.3
+
+
+def test_tiny_model_overfits_one_batch(verdict, tokenizer):
+    torch.manual_seed(123)
+    model = ch04.GPTModel(TINY)
+    x, y = next(iter(ch02.create_dataloader_v1(verdict, batch_size=2, max_length=16,
+                                               stride=16)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    first = ch05.calc_loss_batch(x, y, model, "cpu").item()
+    for _ in range(50):
+        optimizer.zero_grad()
+        loss = ch05.calc_loss_batch(x, y, model, "cpu")
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1 * first
+
+
+def test_calc_loss_loader_num_batches_and_empty():
+    torch.manual_seed(0)
+    model = ch04.GPTModel(TINY).eval()
+    batches = [(torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8)))
+               for _ in range(4)]
+    losses = [ch05.calc_loss_batch(x, y, model, "cpu").item() for x, y in batches]
+    assert math.isclose(ch05.calc_loss_loader(batches, model, "cpu", num_batches=2),
+                        sum(losses[:2]) / 2, rel_tol=1e-6)
+    assert math.isclose(ch05.calc_loss_loader(batches, model, "cpu", num_batches=99),
+                        sum(losses) / 4, rel_tol=1e-6)
+    assert math.isnan(ch05.calc_loss_loader([], model, "cpu"))
+
+
+def test_generate_greedy_top_k_and_eos(tokenizer):
+    torch.manual_seed(0)
+    model = ch04.GPTModel(TINY).eval()
+    idx = ch05.text_to_token_ids("Every effort moves you", tokenizer)
+    greedy = ch04.generate_text_simple(model, idx, 8, 32)
+    assert torch.equal(ch05.generate(model, idx, 8, 32), greedy)
+    assert torch.equal(ch05.generate(model, idx, 8, 32, temperature=1.0, top_k=1), greedy)
+    # stop as soon as the end-of-sequence token would come next
+    eos = greedy[0, idx.shape[1] + 2].item()
+    assert torch.equal(ch05.generate(model, idx, 8, 32, eos_id=eos), greedy[:, :idx.shape[1] + 2])
+    # sampling is reproducible under a seed, and top-k keeps per-row thresholds in a batch
+    torch.manual_seed(5)
+    a = ch05.generate(model, idx.repeat(3, 1), 6, 32, temperature=1.5, top_k=3)
+    torch.manual_seed(5)
+    assert torch.equal(a, ch05.generate(model, idx.repeat(3, 1), 6, 32, temperature=1.5, top_k=3))
+    assert ch05.token_ids_to_text(idx, tokenizer) == "Every effort moves you"
+
+
+def test_lr_schedule_warmup_peak_and_end():
+    lrs = [ch05.lr_at_step(s, 100, 1e-3, 20, 1e-4, 1e-5) for s in range(100)]
+    assert math.isclose(lrs[0], 1e-4) and lrs[10] == pytest.approx(5.5e-4)
+    assert lrs[20] == pytest.approx(1e-3)  # the peak, right after warm-up
+    assert all(a >= b for a, b in zip(lrs[20:], lrs[21:]))  # then only falling
+    assert lrs[99] == pytest.approx(1e-5, abs=2e-6)
+
+
+def test_train_model_appendix_d_clips_after_warmup(verdict, tokenizer, monkeypatch):
+    torch.manual_seed(123)
+    model = ch04.GPTModel(TINY)
+    loader = ch02.create_dataloader_v1(verdict[:3000], batch_size=2, max_length=32, stride=32)
+    clipped_at = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: clipped_at.append(max_norm) or
+                        real_clip(params, max_norm))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    *_, lrs = ch05.train_model(model, loader, loader, optimizer, "cpu", 2, 100, 1,
+                               "Every", tokenizer, warmup_steps=3, initial_lr=1e-4, min_lr=1e-5)
+    assert len(lrs) == 2 * len(loader) and lrs[0] == 1e-4 and lrs[3] == pytest.approx(1e-3)
+    assert len(clipped_at) == len(lrs) - 3 and set(clipped_at) == {1.0}
+
+
+def test_command_reproduces_train_model_simple(tmp_path, verdict, tokenizer, capsys):
+    """The command's loop draws randomness like the book's loop: same losses."""
+    verdict = verdict[:8000]  # a third of the story is enough, and 3x faster
+    (tmp_path / "part.txt").write_text(verdict, encoding="utf-8")
+    args = train_args(tmp_path, "--epochs", "2", "--eval-freq", "3", "--drop-rate", "0.1",
+                      "--data", str(tmp_path / "part.txt"))
+    result = ch05.main(args)
+    split = int(0.9 * len(verdict))
+    make = lambda text, shuffle, drop_last: ch02.create_dataloader_v1(  # noqa: E731
+        text, batch_size=4, max_length=64, stride=64, shuffle=shuffle, drop_last=drop_last)
+    train_loader, val_loader = make(verdict[:split], True, True), make(verdict[split:], False, False)
+    torch.manual_seed(123)
+    model = ch04.GPTModel({**TINY, "context_length": 64, "drop_rate": 0.1})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
+    train_losses, val_losses, tokens = ch05.train_model_simple(
+        model, train_loader, val_loader, optimizer, "cpu", 2, 3, 2, "Every effort moves you",
+        tokenizer)
+    history = result["history"]
+    assert history["train_losses"] == pytest.approx(train_losses, rel=1e-5)
+    assert history["val_losses"] == pytest.approx(val_losses, rel=1e-5)
+    assert history["tokens_seen"] == tokens
+    out = capsys.readouterr().out
+    assert re.search(r"^Ep 1 \(Step 000000\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}", out, re.M)
+    for name in ("loss-plot.png", "checkpoint.pt", "log.csv"):
+        assert (tmp_path / name).exists()
+    assert (tmp_path / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = (tmp_path / "log.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("step,epoch,tokens_seen,lr,train_loss,val_loss,train_perplexity")
+    assert len(rows) == 1 + len(train_losses)
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = ("--epochs", "3", "--eval-freq", "2", "--drop-rate", "0.1",
+              "--schedule", "cosine", "--warmup-steps", "4")
+    full = ch05.main(train_args(tmp_path / "full", *common, "--max-steps", "20"))["history"]
+    ch05.main(train_args(tmp_path / "part", *common, "--max-steps", "11"))
+    ckpt = ch05.load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    # 18 steps an epoch: stopped mid-epoch 1, and the full run crosses into epoch 2
+    assert ckpt["step"] == 10 and ckpt["epoch"] == 0 and ckpt["samples_done"] == 11 * 4
+    resumed = ch05.main(train_args(tmp_path / "part", *common, "--max-steps", "20",
+                                   "--resume", str(tmp_path / "part" / "checkpoint.pt")))
+    assert resumed["history"]["steps"] == full["steps"]
+    assert resumed["history"]["train_losses"] == pytest.approx(full["train_losses"], rel=1e-6)
+    assert resumed["history"]["val_losses"] == pytest.approx(full["val_losses"], rel=1e-6)
+    assert resumed["history"]["lrs"] == pytest.approx(full["lrs"])
+    assert (tmp_path / "part" / "lr-schedule.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = ch05.calc_loss_batch
+
+    def interrupt_on_sixth_step(*a):
+        calls["n"] += 1
+        if calls["n"] == 6 + 2 * 3:  # 5 steps and 3 evaluations of 2+2 batches done... roughly
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(ch05, "calc_loss_batch", interrupt_on_sixth_step)
+    with pytest.raises(KeyboardInterrupt):
+        ch05.main(train_args(tmp_path, "--epochs", "1", "--eval-freq", "100"))
+    monkeypatch.setattr(ch05, "calc_loss_batch", real)
+    ckpt = ch05.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert 0 <= ckpt["step"] < 15
+    result = ch05.main(train_args(tmp_path, "--epochs", "1", "--eval-freq", "100",
+                                  "--resume", str(tmp_path / "checkpoint.pt")))
+    assert result["state"]["step"] == len(result["history"]["lrs"]) - 1
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    steps = {"n": 0}
+    real = ch05.calc_loss_batch
+
+    def nan_from_step_5(input_batch, target_batch, model, device):
+        loss = real(input_batch, target_batch, model, device)
+        if model.training:
+            steps["n"] += 1
+            if steps["n"] > 5:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(ch05, "calc_loss_batch", nan_from_step_5)
+    with pytest.raises(ch05.NonFiniteLoss, match="last good checkpoint"):
+        ch05.main(train_args(tmp_path, "--eval-freq", "100", "--save-every", "2"))
+    ckpt = ch05.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
+        ch05.main(train_args(tmp_path, "--resume", str(tmp_path / "none.pt")))
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        ch05.load_checkpoint(tmp_path / "bad.pt")
+    ch05.main(train_args(tmp_path / "a", "--max-steps", "1"))
+    with pytest.raises(ValueError, match=r"pos_emb.weight: \(64, 64\) in the checkpoint.*\(32, 64\)"):
+        ch05.main(train_args(tmp_path / "b", "--context-length", "32",
+                             "--resume", str(tmp_path / "a" / "checkpoint.pt")))
+
+
+def test_bad_data_errors(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Just a few words here. " * 10, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"training split is too short for --context-length "
+                                         r"64: the text has \d+ tokens, but .* needs 65"):
+        ch05.main(train_args(tmp_path, "--data", str(short)))
+    short.write_text("Just a few words here. " * 40, encoding="utf-8")
+    with pytest.raises(ValueError, match=r"training split has \d+ windows .* one batch needs 64 "
+                                         r"windows.*--context-length"):
+        ch05.main(train_args(tmp_path, "--data", str(short), "--context-length", "8",
+                             "--batch-size", "64"))
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        ch05.main(train_args(tmp_path, "--data", str(tmp_path / "missing.txt")))
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("Beyoncé ".encode("latin-1") * 5000)
+    with pytest.raises(ValueError, match="latin.txt is not UTF-8"):
+        ch05.main(train_args(tmp_path, "--data", str(latin)))
+    with pytest.raises(ValueError, match="latin.txt is not UTF-8"):
+        ch05.main(train_args(tmp_path, "--data", str(latin), "--memmap"))
+
+
+def test_token_file_matches_in_memory_windows(tmp_path, verdict, tokenizer):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text(verdict[:9000], encoding="utf-8")
+    (docs / "b.txt").write_text(verdict[9000:], encoding="utf-8")
+    files = ch05.collect_text_files([docs])
+    logs = []
+    tokens = ch05.build_token_file(files, tmp_path / "cache", tokenizer, log=logs.append)
+    assert tokens.dtype == np.uint16 and isinstance(tokens, np.memmap)
+    in_memory = ch02.GPTDatasetV1(verdict[:9000] + "<|endoftext|>" + verdict[9000:] +
+                                  "<|endoftext|>", tokenizer, 64, 17)
+    mapped = ch02.GPTDatasetV1.from_token_ids(tokens, 64, 17)
+    assert len(mapped) == len(in_memory)
+    for i in (0, 1, len(mapped) // 2, len(mapped) - 1):
+        assert all(torch.equal(a, b) for a, b in zip(mapped[i], in_memory[i]))
+    assert "tokens/s" in logs[0]
+    ch05.build_token_file(files, tmp_path / "cache", tokenizer, log=logs.append)
+    assert logs[-1].startswith("Reusing")
+    (docs / "b.txt").write_text(verdict[9000:] + " more", encoding="utf-8")
+    ch05.build_token_file(ch05.collect_text_files([docs]), tmp_path / "cache", tokenizer,
+                          log=logs.append)
+    assert "tokens/s" in logs[-1]  # the text changed: tokenized again
+
+
+def test_memmap_route_trains(tmp_path):
+    result = ch05.main(train_args(tmp_path, "--memmap", "--max-steps", "3", "--eval-freq", "1"))
+    assert len(result["history"]["train_losses"]) == 3
+    assert list((tmp_path / "tokens").glob("*.bin"))
+
+
+def run_command(*args, nproc=1, cwd=HERE):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    proc = subprocess.run([*launcher, "ch05_train.py", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_log(path):
+    import csv
+    with open(path, encoding="utf-8") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
+    common = ["--data", str(SHARED / "data" / "the-verdict.txt"), "--model", "tiny",
+              "--context-length", "64", "--drop-rate", "0", "--epochs", "2",
+              "--max-steps", "12", "--eval-freq", "2", "--eval-iter", "2", "--device", "cpu"]
+    run_command(*common, "--batch-size", "4", "--out", str(tmp_path / "one"))
+    proc = run_command(*common, "--batch-size", "2", "--out", str(tmp_path / "two"), nproc=2)
+    assert proc.stdout.count("Ep 1 (Step 000000)") == 1  # only rank 0 prints
+    one, two = read_log(tmp_path / "one" / "log.csv"), read_log(tmp_path / "two" / "log.csv")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["tokens_seen"] == b["tokens_seen"]
+    # a checkpoint saved by two processes resumes in one
+    run_command(*common, "--batch-size", "2", "--max-steps", "6", "--out",
+                str(tmp_path / "switch"), nproc=2)
+    run_command(*common, "--batch-size", "4", "--out", str(tmp_path / "switch"),
+                "--resume", str(tmp_path / "switch" / "checkpoint.pt"))
+    switched = read_log(tmp_path / "switch" / "log.csv")
+    assert [r["train_loss"] for r in switched] == pytest.approx([r["train_loss"] for r in one],
+                                                                rel=1e-4)
+
+
+def test_train_help_explains_every_flag():
+    out = subprocess.run([sys.executable, "ch05_train.py", "--help"], cwd=HERE,
+                         capture_output=True, text=True).stdout
+    for flag in ("--data", "--out", "--epochs", "--max-steps", "--batch-size", "--context-length",
+                 "--lr", "--weight-decay", "--schedule", "--warmup-steps", "--min-lr",
+                 "--grad-clip", "--eval-freq", "--eval-iter", "--model", "--device", "--seed",
+                 "--resume", "--prompt", "--save-every"):
+        assert flag in out
+    assert "(default: 0.0004)" in out
