@@ -4,6 +4,7 @@ Runs offline: data comes from ../shared when it is there (else it is
 downloaded), and download code is tested against HTTP servers on 127.0.0.1
 started by the tests themselves.
 """
+import argparse
 import http.server
 import json
 import math
@@ -683,3 +684,208 @@ def test_train_help_explains_every_flag():
                  "--resume", "--prompt", "--save-every"):
         assert flag in out
     assert "(default: 0.0004)" in out
+
+
+# ======================= Chapter 5: loading GPT-2 =======================
+
+import ch05_load_gpt2 as gpt2  # noqa: E402
+
+TINY_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 32, "n_head": 4, "n_layer": 2}
+
+
+def openai_variables(h, seed=0):
+    """Random weights with OpenAI's variable names and shapes (linear layers are
+    1x1 convolutions: (1, in, out))."""
+    rng = np.random.default_rng(seed)
+    d = h["n_embd"]
+
+    def r(*shape, scale=0.02, offset=0.0):
+        return (offset + rng.standard_normal(shape) * scale).astype(np.float32)
+
+    out = {"model/wte": r(h["n_vocab"], d, scale=0.1), "model/wpe": r(h["n_ctx"], d, scale=0.01),
+           "model/ln_f/g": r(d, scale=0.1, offset=1.0), "model/ln_f/b": r(d)}
+    for i in range(h["n_layer"]):
+        p = f"model/h{i}/"
+        out.update({p + "ln_1/g": r(d, scale=0.1, offset=1.0), p + "ln_1/b": r(d),
+                    p + "attn/c_attn/w": r(1, d, 3 * d, scale=0.2), p + "attn/c_attn/b": r(3 * d),
+                    p + "attn/c_proj/w": r(1, d, d, scale=0.2), p + "attn/c_proj/b": r(d),
+                    p + "ln_2/g": r(d, scale=0.1, offset=1.0), p + "ln_2/b": r(d),
+                    p + "mlp/c_fc/w": r(1, d, 4 * d, scale=0.2), p + "mlp/c_fc/b": r(4 * d),
+                    p + "mlp/c_proj/w": r(1, 4 * d, d, scale=0.1), p + "mlp/c_proj/b": r(d)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_files(tmp_path_factory):
+    """{filename: bytes} of a tiny GPT-2 release in OpenAI's TensorFlow format."""
+    import tensorflow as tf
+    folder = tmp_path_factory.mktemp("openai")
+    variables = openai_variables(TINY_HPARAMS)
+    tf.raw_ops.SaveV2(prefix=str(folder / "model.ckpt"), tensor_names=list(variables),
+                      shape_and_slices=[""] * len(variables),
+                      tensors=[tf.constant(v) for v in variables.values()])
+    (folder / "checkpoint").write_text('model_checkpoint_path: "model.ckpt"\n'
+                                       'all_model_checkpoint_paths: "model.ckpt"\n')
+    (folder / "hparams.json").write_text(json.dumps(TINY_HPARAMS))
+    (folder / "model.ckpt.meta").write_bytes(b"graph not needed for loading")
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for name in ("encoder.json", "vocab.bpe"):
+        files[name] = (SHARED / "gpt2_vocab" / name).read_bytes()
+    assert sorted(files) == sorted(gpt2.FILENAMES)
+    return files, variables
+
+
+@pytest.fixture
+def gpt2_server(file_server, tiny_gpt2_files, monkeypatch):
+    files, _ = tiny_gpt2_files
+    monkeypatch.setattr(gpt2, "ALLOWED_SIZES", (*gpt2.ALLOWED_SIZES, "tiny"))
+    return file_server({f"/{base}/tiny/{name}": data for base in ("primary", "mirror")
+                        for name, data in files.items()})
+
+
+def numpy_gpt2_logits(v, ids, n_head):
+    """GPT-2's forward pass written directly from OpenAI's variables."""
+    def layer_norm(x, g, b):
+        mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return g * (x - mean) / np.sqrt(var + 1e-5) + b
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    x = v["model/wte"][ids].astype(np.float64) + v["model/wpe"][: len(ids)]
+    t, d = x.shape
+    for i in range(TINY_HPARAMS["n_layer"]):
+        p = lambda name: v[f"model/h{i}/{name}"].astype(np.float64).squeeze()  # noqa: E731
+        h = layer_norm(x, p("ln_1/g"), p("ln_1/b"))
+        q, k, val = np.split(h @ p("attn/c_attn/w") + p("attn/c_attn/b"), 3, axis=-1)
+        heads = lambda m: m.reshape(t, n_head, d // n_head).transpose(1, 0, 2)  # noqa: E731
+        scores = heads(q) @ heads(k).transpose(0, 2, 1) / np.sqrt(d // n_head)
+        scores = np.where(np.triu(np.ones((t, t)), 1) == 1, -np.inf, scores)
+        w = np.exp(scores - scores.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        attn = (w @ heads(val)).transpose(1, 0, 2).reshape(t, d)
+        x = x + attn @ p("attn/c_proj/w") + p("attn/c_proj/b")
+        h = layer_norm(x, p("ln_2/g"), p("ln_2/b"))
+        x = x + gelu(h @ p("mlp/c_fc/w") + p("mlp/c_fc/b")) @ p("mlp/c_proj/w") + p("mlp/c_proj/b")
+    x = layer_norm(x, v["model/ln_f/g"], v["model/ln_f/b"])
+    return x @ v["model/wte"].T.astype(np.float64)
+
+
+def test_gpt2_loading_matches_a_numpy_forward_pass(gpt2_server, tiny_gpt2_files, tmp_path,
+                                                   tokenizer):
+    settings, params = gpt2.download_and_load_gpt2(
+        "tiny", tmp_path, base_urls=[gpt2_server.url + "/primary"])
+    assert settings == TINY_HPARAMS and len(params["blocks"]) == 2
+    model = ch04.GPTModel(gpt2.config_from_settings(settings))
+    gpt2.load_weights_into_gpt(model, params)
+    model.eval()
+    ids = tokenizer.encode("Every effort moves you forward, one token at a time.")
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]))[0].double().numpy()
+    expected = numpy_gpt2_logits(tiny_gpt2_files[1], ids, TINY_HPARAMS["n_head"])
+    assert np.abs(logits - expected).max() < 1e-5 * max(1.0, np.abs(expected).max())
+    # the comparison can fail: swapping query and key (a plausible mapping bug) breaks it
+    att = model.trf_blocks[0].att
+    att.W_query.weight, att.W_key.weight = att.W_key.weight, att.W_query.weight
+    with torch.no_grad():
+        swapped = model(torch.tensor([ids]))[0].double().numpy()
+    assert np.abs(swapped - expected).max() > 1e-3
+
+
+def test_gpt2_download_falls_back_and_resumes(gpt2_server, tmp_path):
+    data_file = "/mirror/tiny/model.ckpt.data-00000-of-00001"
+    for name in gpt2.FILENAMES:
+        gpt2_server.missing.add(f"/primary/tiny/{name}")
+    gpt2_server.cut_short.add(data_file)
+    gpt2.download_and_load_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary",
+                                                              gpt2_server.url + "/mirror"])
+    fetched = [p for p, _ in gpt2_server.requests]
+    assert all(f"/primary/tiny/{n}" in fetched and f"/mirror/tiny/{n}" in fetched
+               for n in gpt2.FILENAMES)
+    ranges = [r for p, r in gpt2_server.requests if p == data_file]
+    assert ranges[0] is None and ranges[1].startswith("bytes=")  # resumed, not restarted
+    assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == sorted(gpt2.FILENAMES)
+    n = len(gpt2_server.requests)
+    gpt2.download_and_load_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary"])
+    assert len(gpt2_server.requests) == n  # complete files are not fetched again
+
+
+def test_gpt2_download_that_keeps_failing_says_what_to_do(gpt2_server, tmp_path):
+    gpt2_server.missing.update(f"/{b}/tiny/checkpoint" for b in ("primary", "mirror"))
+    with pytest.raises(RuntimeError, match=r"(?s)checkpoint.*primary/tiny/checkpoint.*"
+                                           r"mirror/tiny/checkpoint.*place it at"):
+        gpt2.download_and_load_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary",
+                                                                  gpt2_server.url + "/mirror"])
+
+
+def test_gpt2_unknown_size_and_shape_mismatch():
+    with pytest.raises(ValueError, match="the sizes are 124M, 355M, 774M, 1558M"):
+        gpt2.download_and_load_gpt2("125M", "unused")
+    with pytest.raises(ValueError, match=r"trf_blocks.0.att.W_query.weight: our model has "
+                                         r"\(4, 4\), the checkpoint has \(4, 3\)"):
+        gpt2.assign(torch.zeros(4, 4), np.zeros((4, 3)), "trf_blocks.0.att.W_query.weight")
+
+
+def test_converted_weights_load_offline_without_tensorflow(gpt2_server, tmp_path, monkeypatch,
+                                                           tokenizer):
+    model, cfg = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary"])
+    assert (tmp_path / "tiny" / "model.pth").exists() and cfg["qkv_bias"] is True
+    ids = torch.tensor([tokenizer.encode("Hello, world. Offline now.")])
+    with torch.no_grad():
+        expected = model(ids)
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # importing it now fails
+    monkeypatch.setattr(gpt2, "download_file", lambda *a, **k: pytest.fail("went online"))
+    reloaded, _ = gpt2.load_gpt2_model("tiny", tmp_path)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids), expected)
+
+
+def test_local_files_tokenizer_matches_tiktoken(tokenizer, monkeypatch, tmp_path):
+    local = gpt2.gpt2_tokenizer_from_files(SHARED / "gpt2_vocab" / "encoder.json",
+                                           SHARED / "gpt2_vocab" / "vocab.bpe")
+    text = ("Hello, world! It's 2026... naïve café — 東京 🙂 <|endoftext|> don't  "
+            "spaces\n\n\tand tabs; numbers 12345 and CamelCaseWords.")
+    assert local.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")
+    assert local.decode(local.encode(text, allowed_special="all")) == text
+    (tmp_path / "124M").mkdir()
+    for name in ("encoder.json", "vocab.bpe"):
+        (tmp_path / "124M" / name).write_bytes((SHARED / "gpt2_vocab" / name).read_bytes())
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(gpt2.tiktoken, "get_encoding", offline)
+    fallback = gpt2.get_gpt2_tokenizer(tmp_path)
+    assert fallback.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")
+    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
+        gpt2.get_gpt2_tokenizer(tmp_path / "empty")
+
+
+def gpt2_args(server, models_dir, **kw):
+    defaults = dict(model_size="tiny", models_dir=str(models_dir), base_url=server.url + "/primary",
+                    prompt="Every effort moves you", max_new_tokens=5, temperature=1.4, top_k=25,
+                    seed=123, device="cpu", inspect=False, neighbors=None, analogy=None)
+    return argparse.Namespace(**{**defaults, **kw})
+
+
+def test_gpt2_command_inspect_generate_and_neighbors(gpt2_server, tmp_path, capsys):
+    rows = gpt2.main(gpt2_args(gpt2_server, tmp_path, inspect=True))
+    assert len(rows) == 4 + 12 * TINY_HPARAMS["n_layer"]
+    assert not [r for r in rows if r[2] == "(not used)"]
+    model = ch04.GPTModel(gpt2.config_from_settings(TINY_HPARAMS))
+    ours = dict(model.state_dict())
+    for _, _, target in rows:  # every named destination exists in GPTModel
+        for qkv in ("W_query", "W_key", "W_value"):
+            for name in re.findall(r"[\w.]+\.(?:weight|bias|scale|shift)",
+                                   target.replace("W_query/W_key/W_value", qkv)):
+                assert name in ours, name
+    out = capsys.readouterr().out
+    assert "model/h1/attn/c_attn/w" in out and "(1, 32, 96)" in out and '"n_layer": 2' in out
+    result = gpt2.main(gpt2_args(gpt2_server, tmp_path))
+    assert result["text"].startswith("Every effort moves you")
+    assert result == gpt2.main(gpt2_args(gpt2_server, tmp_path))  # seeded: same text
+    result = gpt2.main(gpt2_args(gpt2_server, tmp_path, neighbors="king",
+                                 analogy=["king", "man", "woman"]))
+    assert len(result["neighbors"]) == 10 and "king" not in [t.strip() for t, _ in result["neighbors"]]
+    with pytest.raises(ValueError, match=r"is 4 GPT-2 tokens \[. G., .is., .burn., .esque.\]"):
+        gpt2.main(gpt2_args(gpt2_server, tmp_path, neighbors="Gisburnesque"))

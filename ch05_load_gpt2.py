@@ -1,0 +1,316 @@
+"""Chapter 5 (5.5): Loading pretrained weights from OpenAI.
+
+Defines the book's `download_and_load_gpt2`, `load_gpt2_params_from_tf_ckpt`,
+`assign` and `load_weights_into_gpt`; beyond the book, `load_gpt2_model`
+(converts once to model.pth, then loads offline without TensorFlow) and
+`get_gpt2_tokenizer` (tiktoken's gpt2, or the same encoding built from the
+downloaded encoder.json and vocab.bpe).
+
+Run:  python ch05_load_gpt2.py --model-size 124M --prompt "Every effort moves you"
+      python ch05_load_gpt2.py --inspect          (what the checkpoint holds)
+      python ch05_load_gpt2.py --neighbors king --analogy king man woman
+Imports from ch02_data.py, ch04_gpt.py and ch05_train.py.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+from ch02_data import download_file
+from ch04_gpt import GPT_CONFIG_124M, GPTModel, get_device
+from ch05_train import check_state_dict, generate, save_checkpoint, text_to_token_ids, \
+    token_ids_to_text
+
+ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
+BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
+             "https://f001.backblazeb2.com/file/LLMs-from-scratch/gpt2")  # the book's backup
+FILENAMES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-00000-of-00001",
+             "model.ckpt.index", "model.ckpt.meta", "vocab.bpe")
+
+
+# ---- 5.5 Downloading OpenAI's checkpoint ----
+
+def download_and_load_gpt2(model_size, models_dir, base_urls=BASE_URLS):
+    """Download GPT-2 `model_size` into models_dir/model_size (files already there are
+    kept) and return (settings, params) read from its TensorFlow checkpoint."""
+    if model_size not in ALLOWED_SIZES:
+        raise ValueError(f"Unknown GPT-2 model size {model_size!r}; "
+                         f"the sizes are {', '.join(ALLOWED_SIZES)}.")
+    model_dir = Path(models_dir) / model_size
+    for filename in FILENAMES:
+        urls = [f"{base.rstrip('/')}/{model_size}/{filename}" for base in base_urls]
+        download_file(urls[0], model_dir / filename, backup_urls=urls[1:])
+
+    import tensorflow as tf  # only needed here, to read OpenAI's checkpoint format
+    tf_ckpt_path = tf.train.latest_checkpoint(str(model_dir))
+    settings = json.loads((model_dir / "hparams.json").read_text(encoding="utf-8"))
+    params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
+    return settings, params
+
+
+def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
+    """{'wte': ..., 'wpe': ..., 'g': ..., 'b': ..., 'blocks': [{'attn': {...}, ...}]}"""
+    import tensorflow as tf
+    params = {"blocks": [{} for _ in range(settings["n_layer"])]}
+    for name, _ in tf.train.list_variables(ckpt_path):
+        # squeeze: OpenAI stores linear weights as 1x1 convolutions, (1, in, out)
+        variable_array = np.squeeze(tf.train.load_variable(ckpt_path, name))
+        variable_name_parts = name.split("/")[1:]  # skip the leading "model/"
+        target_dict = params
+        if variable_name_parts[0].startswith("h"):  # h0, h1, ...: a transformer block
+            target_dict = params["blocks"][int(variable_name_parts[0][1:])]
+        for key in variable_name_parts[1:-1]:
+            target_dict = target_dict.setdefault(key, {})
+        target_dict[variable_name_parts[-1]] = variable_array
+    return params
+
+
+# ---- 5.5 Loading the weights into our GPTModel ----
+
+def assign(left, right, name="parameter"):
+    if tuple(left.shape) != tuple(right.shape):
+        raise ValueError(f"Shape mismatch for {name}: our model has {tuple(left.shape)}, "
+                         f"the checkpoint has {tuple(right.shape)}.")
+    return torch.nn.Parameter(torch.as_tensor(right, dtype=left.dtype).clone())
+
+
+def load_weights_into_gpt(gpt, params):
+    gpt.pos_emb.weight = assign(gpt.pos_emb.weight, params["wpe"], "pos_emb.weight")
+    gpt.tok_emb.weight = assign(gpt.tok_emb.weight, params["wte"], "tok_emb.weight")
+
+    for b, block_params in enumerate(params["blocks"]):
+        block, name = gpt.trf_blocks[b], f"trf_blocks.{b}"
+        # OpenAI keeps query, key and value in one matrix, c_attn: split it in three
+        q_w, k_w, v_w = np.split(block_params["attn"]["c_attn"]["w"], 3, axis=-1)
+        # .T: OpenAI's weights are (in, out), nn.Linear's are (out, in)
+        block.att.W_query.weight = assign(block.att.W_query.weight, q_w.T, f"{name}.att.W_query.weight")
+        block.att.W_key.weight = assign(block.att.W_key.weight, k_w.T, f"{name}.att.W_key.weight")
+        block.att.W_value.weight = assign(block.att.W_value.weight, v_w.T, f"{name}.att.W_value.weight")
+
+        q_b, k_b, v_b = np.split(block_params["attn"]["c_attn"]["b"], 3, axis=-1)
+        block.att.W_query.bias = assign(block.att.W_query.bias, q_b, f"{name}.att.W_query.bias")
+        block.att.W_key.bias = assign(block.att.W_key.bias, k_b, f"{name}.att.W_key.bias")
+        block.att.W_value.bias = assign(block.att.W_value.bias, v_b, f"{name}.att.W_value.bias")
+
+        c_proj = block_params["attn"]["c_proj"]
+        block.att.out_proj.weight = assign(block.att.out_proj.weight, c_proj["w"].T,
+                                           f"{name}.att.out_proj.weight")
+        block.att.out_proj.bias = assign(block.att.out_proj.bias, c_proj["b"],
+                                         f"{name}.att.out_proj.bias")
+
+        mlp = block_params["mlp"]
+        block.ff.layers[0].weight = assign(block.ff.layers[0].weight, mlp["c_fc"]["w"].T,
+                                           f"{name}.ff.layers.0.weight")
+        block.ff.layers[0].bias = assign(block.ff.layers[0].bias, mlp["c_fc"]["b"],
+                                         f"{name}.ff.layers.0.bias")
+        block.ff.layers[2].weight = assign(block.ff.layers[2].weight, mlp["c_proj"]["w"].T,
+                                           f"{name}.ff.layers.2.weight")
+        block.ff.layers[2].bias = assign(block.ff.layers[2].bias, mlp["c_proj"]["b"],
+                                         f"{name}.ff.layers.2.bias")
+
+        block.norm1.scale = assign(block.norm1.scale, block_params["ln_1"]["g"], f"{name}.norm1.scale")
+        block.norm1.shift = assign(block.norm1.shift, block_params["ln_1"]["b"], f"{name}.norm1.shift")
+        block.norm2.scale = assign(block.norm2.scale, block_params["ln_2"]["g"], f"{name}.norm2.scale")
+        block.norm2.shift = assign(block.norm2.shift, block_params["ln_2"]["b"], f"{name}.norm2.shift")
+
+    gpt.final_norm.scale = assign(gpt.final_norm.scale, params["g"], "final_norm.scale")
+    gpt.final_norm.shift = assign(gpt.final_norm.shift, params["b"], "final_norm.shift")
+    # GPT-2 ties the output layer to the token embedding
+    gpt.out_head.weight = assign(gpt.out_head.weight, params["wte"], "out_head.weight")
+
+
+# ---- Beyond the book: convert once, then load offline ----
+
+def config_from_settings(settings, drop_rate=GPT_CONFIG_124M["drop_rate"]):
+    """Our config dict from GPT-2's hparams.json (GPT-2 has biases in q, k, v)."""
+    return {"vocab_size": settings["n_vocab"], "context_length": settings["n_ctx"],
+            "emb_dim": settings["n_embd"], "n_heads": settings["n_head"],
+            "n_layers": settings["n_layer"], "drop_rate": drop_rate, "qkv_bias": True}
+
+
+def load_gpt2_model(model_size="124M", models_dir="gpt2", drop_rate=0.0, base_urls=BASE_URLS):
+    """(GPTModel with GPT-2's weights in eval mode, its config).
+
+    The first call downloads and converts OpenAI's checkpoint and saves the
+    result as models_dir/model_size/model.pth; later calls load that file and
+    need neither TensorFlow nor the network.
+    """
+    model_dir = Path(models_dir) / model_size
+    pth, hparams = model_dir / "model.pth", model_dir / "hparams.json"
+    if pth.exists() and hparams.exists():
+        cfg = config_from_settings(json.loads(hparams.read_text(encoding="utf-8")), drop_rate)
+        state_dict = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
+        model = GPTModel(cfg)
+        check_state_dict(model, state_dict, source=str(pth))
+        model.load_state_dict(state_dict)
+    else:
+        settings, params = download_and_load_gpt2(model_size, models_dir, base_urls)
+        cfg = config_from_settings(settings, drop_rate)
+        model = GPTModel(cfg)
+        load_weights_into_gpt(model, params)
+        save_checkpoint(pth, model.state_dict())
+        print(f"Saved the converted weights to {pth}; later runs load them offline.")
+    return model.eval(), cfg
+
+
+def gpt2_tokenizer_from_files(encoder_json, vocab_bpe):
+    """GPT-2's byte-level BPE built from the two files of OpenAI's model download."""
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(vocab_bpe),
+                                            encoder_json_file=str(encoder_json))
+    return tiktoken.Encoding(name="gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+def get_gpt2_tokenizer(models_dir=None):
+    """tiktoken's gpt2 encoding; when tiktoken cannot get its vocabulary (offline,
+    no cache), the same encoding from encoder.json and vocab.bpe under models_dir."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as err:  # a network error of any kind
+        for encoder in sorted(Path(models_dir or "gpt2").glob("*/encoder.json")):
+            vocab = encoder.with_name("vocab.bpe")
+            if vocab.exists():
+                return gpt2_tokenizer_from_files(encoder, vocab)
+        raise RuntimeError(
+            f"tiktoken could not load the gpt2 encoding ({err}) and no encoder.json/vocab.bpe "
+            f"were found under {models_dir or 'gpt2'}/*/. Connect once, or set "
+            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache.") from None
+
+
+# ---- Beyond the book: a look inside ----
+
+# Where each of OpenAI's variables goes in our model ("#" is the block number)
+TF_TO_OURS = {
+    "wte": "tok_emb.weight, and out_head.weight (tied)",
+    "wpe": "pos_emb.weight",
+    "h#/attn/c_attn/w": "trf_blocks.#.att.W_query/W_key/W_value.weight (split in 3, transposed)",
+    "h#/attn/c_attn/b": "trf_blocks.#.att.W_query/W_key/W_value.bias (split in 3)",
+    "h#/attn/c_proj/w": "trf_blocks.#.att.out_proj.weight (transposed)",
+    "h#/attn/c_proj/b": "trf_blocks.#.att.out_proj.bias",
+    "h#/mlp/c_fc/w": "trf_blocks.#.ff.layers.0.weight (transposed)",
+    "h#/mlp/c_fc/b": "trf_blocks.#.ff.layers.0.bias",
+    "h#/mlp/c_proj/w": "trf_blocks.#.ff.layers.2.weight (transposed)",
+    "h#/mlp/c_proj/b": "trf_blocks.#.ff.layers.2.bias",
+    "h#/ln_1/g": "trf_blocks.#.norm1.scale", "h#/ln_1/b": "trf_blocks.#.norm1.shift",
+    "h#/ln_2/g": "trf_blocks.#.norm2.scale", "h#/ln_2/b": "trf_blocks.#.norm2.shift",
+    "ln_f/g": "final_norm.scale", "ln_f/b": "final_norm.shift",
+}
+
+
+def inspect_checkpoint(model_dir):
+    """Rows of (OpenAI variable, shape, where it goes in GPTModel), and the hparams."""
+    import tensorflow as tf
+    model_dir = Path(model_dir)
+    ckpt = tf.train.latest_checkpoint(str(model_dir))
+    if ckpt is None:
+        raise FileNotFoundError(f"No TensorFlow checkpoint in {model_dir}; run once without "
+                                "--inspect to download it.")
+    rows = []
+    for name, shape in tf.train.list_variables(ckpt):
+        short = name.split("/", 1)[1]
+        block = short.split("/")[0][1:] if short.startswith("h") else None
+        key = "h#" + short[len(block) + 1:] if block is not None else short
+        target = TF_TO_OURS.get(key, "(not used)")
+        rows.append((name, tuple(shape), target.replace("#", block or "#")))
+    hparams = json.loads((model_dir / "hparams.json").read_text(encoding="utf-8"))
+    return rows, hparams
+
+
+def nearest_tokens(embeddings, vector, tokenizer, k=10, exclude=()):
+    """The k tokens whose embeddings have the highest cosine similarity to `vector`."""
+    sims = torch.nn.functional.cosine_similarity(embeddings, vector.unsqueeze(0), dim=-1)
+    sims[list(exclude)] = -2.0  # below any cosine similarity
+    top = torch.topk(sims, k)
+    return [(tokenizer.decode([i]), round(s, 4)) for s, i in zip(top.values.tolist(),
+                                                                 top.indices.tolist())]
+
+
+def word_token(word, tokenizer):
+    ids = tokenizer.encode(" " + word.strip())  # GPT-2's word tokens start with a space
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is {len(ids)} GPT-2 tokens "
+                         f"{[tokenizer.decode([i]) for i in ids]}; pick a word that is one token.")
+    return ids[0]
+
+
+# ---- The demo ----
+
+def main(args):
+    torch.set_printoptions(precision=4, sci_mode=False)
+    model_dir = Path(args.models_dir) / args.model_size
+    base_urls = ([args.base_url] if args.base_url else []) + list(BASE_URLS)
+    if args.inspect:
+        download_and_load_gpt2(args.model_size, args.models_dir, base_urls)
+        rows, hparams = inspect_checkpoint(model_dir)
+        print("hparams:", json.dumps(hparams))
+        width = max(len(r[0]) for r in rows)
+        print(f"{'OpenAI variable':<{width}}  {'shape':<20}  in our GPTModel")
+        for name, shape, target in rows:
+            print(f"{name:<{width}}  {str(shape):<20}  {target}")
+        return rows
+
+    device = get_device(args.device)
+    model, cfg = load_gpt2_model(args.model_size, args.models_dir, base_urls=base_urls)
+    model.to(device)
+    tokenizer = get_gpt2_tokenizer(args.models_dir)
+    results = {}
+    if args.neighbors or args.analogy:
+        emb = model.tok_emb.weight.detach().float().cpu()
+        if args.neighbors:
+            i = word_token(args.neighbors, tokenizer)
+            results["neighbors"] = nearest_tokens(emb, emb[i], tokenizer, exclude=[i])
+            print(f"Nearest tokens to {args.neighbors!r}:", results["neighbors"])
+        if args.analogy:
+            a, b, c = (word_token(w, tokenizer) for w in args.analogy)
+            results["analogy"] = nearest_tokens(emb, emb[a] - emb[b] + emb[c], tokenizer,
+                                                exclude=[a, b, c])
+            print(f"{args.analogy[0]} - {args.analogy[1]} + {args.analogy[2]} ≈",
+                  results["analogy"])
+        return results
+
+    torch.manual_seed(args.seed)
+    token_ids = generate(model, text_to_token_ids(args.prompt, tokenizer).to(device),
+                         max_new_tokens=args.max_new_tokens, context_size=cfg["context_length"],
+                         top_k=args.top_k, temperature=args.temperature)
+    results["text"] = token_ids_to_text(token_ids, tokenizer)
+    print("Output text:\n", results["text"])
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="Load OpenAI's GPT-2 weights into our GPTModel and generate text "
+                    "(downloads once; later runs work offline).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model-size", default="124M", choices=ALLOWED_SIZES,
+                        help="which GPT-2 checkpoint")
+    parser.add_argument("--models-dir", default="gpt2",
+                        help="folder for the downloaded and converted weights")
+    parser.add_argument("--base-url", default=None,
+                        help="a mirror to try before OpenAI's URL and the book's backup; it "
+                             "must hold SIZE/FILENAME like the originals")
+    parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=25, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=1.5,
+                        help="sampling temperature; 0 is greedy decoding")
+    parser.add_argument("--top-k", type=int, default=50,
+                        help="sample only among the k most likely tokens")
+    parser.add_argument("--seed", type=int, default=123, help="random seed")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto picks cuda, then mps, then cpu")
+    parser.add_argument("--inspect", action="store_true",
+                        help="print the checkpoint's variables, shapes and hparams, and "
+                             "where each goes in our model, then stop")
+    parser.add_argument("--neighbors", metavar="WORD", default=None,
+                        help="print the tokens nearest to WORD in GPT-2's embedding space")
+    parser.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), default=None,
+                        help="print the tokens nearest to A - B + C, e.g. king man woman")
+    try:
+        main(parser.parse_args())
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise SystemExit(f"error: {err}")
