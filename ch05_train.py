@@ -51,7 +51,8 @@ def calc_loss_batch(input_batch, target_batch, model, device):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_batch.flatten())
 
 
-def calc_loss_loader(data_loader, model, device, num_batches=None):
+def calc_loss_loader(data_loader, model, device, num_batches=None, loss_fn=None):
+    loss_fn = loss_fn or calc_loss_batch  # beyond the book: chapter 6 passes its own
     total_loss = 0.
     if len(data_loader) == 0:
         return float("nan")
@@ -62,17 +63,17 @@ def calc_loss_loader(data_loader, model, device, num_batches=None):
     for i, (input_batch, target_batch) in enumerate(data_loader):
         if i >= num_batches:
             break
-        total_loss += calc_loss_batch(input_batch, target_batch, model, device).item()
+        total_loss += loss_fn(input_batch, target_batch, model, device).item()
     return total_loss / num_batches
 
 
 # ---- 5.2 Training an LLM ----
 
-def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+def evaluate_model(model, train_loader, val_loader, device, eval_iter, loss_fn=None):
     model.eval()
     with torch.no_grad():
-        train_loss = calc_loss_loader(train_loader, model, device, num_batches=eval_iter)
-        val_loss = calc_loss_loader(val_loader, model, device, num_batches=eval_iter)
+        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, loss_fn)
+        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, loss_fn)
     model.train()
     return train_loss, val_loss
 

@@ -889,3 +889,196 @@ def test_gpt2_command_inspect_generate_and_neighbors(gpt2_server, tmp_path, caps
     assert len(result["neighbors"]) == 10 and "king" not in [t.strip() for t, _ in result["neighbors"]]
     with pytest.raises(ValueError, match=r"is 4 GPT-2 tokens \[. G., .is., .burn., .esque.\]"):
         gpt2.main(gpt2_args(gpt2_server, tmp_path, neighbors="Gisburnesque"))
+
+
+# ======================= Chapter 6: classification =======================
+
+import ch06_classify as ch06  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def spam_tsv(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("spam")
+    zip_path = SHARED / "data" / "sms_spam_collection.zip"
+    if not zip_path.exists():
+        zip_path = folder / "sms_spam_collection.zip"  # downloaded by the call below
+    return ch06.download_and_unzip_spam_data(ch06.SPAM_URL, zip_path, folder / "extracted",
+                                             folder / "SMSSpamCollection.tsv")
+
+
+def test_balancing_and_split_sizes_on_the_real_file(spam_tsv):
+    rows = ch06.read_spam_data(spam_tsv)
+    assert sum(r[0] == "spam" for r in rows) == 747
+    balanced = ch06.create_balanced_dataset(rows)
+    assert sum(r[0] == "spam" for r in balanced) == 747 == sum(r[0] == "ham" for r in balanced)
+    parts = ch06.random_split(balanced, 0.7, 0.1)
+    assert [len(p) for p in parts] == [1045, 149, 300]
+    assert sorted(r for p in parts for r in p) == sorted(balanced)  # a partition
+
+
+def test_balancing_and_split_on_a_small_file(tmp_path):
+    tsv = tmp_path / "small.tsv"
+    tsv.write_text("".join(f"ham\tham message {i}\n" for i in range(30)) +
+                   "".join(f"spam\tWIN {i}\n" for i in range(10)), encoding="utf-8")
+    balanced = ch06.create_balanced_dataset(ch06.read_spam_data(tsv))
+    assert len(balanced) == 20 and sum(r[0] == "spam" for r in balanced) == 10
+    assert len(set(balanced)) == 20
+    assert balanced == ch06.create_balanced_dataset(ch06.read_spam_data(tsv))  # seeded
+    assert [len(p) for p in ch06.random_split(balanced, 0.7, 0.1)] == [14, 2, 4]
+
+
+def test_bad_data_lines_are_named(tmp_path):
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text("ham\tfine\nspam no tab here\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.tsv, line 2: expected 'label<TAB>text'"):
+        ch06.read_spam_data(tsv)
+    tsv.write_text("ham\tfine\nham\tfine too\neggs\tnot a label\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 3: label 'eggs' is neither 'ham' nor 'spam'"):
+        ch06.read_spam_data(tsv)
+
+
+def write_spam_csv(path, rows):
+    ch06.write_csv(rows, path)
+    return path
+
+
+def test_spam_dataset_pads_and_truncates(tmp_path, tokenizer):
+    csv_path = write_spam_csv(tmp_path / "t.csv", [("ham", "Hi there, friend"),
+                                                   ("spam", 'Free "prize", call now, now, now!')])
+    ds = ch06.SpamDataset(csv_path, tokenizer)
+    lengths = [len(tokenizer.encode(t)) for t in ("Hi there, friend", 'Free "prize", call now, now, now!')]
+    assert ds.max_length == max(lengths)
+    x, y = ds[0]
+    assert x.tolist() == tokenizer.encode("Hi there, friend") + [50256] * (ds.max_length - lengths[0])
+    assert y.item() == 0 and ds[1][1].item() == 1
+    short = ch06.SpamDataset(csv_path, tokenizer, max_length=3)
+    assert short[1][0].tolist() == tokenizer.encode('Free "prize", call now, now, now!')[:3]
+
+
+class LastTokenOnly(torch.nn.Module):
+    """Logits that favour class 1 at the last position only."""
+    pos_emb = torch.nn.Embedding(16, 1)
+
+    def forward(self, x):
+        logits = torch.zeros(*x.shape, 2)
+        logits[:, :-1, 0] = 5.0
+        logits[:, -1, 1] = 5.0
+        return logits
+
+
+def test_loss_and_accuracy_use_the_last_token():
+    model = LastTokenOnly()
+    batches = [(torch.zeros(4, 6, dtype=torch.long), torch.ones(4, dtype=torch.long))]
+    assert ch06.calc_accuracy_loader(batches, model, "cpu") == 1.0
+    expected = torch.nn.functional.cross_entropy(torch.tensor([[0.0, 5.0]] * 4), torch.ones(4, dtype=torch.long))
+    assert math.isclose(ch06.calc_loss_loader(batches, model, "cpu"), expected.item(), rel_tol=1e-6)
+
+
+def separable_loaders(tmp_path, tokenizer):
+    rows = [("spam", f"WIN cash prize now {i} claim") for i in range(24)] + \
+           [("ham", f"see you at lunch {i} ok") for i in range(24)]
+    rows = ch06.random_split(rows, 1.0, 0.0)[0]
+    ds = ch06.SpamDataset(write_spam_csv(tmp_path / "sep.csv", rows), tokenizer)
+    torch.manual_seed(123)
+    return DataLoader(ds, batch_size=8, shuffle=True, drop_last=True)
+
+
+from torch.utils.data import DataLoader  # noqa: E402
+
+
+def test_tiny_classifier_learns_a_separable_task(tmp_path, tokenizer):
+    loader = separable_loaders(tmp_path, tokenizer)
+    torch.manual_seed(0)
+    model = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY, trainable="all")
+    before = ch06.calc_loss_loader(loader, model, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    losses, _, train_accs, _, seen = ch06.train_classifier_simple(
+        model, loader, loader, optimizer, "cpu", num_epochs=4, eval_freq=100, eval_iter=10)
+    assert seen == 4 * 48
+    assert ch06.calc_loss_loader(loader, model, "cpu") < 0.5 * before
+    assert train_accs[-1] == 1.0
+    label, probability = ch06.classify_review("WIN cash prize now 99 claim", model, tokenizer,
+                                              "cpu", max_length=loader.dataset.max_length)
+    assert label == "spam" and 0.5 < probability <= 1.0
+    assert ch06.classify_review("see you at lunch 3 ok", model, tokenizer, "cpu")[0] == "not spam"
+
+
+def test_classify_review_truncates_long_text_with_a_warning(tokenizer):
+    model = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY)  # context 32
+    with pytest.warns(UserWarning, match="has 100 tokens; only its first 32"):
+        label, p = ch06.classify_review(" word" * 100, model, tokenizer, "cpu", max_length=200)
+    assert label in ("spam", "not spam") and 0.5 <= p <= 1.0
+
+
+def test_lora_starts_equal_to_base_and_trains_only_lora():
+    torch.manual_seed(1)
+    model = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY, trainable="all")
+    x = torch.randint(0, 50257, (2, 10))
+    with torch.no_grad():
+        base = model(x)
+    ch06.replace_linear_with_lora(model, rank=4, alpha=8)
+    for p in model.parameters():
+        p.requires_grad = False
+    for m in model.modules():
+        if isinstance(m, ch06.LoRALayer):
+            m.A.requires_grad = m.B.requires_grad = True
+    with torch.no_grad():
+        assert torch.equal(model(x), base)  # B starts at zero
+    d, r = TINY["emb_dim"], 4
+    per_block = r * (d + d) * 4 + r * (d + 4 * d) * 2  # q, k, v, out_proj; the two FF layers
+    assert ch06.count_trainable(model) == TINY["n_layers"] * per_block + r * (d + 2)  # + head
+    # prepare_classifier's LoRA path: exactly the LoRA matrices train
+    lora_model = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY, lora_rank=4, lora_alpha=8)
+    trainable = {n for n, p in lora_model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora.A", "lora.B")) for n in trainable)
+    assert ch06.count_trainable(lora_model) == ch06.count_trainable(model)
+
+
+def test_lora_count_for_gpt2_small_is_the_books():
+    cfg = ch04.gpt_config("124M", qkv_bias=True)
+    with torch.device("meta"):  # shapes only: no memory for 124M parameters
+        model = ch04.GPTModel(cfg)
+    lines = []
+    ch06.prepare_classifier(model, cfg, lora_rank=16, lora_alpha=16, say=lines.append)
+    assert lines == ["Total trainable parameters before: 124,441,346",
+                     "Total trainable parameters after: 0",
+                     "Total trainable LoRA parameters: 2,666,528"]
+
+
+def test_trainable_choices():
+    model = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY, trainable="last_block")
+    trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("trf") else "")
+                 for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"out_head", "final_norm", f"trf_blocks.{TINY['n_layers'] - 1}"}
+    head = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY, trainable="head")
+    assert ch06.count_trainable(head) == TINY["emb_dim"] * 2 + 2
+
+
+def test_classify_without_a_saved_model_says_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"No trained classifier.*python ch06_classify.py"):
+        ch06.load_classifier(tmp_path / "classifier.pth")
+
+
+def test_chapter6_end_to_end_then_classify(tmp_path, capsys):
+    args = argparse.Namespace(
+        data=str(SHARED / "data" / "sms_spam_collection.zip"), data_dir=str(tmp_path / "data"),
+        model_size="tiny", models_dir=str(tmp_path / "gpt2"), no_pretrained=True,
+        trainable="all", lora=True, rank=2, alpha=4, epochs=1, batch_size=8, lr=1e-3,
+        weight_decay=0.1, eval_freq=50, eval_iter=2, out=str(tmp_path / "out"), device="cpu",
+        classify=None, classify_file=None)
+    result = ch06.main(args)
+    out = capsys.readouterr().out
+    assert "Train / validation / test: 1045 / 149 / 300" in out and "random weights" in out
+    assert set(result["accuracies"]) == {"train", "validation", "test"}
+    for name in ("classifier.pth", "loss-plot.png", "accuracy-plot.png", "accuracy.json"):
+        assert (tmp_path / "out" / name).exists()
+    (tmp_path / "texts.txt").write_text("You won a prize, reply now\n\nSee you at 5\n",
+                                        encoding="utf-8")
+    classify = argparse.Namespace(**{**vars(args), "classify": ["Free entry!"],
+                                     "classify_file": str(tmp_path / "texts.txt")})
+    results = ch06.main(classify)["classified"]
+    assert len(results) == 3 and all(label in ("spam", "not spam") for label, _ in results)
+    model, settings = ch06.load_classifier(tmp_path / "out" / "classifier.pth")
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor([[1, 2, 3]])), result["model"].eval()(torch.tensor([[1, 2, 3]])))
+    assert settings["lora_rank"] == 2 and settings["max_length"] == 120
