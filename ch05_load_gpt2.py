@@ -74,7 +74,9 @@ def assign(left, right, name="parameter"):
     if tuple(left.shape) != tuple(right.shape):
         raise ValueError(f"Shape mismatch for {name}: our model has {tuple(left.shape)}, "
                          f"the checkpoint has {tuple(right.shape)}.")
-    return torch.nn.Parameter(torch.as_tensor(right, dtype=left.dtype).clone())
+    # Row-major, as a saved and reloaded model has it: `right` may be a transposed
+    # view, whose strides torch.tensor would keep (and matmuls would then round differently)
+    return torch.nn.Parameter(torch.tensor(np.ascontiguousarray(right), dtype=left.dtype))
 
 
 def load_weights_into_gpt(gpt, params):

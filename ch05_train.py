@@ -94,7 +94,9 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     tokens_seen, global_step = 0, -1
     for epoch in range(num_epochs):
         model.train()
-        for input_batch, target_batch in train_loader:
+        # Beyond the book: a progress bar (the log lines go through tqdm.write)
+        for input_batch, target_batch in tqdm(train_loader, desc=f"Epoch {epoch + 1}",
+                                              leave=False, dynamic_ncols=True):
             optimizer.zero_grad()  # reset the previous batch's gradients
             loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss.backward()
@@ -107,8 +109,8 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 track_tokens_seen.append(tokens_seen)
-                print(f"Ep {epoch + 1} (Step {global_step:06d}): "
-                      f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+                tqdm.write(f"Ep {epoch + 1} (Step {global_step:06d}): "
+                           f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
         generate_and_print_sample(model, tokenizer, device, start_context)
     return train_losses, val_losses, track_tokens_seen
 
@@ -146,28 +148,63 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss-p
 
 # ---- 5.3 Decoding strategies to control randomness ----
 
+def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None):
+    """The next token id for each row of logits (batch, vocab_size): greedy at
+    temperature 0, else sampled from the temperature-scaled top-k (and top-p) tokens."""
+    if top_k is not None:
+        top_logits, _ = torch.topk(logits, top_k)
+        min_val = top_logits[:, -1:]  # (batch, 1): each row keeps its own k largest
+        logits = torch.where(logits < min_val, torch.tensor(float("-inf")).to(logits.device),
+                             logits)
+    if temperature > 0.0:
+        logits = logits / temperature
+        if top_p is not None:  # beyond the book: nucleus sampling
+            logits = top_p_filter(logits, top_p)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, num_samples=1)
+    return torch.argmax(logits, dim=-1, keepdim=True)
+
+
+def top_p_filter(logits, top_p):
+    """Keep the smallest set of most likely tokens whose probabilities reach top_p."""
+    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+    cum_probs = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    # drop a token when the tokens before it already reach top_p (the first always stays)
+    drop_sorted = (cum_probs - torch.softmax(sorted_logits, dim=-1)) >= top_p
+    drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
-             eos_id=None):
+             eos_id=None, top_p=None, use_cache=False):
+    if use_cache:  # beyond the book: the same tokens, computed incrementally
+        new = list(generate_stream(model, idx, max_new_tokens, context_size, temperature,
+                                   top_k, eos_id, top_p, use_cache=True))
+        return torch.cat([idx, *new], dim=1)
     for _ in range(max_new_tokens):
         idx_cond = idx[:, -context_size:]
         with torch.no_grad():
             logits = model(idx_cond)
         logits = logits[:, -1, :]
-        if top_k is not None:
-            top_logits, _ = torch.topk(logits, top_k)
-            min_val = top_logits[:, -1:]  # (batch, 1): each row keeps its own k largest
-            logits = torch.where(logits < min_val, torch.tensor(float("-inf")).to(logits.device),
-                                 logits)
-        if temperature > 0.0:
-            logits = logits / temperature
-            probs = torch.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
-        else:
-            idx_next = torch.argmax(logits, dim=-1, keepdim=True)
+        idx_next = sample_next_token(logits, temperature, top_k, top_p)
         if eos_id is not None and bool((idx_next == eos_id).all()):
             break  # stop early once every sequence produced the end-of-sequence token
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
+
+
+def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
+                    eos_id=None, top_p=None, use_cache=True):
+    """Beyond the book: `generate` as a generator that yields each new token
+    (batch, 1) as soon as it is chosen, for printing text as it is produced."""
+    for _ in range(max_new_tokens):
+        with torch.no_grad():
+            logits = model(idx[:, -context_size:])[:, -1, :]
+        idx_next = sample_next_token(logits, temperature, top_k, top_p)
+        if eos_id is not None and bool((idx_next == eos_id).all()):
+            return
+        idx = torch.cat((idx, idx_next), dim=1)
+        yield idx_next
 
 
 # ---- Appendix D: learning-rate warm-up, cosine decay, gradient clipping ----
@@ -571,12 +608,10 @@ def train(model, train_loader, val_loader, optimizer, device, tokenizer, args, s
                 rng_after_last_step = torch.get_rng_state()
                 if step + 1 >= last_step:
                     break
-            else:  # the epoch ran to its end
+            if state["samples_done"] >= steps_per_epoch * sampler.global_batch:  # epoch done
                 state["epoch"], state["samples_done"] = epoch + 1, 0
                 if is_main:
                     generate_and_print_sample(raw_model, tokenizer, device, args.prompt)
-                continue
-            break  # --max-steps reached inside the epoch
     except KeyboardInterrupt:
         bar.close()
         if is_main:

@@ -441,7 +441,37 @@ def main(args):
             "train_accs": train_accs, "seconds": seconds}
 
 
-if __name__ == "__main__":
+def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
+                             batch_unit):
+    """The flags that chapter 6 and chapter 7 share, with each chapter's defaults."""
+    parser.add_argument("--models-dir", default="gpt2", help="folder for GPT-2's weights")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="start from random weights instead of GPT-2's (no download)")
+    parser.add_argument("--lora", action="store_true",
+                        help="freeze the model and train LoRA matrices only (appendix E)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--alpha", type=float, default=16, help="LoRA scaling factor")
+    parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training data")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_unit} per batch")
+    parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    parser.add_argument("--eval-freq", type=int, default=eval_freq, help="evaluate every N steps")
+    parser.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto picks cuda, then mps, then cpu")
+    parser.add_argument("--model-size", default=model_size,
+                        choices=[*ALLOWED_SIZES, "tiny"],
+                        help="GPT-2 size ('tiny' only with --no-pretrained)")
+
+
+def parse_finetuning_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    if args.model_size == "tiny" and not args.no_pretrained:
+        parser.error("--model-size tiny exists only with --no-pretrained")
+    return args
+
+
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Finetune GPT-2 as an SMS spam classifier (the book's chapter 6, with "
                     "appendix E's LoRA), or classify texts with the saved classifier.",
@@ -450,37 +480,23 @@ if __name__ == "__main__":
                         help="a local sms_spam_collection.zip; default: download it")
     parser.add_argument("--data-dir", default="data/spam",
                         help="folder for the data file and train/validation/test.csv")
-    parser.add_argument("--model-size", default="124M", choices=[*ALLOWED_SIZES, "tiny"],
-                        help="GPT-2 size ('tiny' only with --no-pretrained)")
-    parser.add_argument("--models-dir", default="gpt2", help="folder for GPT-2's weights")
-    parser.add_argument("--no-pretrained", action="store_true",
-                        help="start from random weights instead of GPT-2's (no download)")
     parser.add_argument("--trainable", choices=["head", "last_block", "all"],
                         default="last_block",
                         help="what is trained besides the new head: last_block also trains "
                              "the last transformer block and the final LayerNorm")
-    parser.add_argument("--lora", action="store_true",
-                        help="freeze the model and train LoRA matrices only (appendix E)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=16, help="LoRA scaling factor")
-    parser.add_argument("--epochs", type=int, default=5, help="passes over the training data")
-    parser.add_argument("--batch-size", type=int, default=8, help="messages per batch")
-    parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    parser.add_argument("--eval-freq", type=int, default=50, help="evaluate every N steps")
-    parser.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
+    add_finetuning_arguments(parser, model_size="124M", epochs=5, batch_size=8, eval_freq=50,
+                             batch_unit="messages")
     parser.add_argument("--out", default="runs/ch06",
                         help="folder for classifier.pth, plots and accuracy.json")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="auto picks cuda, then mps, then cpu")
     parser.add_argument("--classify", nargs="+", metavar="TEXT", default=None,
                         help="classify these texts with the saved classifier, then stop")
     parser.add_argument("--classify-file", metavar="FILE", default=None,
                         help="classify each non-empty line of FILE with the saved classifier")
-    args = parser.parse_args()
-    if args.model_size == "tiny" and not args.no_pretrained:
-        parser.error("--model-size tiny exists only with --no-pretrained")
+    return parser
+
+
+if __name__ == "__main__":
     try:
-        main(args)
+        main(parse_finetuning_args(build_parser()))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         raise SystemExit(f"error: {err}")

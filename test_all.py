@@ -491,6 +491,7 @@ def test_command_reproduces_train_model_simple(tmp_path, verdict, tokenizer, cap
     args = train_args(tmp_path, "--epochs", "2", "--eval-freq", "3", "--drop-rate", "0.1",
                       "--data", str(tmp_path / "part.txt"))
     result = ch05.main(args)
+    command_out = capsys.readouterr().out
     split = int(0.9 * len(verdict))
     make = lambda text, shuffle, drop_last: ch02.create_dataloader_v1(  # noqa: E731
         text, batch_size=4, max_length=64, stride=64, shuffle=shuffle, drop_last=drop_last)
@@ -505,8 +506,11 @@ def test_command_reproduces_train_model_simple(tmp_path, verdict, tokenizer, cap
     assert history["train_losses"] == pytest.approx(train_losses, rel=1e-5)
     assert history["val_losses"] == pytest.approx(val_losses, rel=1e-5)
     assert history["tokens_seen"] == tokens
-    out = capsys.readouterr().out
-    assert re.search(r"^Ep 1 \(Step 000000\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}", out, re.M)
+    book_out = capsys.readouterr().out
+    assert re.search(r"^Ep 1 \(Step 000000\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}",
+                     command_out, re.M)
+    samples = [re.findall(r"^Every effort moves you.*$", out, re.M) for out in (command_out, book_out)]
+    assert len(samples[1]) == 2 and samples[0][:2] == samples[1]  # one after each epoch
     for name in ("loss-plot.png", "checkpoint.pt", "log.csv"):
         assert (tmp_path / name).exists()
     assert (tmp_path / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -836,8 +840,11 @@ def test_converted_weights_load_offline_without_tensorflow(gpt2_server, tmp_path
     monkeypatch.setitem(sys.modules, "tensorflow", None)  # importing it now fails
     monkeypatch.setattr(gpt2, "download_file", lambda *a, **k: pytest.fail("went online"))
     reloaded, _ = gpt2.load_gpt2_model("tiny", tmp_path)
+    a, b = model.state_dict(), reloaded.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.no_grad():
-        assert torch.equal(reloaded(ids), expected)
+        got = reloaded(ids)
+    assert torch.equal(got, expected)
 
 
 def test_local_files_tokenizer_matches_tiktoken(tokenizer, monkeypatch, tmp_path):
@@ -1060,12 +1067,12 @@ def test_classify_without_a_saved_model_says_how_to_train(tmp_path):
 
 
 def test_chapter6_end_to_end_then_classify(tmp_path, capsys):
-    args = argparse.Namespace(
-        data=str(SHARED / "data" / "sms_spam_collection.zip"), data_dir=str(tmp_path / "data"),
-        model_size="tiny", models_dir=str(tmp_path / "gpt2"), no_pretrained=True,
-        trainable="all", lora=True, rank=2, alpha=4, epochs=1, batch_size=8, lr=1e-3,
-        weight_decay=0.1, eval_freq=50, eval_iter=2, out=str(tmp_path / "out"), device="cpu",
-        classify=None, classify_file=None)
+    args = ch06.parse_finetuning_args(ch06.build_parser(), [
+        "--data", str(SHARED / "data" / "sms_spam_collection.zip"),
+        "--data-dir", str(tmp_path / "data"), "--model-size", "tiny", "--no-pretrained",
+        "--models-dir", str(tmp_path / "gpt2"), "--lora", "--rank", "2", "--alpha", "4",
+        "--epochs", "1", "--lr", "1e-3", "--eval-iter", "2", "--out", str(tmp_path / "out"),
+        "--device", "cpu"])
     result = ch06.main(args)
     out = capsys.readouterr().out
     assert "Train / validation / test: 1045 / 149 / 300" in out and "random weights" in out
@@ -1082,3 +1089,196 @@ def test_chapter6_end_to_end_then_classify(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(model(torch.tensor([[1, 2, 3]])), result["model"].eval()(torch.tensor([[1, 2, 3]])))
     assert settings["lora_rank"] == 2 and settings["max_length"] == 120
+
+
+# ======================= Chapter 7: instruction finetuning =======================
+
+import io  # noqa: E402
+
+import ch07_instruct as ch07  # noqa: E402
+
+
+class StubOllama:
+    """A server on 127.0.0.1 that speaks Ollama's streamed chat API: the answer
+    to each prompt is answer(prompt), sent as newline-delimited JSON chunks."""
+
+    def __init__(self, answer):
+        self.prompts, self.bodies = [], []
+        stub = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"Ollama is running")
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.bodies.append(body)
+                prompt = body["messages"][-1]["content"]
+                stub.prompts.append(prompt)
+                text = answer(prompt)
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-ndjson")
+                self.end_headers()
+                for i in range(0, len(text), 2):  # two characters a chunk
+                    chunk = {"model": body["model"], "done": False,
+                             "message": {"role": "assistant", "content": text[i:i + 2]}}
+                    self.wfile.write((json.dumps(chunk) + "\n").encode())
+                self.wfile.write((json.dumps({"model": body["model"], "done": True,
+                                              "message": {"role": "assistant", "content": ""}})
+                                  + "\n").encode())
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/chat"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def stub_ollama():
+    stubs = []
+
+    def start(answer):
+        stubs.append(StubOllama(answer))
+        return stubs[-1]
+
+    yield start
+    for s in stubs:
+        s.close()
+
+
+@pytest.fixture(scope="session")
+def instruction_data():
+    path = SHARED / "data" / "instruction-data.json"
+    return ch07.download_and_load_file(path, ch07.DATA_URL)
+
+
+def test_format_input_with_and_without_input(instruction_data):
+    assert len(instruction_data) == 1100
+    entry = {"instruction": "Identify the correct spelling.", "input": "Ocassion", "output": "Occasion"}
+    assert ch07.format_input(entry) == (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nIdentify the correct spelling."
+        "\n\n### Input:\nOcassion")
+    assert ch07.format_input({**entry, "input": ""}).endswith("### Instruction:\nIdentify the correct spelling.")
+    assert [len(d) for d in ch07.split_data(instruction_data)] == [935, 110, 55]
+
+
+def test_custom_collate_fn_is_the_books():
+    batch = ([0, 1, 2, 3, 4], [5, 6], [7, 8, 9])
+    inputs, targets = ch07.custom_collate_fn(batch)
+    assert inputs.tolist() == [[0, 1, 2, 3, 4], [5, 6, 50256, 50256, 50256],
+                               [7, 8, 9, 50256, 50256]]
+    assert targets.tolist() == [[1, 2, 3, 4, 50256], [6, 50256, -100, -100, -100],
+                                [8, 9, 50256, -100, -100]]
+    inputs, targets = ch07.custom_collate_fn(batch, allowed_max_length=3)
+    assert inputs.shape == targets.shape == (3, 3) and targets[1].tolist() == [6, 50256, -100]
+    inputs, targets = ch07.custom_collate_fn(batch, device="meta")
+    assert inputs.device.type == targets.device.type == "meta"
+
+
+def test_masking_instructions_masks_exactly_the_prompt(instruction_data, tokenizer):
+    entries = instruction_data[:4]
+    plain = ch07.InstructionDataset(entries, tokenizer)
+    masked = ch07.InstructionDataset(entries, tokenizer, mask_instructions=True)
+    _, t_plain = ch07.custom_collate_fn([plain[i] for i in range(4)])
+    _, t_masked = ch07.custom_collate_fn([masked[i] for i in range(4)])
+    for i, entry in enumerate(entries):
+        prompt_len = len(tokenizer.encode(ch07.format_input(entry)))
+        assert masked[i][1] == prompt_len
+        # targets[j] predicts token j+1: the prompt's tokens 1..P-1 sit at 0..P-2
+        assert (t_masked[i, :prompt_len - 1] == -100).all()
+        assert torch.equal(t_masked[i, prompt_len - 1:], t_plain[i, prompt_len - 1:])
+        assert t_masked[i, prompt_len - 1] != -100  # the first response token is learned
+
+
+def test_loss_ignores_masked_targets():
+    torch.manual_seed(0)
+    model = ch04.GPTModel(TINY).eval()
+    inputs = torch.randint(0, 50257, (2, 6))
+    targets = torch.randint(0, 50257, (2, 6))
+    masked = targets.clone()
+    masked[:, :3] = -100
+    with torch.no_grad():
+        logits = model(inputs)
+    expected = torch.nn.functional.cross_entropy(logits[:, 3:].flatten(0, 1), targets[:, 3:].flatten())
+    with torch.no_grad():
+        assert torch.isclose(ch05.calc_loss_batch(inputs, masked, model, "cpu"), expected)
+
+
+def test_entry_without_output_is_named(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}, {"instruction": "c"}]))
+    with pytest.raises(ValueError, match=r"Entry 1 of .*data.json has no output text"):
+        ch07.download_and_load_file(path, "http://127.0.0.1:9/unused")
+
+
+def test_long_prompt_is_left_truncated_with_a_warning(tokenizer):
+    with pytest.warns(UserWarning, match="only its last 22 are used"):
+        idx = ch07.encode_prompt("one two three " * 20, tokenizer, context_size=32, max_new_tokens=10)
+    assert idx.tolist()[0] == tokenizer.encode("one two three " * 20)[-22:]
+
+
+def test_ollama_client_scores_and_averages(stub_ollama, instruction_data):
+    answers = iter(["85", "60", "The score is high", "100"])
+    stub = stub_ollama(lambda prompt: next(answers))
+    entries = [dict(e, model_response="A reply.") for e in instruction_data[:4]]
+    scores = ch07.generate_model_scores(entries, "model_response", "llama3", stub.url)
+    assert scores == [85, 60, 100]
+    assert "score the model response `A reply.`" in stub.prompts[0]
+    assert stub.bodies[0]["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
+    assert ch07.check_if_running(stub.url)
+
+
+def test_unreachable_judge_gives_a_clear_error():
+    url = "http://127.0.0.1:9/api/chat"  # the discard port: nothing listens
+    with pytest.raises(ch07.JudgeUnavailable, match=r"No Ollama server answered at http://127.0.0.1:9/api/chat"):
+        ch07.query_model("hi", url=url)
+    assert not ch07.check_if_running(url)
+
+
+def test_chat_loop_streams_and_exits_on_empty_line(tokenizer):
+    torch.manual_seed(0)
+    model = ch04.GPTModel({**TINY, "context_length": 256}).eval()
+    out = io.StringIO()
+    responses = ch07.chat(model, tokenizer, "cpu", 256, max_new_tokens=5,
+                          stdin=io.StringIO("What is 2+2?\n\nnever read\n"), out=out)
+    assert len(responses) == 1 and responses[0]
+    assert out.getvalue().count(">>> ") == 2  # asked twice, stopped at the empty line
+    assert ch07.chat(model, tokenizer, "cpu", 256, stdin=io.StringIO(""), out=io.StringIO()) == []
+
+
+def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, stub_ollama, capsys):
+    stub = stub_ollama(lambda prompt: "50")
+    args = ch07.build_parser().parse_args([
+        "--data", str(SHARED / "data" / "instruction-data.json"), "--model-size", "tiny",
+        "--no-pretrained", "--limit", "16", "--batch-size", "4", "--epochs", "2", "--lr", "1e-3",
+        "--eval-freq", "2", "--eval-iter", "2", "--max-new-tokens", "8", "--mask-instructions",
+        "--out", str(tmp_path), "--device", "cpu", "--ollama-url", stub.url])
+    result = ch07.main(args)
+    assert result["train_losses"][-1] < result["train_losses"][0]  # the loss falls
+    saved = json.loads((tmp_path / "instruction-data-with-response.json").read_text())
+    assert len(saved) == 16 and all("model_response" in e for e in saved)
+    assert result["scores"] == [50] * 16 and result["average"] == 50
+    assert (tmp_path / "gpt2-tiny-sft.pth").exists() and (tmp_path / "loss-plot.png").exists()
+    # --evaluate alone scores the saved responses
+    evaluated = ch07.main(ch07.build_parser().parse_args(
+        ["--evaluate", "--out", str(tmp_path), "--model-size", "tiny", "--ollama-url", stub.url]))
+    assert evaluated["average"] == 50
+    with pytest.raises(ch07.JudgeUnavailable, match="the responses stay in"):
+        ch07.main(ch07.build_parser().parse_args(
+            ["--evaluate", "--out", str(tmp_path), "--ollama-url", "http://127.0.0.1:9/api/chat"]))
+    # the chat command, with piped input, as a user runs it
+    proc = subprocess.run([sys.executable, "ch07_instruct.py", "--chat", "--model-size", "tiny",
+                           "--no-pretrained", "--out", str(tmp_path), "--max-new-tokens", "4",
+                           "--device", "cpu"], input="Name a color.\n\n", cwd=HERE,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count(">>> ") == 2

@@ -1,0 +1,440 @@
+"""Chapter 7: Fine-tuning to follow instructions.
+
+Defines the book's `download_and_load_file`, `format_input`,
+`InstructionDataset`, `custom_collate_fn`, and the judge-model evaluation
+`query_model`, `check_if_running`, `generate_model_scores` (Ollama's chat API).
+Beyond the book: masking the instruction in the loss (exercise 7.2), LoRA
+(exercise 7.4), and an interactive chat with the finetuned model.
+
+Run:  python ch07_instruct.py                 (finetune GPT-2 355M, write test responses)
+      python ch07_instruct.py --evaluate      (score them with a local Ollama model)
+      python ch07_instruct.py --chat          (talk to the finetuned model)
+Imports from ch02_data.py, ch04_gpt.py, ch05_train.py, ch05_load_gpt2.py and
+ch06_classify.py (LoRA).
+"""
+import argparse
+import json
+import re
+import sys
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import requests
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ch02_data import download_file, read_text
+from ch04_gpt import GPTModel, get_device, gpt_config
+from ch05_load_gpt2 import get_gpt2_tokenizer, load_gpt2_model
+from ch05_train import (calc_loss_loader, check_state_dict, generate, generate_stream,
+                        load_checkpoint, plot_losses, save_checkpoint, text_to_token_ids,
+                        token_ids_to_text, train_model_simple)
+from ch06_classify import (add_finetuning_arguments, count_trainable,
+                           parse_finetuning_args, replace_linear_with_lora)
+
+DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
+            "ch07/01_main-chapter-code/instruction-data.json")
+OLLAMA_URL = "http://localhost:11434/api/chat"
+EOT_ID = 50256  # <|endoftext|>
+
+
+# ---- 7.2 Preparing a dataset for supervised instruction fine-tuning ----
+
+def download_and_load_file(file_path, url):
+    download_file(url, file_path)  # kept once downloaded
+    try:
+        data = json.loads(read_text(file_path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file_path} is not valid JSON ({err}).") from None
+    check_entries(data, file_path)
+    return data
+
+
+def check_entries(data, source="the data"):
+    """Every entry needs an instruction and an output; 'input' may be empty or absent."""
+    if not isinstance(data, list):
+        raise ValueError(f"{source} must hold a JSON list of entries, not {type(data).__name__}.")
+    for i, entry in enumerate(data):
+        missing = [k for k in ("instruction", "output")
+                   if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
+        if missing:
+            raise ValueError(f"Entry {i} of {source} has no {' or '.join(missing)} text "
+                             f"(it is {json.dumps(entry)[:120]}).")
+
+
+def format_input(entry):
+    instruction_text = (
+        f"Below is an instruction that describes a task. "
+        f"Write a response that appropriately completes the request."
+        f"\n\n### Instruction:\n{entry['instruction']}"
+    )
+    input_text = f"\n\n### Input:\n{entry['input']}" if entry.get("input") else ""
+    return instruction_text + input_text
+
+
+def split_data(data):
+    """The book's split: 85% training, 10% test, the remaining 5% validation."""
+    train_portion = int(len(data) * 0.85)
+    test_portion = int(len(data) * 0.1)
+    train_data = data[:train_portion]
+    test_data = data[train_portion:train_portion + test_portion]
+    val_data = data[train_portion + test_portion:]
+    return train_data, test_data, val_data
+
+
+# ---- 7.3 Organizing data into training batches ----
+
+class InstructionDataset(Dataset):
+    def __init__(self, data, tokenizer, mask_instructions=False):
+        self.data = data
+        self.mask_instructions = mask_instructions
+        self.encoded_texts, self.prompt_lengths = [], []
+        for entry in data:
+            instruction_plus_input = format_input(entry)
+            response_text = f"\n\n### Response:\n{entry['output']}"
+            full_text = instruction_plus_input + response_text
+            self.encoded_texts.append(tokenizer.encode(full_text))
+            # Beyond the book (exercise 7.2): where the response starts, for masking
+            self.prompt_lengths.append(len(tokenizer.encode(instruction_plus_input)))
+
+    def __getitem__(self, index):
+        if self.mask_instructions:
+            return self.encoded_texts[index], self.prompt_lengths[index]
+        return self.encoded_texts[index]
+
+    def __len__(self):
+        return len(self.data)
+
+
+def custom_collate_fn(batch, pad_token_id=EOT_ID, ignore_index=-100, allowed_max_length=None,
+                      device="cpu"):
+    # Items are token lists, or (token list, prompt length) to mask the prompt
+    batch_max_length = max(len(item[0] if isinstance(item, tuple) else item) + 1
+                           for item in batch)
+    inputs_lst, targets_lst = [], []
+    for item in batch:
+        item, prompt_length = item if isinstance(item, tuple) else (item, 0)
+        new_item = item.copy()
+        new_item += [pad_token_id]  # one end-of-text token ends every text
+        padded = new_item + [pad_token_id] * (batch_max_length - len(new_item))
+        inputs = torch.tensor(padded[:-1])  # drop the last token for inputs
+        targets = torch.tensor(padded[1:])  # shift +1 to the right for targets
+
+        # Ignore every padding token in the loss but the first, which ends the text
+        mask = targets == pad_token_id
+        indices = torch.nonzero(mask).squeeze()
+        if indices.numel() > 1:
+            targets[indices[1:]] = ignore_index
+        # Beyond the book (exercise 7.2): no loss on predicting the prompt's tokens
+        targets[:max(prompt_length - 1, 0)] = ignore_index
+
+        if allowed_max_length is not None:
+            inputs = inputs[:allowed_max_length]
+            targets = targets[:allowed_max_length]
+        inputs_lst.append(inputs)
+        targets_lst.append(targets)
+    return torch.stack(inputs_lst).to(device), torch.stack(targets_lst).to(device)
+
+
+# ---- 7.7 Extracting and saving responses ----
+
+def encode_prompt(text, tokenizer, context_size, max_new_tokens=0):
+    """Token ids of `text` as a batch of one; left-truncated, with a warning, when
+    they would not leave room in the context for max_new_tokens."""
+    ids = tokenizer.encode(text, disallowed_special=())
+    room = max(1, context_size - max_new_tokens)
+    if len(ids) > room:
+        warnings.warn(f"The prompt has {len(ids)} tokens; only its last {room} are used "
+                      f"(context {context_size}, {max_new_tokens} new tokens).")
+        ids = ids[-room:]
+    return torch.tensor([ids])
+
+
+def generate_response(model, entry, tokenizer, device, context_size, max_new_tokens=256):
+    input_text = format_input(entry)
+    idx = encode_prompt(input_text, tokenizer, context_size, max_new_tokens).to(device)
+    token_ids = generate(model, idx, max_new_tokens=max_new_tokens, context_size=context_size,
+                         eos_id=EOT_ID, use_cache=True)
+    new_text = tokenizer.decode(token_ids[0, idx.shape[1]:].tolist())
+    return new_text.replace("### Response:", "").strip()
+
+
+# ---- 7.8 Evaluating the finetuned LLM with a judge model (Ollama) ----
+
+class JudgeUnavailable(RuntimeError):
+    pass
+
+
+def query_model(prompt, model="llama3", url=OLLAMA_URL, timeout=300):
+    """The judge's answer, read from Ollama's streamed chat reply (one JSON object
+    a line), with a fixed seed and temperature 0 for repeatable scores."""
+    data = {"model": model, "messages": [{"role": "user", "content": prompt}],
+            "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}
+    try:
+        with requests.post(url, json=data, stream=True, timeout=timeout) as response:
+            if response.status_code != 200:
+                detail = response.text[:300]
+                raise JudgeUnavailable(f"The Ollama server at {url} answered "
+                                       f"{response.status_code}: {detail}. Is the model "
+                                       f"pulled? (`ollama pull {model}`)")
+            response_data = ""
+            for line in response.iter_lines():
+                if not line:
+                    continue
+                message = json.loads(line)
+                if "error" in message:
+                    raise JudgeUnavailable(f"The Ollama server at {url} said: {message['error']}")
+                response_data += message.get("message", {}).get("content", "")
+                if message.get("done"):
+                    break
+            return response_data
+    except requests.RequestException as err:
+        raise JudgeUnavailable(
+            f"No Ollama server answered at {url} ({type(err).__name__}). Start one with "
+            f"`ollama serve` and `ollama pull {model}`, or pass --ollama-url.") from None
+
+
+def check_if_running(url=OLLAMA_URL, timeout=3):
+    """Whether an Ollama server answers at url's host (the book checks for the process)."""
+    base = re.match(r"https?://[^/]+", url)
+    try:
+        return requests.get(base.group(0) if base else url, timeout=timeout).ok
+    except requests.RequestException:
+        return False
+
+
+def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL):
+    """Scores 0-100 from the judge; an answer that is not such a number is reported
+    and left out."""
+    scores, failed = [], []
+    for i, entry in enumerate(tqdm(json_data, desc="Scoring entries")):
+        prompt = (
+            f"Given the input `{format_input(entry)}` "
+            f"and correct output `{entry['output']}`, "
+            f"score the model response `{entry[json_key]}`"
+            f" on a scale from 0 to 100, where 100 is the best score. "
+            f"Respond with the integer number only."
+        )
+        score = query_model(prompt, model, url)
+        try:
+            value = int(score.strip())
+            if not 0 <= value <= 100:
+                raise ValueError
+            scores.append(value)
+        except ValueError:
+            failed.append(i)
+            tqdm.write(f"Could not convert score of entry {i}: {score[:80]!r}")
+    if failed:
+        print(f"{len(failed)} of {len(json_data)} answers were not a score from 0 to 100 "
+              f"(entries {failed[:20]}{'...' if len(failed) > 20 else ''}).")
+    return scores
+
+
+# ---- Beyond the book: saving, loading and chatting ----
+
+def build_model(cfg, lora_rank=None, lora_alpha=None):
+    model = GPTModel(cfg)
+    if lora_rank:
+        for param in model.parameters():
+            param.requires_grad = False
+        replace_linear_with_lora(model, rank=lora_rank, alpha=lora_alpha)
+    return model
+
+
+def load_finetuned(path, device="cpu"):
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"No finetuned model at {path}. Finetune one first with "
+                                f"`python ch07_instruct.py --out {path.parent}`.")
+    saved = load_checkpoint(path, map_location="cpu")
+    settings = saved["settings"]
+    model = build_model(settings["cfg"], settings["lora_rank"], settings["lora_alpha"])
+    check_state_dict(model, saved["model"], source=str(path))
+    model.load_state_dict(saved["model"])
+    return model.to(device).eval(), settings
+
+
+def chat(model, tokenizer, device, context_size, max_new_tokens=256, temperature=0.0,
+         top_k=None, stdin=None, out=None):
+    """Read instructions line by line; stream each response. An empty line or
+    end of input (Ctrl-D) ends the chat. Returns the responses."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    responses = []
+    while True:
+        out.write(">>> ")
+        out.flush()
+        line = stdin.readline()
+        if not line.strip():  # "" at end of input, "\n" for an empty line
+            out.write("\n")
+            return responses
+        prompt = format_input({"instruction": line.strip(), "input": ""}) + "\n\n### Response:\n"
+        idx = encode_prompt(prompt, tokenizer, context_size, max_new_tokens).to(device)
+        new_ids, shown = [], ""
+        for token in generate_stream(model, idx, max_new_tokens, context_size, temperature,
+                                     top_k, eos_id=EOT_ID):
+            new_ids.append(token.item())
+            text = tokenizer.decode(new_ids)
+            if not text.endswith("\ufffd"):  # wait until a multi-byte character is whole
+                out.write(text[len(shown):])
+                out.flush()
+                shown = text
+        out.write("\n")
+        responses.append(tokenizer.decode(new_ids).strip())
+
+
+# ---- The chapter's run ----
+
+def evaluate_saved(responses_path, args):
+    responses_path = Path(responses_path)
+    if not responses_path.exists():
+        raise FileNotFoundError(f"No responses to score at {responses_path}; finetune first "
+                                "with `python ch07_instruct.py`.")
+    test_data = json.loads(read_text(responses_path))
+    if not check_if_running(args.ollama_url):
+        raise JudgeUnavailable(
+            f"No Ollama server answered at {args.ollama_url}. Start one with `ollama serve` "
+            f"and `ollama pull {args.judge_model}`; the responses stay in {responses_path}.")
+    scores = generate_model_scores(test_data, "model_response", args.judge_model,
+                                   args.ollama_url)
+    average = sum(scores) / len(scores) if scores else float("nan")
+    print(f"Number of scores: {len(scores)} of {len(test_data)}")
+    print(f"Average score: {average:.2f}")
+    return {"scores": scores, "average": average}
+
+
+def main(args):
+    out_dir = Path(args.out)
+    model_path = out_dir / f"gpt2-{args.model_size}-sft.pth"
+    responses_path = out_dir / "instruction-data-with-response.json"
+    if args.evaluate:
+        return evaluate_saved(responses_path, args)
+    device = get_device(args.device)
+    if args.chat:
+        model, settings = load_finetuned(model_path, device)
+        tokenizer = get_gpt2_tokenizer(settings["models_dir"])
+        print("Chat with the finetuned model; an empty line or Ctrl-D ends it.")
+        return {"responses": chat(model, tokenizer, device, settings["cfg"]["context_length"],
+                                  args.max_new_tokens)}
+
+    start = time.perf_counter()
+    data_path = Path(args.data) if args.data else Path(args.data_dir) / "instruction-data.json"
+    data = download_and_load_file(data_path, DATA_URL)
+    print("Number of entries:", len(data))
+    train_data, test_data, val_data = split_data(data)
+    if args.limit:
+        train_data, test_data, val_data = (d[:args.limit] for d in (train_data, test_data, val_data))
+    print(f"Training set length: {len(train_data)}, validation: {len(val_data)}, "
+          f"test: {len(test_data)}")
+
+    tokenizer = get_gpt2_tokenizer(args.models_dir)
+    if args.no_pretrained:
+        print("Note: --no-pretrained, so the model starts from random weights; its "
+              "responses will be gibberish. Use it to try the pipeline, not the model.")
+        cfg = gpt_config(args.model_size, context_length=1024, drop_rate=0.0, qkv_bias=True)
+        torch.manual_seed(123)
+        model = GPTModel(cfg)
+    else:
+        model, cfg = load_gpt2_model(args.model_size, args.models_dir)
+    if args.lora:  # exercise 7.4: only the LoRA matrices train
+        for param in model.parameters():
+            param.requires_grad = False
+        torch.manual_seed(123)
+        replace_linear_with_lora(model, rank=args.rank, alpha=args.alpha)
+        print(f"Trainable LoRA parameters: {count_trainable(model):,}")
+    model.to(device)
+    context_size = cfg["context_length"]
+
+    collate = partial(custom_collate_fn, device=device, allowed_max_length=context_size)
+    make_loader = lambda data, train: DataLoader(  # noqa: E731
+        InstructionDataset(data, tokenizer, mask_instructions=args.mask_instructions),
+        batch_size=args.batch_size, collate_fn=collate, shuffle=train, drop_last=train)
+    torch.manual_seed(123)
+    train_loader, val_loader = make_loader(train_data, True), make_loader(val_data, False)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_data)} training entries do not fill one batch of "
+                         f"{args.batch_size}; lower --batch-size or raise --limit.")
+
+    torch.manual_seed(123)
+    with torch.no_grad():
+        train_loss = calc_loss_loader(train_loader, model, device, num_batches=5)
+        val_loss = calc_loss_loader(val_loader, model, device, num_batches=5)
+    print(f"Training loss before finetuning: {train_loss:.3f}, validation loss: {val_loss:.3f}")
+
+    torch.manual_seed(123)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=args.lr, weight_decay=args.weight_decay)
+    train_losses, val_losses, tokens_seen = train_model_simple(
+        model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
+        eval_freq=args.eval_freq, eval_iter=args.eval_iter,
+        start_context=format_input(val_data[0]), tokenizer=tokenizer)
+    train_minutes = (time.perf_counter() - start) / 60
+    print(f"Training completed in {train_minutes:.2f} minutes.")
+    if train_losses:
+        plot_losses(torch.linspace(0, args.epochs, len(train_losses)), tokens_seen,
+                    train_losses, val_losses, out_dir / "loss-plot.png")
+
+    settings = {"cfg": cfg, "model_size": args.model_size, "models_dir": str(args.models_dir),
+                "lora_rank": args.rank if args.lora else None, "lora_alpha": args.alpha,
+                "mask_instructions": args.mask_instructions}
+    save_checkpoint(model_path, {"model": model.state_dict(), "settings": settings})
+    print(f"Model saved as {model_path}")
+
+    model.eval()
+    for entry in tqdm(test_data, desc="Generating test responses"):
+        entry["model_response"] = generate_response(model, entry, tokenizer, device,
+                                                    context_size, args.max_new_tokens)
+    tmp = responses_path.with_name(responses_path.name + ".tmp")
+    tmp.write_text(json.dumps(test_data, indent=4), encoding="utf-8")
+    tmp.replace(responses_path)
+    print(f"Responses saved as {responses_path}")
+    for entry in test_data[:3]:
+        print(f"\n{format_input(entry)}\n\nCorrect response:\n>> {entry['output']}\n\n"
+              f"Model response:\n>> {entry['model_response']}\n" + "-" * 40)
+
+    result = {"model": model, "train_losses": train_losses, "val_losses": val_losses,
+              "test_data": test_data}
+    if check_if_running(args.ollama_url):
+        result.update(evaluate_saved(responses_path, args))
+    else:
+        print(f"No Ollama server at {args.ollama_url}: to score the responses later, start "
+              f"one (`ollama serve`, `ollama pull {args.judge_model}`) and run "
+              f"`python ch07_instruct.py --evaluate --out {out_dir}`.")
+    print(f"Total run time: {(time.perf_counter() - start) / 60:.2f} minutes.")
+    return result
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Instruction-finetune GPT-2 (the book's chapter 7), write responses for "
+                    "the test set, score them with a judge model, or chat with the result.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data", default=None, metavar="JSON",
+                        help="a local instruction-data.json; default: download it")
+    parser.add_argument("--data-dir", default="data", help="folder for downloaded data")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use only the first N entries of each split (quick runs)")
+    parser.add_argument("--mask-instructions", action="store_true",
+                        help="compute the loss on the response tokens only (exercise 7.2)")
+    add_finetuning_arguments(parser, model_size="355M", epochs=2, batch_size=8, eval_freq=5,
+                             batch_unit="entries")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="longest response to generate")
+    parser.add_argument("--out", default="runs/ch07",
+                        help="folder for the finetuned model, responses and plots")
+    parser.add_argument("--evaluate", action="store_true",
+                        help="only score the saved responses with the judge model")
+    parser.add_argument("--judge-model", default="llama3", help="Ollama model that scores")
+    parser.add_argument("--ollama-url", default=OLLAMA_URL, help="Ollama's chat endpoint")
+    parser.add_argument("--chat", action="store_true",
+                        help="chat with the saved finetuned model (empty line or Ctrl-D ends)")
+    return parser
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_finetuning_args(build_parser()))
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        raise SystemExit(f"error: {err}")
