@@ -110,7 +110,8 @@ class MultiHeadAttentionWrapper(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
+                 attn_impl="book"):
         super().__init__()
         if d_out % num_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}): "
@@ -125,8 +126,12 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length),
                                                 diagonal=1))
+        # Beyond the book: "sdpa" computes the same attention with PyTorch's fused kernel
+        if attn_impl not in ("book", "sdpa"):
+            raise ValueError(f"attn_impl must be 'book' or 'sdpa', not {attn_impl!r}.")
+        self.attn_impl = attn_impl
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None):
         b, num_tokens, d_in = x.shape
         keys = self.W_key(x)  # (b, num_tokens, d_out)
         queries = self.W_query(x)
@@ -142,8 +147,15 @@ class MultiHeadAttention(nn.Module):
         queries = queries.transpose(1, 2)
         values = values.transpose(1, 2)
 
+        start = 0  # position of the first new token
+        if kv_cache is not None:  # beyond the book: add to, and attend over, earlier tokens
+            start = kv_cache.length
+            keys, values = kv_cache.update(keys, values, capacity=self.mask.shape[0])
+        if self.attn_impl == "sdpa":
+            return self.out_proj(self._sdpa(queries, keys, values, start))
+
         attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_tokens)
-        mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
+        mask_bool = self.mask.bool()[start:start + num_tokens, :start + num_tokens]
         attn_scores.masked_fill_(mask_bool, -torch.inf)
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
         attn_weights = self.dropout(attn_weights)
@@ -151,6 +163,45 @@ class MultiHeadAttention(nn.Module):
         context_vec = (attn_weights @ values).transpose(1, 2)  # (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
         return self.out_proj(context_vec)
+
+    def _sdpa(self, queries, keys, values, start):
+        b, _, num_tokens, _ = queries.shape
+        dropout_p = self.dropout.p if self.training else 0.0
+        if start == 0 or num_tokens == 1:
+            # causal from position 0, or one new token that may see every cached one
+            context_vec = nn.functional.scaled_dot_product_attention(
+                queries, keys, values, dropout_p=dropout_p, is_causal=start == 0)
+        else:
+            allowed = ~self.mask.bool()[start:start + num_tokens, :start + num_tokens]
+            context_vec = nn.functional.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=allowed, dropout_p=dropout_p)
+        return context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+
+
+# ---- Beyond the book: a key-value cache for generating one token at a time ----
+
+class KVCache:
+    """The keys and values one attention layer has computed so far, kept in a
+    buffer of the context length, so each new token costs one position's work."""
+
+    def __init__(self):
+        self.keys = self.values = None
+        self.length = 0
+
+    def update(self, keys, values, capacity):
+        # keys, values: (b, num_heads, new_tokens, head_dim)
+        new = keys.shape[2]
+        if self.length + new > capacity:
+            raise ValueError(f"The cache holds {capacity} positions; {self.length} are used "
+                             f"and {new} more do not fit. Start a new cache.")
+        if self.keys is None:
+            shape = (*keys.shape[:2], capacity, keys.shape[3])
+            self.keys = keys.new_empty(shape)
+            self.values = values.new_empty(shape)
+        self.keys[:, :, self.length:self.length + new] = keys
+        self.values[:, :, self.length:self.length + new] = values
+        self.length += new
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length]
 
 
 # ---- The chapter's demo ----

@@ -13,7 +13,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 
-from ch03_attention import MultiHeadAttention
+from ch03_attention import KVCache, MultiHeadAttention
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # BPE vocabulary of GPT-2
@@ -24,6 +24,11 @@ GPT_CONFIG_124M = {
     "drop_rate": 0.1,        # dropout rate
     "qkv_bias": False,       # bias in the query, key and value projections
 }
+
+# Beyond the book, two optional keys choose faster kernels for the same model
+# (same parameters, same results to float tolerance): "attn_impl": "sdpa" and
+# "fused_ops": True (LayerNorm and GELU). See FAST_KERNELS.
+FAST_KERNELS = {"attn_impl": "sdpa", "fused_ops": True}
 
 # What changes from GPT_CONFIG_124M for each GPT-2 size; "tiny" is ours, for
 # tests and quick runs on a CPU.
@@ -66,13 +71,16 @@ def get_device(name="auto"):
 # ---- 4.2 Normalizing activations with layer normalization ----
 
 class LayerNorm(nn.Module):
-    def __init__(self, emb_dim):
+    def __init__(self, emb_dim, fused=False):
         super().__init__()
         self.eps = 1e-5  # keeps the division finite when the variance is 0
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim))
+        self.fused = fused  # beyond the book: the same result from one PyTorch kernel
 
     def forward(self, x):
+        if self.fused:
+            return nn.functional.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)  # GPT-2's (biased) variance
         norm_x = (x - mean) / torch.sqrt(var + self.eps)
@@ -82,7 +90,13 @@ class LayerNorm(nn.Module):
 # ---- 4.3 Implementing a feed forward network with GELU activations ----
 
 class GELU(nn.Module):
+    def __init__(self, fused=False):
+        super().__init__()
+        self.fused = fused  # beyond the book: the same result from one PyTorch kernel
+
     def forward(self, x):
+        if self.fused:
+            return nn.functional.gelu(x, approximate="tanh")
         # The tanh approximation GPT-2 was trained with
         return 0.5 * x * (1 + torch.tanh(
             torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
@@ -93,7 +107,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
-            GELU(),
+            GELU(fused=cfg.get("fused_ops", False)),
             nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
         )
 
@@ -141,16 +155,17 @@ class TransformerBlock(nn.Module):
             context_length=cfg["context_length"],
             num_heads=cfg["n_heads"],
             dropout=cfg["drop_rate"],
-            qkv_bias=cfg["qkv_bias"])
+            qkv_bias=cfg["qkv_bias"],
+            attn_impl=cfg.get("attn_impl", "book"))  # beyond the book: "sdpa" is faster
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg["emb_dim"])
-        self.norm2 = LayerNorm(cfg["emb_dim"])
+        self.norm1 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused_ops", False))
+        self.norm2 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused_ops", False))
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x):
+    def forward(self, x, kv_cache=None):
         shortcut = x
         x = self.norm1(x)  # pre-LayerNorm, as in GPT-2
-        x = self.att(x)    # (batch, num_tokens, emb_dim)
+        x = self.att(x, kv_cache)  # (batch, num_tokens, emb_dim)
         x = self.drop_shortcut(x)
         x = x + shortcut
 
@@ -171,22 +186,34 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(
             *[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = LayerNorm(cfg["emb_dim"])
+        self.final_norm = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused_ops", False))
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
 
-    def forward(self, in_idx):
+    def forward(self, in_idx, kv_cache=None):
         batch_size, seq_len = in_idx.shape
+        # Beyond the book: with a cache (new_kv_cache), in_idx continues earlier tokens
+        start = kv_cache[0].length if kv_cache is not None else 0
         context_length = self.pos_emb.num_embeddings
-        if seq_len > context_length:
-            raise ValueError(f"The input has {seq_len} tokens but the model's context_length "
-                             f"is {context_length}; crop it, e.g. idx[:, -{context_length}:].")
+        if start + seq_len > context_length:
+            raise ValueError(f"The input has {start + seq_len} tokens but the model's "
+                             f"context_length is {context_length}; crop it, e.g. "
+                             f"idx[:, -{context_length}:].")
         tok_embeds = self.tok_emb(in_idx)
-        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))
+        pos_embeds = self.pos_emb(torch.arange(start, start + seq_len, device=in_idx.device))
         x = tok_embeds + pos_embeds  # (batch, num_tokens, emb_dim)
         x = self.drop_emb(x)
-        x = self.trf_blocks(x)
+        if kv_cache is None:
+            x = self.trf_blocks(x)
+        else:
+            for block, layer_cache in zip(self.trf_blocks, kv_cache):
+                x = block(x, layer_cache)
         x = self.final_norm(x)
         return self.out_head(x)  # (batch, num_tokens, vocab_size)
+
+
+def new_kv_cache(model):
+    """Beyond the book: an empty key-value cache, one KVCache per transformer block."""
+    return [KVCache() for _ in model.trf_blocks]
 
 
 # ---- 4.7 Generating text ----

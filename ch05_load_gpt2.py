@@ -21,8 +21,7 @@ import torch
 
 from ch02_data import download_file
 from ch04_gpt import GPT_CONFIG_124M, GPTModel, get_device
-from ch05_train import check_state_dict, generate, save_checkpoint, text_to_token_ids, \
-    token_ids_to_text
+from ch05_train import build_lean, save_checkpoint, stream_text, text_to_token_ids
 
 ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
 BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
@@ -79,11 +78,13 @@ def assign(left, right, name="parameter"):
     return torch.nn.Parameter(torch.tensor(np.ascontiguousarray(right), dtype=left.dtype))
 
 
-def load_weights_into_gpt(gpt, params):
+def load_weights_into_gpt(gpt, params, free_params=False):
     gpt.pos_emb.weight = assign(gpt.pos_emb.weight, params["wpe"], "pos_emb.weight")
     gpt.tok_emb.weight = assign(gpt.tok_emb.weight, params["wte"], "tok_emb.weight")
 
     for b, block_params in enumerate(params["blocks"]):
+        if free_params:  # beyond the book: free each block's arrays once they are copied
+            params["blocks"][b] = None
         block, name = gpt.trf_blocks[b], f"trf_blocks.{b}"
         # OpenAI keeps query, key and value in one matrix, c_attn: split it in three
         q_w, k_w, v_w = np.split(block_params["attn"]["c_attn"]["w"], 3, axis=-1)
@@ -145,14 +146,12 @@ def load_gpt2_model(model_size="124M", models_dir="gpt2", drop_rate=0.0, base_ur
     if pth.exists() and hparams.exists():
         cfg = config_from_settings(json.loads(hparams.read_text(encoding="utf-8")), drop_rate)
         state_dict = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
-        model = GPTModel(cfg)
-        check_state_dict(model, state_dict, source=str(pth))
-        model.load_state_dict(state_dict)
+        model = build_lean(lambda: GPTModel(cfg), state_dict, source=str(pth))
     else:
         settings, params = download_and_load_gpt2(model_size, models_dir, base_urls)
         cfg = config_from_settings(settings, drop_rate)
         model = GPTModel(cfg)
-        load_weights_into_gpt(model, params)
+        load_weights_into_gpt(model, params, free_params=True)
         save_checkpoint(pth, model.state_dict())
         print(f"Saved the converted weights to {pth}; later runs load them offline.")
     return model.eval(), cfg
@@ -276,11 +275,12 @@ def main(args):
         return results
 
     torch.manual_seed(args.seed)
-    token_ids = generate(model, text_to_token_ids(args.prompt, tokenizer).to(device),
-                         max_new_tokens=args.max_new_tokens, context_size=cfg["context_length"],
-                         top_k=args.top_k, temperature=args.temperature)
-    results["text"] = token_ids_to_text(token_ids, tokenizer)
-    print("Output text:\n", results["text"])
+    print("Output text:\n", args.prompt, sep="", end="")
+    new_ids = stream_text(model, text_to_token_ids(args.prompt, tokenizer).to(device), tokenizer,
+                          args.max_new_tokens, cfg["context_length"], top_k=args.top_k,
+                          temperature=args.temperature)
+    print()
+    results["text"] = args.prompt + tokenizer.decode(new_ids)
     return results
 
 

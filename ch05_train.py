@@ -13,6 +13,7 @@ Run:  python ch05_train.py                      (the book's run on the-verdict)
 Imports from ch02_data.py and ch04_gpt.py.
 """
 import argparse
+import contextlib
 import csv
 import hashlib
 import json
@@ -29,7 +30,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ch02_data import GPTDatasetV1, bpe_tokenizer, load_the_verdict, read_text
-from ch04_gpt import MODEL_CONFIGS, GPTModel, generate_text_simple, get_device, gpt_config
+from ch04_gpt import (FAST_KERNELS, MODEL_CONFIGS, GPTModel, generate_text_simple, get_device,
+                     gpt_config, new_kv_cache)
 
 
 # ---- 5.1.1 Using GPT to generate text ----
@@ -196,15 +198,46 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
 def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
                     eos_id=None, top_p=None, use_cache=True):
     """Beyond the book: `generate` as a generator that yields each new token
-    (batch, 1) as soon as it is chosen, for printing text as it is produced."""
-    for _ in range(max_new_tokens):
-        with torch.no_grad():
-            logits = model(idx[:, -context_size:])[:, -1, :]
+    (batch, 1) as soon as it is chosen, for printing text as it is produced.
+
+    With use_cache, each block keeps its keys and values (a KV cache), so a new
+    token costs one position's work instead of the whole window's. Once the
+    window is full, positions would shift: then every step recomputes the last
+    context_size tokens, exactly as the uncached loop does.
+    """
+    kv_cache = new_kv_cache(model) if use_cache else None
+    with torch.no_grad():
+        logits = model(idx[:, -context_size:], kv_cache=kv_cache)[:, -1, :]
+    for step in range(max_new_tokens):
         idx_next = sample_next_token(logits, temperature, top_k, top_p)
         if eos_id is not None and bool((idx_next == eos_id).all()):
             return
         idx = torch.cat((idx, idx_next), dim=1)
         yield idx_next
+        if step + 1 == max_new_tokens:
+            return
+        if kv_cache is not None and kv_cache[0].length >= context_size:
+            kv_cache = None  # the window is full: recompute from here on
+        with torch.no_grad():
+            if kv_cache is not None:
+                logits = model(idx_next, kv_cache=kv_cache)[:, -1, :]
+            else:
+                logits = model(idx[:, -context_size:])[:, -1, :]
+
+
+def stream_text(model, idx, tokenizer, max_new_tokens, context_size, out=None, **sampling):
+    """Beyond the book: generate for one prompt (idx: (1, n)), writing the text to
+    `out` as it is produced. Returns the new token ids."""
+    out = out or sys.stdout
+    new_ids, shown = [], ""
+    for token in generate_stream(model, idx, max_new_tokens, context_size, **sampling):
+        new_ids.append(token.item())
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait until a multi-byte character is whole
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    return new_ids
 
 
 # ---- Appendix D: learning-rate warm-up, cosine decay, gradient clipping ----
@@ -424,12 +457,12 @@ def save_checkpoint(path, checkpoint):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path, map_location="cpu", mmap=False):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:
         raise ValueError(f"Could not read the checkpoint {path}: it is corrupt or not a "
                          f"PyTorch checkpoint ({type(err).__name__}: {err}).") from None
@@ -452,6 +485,17 @@ def check_state_dict(model, state_dict, source="the checkpoint"):
                                              if len(problems) > 12 else []))
         raise ValueError(f"{source} does not fit this model's configuration:\n  {shown}\n"
                          "Use the same --model and --context-length it was trained with.")
+
+
+def build_lean(build, state_dict, source="the checkpoint"):
+    """build() the model on the meta device (no memory, no random init), then
+    adopt state_dict's tensors as its parameters: with a memory-mapped state
+    dict, peak memory stays near one copy of the weights."""
+    with torch.device("meta"):
+        model = build()
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict, assign=True)
+    return model
 
 
 # ---- The command's training loop ----
@@ -488,10 +532,12 @@ def train(model, train_loader, val_loader, optimizer, device, tokenizer, args, s
     `state` holds where training stands (a fresh one or a checkpoint's); it is
     updated in place and returned.
     """
-    raw_model = model.module if hasattr(model, "module") else model
+    raw_model = getattr(model, "module", model)  # under DistributedDataParallel
+    raw_model = getattr(raw_model, "_orig_mod", raw_model)  # under torch.compile
     sampler = train_loader.sampler
-    world = sampler.world_size
-    steps_per_epoch = len(train_loader)
+    world, accum = sampler.world_size, args.grad_accum
+    steps_per_epoch = len(train_loader) // accum
+    epoch_samples = steps_per_epoch * accum * sampler.global_batch
     total_steps = steps_per_epoch * args.epochs
     last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
     warmup = (args.warmup_steps if args.warmup_steps is not None else int(0.2 * total_steps))
@@ -530,6 +576,10 @@ def train(model, train_loader, val_loader, optimizer, device, tokenizer, args, s
     tick_time, tick_tokens = time.perf_counter(), state["tokens_seen"]
     resuming = state["samples_done"] > 0
     rng_after_last_step = torch.get_rng_state()  # what a Ctrl-C checkpoint restores
+    at_last_step = {k: state[k] for k in ("samples_done", "tokens_seen")}
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if getattr(args, "amp", False)
+                else contextlib.nullcontext())
+    micro = 0  # micro-batches accumulated towards the next optimizer step
     try:
         for epoch in range(state["epoch"], args.epochs):
             if state["step"] + 1 >= last_step:
@@ -548,22 +598,35 @@ def train(model, train_loader, val_loader, optimizer, device, tokenizer, args, s
                 if state["epoch_seed"] is None:  # evaluations re-seed the sampler: keep the epoch's
                     state["epoch_seed"] = sampler.seed
                 step = state["step"] + 1
-                if args.schedule == "cosine":
-                    lr = lr_at_step(step, total_steps, peak_lr, warmup, args.initial_lr,
-                                    args.min_lr)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                optimizer.zero_grad()
-                loss = calc_loss_batch(input_batch, target_batch, model, device)
-                loss.backward()
+                if micro == 0:
+                    if args.schedule == "cosine":
+                        lr = lr_at_step(step, total_steps, peak_lr, warmup, args.initial_lr,
+                                        args.min_lr)
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                    optimizer.zero_grad(set_to_none=True)
+                micro += 1
+                # Under DDP, gradients are averaged across processes at the last micro-batch only
+                sync = (model.no_sync() if micro < accum and hasattr(model, "no_sync")
+                        else contextlib.nullcontext())
+                with sync:
+                    with autocast:
+                        loss = calc_loss_batch(input_batch, target_batch, model, device)
+                    if accum > 1:
+                        loss = loss / accum  # the mean over all micro-batches of the step
+                    loss.backward()
+                running_loss += loss.detach()
+                state["samples_done"] += sampler.global_batch
+                state["tokens_seen"] += input_batch.numel() * world
+                if micro < accum:
+                    continue
+                micro = 0
                 if grad_clip and step >= warmup:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=grad_clip)
                 optimizer.step()
                 state["step"] = step
-                state["samples_done"] += sampler.global_batch
-                state["tokens_seen"] += input_batch.numel() * world
+                at_last_step = {k: state[k] for k in ("samples_done", "tokens_seen")}
                 history["lrs"].append(optimizer.param_groups[0]["lr"])
-                running_loss += loss.detach()
                 running_steps += 1
                 bar.update(1)
 
@@ -587,8 +650,7 @@ def train(model, train_loader, val_loader, optimizer, device, tokenizer, args, s
                     for key, value in (("steps", step), ("train_losses", train_loss),
                                        ("val_losses", val_loss),
                                        ("tokens_seen", state["tokens_seen"]),
-                                       ("epochs", epoch + state["samples_done"] /
-                                        (steps_per_epoch * sampler.global_batch))):
+                                       ("epochs", epoch + state["samples_done"] / epoch_samples)):
                         history[key].append(value)
                     if is_main:
                         tqdm.write(f"Ep {epoch + 1} (Step {step:06d}): "
@@ -606,14 +668,16 @@ def train(model, train_loader, val_loader, optimizer, device, tokenizer, args, s
                 if saving:
                     save()
                 rng_after_last_step = torch.get_rng_state()
-                if step + 1 >= last_step:
-                    break
-            if state["samples_done"] >= steps_per_epoch * sampler.global_batch:  # epoch done
+                if step + 1 >= last_step or state["samples_done"] >= epoch_samples:
+                    break  # done, or only micro-batches too few for a whole step are left
+            micro = 0
+            if state["samples_done"] >= epoch_samples:  # the epoch is done
                 state["epoch"], state["samples_done"] = epoch + 1, 0
                 if is_main:
                     generate_and_print_sample(raw_model, tokenizer, device, args.prompt)
     except KeyboardInterrupt:
         bar.close()
+        state.update(at_last_step)  # forget the micro-batches of an unfinished step
         if is_main:
             save(rng_state=rng_after_last_step)
             tqdm.write(f"Interrupted at step {state['step']}; checkpoint saved to "
@@ -631,6 +695,42 @@ def train(model, train_loader, val_loader, optimizer, device, tokenizer, args, s
 
 
 # ---- Putting the command together ----
+
+def make_optimizer(model, args, device, log=print):
+    """The book's AdamW; with --fast, PyTorch's fused implementation (one kernel
+    for all parameters) where this PyTorch supports it on this device."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.fast:
+        try:
+            return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
+                                     fused=True)
+        except (RuntimeError, TypeError) as err:
+            log(f"Note: fused AdamW is not available on {device.type} ({err}); using the "
+                "plain one.")
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def speed_up(model, args, device, log=print):
+    """--fast on CUDA: TF32 matmuls and bf16 autocast where the GPU has them;
+    --compile: torch.compile. Says what it turned off, e.g. on Apple MPS."""
+    args.amp = False
+    if args.fast and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # no-ops on GPUs without TF32
+        torch.backends.cudnn.allow_tf32 = True
+        args.amp = torch.cuda.is_bf16_supported()
+        log("Fast path on CUDA: TF32 matmuls, " +
+            ("bf16 autocast" if args.amp else "no bf16 autocast (this GPU lacks bf16)"))
+    elif args.fast and device.type == "mps":
+        log("Fast path on MPS: SDPA attention and fused kernels on; bf16 autocast and TF32 "
+            "(CUDA only) off.")
+    if args.compile:
+        if device.type == "mps":
+            log("Note: --compile is off on MPS (torch.compile does not support it well).")
+        else:
+            log("Compiling the model with torch.compile (the first steps are slow)...")
+            return torch.compile(model)
+    return model
+
 
 def setup_distributed():
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
@@ -687,13 +787,13 @@ def _windows(make_dataset, split_name, ctx):
 
 
 def make_loaders(train_set, val_set, args, rank, world_size):
-    need = args.batch_size * world_size
+    need = args.batch_size * world_size * args.grad_accum
     if len(train_set) < need:
         raise ValueError(
             f"The training split has {len(train_set)} windows of {args.context_length} tokens "
             f"(about {len(train_set) * args.context_length:,} tokens), but one batch needs "
             f"{need} windows ({need * args.context_length + 1:,} tokens). Give more text, "
-            "or lower --context-length or --batch-size.")
+            "or lower --context-length, --batch-size or --grad-accum.")
     train_loader = DataLoader(train_set, batch_size=args.batch_size, drop_last=True,
                               sampler=ResumableSampler(len(train_set), args.batch_size, True,
                                                        True, rank, world_size))
@@ -719,16 +819,16 @@ def main(args):
         train_set, val_set = load_corpus(args, tokenizer, rank, log)
         train_loader, val_loader = make_loaders(train_set, val_set, args, rank, world_size)
         log(f"Training windows: {len(train_set)}, validation windows: {len(val_set)}; "
-            f"{len(train_loader)} steps per epoch with {world_size} process(es)")
+            f"{len(train_loader) // args.grad_accum} steps per epoch with {world_size} "
+            "process(es)")
 
         cfg = gpt_config(args.model, context_length=args.context_length,
-                         drop_rate=args.drop_rate)
+                         drop_rate=args.drop_rate, **(FAST_KERNELS if args.fast else {}))
         torch.manual_seed(args.seed)
         model = GPTModel(cfg)
         model.cfg = cfg  # saved with every checkpoint
         model.to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr,
-                                      weight_decay=args.weight_decay)
+        optimizer = make_optimizer(model, args, device, log)
         state = {"step": -1, "epoch": 0, "samples_done": 0, "epoch_seed": None,
                  "tokens_seen": 0, "t0": time.perf_counter(),
                  "history": {k: [] for k in ("steps", "train_losses", "val_losses",
@@ -746,6 +846,8 @@ def main(args):
             if ckpt["cuda_rng_state"] and device.type == "cuda":
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"])
             log(f"Resumed from {args.resume} at step {state['step']}, epoch {state['epoch'] + 1}")
+        raw_model = model
+        model = speed_up(model, args, device, log)
         if world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[local_rank] if device.type == "cuda" else None,
@@ -757,7 +859,6 @@ def main(args):
         seconds = time.perf_counter() - start
         history = state["history"]
         if is_main:
-            raw_model = model.module if world_size > 1 else model
             log(f"Training took {seconds / 60:.2f} min; {state['tokens_seen']:,} tokens seen")
             if history["steps"]:
                 plot_losses(history["epochs"], history["tokens_seen"], history["train_losses"],
@@ -809,7 +910,10 @@ def build_parser():
                      help="stop after this many optimizer steps in all (the schedule still "
                           "spans --epochs)")
     opt.add_argument("--batch-size", type=int, default=2,
-                     help="windows per step in each process (global batch = this x processes)")
+                     help="windows per micro-batch in each process (a step's global batch = "
+                          "this x --grad-accum x processes)")
+    opt.add_argument("--grad-accum", type=int, default=1,
+                     help="micro-batches whose gradients add up to one optimizer step")
     opt.add_argument("--lr", type=float, default=4e-4,
                      help="AdamW learning rate (the peak with --schedule cosine)")
     opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
@@ -839,6 +943,13 @@ def build_parser():
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                      help="auto picks cuda, then mps, then cpu")
     run.add_argument("--seed", type=int, default=123, help="random seed")
+    speed = parser.add_argument_group("speed (beyond the book; same model, same parameters)")
+    speed.add_argument("--fast", action="store_true",
+                       help="PyTorch's fused attention (SDPA), LayerNorm, GELU and AdamW; on "
+                            "CUDA also TF32 and bf16 autocast. Seeded runs then differ from "
+                            "the book's numbers in the last digits")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (slow first steps, faster after; not on MPS)")
     return parser
 
 

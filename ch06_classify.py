@@ -31,7 +31,7 @@ import ch05_train
 from ch02_data import download_file
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
-from ch05_train import _save_figure, check_state_dict, load_checkpoint, save_checkpoint
+from ch05_train import _save_figure, build_lean, load_checkpoint, save_checkpoint
 
 SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SPAM_BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"
@@ -315,12 +315,11 @@ def load_classifier(path, device="cpu"):
             f"No trained classifier at {path}. Train one first, e.g. "
             f"`python ch06_classify.py --out {path.parent}` (or --no-pretrained on a machine "
             "without the GPT-2 weights), then run --classify again with the same --out.")
-    saved = load_checkpoint(path, map_location="cpu")
+    saved = load_checkpoint(path, map_location="cpu", mmap=True)
     settings = saved["settings"]
-    model = prepare_classifier(GPTModel(settings["cfg"]), settings["cfg"], settings["trainable"],
-                               settings["lora_rank"], settings["lora_alpha"])
-    check_state_dict(model, saved["model"], source=str(path))
-    model.load_state_dict(saved["model"])
+    model = build_lean(lambda: prepare_classifier(
+        GPTModel(settings["cfg"]), settings["cfg"], settings["trainable"], settings["lora_rank"],
+        settings["lora_alpha"]), saved["model"], source=str(path))
     return model.to(device).eval(), settings
 
 

@@ -29,9 +29,8 @@ from tqdm import tqdm
 from ch02_data import download_file, read_text
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import get_gpt2_tokenizer, load_gpt2_model
-from ch05_train import (calc_loss_loader, check_state_dict, generate, generate_stream,
-                        load_checkpoint, plot_losses, save_checkpoint, text_to_token_ids,
-                        token_ids_to_text, train_model_simple)
+from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, plot_losses,
+                        save_checkpoint, stream_text, train_model_simple)
 from ch06_classify import (add_finetuning_arguments, count_trainable,
                            parse_finetuning_args, replace_linear_with_lora)
 
@@ -249,11 +248,10 @@ def load_finetuned(path, device="cpu"):
     if not path.exists():
         raise FileNotFoundError(f"No finetuned model at {path}. Finetune one first with "
                                 f"`python ch07_instruct.py --out {path.parent}`.")
-    saved = load_checkpoint(path, map_location="cpu")
+    saved = load_checkpoint(path, map_location="cpu", mmap=True)
     settings = saved["settings"]
-    model = build_model(settings["cfg"], settings["lora_rank"], settings["lora_alpha"])
-    check_state_dict(model, saved["model"], source=str(path))
-    model.load_state_dict(saved["model"])
+    model = build_lean(lambda: build_model(settings["cfg"], settings["lora_rank"],
+                                           settings["lora_alpha"]), saved["model"], str(path))
     return model.to(device).eval(), settings
 
 
@@ -272,15 +270,8 @@ def chat(model, tokenizer, device, context_size, max_new_tokens=256, temperature
             return responses
         prompt = format_input({"instruction": line.strip(), "input": ""}) + "\n\n### Response:\n"
         idx = encode_prompt(prompt, tokenizer, context_size, max_new_tokens).to(device)
-        new_ids, shown = [], ""
-        for token in generate_stream(model, idx, max_new_tokens, context_size, temperature,
-                                     top_k, eos_id=EOT_ID):
-            new_ids.append(token.item())
-            text = tokenizer.decode(new_ids)
-            if not text.endswith("\ufffd"):  # wait until a multi-byte character is whole
-                out.write(text[len(shown):])
-                out.flush()
-                shown = text
+        new_ids = stream_text(model, idx, tokenizer, max_new_tokens, context_size, out,
+                              temperature=temperature, top_k=top_k, eos_id=EOT_ID)
         out.write("\n")
         responses.append(tokenizer.decode(new_ids).strip())
 

@@ -1282,3 +1282,136 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, stub_ollama, capsys):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count(">>> ") == 2
+
+
+# ======================= Speed: KV cache, fast kernels, lean loading =======================
+
+@pytest.mark.parametrize("impl", ["book", "sdpa"])
+def test_cached_generation_equals_uncached(impl):
+    torch.manual_seed(0)
+    model = ch04.GPTModel({**TINY, "context_length": 16, "attn_impl": impl}).eval()
+    idx = torch.randint(0, 50257, (2, 5))
+    # 30 new tokens: the 16-token window fills up, and the cache falls back to recomputing
+    greedy = ch05.generate(model, idx, 30, 16)
+    assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=True), greedy)
+    for kw in ({"temperature": 1.0, "top_k": 50}, {"temperature": 0.8, "top_p": 0.9}):
+        torch.manual_seed(7)
+        sampled = ch05.generate(model, idx, 30, 16, **kw)
+        torch.manual_seed(7)
+        assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=True, **kw), sampled)
+    # a cache position beyond the context is refused, not silently wrong
+    cache = ch04.new_kv_cache(model)
+    model(idx.repeat(1, 3)[:, :15], kv_cache=cache)
+    with pytest.raises(ValueError, match="has 17 tokens but the model's context_length is 16"):
+        model(idx[:, :2], kv_cache=cache)
+
+
+def test_cached_forward_matches_full_forward():
+    torch.manual_seed(0)
+    model = ch04.GPTModel(TINY).eval()
+    idx = torch.randint(0, 50257, (1, 12))
+    cache = ch04.new_kv_cache(model)
+    with torch.no_grad():
+        parts = [model(idx[:, :5], kv_cache=cache), model(idx[:, 5:9], kv_cache=cache),
+                 model(idx[:, 9:10], kv_cache=cache), model(idx[:, 10:], kv_cache=cache)]
+        assert torch.allclose(torch.cat(parts, dim=1), model(idx), atol=1e-5)
+
+
+def test_stream_text_prints_what_generate_returns(tokenizer):
+    torch.manual_seed(0)
+    model = ch04.GPTModel(TINY).eval()
+    idx = ch05.text_to_token_ids("Every effort", tokenizer)
+    out = io.StringIO()
+    torch.manual_seed(3)
+    new_ids = ch05.stream_text(model, idx, tokenizer, 10, 32, out, temperature=1.0, top_k=20)
+    torch.manual_seed(3)
+    expected = ch05.generate(model, idx, 10, 32, temperature=1.0, top_k=20)
+    assert new_ids == expected[0, idx.shape[1]:].tolist()
+    assert out.getvalue() == tokenizer.decode(new_ids)
+
+
+def test_fast_kernels_match_the_book_with_the_same_parameters():
+    torch.manual_seed(0)
+    book = ch04.GPTModel(TINY).eval()
+    fast = ch04.GPTModel({**TINY, **ch04.FAST_KERNELS}).eval()
+    assert list(book.state_dict()) == list(fast.state_dict())
+    fast.load_state_dict(book.state_dict())
+    idx = torch.randint(0, 50257, (3, 32))
+    with torch.no_grad():
+        assert torch.allclose(fast(idx), book(idx), atol=1e-5)
+    torch.manual_seed(0)
+    mha = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4).eval()
+    sdpa = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="sdpa").eval()
+    sdpa.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 8, 16)
+    assert torch.allclose(sdpa(x), mha(x), atol=1e-6)
+    assert_causal(sdpa, x, 4)
+    with pytest.raises(ValueError, match="attn_impl must be 'book' or 'sdpa'"):
+        ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="flash")
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    logits = probs.log()
+    kept = torch.isfinite(ch05.top_p_filter(logits, 0.75))
+    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
+    assert torch.isfinite(ch05.top_p_filter(logits, 0.8)).sum(-1).tolist() == [2, 2]
+    assert torch.isfinite(ch05.top_p_filter(logits, 0.81)).sum(-1).tolist() == [3, 3]
+    assert torch.isfinite(ch05.top_p_filter(logits, 0.01)).sum(-1).tolist() == [1, 1]
+    torch.manual_seed(0)
+    draws = {ch05.sample_next_token(logits[:1], temperature=1.0, top_p=0.75).item()
+             for _ in range(200)}
+    assert draws == {0, 1}
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
+    common = ("--drop-rate", "0", "--max-steps", "4", "--eval-freq", "100")
+    ch05.main(train_args(tmp_path / "big", *common, "--batch-size", "4"))
+    ch05.main(train_args(tmp_path / "accum", *common, "--batch-size", "2", "--grad-accum", "2"))
+    big = ch05.load_checkpoint(tmp_path / "big" / "checkpoint.pt")
+    accum = ch05.load_checkpoint(tmp_path / "accum" / "checkpoint.pt")
+    assert big["step"] == accum["step"] == 3 and big["samples_done"] == accum["samples_done"]
+    for k, v in big["model"].items():
+        assert torch.allclose(v, accum["model"][k], atol=1e-5), k
+
+
+def test_fused_adamw_takes_the_same_step():
+    torch.manual_seed(0)
+    models = [ch04.GPTModel(TINY), ch04.GPTModel(TINY)]
+    models[1].load_state_dict(models[0].state_dict())
+    args = argparse.Namespace(lr=1e-3, weight_decay=0.1, fast=False)
+    optimizers = [ch05.make_optimizer(models[0], args, torch.device("cpu")),
+                  ch05.make_optimizer(models[1], argparse.Namespace(**{**vars(args), "fast": True}),
+                                      torch.device("cpu"))]
+    assert optimizers[1].defaults["fused"] and not optimizers[0].defaults["fused"]
+    x, y = torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8))
+    for _ in range(3):
+        for model, opt in zip(models, optimizers):
+            opt.zero_grad()
+            ch05.calc_loss_batch(x, y, model, "cpu").backward()
+            opt.step()
+    for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_fast_training_command_runs_and_resumes_into_the_book_path(tmp_path):
+    result = ch05.main(train_args(tmp_path, "--fast", "--max-steps", "3", "--eval-freq", "1"))
+    assert result["state"]["step"] == 2 and len(result["history"]["train_losses"]) == 3
+    # same parameter names: the book's path continues from a fast checkpoint
+    ch05.main(train_args(tmp_path, "--max-steps", "5", "--eval-freq", "100",
+                         "--resume", str(tmp_path / "checkpoint.pt")))
+
+
+def test_lean_loading_gives_the_plain_paths_logits(tmp_path):
+    torch.manual_seed(0)
+    model = ch04.GPTModel(TINY).eval()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    plain = ch04.GPTModel(TINY)
+    plain.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
+    state_dict = torch.load(tmp_path / "m.pth", weights_only=True, mmap=True)
+    lean = ch05.build_lean(lambda: ch04.GPTModel(TINY), state_dict)
+    assert all(p.device.type == "cpu" for p in lean.parameters())
+    assert lean.tok_emb.weight.data_ptr() == state_dict["tok_emb.weight"].data_ptr()  # no copy
+    idx = torch.randint(0, 50257, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(lean.eval()(idx), plain.eval()(idx))
