@@ -155,7 +155,9 @@ class MultiHeadAttention(nn.Module):
             return self.out_proj(self._sdpa(queries, keys, values, start))
 
         attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_tokens)
-        mask_bool = self.mask.bool()[start:start + num_tokens, :start + num_tokens]
+        # Slice, then convert: converting the whole (context, context) mask on every call
+        # would cost more than attending for one new token
+        mask_bool = self.mask[start:start + num_tokens, :start + num_tokens].bool()
         attn_scores.masked_fill_(mask_bool, -torch.inf)
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
         attn_weights = self.dropout(attn_weights)

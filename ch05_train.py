@@ -431,14 +431,14 @@ class ResumableSampler(Sampler):
             if _distributed():
                 dist.broadcast(seed, src=0)
             self.seed = int(seed.item())
-        if self.shuffle:
+        if self.shuffle:  # a tensor, not a list: 8 bytes a window, for corpora of any size
             order = torch.randperm(self.num_samples,
-                                   generator=torch.Generator().manual_seed(self.seed)).tolist()
+                                   generator=torch.Generator().manual_seed(self.seed))
         else:
-            order = range(self.num_samples)
+            order = torch.arange(self.num_samples)
         end, mine = self._end(), self.rank * self.batch_size
         for start in range(skip, end, self.global_batch):
-            yield from order[start + mine:min(start + mine + self.batch_size, end)]
+            yield from order[start + mine:min(start + mine + self.batch_size, end)].tolist()
 
     def __len__(self):
         end, mine = self._end(), self.rank * self.batch_size

@@ -1,0 +1,379 @@
+"""Speed and memory of the fast paths, measured on the machine it runs on.
+
+  1. training tokens/s, GPT-2 124M, context 256, batch 2: the book's path vs --fast
+  2. greedy generation tokens/s, 124M, "Hello, I am", 200 new tokens: uncached vs KV cache
+  3. peak resident memory of loading a saved 124M model: plain vs lean (meta + mmap)
+  4. dataset build time and memory for stride=1 over 2 million tokens
+  5. achieved FLOP/s of the training step against a large torch.mm (model FLOPs utilisation)
+
+Every measurement runs in a fresh subprocess, and the variants alternate
+(A B A B ...); the table shows medians and ranges, and how much CPU other
+processes used meanwhile (in cores), since on a shared machine that is what
+moves the numbers.
+
+Run:  python bench.py [--quick] [--repeats 3] [--json bench.json]
+Imports from ch02_data.py, ch04_gpt.py, ch05_train.py and ch05_load_gpt2.py.
+"""
+import argparse
+import json
+import os
+import resource  # CPU time of the children
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+FULL = {"model": "124M", "context": 256, "batch": 2, "train_steps": 4, "warmup": 2,
+        "new_tokens": 200, "mm_n": 4096, "dataset_tokens": 2_000_000, "repeats": 3}
+# --quick: the same measurements on a small model, in under a minute
+QUICK = {"model": "bench-small", "context": 128, "batch": 2, "train_steps": 3, "warmup": 1,
+         "new_tokens": 30, "mm_n": 2048, "dataset_tokens": 2_000_000, "repeats": 1}
+SMALL = {"emb_dim": 256, "n_layers": 4, "n_heads": 4}
+
+
+# ---- Helpers the child processes use ----
+
+def model_config(name, **overrides):
+    from ch04_gpt import gpt_config
+    if name == "bench-small":
+        return gpt_config("124M", **SMALL, **overrides)
+    return gpt_config(name, **overrides)
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_rss():
+    """Make the peak (VmHWM) start again from the current RSS (Linux 4.0+)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes():
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+
+
+def median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def training_flops(cfg, batch, context):
+    """6 x (parameters in matmuls) per token, plus attention's 12 x layers x
+    context x emb_dim per token (the usual model-FLOPs count)."""
+    d, layers = cfg["emb_dim"], cfg["n_layers"]
+    matmul_params = layers * 12 * d * d + d * cfg["vocab_size"]  # blocks, and out_head
+    per_token = 6 * matmul_params + 12 * layers * context * d
+    return per_token * batch * context
+
+
+# ---- The measurements, one per child process ----
+
+def child_train(variant, p):
+    import torch
+    import ch05_train as ch05
+    from ch04_gpt import FAST_KERNELS, GPTModel
+    fast = variant == "fast"
+    cfg = model_config(p["model"], context_length=p["context"],
+                       **(FAST_KERNELS if fast else {}))
+    torch.manual_seed(123)
+    model = GPTModel(cfg)
+    model.train()
+    # the same optimizer the command builds, with and without --fast
+    optimizer = ch05.make_optimizer(
+        model, argparse.Namespace(fast=fast, lr=4e-4, weight_decay=0.1), torch.device("cpu"))
+    x = torch.randint(0, cfg["vocab_size"], (p["batch"], p["context"]))
+    y = torch.randint(0, cfg["vocab_size"], (p["batch"], p["context"]))
+    times = []
+    for i in range(p["warmup"] + p["train_steps"]):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = ch05.calc_loss_batch(x, y, model, "cpu")
+        loss.backward()
+        optimizer.step()
+        loss.item()
+        if i >= p["warmup"]:
+            times.append(time.perf_counter() - start)
+    step = median(times)
+    flops = training_flops(cfg, p["batch"], p["context"])
+    return {"tokens_per_s": p["batch"] * p["context"] / step, "step_s": step,
+            "gflops_per_s": flops / step / 1e9}
+
+
+def child_mm(variant, p):
+    import torch
+    n = p["mm_n"]
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    for i in range(7):
+        start = time.perf_counter()
+        a @ b
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return {"gflops_per_s": 2 * n ** 3 / median(times) / 1e9}
+
+
+def child_copy(variant, p):
+    import torch
+    a = torch.ones(2 ** 27)  # 512 MiB, far beyond any cache
+    b = torch.empty_like(a)
+    times = []
+    for i in range(7):
+        start = time.perf_counter()
+        b.copy_(a)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return {"gb_per_s": 2 * a.numel() * 4 / median(times) / 1e9}  # bytes read + written
+
+
+def child_generate(variant, p):
+    import torch
+    import tiktoken
+    import ch05_train as ch05
+    from ch04_gpt import GPTModel
+    cfg = model_config(p["model"])
+    torch.manual_seed(123)
+    model = GPTModel(cfg).eval()
+    idx = torch.tensor([tiktoken.get_encoding("gpt2").encode("Hello, I am")])
+    use_cache = variant == "cached"
+    ch05.generate(model, idx, 2, cfg["context_length"], use_cache=use_cache)  # warm up
+    start = time.perf_counter()
+    out = ch05.generate(model, idx, p["new_tokens"], cfg["context_length"], use_cache=use_cache)
+    seconds = time.perf_counter() - start
+    # bytes of weights read per new token: every matrix but the embedding tables
+    weight_bytes = sum(t.numel() * t.element_size() for n, t in model.named_parameters()
+                       if not n.startswith(("tok_emb", "pos_emb")))
+    return {"tokens_per_s": (out.shape[1] - idx.shape[1]) / seconds,
+            "weight_bytes": weight_bytes}
+
+
+def child_load(variant, p):
+    import torch
+    from ch04_gpt import GPTModel
+    from ch05_load_gpt2 import load_gpt2_model
+    import ch05_train  # noqa: F401  (imported before the baseline, like the model code)
+    models_dir = Path(p["models_dir"])
+    cfg = model_config(p["model"], qkv_bias=True, drop_rate=0.0)
+    baseline = rss_bytes()
+    reset_peak_rss()
+    if variant == "plain":  # the usual route: random weights, then a second copy from disk
+        model = GPTModel(cfg)
+        model.load_state_dict(torch.load(models_dir / "124M" / "model.pth", weights_only=True))
+    else:  # what load_gpt2_model does once the weights are converted
+        model, _ = load_gpt2_model("124M", models_dir)
+    with torch.no_grad():
+        model.eval()(torch.tensor([[15496, 11, 314, 716]]))  # touch every weight
+    param_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
+    return {"peak_above_baseline": peak_rss_bytes() - baseline, "param_bytes": param_bytes,
+            "multiple": (peak_rss_bytes() - baseline) / param_bytes}
+
+
+def child_dataset(variant, p):
+    import numpy as np
+    from torch.utils.data import default_collate
+    from ch02_data import GPTDatasetV1
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50257, p["dataset_tokens"], dtype=np.int64)
+    baseline = rss_bytes()
+    reset_peak_rss()
+    start = time.perf_counter()
+    dataset = GPTDatasetV1.from_token_ids(tokens, max_length=256, stride=1)
+    for _ in range(50):  # and read 50 batches of 8 windows from random places
+        default_collate([dataset[int(i)] for i in rng.integers(0, len(dataset), 8)])
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "windows": len(dataset),
+            "mb_beyond_tokens": (peak_rss_bytes() - baseline) / 1e6,
+            "token_array_mb": tokens.nbytes / 1e6}
+
+
+def child_save(variant, p):
+    """A saved model the load benchmark reads, in load_gpt2_model's layout."""
+    import torch
+    from ch04_gpt import GPTModel
+    cfg = model_config(p["model"], qkv_bias=True, drop_rate=0.0)
+    folder = Path(models_dir) / "124M"
+    folder.mkdir(parents=True)
+    (folder / "hparams.json").write_text(json.dumps(
+        {"n_vocab": cfg["vocab_size"], "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"],
+         "n_head": cfg["n_heads"], "n_layer": cfg["n_layers"]}))
+    torch.manual_seed(0)
+    torch.save(GPTModel(cfg).state_dict(), folder / "model.pth")
+    return {}
+
+
+CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": child_copy,
+            "generate": child_generate, "load": child_load, "dataset": child_dataset}
+
+
+# ---- The parent: run children interleaved, summarise ----
+
+def cpu_busy_seconds():
+    """CPU seconds spent by everything on this machine so far (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def run_child(name, variant, params, env):
+    before_busy, before_children = cpu_busy_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(HERE / "bench.py"), "--child", name, "--variant",
+                           variant, "--params", json.dumps(params)],
+                          capture_output=True, text=True, env=env, cwd=HERE)
+    wall = time.perf_counter() - start
+    after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = (after_children.ru_utime + after_children.ru_stime
+           - before_children.ru_utime - before_children.ru_stime)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench child {name}/{variant} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result.update(name=name, variant=variant, wall_s=round(wall, 2),
+                  others_cpu_cores=round(max(0.0, cpu_busy_seconds() - before_busy - own) / wall, 2))
+    print(f"  {name:<9}{variant:<10}{wall:6.1f} s   others' CPU {result['others_cpu_cores']:.2f} cores",
+          flush=True)
+    return result
+
+
+def summarise(runs, p):
+    def values(name, variant, key):
+        return [r[key] for r in runs if r["name"] == name and r["variant"] == variant]
+
+    def stat(name, variant, key):
+        v = values(name, variant, key)
+        return {"median": median(v), "min": min(v), "max": max(v),
+                "others_cpu_cores": median(values(name, variant, "others_cpu_cores"))}
+
+    rows = [
+        ("training", "book path", stat("train", "book", "tokens_per_s"), "tokens/s"),
+        ("training", "fast path", stat("train", "fast", "tokens_per_s"), "tokens/s"),
+        ("training", "book path", stat("train", "book", "gflops_per_s"), "GFLOP/s"),
+        ("training", "fast path", stat("train", "fast", "gflops_per_s"), "GFLOP/s"),
+        ("torch.mm", f"{p['mm_n']}x{p['mm_n']}", stat("mm", "-", "gflops_per_s"), "GFLOP/s"),
+        ("generation", "uncached", stat("generate", "uncached", "tokens_per_s"), "tokens/s"),
+        ("generation", "KV cache", stat("generate", "cached", "tokens_per_s"), "tokens/s"),
+        ("copy", "512 MiB", stat("copy", "-", "gb_per_s"), "GB/s"),
+        ("load 124M", "plain", stat("load", "plain", "multiple"), "x params"),
+        ("load 124M", "lean", stat("load", "lean", "multiple"), "x params"),
+        ("dataset", "stride=1", stat("dataset", "-", "seconds"), "s"),
+        ("dataset", "stride=1", stat("dataset", "-", "mb_beyond_tokens"), "MB extra"),
+    ]
+    mm = stat("mm", "-", "gflops_per_s")["median"]
+    weight_bytes = values("generate", "cached", "weight_bytes")[0]
+    bound = stat("copy", "-", "gb_per_s")["median"] * 1e9 / weight_bytes  # tokens/s
+    cached = rows[6][2]["median"]
+    derived = {
+        "fast/book training speed-up": rows[1][2]["median"] / rows[0][2]["median"],
+        "book path MFU (vs torch.mm)": rows[2][2]["median"] / mm,
+        "fast path MFU (vs torch.mm)": rows[3][2]["median"] / mm,
+        "KV cache speed-up": cached / rows[5][2]["median"],
+        "KV cache vs bandwidth bound": cached / bound,
+        "load peak, lean (x params)": rows[9][2]["median"],
+        "load peak, plain (x params)": rows[8][2]["median"],
+        "dataset build (s)": rows[10][2]["median"],
+        "dataset memory (MB extra)": rows[11][2]["median"],
+    }
+    targets = {
+        "fast/book training speed-up": (">=", 1.3),
+        "fast path MFU (vs torch.mm)": (">=", 0.55),
+        "KV cache speed-up": (">=", 5.0),
+        "KV cache vs bandwidth bound": (">=", 0.85),
+        "load peak, lean (x params)": ("<=", 1.2),
+        "dataset build (s)": ("<", 2.0),
+        "dataset memory (MB extra)": ("<", 100.0),
+    }
+    return rows, derived, targets, bound
+
+
+def print_table(rows, derived, targets, bound, quick):
+    print(f"\n{'measurement':<12}{'variant':<12}{'median':>10}{'range':>22}  {'unit':<10}"
+          f"{'others CPU':>10}")
+    for name, variant, s, unit in rows:
+        rng = f"{s['min']:.4g}-{s['max']:.4g}"
+        print(f"{name:<12}{variant:<12}{s['median']:>10.4g}{rng:>22}  {unit:<10}"
+              f"{s['others_cpu_cores']:>9.2f}c")
+    print(f"\nbandwidth bound for batch-1 decoding: {bound:.1f} tokens/s "
+          "(weights read per token / copy bandwidth)")
+    print(f"\n{'derived':<32}{'value':>10}  target")
+    for key, value in derived.items():
+        target = targets.get(key)
+        verdict = ""
+        if target:
+            op, limit = target
+            met = {">=": value >= limit, "<=": value <= limit, "<": value < limit}[op]
+            verdict = f"{op} {limit:g}  {'met' if met else 'MISSED'}"
+            if quick:
+                verdict += " (targets are for the full run)"
+        print(f"{key:<32}{value:>10.3f}  {verdict}")
+
+
+def main(args):
+    p = dict(QUICK if args.quick else FULL)
+    if args.repeats:
+        p["repeats"] = args.repeats
+    env = dict(os.environ)
+    if args.passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        p["models_dir"] = tmp
+        run_child("save", "-", p, env)  # in a child too: the parent stays small
+        pairs = [("train", ("book", "fast")), ("mm", ("-",)), ("generate", ("uncached", "cached")),
+                 ("copy", ("-",)), ("load", ("plain", "lean")), ("dataset", ("-",))]
+        runs = []
+        print(f"{'quick' if args.quick else 'full'} run, {p['repeats']} repeat(s), "
+              f"variants alternating; {os.cpu_count()} CPUs")
+        for name, variants in pairs:
+            for _ in range(p["repeats"]):
+                for variant in variants:  # A B A B ...
+                    runs.append(run_child(name, variant, p, env))
+    rows, derived, targets, bound = summarise(runs, p)
+    print_table(rows, derived, targets, bound, args.quick)
+    print(f"\nbench.py took {time.perf_counter() - started:.0f} s")
+    if args.json:
+        import torch
+        report = {"params": {k: v for k, v in p.items() if k != "models_dir"},
+                  "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
+                              "threads": torch.get_num_threads(),
+                              "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "")},
+                  "rows": [{"measurement": n, "variant": v, "unit": u, **s} for n, v, s, u in rows],
+                  "derived": derived, "bandwidth_bound_tokens_per_s": bound, "runs": runs}
+        tmp_path = Path(args.json).with_name(Path(args.json).name + ".tmp")
+        tmp_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        tmp_path.replace(args.json)
+        print(f"Wrote {args.json}")
+    return rows, derived
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="Measure training speed, generation speed, loading memory and dataset "
+                    "cost of the book's paths against the fast ones, on this machine.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="a small model and one repeat: under a minute")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs of each variant (default: 3, or 1 with --quick)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument("--passive", action="store_true",
+                        help="set OMP_WAIT_POLICY=PASSIVE in the measured processes (steadier "
+                             "on a busy machine, slower on a quiet one)")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--params", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        sys.path.insert(0, str(HERE))
+        print(json.dumps(CHILDREN[args.child](args.variant, json.loads(args.params))))
+    else:
+        main(args)
