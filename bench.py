@@ -201,7 +201,7 @@ def child_save(variant, p):
     import torch
     from ch04_gpt import GPTModel
     cfg = model_config(p["model"], qkv_bias=True, drop_rate=0.0)
-    folder = Path(models_dir) / "124M"
+    folder = Path(p["models_dir"]) / "124M"
     folder.mkdir(parents=True)
     (folder / "hparams.json").write_text(json.dumps(
         {"n_vocab": cfg["vocab_size"], "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"],
