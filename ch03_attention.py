@@ -2,7 +2,9 @@
 
 The book's progression from simplified self-attention to `MultiHeadAttention`:
 `SelfAttention_v1`, `SelfAttention_v2`, `CausalAttention`,
-`MultiHeadAttentionWrapper`, `MultiHeadAttention`.
+`MultiHeadAttentionWrapper`, `MultiHeadAttention`. Beyond the book,
+`MultiHeadAttention` also takes a `KVCache` and can use PyTorch's fused
+`scaled_dot_product_attention` (attn_impl="sdpa") with the same parameters.
 
 Run:  python ch03_attention.py [--out runs/ch03]   (prints the book's numbers,
       saves a heatmap of the causal attention weights)
