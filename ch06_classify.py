@@ -51,7 +51,7 @@ def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path,
         zip_ref.extractall(extracted_path)
     # Add a .tsv extension: the file is tab-separated
     (Path(extracted_path) / "SMSSpamCollection").replace(data_file_path)
-    print(f"File downloaded and saved as {data_file_path}")
+    print(f"Extracted {zip_path} to {data_file_path}")
     return data_file_path
 
 
