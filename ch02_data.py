@@ -42,6 +42,10 @@ class IncompleteDownload(IOError):
     pass
 
 
+class DownloadError(RuntimeError):
+    """A file could not be downloaded from any of its URLs."""
+
+
 def _fetch_into(url, part, timeout, desc):
     """Append the rest of `url` to `part`, resuming with an HTTP Range request."""
     have = part.stat().st_size if part.exists() else 0
@@ -102,11 +106,22 @@ def download_file(url, destination, backup_urls=(), retries=3, backoff=1.0, time
                 failures.append(f"{u}: {err}")
             if attempt + 1 < retries:
                 time.sleep(backoff * 2 ** attempt)
-    tried = "\n  ".join(failures)
-    raise RuntimeError(
+    tried = "\n  ".join(_count_repeats(failures))
+    raise DownloadError(
         f"Could not download {destination.name}. Attempts:\n  {tried}\n"
         f"Download it by hand and place it at {destination.resolve()} "
         "(the partial .part file, if any, can be deleted).")
+
+
+def _count_repeats(lines):
+    """['a', 'a', 'b'] -> ['a (2 attempts)', 'b']"""
+    out = []
+    for line in lines:
+        if out and out[-1][0] == line:
+            out[-1][1] += 1
+        else:
+            out.append([line, 1])
+    return [line if n == 1 else f"{line} ({n} attempts)" for line, n in out]
 
 
 def load_the_verdict(path=None, data_dir="data"):
@@ -334,4 +349,7 @@ if __name__ == "__main__":
                         help="tokens per window (and context length) in the embedding demo")
     parser.add_argument("--emb-dim", type=int, default=256,
                         help="embedding size in the embedding demo")
-    main(parser.parse_args())
+    try:
+        main(parser.parse_args())
+    except (FileNotFoundError, ValueError, DownloadError) as err:
+        raise SystemExit(f"error: {err}")

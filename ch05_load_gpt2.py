@@ -19,7 +19,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from ch02_data import download_file
+from ch02_data import DownloadError, download_file
 from ch04_gpt import GPT_CONFIG_124M, GPTModel, get_device
 from ch05_train import build_lean, save_checkpoint, stream_text, text_to_token_ids
 
@@ -177,7 +177,7 @@ def get_gpt2_tokenizer(models_dir=None):
             vocab = encoder.with_name("vocab.bpe")
             if vocab.exists():
                 return gpt2_tokenizer_from_files(encoder, vocab)
-        raise RuntimeError(
+        raise DownloadError(
             f"tiktoken could not load the gpt2 encoding ({err}) and no encoder.json/vocab.bpe "
             f"were found under {models_dir or 'gpt2'}/*/. Connect once, or set "
             "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache.") from None
@@ -314,5 +314,5 @@ if __name__ == "__main__":
                         help="print the tokens nearest to A - B + C, e.g. king man woman")
     try:
         main(parser.parse_args())
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, DownloadError) as err:
         raise SystemExit(f"error: {err}")

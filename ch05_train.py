@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ch02_data import GPTDatasetV1, bpe_tokenizer, load_the_verdict, read_text
+from ch02_data import DownloadError, GPTDatasetV1, bpe_tokenizer, load_the_verdict, read_text
 from ch04_gpt import (FAST_KERNELS, MODEL_CONFIGS, GPTModel, generate_text_simple, get_device,
                      gpt_config, new_kv_cache)
 
@@ -958,5 +958,5 @@ if __name__ == "__main__":
         main(build_parser().parse_args())
     except KeyboardInterrupt:
         sys.exit(130)
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
+    except (ValueError, FileNotFoundError, NonFiniteLoss, DownloadError) as err:
         sys.exit(f"error: {err}")

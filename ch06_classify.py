@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ch05_train
-from ch02_data import download_file
+from ch02_data import DownloadError, download_file
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
 from ch05_train import _save_figure, build_lean, load_checkpoint, save_checkpoint
@@ -497,5 +497,5 @@ def build_parser():
 if __name__ == "__main__":
     try:
         main(parse_finetuning_args(build_parser()))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, DownloadError) as err:
         raise SystemExit(f"error: {err}")

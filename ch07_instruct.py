@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ch02_data import download_file, read_text
+from ch02_data import DownloadError, download_file, read_text
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import get_gpt2_tokenizer, load_gpt2_model
 from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, plot_losses,
@@ -427,5 +427,5 @@ def build_parser():
 if __name__ == "__main__":
     try:
         main(parse_finetuning_args(build_parser()))
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, DownloadError, JudgeUnavailable) as err:
         raise SystemExit(f"error: {err}")

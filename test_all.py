@@ -227,7 +227,7 @@ def test_download_file_resumes_a_cut_download(file_server, tmp_path):
     server = file_server({"/f.bin": data})
     server.cut_short.add("/f.bin")
     dest = tmp_path / "f.bin"
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(ch02.DownloadError) as err:
         ch02.download_file(server.url + "/f.bin", dest, retries=1)
     assert "f.bin" in str(err.value) and server.url in str(err.value)
     assert "place it at" in str(err.value)
@@ -816,7 +816,7 @@ def test_gpt2_download_falls_back_and_resumes(gpt2_server, tmp_path):
 
 def test_gpt2_download_that_keeps_failing_says_what_to_do(gpt2_server, tmp_path):
     gpt2_server.missing.update(f"/{b}/tiny/checkpoint" for b in ("primary", "mirror"))
-    with pytest.raises(RuntimeError, match=r"(?s)checkpoint.*primary/tiny/checkpoint.*"
+    with pytest.raises(ch02.DownloadError, match=r"(?s)checkpoint.*primary/tiny/checkpoint.*"
                                            r"mirror/tiny/checkpoint.*place it at"):
         gpt2.download_and_load_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary",
                                                                   gpt2_server.url + "/mirror"])
@@ -864,7 +864,7 @@ def test_local_files_tokenizer_matches_tiktoken(tokenizer, monkeypatch, tmp_path
     monkeypatch.setattr(gpt2.tiktoken, "get_encoding", offline)
     fallback = gpt2.get_gpt2_tokenizer(tmp_path)
     assert fallback.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")
-    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
+    with pytest.raises(ch02.DownloadError, match="TIKTOKEN_CACHE_DIR"):
         gpt2.get_gpt2_tokenizer(tmp_path / "empty")
 
 
