@@ -161,7 +161,6 @@ def child_load(variant, p):
     import torch
     from ch04_gpt import GPTModel
     from ch05_load_gpt2 import load_gpt2_model
-    import ch05_train  # noqa: F401  (imported before the baseline, like the model code)
     models_dir = Path(p["models_dir"])
     cfg = model_config(p["model"], qkv_bias=True, drop_rate=0.0)
     baseline = rss_bytes()

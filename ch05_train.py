@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import csv
 import hashlib
-import json
 import math
 import os
 import sys
