@@ -347,9 +347,8 @@ def main(args):
                               "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "")},
                   "rows": [{"measurement": n, "variant": v, "unit": u, **s} for n, v, s, u in rows],
                   "derived": derived, "bandwidth_bound_tokens_per_s": bound, "runs": runs}
-        tmp_path = Path(args.json).with_name(Path(args.json).name + ".tmp")
-        tmp_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
-        tmp_path.replace(args.json)
+        from ch02_data import write_text_atomic
+        write_text_atomic(args.json, json.dumps(report, indent=2))
         print(f"Wrote {args.json}")
     return rows, derived
 

@@ -8,6 +8,7 @@ Run:  python ch02_data.py [--text the-verdict.txt]
 Imports no earlier chapter file.
 """
 import argparse
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -25,6 +26,12 @@ VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
 
 # ---- Beyond the book: reading and downloading files ----
 
+def utf8_error(path, err):
+    """The ValueError for a file that is not UTF-8 (err: the UnicodeDecodeError)."""
+    return ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}). "
+                      "Convert it first, e.g. `iconv -t utf-8 FILE > FILE.utf8`.")
+
+
 def read_text(path):
     """Read a UTF-8 text file, failing with a message that names the file."""
     path = Path(path)
@@ -34,8 +41,28 @@ def read_text(path):
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}). "
-                         "Convert it first, e.g. `iconv -t utf-8 FILE > FILE.utf8`.") from None
+        raise utf8_error(path, err) from None
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """A temporary path to write `path` through: renamed into place when the block
+    ends, deleted if it fails, so a crash never leaves a half-written file (and
+    never destroys the previous one). Every file this project writes goes here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
+
+
+def write_text_atomic(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 class IncompleteDownload(IOError):

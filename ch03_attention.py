@@ -8,13 +8,15 @@ The book's progression from simplified self-attention to `MultiHeadAttention`:
 
 Run:  python ch03_attention.py [--out runs/ch03]   (prints the book's numbers,
       saves a heatmap of the causal attention weights)
-Imports no earlier chapter file.
+Imports atomic_path from ch02_data.py, for saving the plot.
 """
 import argparse
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from ch02_data import atomic_path
 
 # "Your journey starts with one step": the book's 3-d embeddings of 6 tokens
 WORDS = ["Your", "journey", "starts", "with", "one", "step"]
@@ -210,12 +212,22 @@ class KVCache:
 
 # ---- The chapter's demo ----
 
-def save_heatmap(weights, labels, path):
+def pyplot():
+    """matplotlib.pyplot drawing into files (the Agg backend): no display needed."""
     import matplotlib
-    matplotlib.use("Agg")  # no display needed
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+
+def save_figure(fig, path):
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    pyplot().close(fig)
+
+
+def save_heatmap(weights, labels, path):
+    fig, ax = pyplot().subplots(figsize=(5, 4))
     image = ax.imshow(weights, cmap="viridis")
     ax.set_xticks(range(len(labels)), labels, rotation=45)
     ax.set_yticks(range(len(labels)), labels)
@@ -224,11 +236,7 @@ def save_heatmap(weights, labels, path):
     ax.set_title("Causal attention weights")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def main(args):

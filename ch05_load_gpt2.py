@@ -35,6 +35,16 @@ FILENAMES = ("checkpoint", "encoder.json", "hparams.json", "model.ckpt.data-0000
 def download_and_load_gpt2(model_size, models_dir, base_urls=BASE_URLS):
     """Download GPT-2 `model_size` into models_dir/model_size (files already there are
     kept) and return (settings, params) read from its TensorFlow checkpoint."""
+    model_dir = download_gpt2(model_size, models_dir, base_urls)
+    import tensorflow as tf  # only needed here, to read OpenAI's checkpoint format
+    tf_ckpt_path = tf.train.latest_checkpoint(str(model_dir))
+    settings = json.loads((model_dir / "hparams.json").read_text(encoding="utf-8"))
+    params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
+    return settings, params
+
+
+def download_gpt2(model_size, models_dir, base_urls=BASE_URLS):
+    """The seven files of OpenAI's release in models_dir/model_size (that folder)."""
     if model_size not in ALLOWED_SIZES:
         raise ValueError(f"Unknown GPT-2 model size {model_size!r}; "
                          f"the sizes are {', '.join(ALLOWED_SIZES)}.")
@@ -42,12 +52,7 @@ def download_and_load_gpt2(model_size, models_dir, base_urls=BASE_URLS):
     for filename in FILENAMES:
         urls = [f"{base.rstrip('/')}/{model_size}/{filename}" for base in base_urls]
         download_file(urls[0], model_dir / filename, backup_urls=urls[1:])
-
-    import tensorflow as tf  # only needed here, to read OpenAI's checkpoint format
-    tf_ckpt_path = tf.train.latest_checkpoint(str(model_dir))
-    settings = json.loads((model_dir / "hparams.json").read_text(encoding="utf-8"))
-    params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
-    return settings, params
+    return model_dir
 
 
 def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
@@ -243,11 +248,10 @@ def word_token(word, tokenizer):
 
 def main(args):
     torch.set_printoptions(precision=4, sci_mode=False)
-    model_dir = Path(args.models_dir) / args.model_size
     base_urls = ([args.base_url] if args.base_url else []) + list(BASE_URLS)
     if args.inspect:
-        download_and_load_gpt2(args.model_size, args.models_dir, base_urls)
-        rows, hparams = inspect_checkpoint(model_dir)
+        rows, hparams = inspect_checkpoint(download_gpt2(args.model_size, args.models_dir,
+                                                         base_urls))
         print("hparams:", json.dumps(hparams))
         width = max(len(r[0]) for r in rows)
         print(f"{'OpenAI variable':<{width}}  {'shape':<20}  in our GPTModel")

@@ -10,7 +10,7 @@ several processes (DistributedDataParallel).
 Run:  python ch05_train.py                      (the book's run on the-verdict)
       python ch05_train.py --data my_texts/ --epochs 1 --schedule cosine
       torchrun --nproc_per_node=2 ch05_train.py ...
-Imports from ch02_data.py and ch04_gpt.py.
+Imports from ch02_data.py, ch03_attention.py (saving plots) and ch04_gpt.py.
 """
 import argparse
 import contextlib
@@ -28,7 +28,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ch02_data import DownloadError, GPTDatasetV1, bpe_tokenizer, load_the_verdict, read_text
+from ch02_data import (DownloadError, GPTDatasetV1, atomic_path, bpe_tokenizer, load_the_verdict,
+                       read_text, utf8_error)
+from ch03_attention import pyplot, save_figure
 from ch04_gpt import (FAST_KERNELS, MODEL_CONFIGS, GPTModel, generate_text_simple, get_device,
                      gpt_config, new_kv_cache)
 
@@ -116,24 +118,10 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     return train_losses, val_losses, track_tokens_seen
 
 
-def _save_figure(fig, path):
-    """PNG via a temporary file, so a crash never leaves half an image."""
-    import matplotlib.pyplot as plt
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss-plot.png"):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, ax1 = plt.subplots(figsize=(5, 3))
+    fig, ax1 = pyplot().subplots(figsize=(5, 3))
     ax1.plot(epochs_seen, train_losses, label="Training loss")
     ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
     ax1.set_xlabel("Epochs")
@@ -144,7 +132,7 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss-p
     ax2.plot(tokens_seen, train_losses, alpha=0)
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # ---- 5.3 Decoding strategies to control randomness ----
@@ -169,9 +157,9 @@ def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None):
 def top_p_filter(logits, top_p):
     """Keep the smallest set of most likely tokens whose probabilities reach top_p."""
     sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-    cum_probs = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
     # drop a token when the tokens before it already reach top_p (the first always stays)
-    drop_sorted = (cum_probs - torch.softmax(sorted_logits, dim=-1)) >= top_p
+    drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
     drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -285,16 +273,12 @@ def train_model(model, train_loader, val_loader, optimizer, device, n_epochs, ev
 
 
 def plot_lrs(track_lrs, path="lr-schedule.png"):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = pyplot().subplots(figsize=(5, 3))
     ax.plot(range(len(track_lrs)), track_lrs)
     ax.set_xlabel("Step")
     ax.set_ylabel("Learning rate")
     fig.tight_layout()
-    _save_figure(fig, path)
+    save_figure(fig, path)
 
 
 # =====================================================================
@@ -335,8 +319,7 @@ def iter_text_blocks(path, block_chars=1 << 23):
                     yield "".join(block)
                     block, size = [], 0
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}). "
-                         "Convert it first, e.g. `iconv -t utf-8 FILE > FILE.utf8`.") from None
+        raise utf8_error(path, err) from None
     if block:
         yield "".join(block)
 
@@ -353,19 +336,16 @@ def corpus_fingerprint(files):
 def build_token_file(files, cache_dir, tokenizer, num_threads=None, log=print):
     """Tokenize `files` once into cache_dir/<fingerprint>.bin (uint16, an
     <|endoftext|> after each document) and return it memory-mapped."""
-    cache_dir = Path(cache_dir)
-    path = cache_dir / f"{corpus_fingerprint(files)}.bin"
+    path = Path(cache_dir) / f"{corpus_fingerprint(files)}.bin"
     if path.exists():
         log(f"Reusing the token file {path}")
         return np.memmap(path, dtype=np.uint16, mode="r")
     if tokenizer.n_vocab > 2 ** 16:
         raise ValueError(f"A vocabulary of {tokenizer.n_vocab} tokens does not fit uint16.")
-    cache_dir.mkdir(parents=True, exist_ok=True)
     num_threads = num_threads or os.cpu_count()
     eot = tokenizer.encode(EOT, allowed_special={EOT})
-    tmp = path.with_name(path.name + ".tmp")
     start, n_tokens, n_chars = time.perf_counter(), 0, 0
-    with open(tmp, "wb") as out:
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
         for f in tqdm(files, desc="Tokenizing", unit="file", disable=len(files) < 2):
             pending = []
             for block in iter_text_blocks(f):
@@ -375,7 +355,6 @@ def build_token_file(files, cache_dir, tokenizer, num_threads=None, log=print):
                     n_tokens += _write_tokens(out, tokenizer, pending, num_threads)
                     pending = []
             n_tokens += _write_tokens(out, tokenizer, pending, num_threads, suffix=eot)
-    tmp.replace(path)
     seconds = time.perf_counter() - start
     log(f"Tokenized {len(files)} file(s), {n_chars / 1e6:.1f}M characters, into "
         f"{n_tokens:,} tokens in {seconds:.1f} s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
@@ -440,20 +419,18 @@ class ResumableSampler(Sampler):
             yield from order[start + mine:min(start + mine + self.batch_size, end)].tolist()
 
     def __len__(self):
-        end, mine = self._end(), self.rank * self.batch_size
-        return sum(max(0, min(s + mine + self.batch_size, end) - (s + mine))
-                   for s in range(0, end, self.global_batch))
+        # whole global batches give every rank batch_size; a last partial one, what is left
+        full, rest = divmod(self._end(), self.global_batch)
+        return full * self.batch_size + min(self.batch_size,
+                                            max(0, rest - self.rank * self.batch_size))
 
 
 # ---- Checkpoints ----
 
 def save_checkpoint(path, checkpoint):
-    """torch.save via a temporary file and a rename: a crash keeps the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    """torch.save via a temporary file: a crash keeps the previous checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
 
 
 def load_checkpoint(path, map_location="cpu", mmap=False):
@@ -483,7 +460,8 @@ def check_state_dict(model, state_dict, source="the checkpoint"):
         shown = "\n  ".join(problems[:12] + ([f"... {len(problems) - 12} more"]
                                              if len(problems) > 12 else []))
         raise ValueError(f"{source} does not fit this model's configuration:\n  {shown}\n"
-                         "Use the same --model and --context-length it was trained with.")
+                         "Build the model as the file was saved (same size, context length, "
+                         "LoRA rank; in ch05_train.py the same --model and --context-length).")
 
 
 def build_lean(build, state_dict, source="the checkpoint"):
@@ -574,9 +552,11 @@ def train(model, train_loader, val_loader, optimizer, device, tokenizer, args, s
     running_loss, running_steps = torch.zeros((), device=device), 0
     tick_time, tick_tokens = time.perf_counter(), state["tokens_seen"]
     resuming = state["samples_done"] > 0
+    if "resume_rng_state" in state and not resuming:  # saved at an epoch boundary
+        torch.set_rng_state(state.pop("resume_rng_state"))
     rng_after_last_step = torch.get_rng_state()  # what a Ctrl-C checkpoint restores
     at_last_step = {k: state[k] for k in ("samples_done", "tokens_seen")}
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if getattr(args, "amp", False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16(args, device)
                 else contextlib.nullcontext())
     micro = 0  # micro-batches accumulated towards the next optimizer step
     try:
@@ -709,16 +689,19 @@ def make_optimizer(model, args, device, log=print):
     return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
+def use_bf16(args, device):
+    """bf16 autocast: with --fast, on CUDA GPUs that have bf16."""
+    return args.fast and device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
 def speed_up(model, args, device, log=print):
-    """--fast on CUDA: TF32 matmuls and bf16 autocast where the GPU has them;
+    """--fast on CUDA: TF32 matmuls (and bf16 autocast in the loop, see use_bf16);
     --compile: torch.compile. Says what it turned off, e.g. on Apple MPS."""
-    args.amp = False
     if args.fast and device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # no-ops on GPUs without TF32
         torch.backends.cudnn.allow_tf32 = True
-        args.amp = torch.cuda.is_bf16_supported()
-        log("Fast path on CUDA: TF32 matmuls, " +
-            ("bf16 autocast" if args.amp else "no bf16 autocast (this GPU lacks bf16)"))
+        log("Fast path on CUDA: TF32 matmuls, " + ("bf16 autocast" if use_bf16(args, device)
+                                                   else "no bf16 autocast (this GPU lacks bf16)"))
     elif args.fast and device.type == "mps":
         log("Fast path on MPS: SDPA attention and fused kernels on; bf16 autocast and TF32 "
             "(CUDA only) off.")
@@ -744,17 +727,23 @@ def setup_distributed():
     return dist.get_rank(), world_size, local_rank
 
 
+def rank0_first(fn, rank):
+    """fn() on rank 0, then on the others: rank 0 downloads or writes a cache
+    that the others then find in place."""
+    if rank == 0:
+        result = fn()
+    if _distributed():
+        dist.barrier()
+    return result if rank == 0 else fn()
+
+
 def load_corpus(args, tokenizer, rank, log):
     """(train dataset, val dataset): the book's character split of an in-memory
     text, or a token split of a memory-mapped token file for large corpora."""
     ctx = args.context_length
     if not args.data:
         files = None
-        if rank == 0:
-            load_the_verdict(None, args.data_dir)  # rank 0 downloads; the others wait
-        if _distributed():
-            dist.barrier()
-        text = load_the_verdict(None, args.data_dir)
+        text = rank0_first(lambda: load_the_verdict(None, args.data_dir), rank)
     else:
         files = collect_text_files(args.data)
         big = sum(f.stat().st_size for f in files) > args.memmap_above_mb * 1e6
@@ -765,12 +754,8 @@ def load_corpus(args, tokenizer, rank, log):
         parts = text[:split_idx], text[split_idx:]
         return [_windows(lambda: GPTDatasetV1(part, tokenizer, ctx, ctx), name, ctx)
                 for part, name in zip(parts, ("training", "validation"))]
-    cache = Path(args.out) / "tokens"
-    if rank == 0:
-        build_token_file(files, cache, tokenizer, log=log)
-    if _distributed():
-        dist.barrier()
-    tokens = build_token_file(files, cache, tokenizer, log=lambda *a: None)
+    tokens = rank0_first(lambda: build_token_file(files, Path(args.out) / "tokens", tokenizer,
+                                                  log=log), rank)
     split_idx = int(args.train_ratio * len(tokens))
     parts = tokens[:split_idx], tokens[split_idx:]
     return [_windows(lambda: GPTDatasetV1.from_token_ids(part, ctx, ctx), name, ctx)
@@ -840,8 +825,6 @@ def main(args):
             for key in ("step", "epoch", "samples_done", "epoch_seed", "tokens_seen", "history"):
                 state[key] = ckpt[key]
             state["resume_rng_state"] = ckpt["rng_state"]
-            if state["samples_done"] == 0:  # saved at an epoch boundary
-                torch.set_rng_state(state.pop("resume_rng_state"))
             if ckpt["cuda_rng_state"] and device.type == "cuda":
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"])
             log(f"Resumed from {args.resume} at step {state['step']}, epoch {state['epoch'] + 1}")

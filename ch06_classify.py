@@ -10,7 +10,8 @@ and used again with --classify.
 Run:  python ch06_classify.py                       (finetune GPT-2 124M, as the book)
       python ch06_classify.py --lora --rank 16 --alpha 16
       python ch06_classify.py --classify "You won a prize, reply now"
-Imports from ch02_data.py, ch04_gpt.py, ch05_train.py and ch05_load_gpt2.py.
+Imports from ch02_data.py, ch03_attention.py (plots), ch04_gpt.py, ch05_train.py and
+ch05_load_gpt2.py.
 """
 import argparse
 import csv
@@ -28,10 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ch05_train
-from ch02_data import DownloadError, download_file
+from ch02_data import DownloadError, atomic_path, download_file, write_text_atomic
+from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
-from ch05_train import _save_figure, build_lean, load_checkpoint, save_checkpoint
+from ch05_train import build_lean, load_checkpoint, save_checkpoint
 
 SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SPAM_BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"
@@ -95,14 +97,11 @@ def random_split(rows, train_frac, validation_frac):
 
 
 def write_csv(rows, path):
-    """Label (0 ham, 1 spam) and Text columns, via a temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
+    """Label (0 ham, 1 spam) and Text columns."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["Label", "Text"])
         writer.writerows((LABELS[label], text) for label, text in rows)
-    tmp.replace(path)
 
 
 # ---- 6.3 Creating data loaders ----
@@ -203,11 +202,7 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
 
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss",
                 path=None):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax1 = plt.subplots(figsize=(5, 3))
+    fig, ax1 = pyplot().subplots(figsize=(5, 3))
     ax1.plot(epochs_seen, train_values, label=f"Training {label}")
     ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
     ax1.set_xlabel("Epochs")
@@ -217,7 +212,7 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label="los
     ax2.plot(examples_seen, train_values, alpha=0)
     ax2.set_xlabel("Examples seen")
     fig.tight_layout()
-    _save_figure(fig, path or f"{label}-plot.png")
+    save_figure(fig, path or f"{label}-plot.png")
 
 
 # ---- 6.8 Using the LLM as a spam classifier ----
@@ -273,6 +268,18 @@ def replace_linear_with_lora(model, rank, alpha):
             replace_linear_with_lora(module, rank, alpha)
 
 
+def freeze_and_add_lora(model, rank, alpha, say=lambda *args: None):
+    """Freeze every weight, then give each nn.Linear trainable LoRA matrices; `say`
+    gets the book's three trainable-parameter counts."""
+    say(f"Total trainable parameters before: {count_trainable(model):,}")
+    for param in model.parameters():
+        param.requires_grad = False
+    say(f"Total trainable parameters after: {count_trainable(model):,}")
+    replace_linear_with_lora(model, rank=rank, alpha=alpha)
+    say(f"Total trainable LoRA parameters: {count_trainable(model):,}")
+    return model
+
+
 def count_trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -286,13 +293,7 @@ def prepare_classifier(model, cfg, trainable="last_block", lora_rank=None, lora_
     torch.manual_seed(123)
     model.out_head = nn.Linear(cfg["emb_dim"], num_classes)
     if lora_rank:
-        say(f"Total trainable parameters before: {count_trainable(model):,}")
-        for param in model.parameters():
-            param.requires_grad = False
-        say(f"Total trainable parameters after: {count_trainable(model):,}")
-        replace_linear_with_lora(model, rank=lora_rank, alpha=lora_alpha)
-        say(f"Total trainable LoRA parameters: {count_trainable(model):,}")
-        return model
+        return freeze_and_add_lora(model, lora_rank, lora_alpha, say)
     for param in model.parameters():
         param.requires_grad = trainable == "all"
     unfreeze = [*model.out_head.parameters()]
@@ -424,7 +425,7 @@ def main(args):
                 "lora_alpha": args.alpha, "pretrained": not args.no_pretrained,
                 "models_dir": str(args.models_dir)}
     save_classifier(classifier_path, model, settings)
-    (out_dir / "accuracy.json").write_text(json.dumps(accuracies, indent=2), encoding="utf-8")
+    write_text_atomic(out_dir / "accuracy.json", json.dumps(accuracies, indent=2))
     seconds = time.perf_counter() - start
     print(f"\n{'split':<12}{'accuracy':>10}")
     for name, acc in accuracies.items():

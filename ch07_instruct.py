@@ -26,13 +26,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ch02_data import DownloadError, download_file, read_text
+from ch02_data import DownloadError, download_file, read_text, write_text_atomic
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import get_gpt2_tokenizer, load_gpt2_model
 from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, plot_losses,
                         save_checkpoint, stream_text, train_model_simple)
-from ch06_classify import (add_finetuning_arguments, count_trainable,
-                           parse_finetuning_args, replace_linear_with_lora)
+from ch06_classify import add_finetuning_arguments, freeze_and_add_lora, parse_finetuning_args
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
             "ch07/01_main-chapter-code/instruction-data.json")
@@ -236,11 +235,7 @@ def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL):
 
 def build_model(cfg, lora_rank=None, lora_alpha=None):
     model = GPTModel(cfg)
-    if lora_rank:
-        for param in model.parameters():
-            param.requires_grad = False
-        replace_linear_with_lora(model, rank=lora_rank, alpha=lora_alpha)
-    return model
+    return freeze_and_add_lora(model, lora_rank, lora_alpha) if lora_rank else model
 
 
 def load_finetuned(path, device="cpu"):
@@ -330,11 +325,8 @@ def main(args):
     else:
         model, cfg = load_gpt2_model(args.model_size, args.models_dir)
     if args.lora:  # exercise 7.4: only the LoRA matrices train
-        for param in model.parameters():
-            param.requires_grad = False
         torch.manual_seed(123)
-        replace_linear_with_lora(model, rank=args.rank, alpha=args.alpha)
-        print(f"Trainable LoRA parameters: {count_trainable(model):,}")
+        freeze_and_add_lora(model, args.rank, args.alpha, say=print)
     model.to(device)
     context_size = cfg["context_length"]
 
@@ -377,9 +369,7 @@ def main(args):
     for entry in tqdm(test_data, desc="Generating test responses"):
         entry["model_response"] = generate_response(model, entry, tokenizer, device,
                                                     context_size, args.max_new_tokens)
-    tmp = responses_path.with_name(responses_path.name + ".tmp")
-    tmp.write_text(json.dumps(test_data, indent=4), encoding="utf-8")
-    tmp.replace(responses_path)
+    write_text_atomic(responses_path, json.dumps(test_data, indent=4))
     print(f"Responses saved as {responses_path}")
     for entry in test_data[:3]:
         print(f"\n{format_input(entry)}\n\nCorrect response:\n>> {entry['output']}\n\n"

@@ -208,6 +208,19 @@ def test_read_text_errors(tmp_path):
         ch02.read_text(bad)
 
 
+def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    ch02.write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError):
+        with ch02.atomic_path(target) as tmp:
+            tmp.write_text("half a fi", encoding="utf-8")
+            raise RuntimeError("crash while writing")
+    assert target.read_text(encoding="utf-8") == "old"
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]  # no .tmp left
+    ch02.write_text_atomic(target, "new")
+    assert target.read_text(encoding="utf-8") == "new"
+
+
 def test_download_file_reuses_existing_and_falls_back(file_server, tmp_path):
     server = file_server({"/a/f.txt": b"hello" * 1000, "/b/f.txt": b"hello" * 1000})
     server.missing.add("/a/f.txt")
