@@ -90,8 +90,7 @@ def child_train(variant, p):
     model = GPTModel(cfg)
     model.train()
     # the same optimizer the command builds, with and without --fast
-    optimizer = ch05.make_optimizer(
-        model, argparse.Namespace(fast=fast, lr=4e-4, weight_decay=0.1), torch.device("cpu"))
+    optimizer = ch05.make_optimizer(model, lr=4e-4, weight_decay=0.1, fused=fast)
     x = torch.randint(0, cfg["vocab_size"], (p["batch"], p["context"]))
     y = torch.randint(0, cfg["vocab_size"], (p["batch"], p["context"]))
     times = []

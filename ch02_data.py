@@ -9,6 +9,7 @@ Imports no earlier chapter file.
 """
 import argparse
 import contextlib
+import math
 import re
 import time
 from pathlib import Path
@@ -63,6 +64,28 @@ def atomic_path(path):
 def write_text_atomic(path, text):
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def number(kind=int, at_least=None, above=None, below=None, at_most=None):
+    """An argparse `type` for a flag's number: `kind` within the given bounds,
+    else argparse's one-line error that names the flag (exit status 2)."""
+    bounds = [(at_least, lambda v, b: v >= b, "at least"), (above, lambda v, b: v > b, "above"),
+              (below, lambda v, b: v < b, "below"), (at_most, lambda v, b: v <= b, "at most")]
+    bounds = [(b, ok, words) for b, ok, words in bounds if b is not None]
+    wanted = " and ".join(f"{words} {b}" for b, _, words in bounds) or "finite"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value) or not all(ok(value, b) for b, ok, _ in bounds):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in some messages
+    return parse
 
 
 class IncompleteDownload(IOError):

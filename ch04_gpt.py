@@ -50,7 +50,7 @@ def gpt_config(size="124M", **overrides):
     return {**GPT_CONFIG_124M, **MODEL_CONFIGS[size], **overrides}
 
 
-def get_device(name="auto"):
+def get_device(name="auto", log=print):
     """An explicit device name, else the best available: cuda, then mps, then cpu."""
     if name == "auto":
         if torch.cuda.is_available():
@@ -66,7 +66,7 @@ def get_device(name="auto"):
         raise ValueError("--device mps was asked for, but MPS is not available "
                          "(it needs Apple silicon and macOS 12.3+). Use --device auto or cpu.")
     device = torch.device(name)
-    print(f"Using device: {device}")
+    log(f"Using device: {device}")
     return device
 
 

@@ -18,7 +18,10 @@ import csv
 import hashlib
 import math
 import os
+import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ch02_data import (DownloadError, GPTDatasetV1, atomic_path, bpe_tokenizer, load_the_verdict,
-                       read_text, utf8_error)
+                       number, read_text, utf8_error)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import (FAST_KERNELS, MODEL_CONFIGS, GPTModel, generate_text_simple, get_device,
                      gpt_config, new_kv_cache)
@@ -425,7 +428,9 @@ class ResumableSampler(Sampler):
                                             max(0, rest - self.rank * self.batch_size))
 
 
-# ---- Checkpoints ----
+# ---- 5.4 Loading and saving model weights ----
+# Used by chapters 5 to 7: every model file is written through a temporary file,
+# read with weights_only=True, and checked against the model before loading.
 
 def save_checkpoint(path, checkpoint):
     """torch.save via a temporary file: a crash keeps the previous checkpoint."""
@@ -461,7 +466,7 @@ def check_state_dict(model, state_dict, source="the checkpoint"):
                                              if len(problems) > 12 else []))
         raise ValueError(f"{source} does not fit this model's configuration:\n  {shown}\n"
                          "Build the model as the file was saved (same size, context length, "
-                         "LoRA rank; in ch05_train.py the same --model and --context-length).")
+                         "LoRA rank).")
 
 
 def build_lean(build, state_dict, source="the checkpoint"):
@@ -475,256 +480,434 @@ def build_lean(build, state_dict, source="the checkpoint"):
     return model
 
 
+def refuse_overwrite(paths, overwrite, resume_hint=""):
+    """Stop before a run writes over an earlier run's results, unless --overwrite
+    was given; returns the earlier files found (the caller removes them)."""
+    found = [Path(p) for p in paths if Path(p).exists()]
+    if found and not overwrite:
+        raise ValueError(f"{found[0].parent} already holds an earlier run's results "
+                         f"({', '.join(p.name for p in found)}). {resume_hint}Start over with "
+                         "--overwrite, or choose another --out.")
+    return found
+
+
+# ---- The command's run: signals, locking, the log ----
+
+class Stopped(Exception):
+    """The run stopped on a signal; `code` is the exit status (128 + the signal)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class StopRequests:
+    """Ctrl-C (SIGINT), SIGTERM and SIGHUP ask the run to stop: it finishes the
+    step it is in, with that step's evaluation and sample, saves a checkpoint and
+    exits. The checkpoint is then a state the uninterrupted run passes through
+    too, so --resume is exact wherever the signal came. A second signal stops at
+    once and keeps the last checkpoint saved; while a file is being written,
+    signals wait until it is complete."""
+
+    def __init__(self):
+        self.signal, self.writing, self.previous = None, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # handlers live there only
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # Windows has no SIGHUP
+                if hasattr(signal, name):
+                    sig = getattr(signal, name)
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.writing:
+            self.signal = self.signal or name
+            say_now(f"{name}: a file is being written; the run stops once it is complete.")
+        elif self.signal is None:
+            self.signal = name
+            say_now(f"\n{name}: stopping after this step to save a checkpoint "
+                    "(Ctrl-C again stops at once, keeping the last checkpoint saved).")
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Signals that arrive in this block wait until it ends."""
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+
+
+def say_now(message):
+    """Write to stderr from a signal handler (print() there may fail mid-print)."""
+    with contextlib.suppress(OSError, ValueError):
+        os.write(sys.stderr.fileno(), (message + "\n").encode())
+
+
+def exit_code(signal_name):
+    return 128 + getattr(signal, signal_name, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def run_lock(out_dir):
+    """Hold out_dir/run.lock while the run lasts, so a second run on the same
+    --out is refused. The operating system releases the lock when the process
+    ends, however it ends: a crashed run leaves nothing stuck."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "run.lock", "a+", encoding="utf-8") as f:
+        try:
+            if os.name == "nt":
+                import msvcrt
+                f.seek(1 << 20)  # lock a byte past the text, which stays readable
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ValueError(f"{out_dir} is in use by another run ({holder}). Wait for it to "
+                             "end, or choose another --out.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+
+
+LOG_FIELDS = ("step", "epoch", "epochs_seen", "tokens_seen", "lr", "train_loss", "val_loss",
+              "train_perplexity", "val_perplexity", "elapsed_s")
+
+
+def write_log(path, rows):
+    """log.csv from all evaluations so far: written anew when a run starts or
+    resumes, so rows that a stopped run logged after its checkpoint go."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def append_log(path, row):
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+
+
+def perplexity(loss):
+    return math.inf if loss > 700 else math.exp(loss)  # exp overflows past ~709
+
+
 # ---- The command's training loop ----
 
-def reduce_mean(value, weight=1.0):
+def _unwrap(model):
+    model = getattr(model, "module", model)  # under DistributedDataParallel
+    return getattr(model, "_orig_mod", model)  # under torch.compile
+
+
+def reduce_mean(value, weight, device):
     """The weighted mean of `value` over all processes (value itself in one process)."""
     if not _distributed():
         return value
-    t = torch.tensor([0.0 if weight == 0 else value * weight, float(weight)], dtype=torch.float64)
+    t = torch.tensor([0.0 if weight == 0 else value * weight, float(weight)],
+                     dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
 
 
+def in_any_process(flag, device):
+    if not _distributed():
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def evaluate_all_ranks(model, train_loader, val_loader, device, eval_iter):
     train_loss, val_loss = evaluate_model(model, train_loader, val_loader, device, eval_iter)
-    return (reduce_mean(train_loss, min(eval_iter, len(train_loader))),
-            reduce_mean(val_loss, min(eval_iter, len(val_loader))))
+    return (reduce_mean(train_loss, min(eval_iter, len(train_loader)), device),
+            reduce_mean(val_loss, min(eval_iter, len(val_loader)), device))
 
 
-def perplexity(loss):
-    return math.exp(min(loss, 700.0))  # cap: exp overflows past ~709
+class Diverged(RuntimeError):
+    """Training diverged; the last checkpoint with sound weights is kept."""
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def check_loss(loss, vocab_size, what):
+    # an untrained model scores about ln(vocab_size): far above that, training has diverged
+    if not math.isfinite(loss) or loss > 3 * math.log(vocab_size):
+        raise Diverged(f"{what} became {loss:.4g}")
 
 
-def train(model, train_loader, val_loader, optimizer, device, tokenizer, args, state,
-          out_dir, is_main=True):
-    """Chapter 5's train_model_simple, in the same order of work and random draws
-    (so seeded runs print the book's numbers), plus appendix D's schedule, a
-    progress bar, an evaluation log, checkpoints, exact resume and DDP.
+def epoch_batches(train_loader, samples_done, epoch_seed):
+    """The epoch's batches; midway through an epoch (on resume), the rest of it."""
+    if not samples_done:
+        return iter(train_loader)
+    train_loader.sampler.resume_from(epoch_seed, samples_done)
+    rng_state = torch.get_rng_state()
+    batches = iter(train_loader)
+    # iter() draws a seed from the global RNG, which the interrupted run drew at the
+    # epoch's start, not here: undo the draw so the restored random state stays exact
+    torch.set_rng_state(rng_state)
+    return batches
 
-    `state` holds where training stands (a fresh one or a checkpoint's); it is
-    updated in place and returned.
+
+def train_step(model, micro_batches, optimizer, device, bf16, grad_clip):
+    """One optimizer step over the micro-batches (--grad-accum of them); returns
+    the step's mean loss as a tensor, without waiting for the device."""
+    optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=device)
+    for i, (input_batch, target_batch) in enumerate(micro_batches):
+        # Under DDP, gradients are averaged across processes at the last micro-batch only
+        last = i == len(micro_batches) - 1
+        with (contextlib.nullcontext() if last or not hasattr(model, "no_sync")
+              else model.no_sync()):
+            with (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
+                  else contextlib.nullcontext()):
+                loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss = loss / len(micro_batches)  # the mean over the step's micro-batches
+            loss.backward()
+        step_loss += loss.detach()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=grad_clip)
+    optimizer.step()
+    return step_loss
+
+
+def learning_rate(step, total_steps, settings):
+    if settings["schedule"] == "constant":
+        return settings["lr"]
+    warmup = settings["warmup_steps"]
+    warmup = int(0.2 * total_steps) if warmup is None else warmup
+    return lr_at_step(step, total_steps, settings["lr"], warmup, settings["initial_lr"],
+                      settings["min_lr"])
+
+
+def gradient_clip(step, total_steps, settings):
+    """Appendix D clips after warm-up; --grad-clip 0 never clips."""
+    clip, warmup = settings["grad_clip"], settings["warmup_steps"]
+    if clip is None:
+        clip = 1.0 if settings["schedule"] == "cosine" else 0.0
+    warmup = int(0.2 * total_steps) if warmup is None else warmup
+    return clip if settings["schedule"] == "constant" or step >= warmup else 0.0
+
+
+def sound_loss(model, val_loader, device):
+    """The loss of one validation batch: proof, before a save, that the weights
+    still work. The random state is put back, as the uninterrupted run draws
+    nothing here."""
+    with torch.random.fork_rng(devices=[]):  # iterating a DataLoader draws a seed
+        model.eval()
+        with torch.no_grad():
+            loss = calc_loss_loader(val_loader, model, device, num_batches=1)
+        model.train()
+    return reduce_mean(loss, min(1, len(val_loader)), device)
+
+
+def new_state():
+    return {"step": -1, "epoch": 0, "samples_done": 0, "epoch_seed": None, "tokens_seen": 0,
+            "seconds": 0.0, "history": {"log": [], "lrs": []}}
+
+
+def training_checkpoint(model, optimizer, settings, state, device):
+    """Everything a resume needs; the random states are CPU tensors on every device."""
+    return {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "config": _unwrap(model).cfg, "settings": settings, **state,
+            "rng_state": torch.get_rng_state(),
+            "cuda_rng_state": (torch.cuda.get_rng_state(device) if device.type == "cuda"
+                               else None)}
+
+
+def save_training(path, model, optimizer, settings, state, device, val_loader, stopper,
+                  is_main):
+    """Every process checks that the weights still work; the first one writes."""
+    check_loss(sound_loss(model, val_loader, device), _unwrap(model).cfg["vocab_size"],
+               f"the validation loss of the weights to be saved at step {state['step']}")
+    if is_main:
+        with stopper.deferred():
+            save_checkpoint(path, training_checkpoint(model, optimizer, settings, state, device))
+    return state["step"]
+
+
+def check_training_loss(losses, vocab_size, step, device, bar):
+    """Read the losses of the steps since the last check (this waits for the device)."""
+    mean_loss = reduce_mean(torch.stack(losses).mean().item(), 1, device)
+    check_loss(mean_loss, vocab_size, f"the training loss by step {step}")
+    bar.set_postfix(loss=f"{mean_loss:.3f}")
+
+
+def stopped_early(err, step, saved_step, path):
+    """The error for a run that stopped at once (a second Ctrl-C) or diverged."""
+    kept = (f"the checkpoint of step {saved_step} ({path}) is kept" if saved_step is not None
+            else "no checkpoint was saved yet")
+    if isinstance(err, KeyboardInterrupt):
+        return Stopped(f"Stopped at once during step {step}; {kept}.", 130)
+    return Diverged(f"Training diverged: {err}; {kept}, the last with sound weights. Go on "
+                    "with a lower --lr (and --resume), --grad-clip 1.0 or --schedule cosine.")
+
+
+def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir, stopper,
+          bf16=False, is_main=True):
+    """Chapter 5's train_model_simple with appendix D's schedule, made for long runs:
+    one optimizer step per pass of the loop, an evaluation log, checkpoints, exact
+    resume and DDP. Random numbers are drawn as in train_model_simple, so a seeded
+    run prints the book's numbers.
+
+    `state` (where training stands) changes only after optimizer.step(), and a
+    checkpoint is written only after all of a step's work (evaluation, the
+    epoch's sample): a state the uninterrupted run passes through too.
     """
-    raw_model = getattr(model, "module", model)  # under DistributedDataParallel
-    raw_model = getattr(raw_model, "_orig_mod", raw_model)  # under torch.compile
-    sampler = train_loader.sampler
-    world, accum = sampler.world_size, args.grad_accum
-    steps_per_epoch = len(train_loader) // accum
-    epoch_samples = steps_per_epoch * accum * sampler.global_batch
-    total_steps = steps_per_epoch * args.epochs
-    last_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    warmup = (args.warmup_steps if args.warmup_steps is not None else int(0.2 * total_steps))
-    grad_clip = args.grad_clip if args.grad_clip is not None else (
-        1.0 if args.schedule == "cosine" else None)
-    peak_lr = args.lr
-    log_path = Path(out_dir) / "log.csv"
-
-    def checkpoint():
-        return {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "config": dict(raw_model.cfg), **state,
-                "rng_state": torch.get_rng_state(),
-                "cuda_rng_state": (torch.cuda.get_rng_state_all()
-                                   if torch.cuda.is_available() else [])}
-
-    def save(rng_state=None):
-        if not is_main:
-            return
-        ckpt = checkpoint()
-        if rng_state is not None:
-            ckpt["rng_state"] = rng_state
-        save_checkpoint(Path(out_dir) / "checkpoint.pt", ckpt)
-
-    def write_log(row):
-        new = not log_path.exists()
-        with open(log_path, "a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-
-    history = state["history"]
-    bar = tqdm(total=last_step, initial=state["step"] + 1, unit="step", disable=not is_main,
-               dynamic_ncols=True)
-    running_loss, running_steps = torch.zeros((), device=device), 0
-    tick_time, tick_tokens = time.perf_counter(), state["tokens_seen"]
-    resuming = state["samples_done"] > 0
-    if "resume_rng_state" in state and not resuming:  # saved at an epoch boundary
-        torch.set_rng_state(state.pop("resume_rng_state"))
-    rng_after_last_step = torch.get_rng_state()  # what a Ctrl-C checkpoint restores
-    at_last_step = {k: state[k] for k in ("samples_done", "tokens_seen")}
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16(args, device)
-                else contextlib.nullcontext())
-    micro = 0  # micro-batches accumulated towards the next optimizer step
+    train_loader, train_eval_loader, val_loader = loaders
+    sampler, accum = train_loader.sampler, settings["grad_accum"]
+    step_samples = accum * sampler.global_batch
+    epoch_samples = len(train_loader) // accum * step_samples
+    total_steps = len(train_loader) // accum * settings["epochs"]
+    last_step = min(total_steps, settings["max_steps"] or total_steps) - 1
+    path = Path(out_dir) / "checkpoint.pt"
+    saved_step = state["step"] if path.exists() and state["step"] >= 0 else None
+    started = time.perf_counter() - state["seconds"]
+    if is_main:
+        write_log(Path(out_dir) / "log.csv", state["history"]["log"])
+    bar = tqdm(total=last_step + 1, initial=state["step"] + 1, unit="step",
+               disable=not is_main, dynamic_ncols=True)
+    losses, batches = [], None  # losses: device tensors, read every 10 steps
     try:
-        for epoch in range(state["epoch"], args.epochs):
-            if state["step"] + 1 >= last_step:
-                break
-            model.train()
-            if resuming:  # continue the interrupted epoch where it stopped
-                sampler.resume_from(state["epoch_seed"], state["samples_done"])
-                batches = iter(train_loader)
-                torch.set_rng_state(state.pop("resume_rng_state"))
-                resuming = False
-            else:
-                state["samples_done"], state["epoch_seed"] = 0, None
-                batches = iter(train_loader)
-            state["epoch"] = epoch
-            for input_batch, target_batch in batches:
-                if state["epoch_seed"] is None:  # evaluations re-seed the sampler: keep the epoch's
-                    state["epoch_seed"] = sampler.seed
-                step = state["step"] + 1
-                if micro == 0:
-                    if args.schedule == "cosine":
-                        lr = lr_at_step(step, total_steps, peak_lr, warmup, args.initial_lr,
-                                        args.min_lr)
-                        for group in optimizer.param_groups:
-                            group["lr"] = lr
-                    optimizer.zero_grad(set_to_none=True)
-                micro += 1
-                # Under DDP, gradients are averaged across processes at the last micro-batch only
-                sync = (model.no_sync() if micro < accum and hasattr(model, "no_sync")
-                        else contextlib.nullcontext())
-                with sync:
-                    with autocast:
-                        loss = calc_loss_batch(input_batch, target_batch, model, device)
-                    if accum > 1:
-                        loss = loss / accum  # the mean over all micro-batches of the step
-                    loss.backward()
-                running_loss += loss.detach()
-                state["samples_done"] += sampler.global_batch
-                state["tokens_seen"] += input_batch.numel() * world
-                if micro < accum:
-                    continue
-                micro = 0
-                if grad_clip and step >= warmup:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=grad_clip)
-                optimizer.step()
-                state["step"] = step
-                at_last_step = {k: state[k] for k in ("samples_done", "tokens_seen")}
-                history["lrs"].append(optimizer.param_groups[0]["lr"])
-                running_steps += 1
-                bar.update(1)
+        while state["step"] < last_step:
+            step = state["step"] + 1
+            if batches is None:
+                batches = epoch_batches(train_loader, state["samples_done"], state["epoch_seed"])
+            micro_batches = [next(batches) for _ in range(accum)]
+            lr = learning_rate(step, total_steps, settings)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            losses.append(train_step(model, micro_batches, optimizer, device, bf16,
+                                     gradient_clip(step, total_steps, settings)))
+            state.update(step=step, samples_done=state["samples_done"] + step_samples,
+                         tokens_seen=state["tokens_seen"] + micro_batches[0][0].numel() *
+                         accum * sampler.world_size, epoch_seed=sampler.seed,
+                         seconds=time.perf_counter() - started)
+            state["history"]["lrs"].append(lr)
+            bar.update(1)
 
-                saving = bool(args.save_every) and step % args.save_every == 0
-                if saving or step % args.eval_freq == 0 or step % 10 == 0 or step + 1 == last_step:
-                    # the only host sync: every 10 steps, and before evaluating or saving
-                    mean_loss = reduce_mean(running_loss.item() / running_steps)
-                    if not math.isfinite(mean_loss):
-                        raise NonFiniteLoss(f"the training loss became {mean_loss} by step {step}")
-                    now = time.perf_counter()
-                    tok_s = (state["tokens_seen"] - tick_tokens) / max(now - tick_time, 1e-9)
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-                    running_loss.zero_()
-                    running_steps, tick_time, tick_tokens = 0, now, state["tokens_seen"]
-
-                if step % args.eval_freq == 0:
-                    train_loss, val_loss = evaluate_all_ranks(
-                        model, train_loader, val_loader, device, args.eval_iter)
-                    if not math.isfinite(train_loss):
-                        raise NonFiniteLoss(f"the evaluation loss became {train_loss} at step {step}")
-                    for key, value in (("steps", step), ("train_losses", train_loss),
-                                       ("val_losses", val_loss),
-                                       ("tokens_seen", state["tokens_seen"]),
-                                       ("epochs", epoch + state["samples_done"] / epoch_samples)):
-                        history[key].append(value)
-                    if is_main:
-                        tqdm.write(f"Ep {epoch + 1} (Step {step:06d}): "
-                                   f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}"
-                                   f"  | perplexity {perplexity(train_loss):.1f}, "
-                                   f"{perplexity(val_loss):.1f}")
-                        write_log({"step": step, "epoch": epoch + 1,
-                                   "tokens_seen": state["tokens_seen"],
-                                   "lr": optimizer.param_groups[0]["lr"],
-                                   "train_loss": train_loss, "val_loss": val_loss,
-                                   "train_perplexity": perplexity(train_loss),
-                                   "val_perplexity": perplexity(val_loss),
-                                   "elapsed_s": round(time.perf_counter() - state["t0"], 3)})
-
-                if saving:
-                    save()
-                rng_after_last_step = torch.get_rng_state()
-                if step + 1 >= last_step or state["samples_done"] >= epoch_samples:
-                    break  # done, or only micro-batches too few for a whole step are left
-            micro = 0
-            if state["samples_done"] >= epoch_samples:  # the epoch is done
-                state["epoch"], state["samples_done"] = epoch + 1, 0
+            evaluating = step % settings["eval_freq"] == 0
+            epoch_over = state["samples_done"] >= epoch_samples
+            saving = step == last_step or (step + 1) % (settings["save_every"] or math.inf) == 0
+            if evaluating or epoch_over or saving or step % 10 == 0:  # the only host syncs
+                check_training_loss(losses, _unwrap(model).cfg["vocab_size"], step, device, bar)
+                losses = []
+            if evaluating:
+                record_evaluation(model, (train_eval_loader, val_loader), device, settings,
+                                  state, lr, out_dir, stopper, epoch_samples, is_main)
+            if epoch_over:
+                state.update(epoch=state["epoch"] + 1, samples_done=0, epoch_seed=None)
+                batches = None
                 if is_main:
-                    generate_and_print_sample(raw_model, tokenizer, device, args.prompt)
-    except KeyboardInterrupt:
+                    generate_and_print_sample(_unwrap(model), tokenizer, device,
+                                              settings["prompt"])
+            stop = in_any_process(stopper.signal is not None, device)
+            if saving or stop:
+                saved_step = save_training(path, model, optimizer, settings, state, device,
+                                           val_loader, stopper, is_main)
+                stop = stop or in_any_process(stopper.signal is not None, device)
+            if stop:
+                raise Stopped(f"Stopped by {stopper.signal or 'a signal to another process'} "
+                              f"after step {step}; checkpoint saved to {path}. Continue with "
+                              f"--resume {path}.", exit_code(stopper.signal or "SIGINT"))
+    except (KeyboardInterrupt, Diverged) as err:
+        raise stopped_early(err, state["step"] + 1, saved_step, path) from None
+    finally:
         bar.close()
-        state.update(at_last_step)  # forget the micro-batches of an unfinished step
-        if is_main:
-            save(rng_state=rng_after_last_step)
-            tqdm.write(f"Interrupted at step {state['step']}; checkpoint saved to "
-                       f"{Path(out_dir) / 'checkpoint.pt'}. Continue with --resume.")
-        raise
-    except NonFiniteLoss as err:
-        bar.close()
-        raise NonFiniteLoss(
-            f"Training stopped: {err}. The last good checkpoint (if any) is kept at "
-            f"{Path(out_dir) / 'checkpoint.pt'}; try a lower --lr, --grad-clip 1.0 or "
-            "--schedule cosine with warm-up.") from None
-    bar.close()
-    save()
     return state
+
+
+def record_evaluation(model, loaders, device, settings, state, lr, out_dir, stopper,
+                      epoch_samples, is_main):
+    """Evaluate (the book's train/val losses), then keep the result once: in the
+    history, in log.csv and on the screen."""
+    train_loss, val_loss = evaluate_all_ranks(model, *loaders, device, settings["eval_iter"])
+    check_loss(train_loss, _unwrap(model).cfg["vocab_size"],
+               f"the evaluation loss at step {state['step']}")
+    row = {"step": state["step"], "epoch": state["epoch"] + 1,
+           "epochs_seen": round(state["epoch"] + state["samples_done"] / epoch_samples, 4),
+           "tokens_seen": state["tokens_seen"], "lr": lr, "train_loss": train_loss,
+           "val_loss": val_loss, "train_perplexity": perplexity(train_loss),
+           "val_perplexity": perplexity(val_loss), "elapsed_s": round(state["seconds"], 3)}
+    state["history"]["log"].append(row)
+    if is_main:
+        tqdm.write(f"Ep {row['epoch']} (Step {row['step']:06d}): Train loss {train_loss:.3f}, "
+                   f"Val loss {val_loss:.3f}  | perplexity {row['train_perplexity']:.1f}, "
+                   f"{row['val_perplexity']:.1f}")
+        with stopper.deferred():
+            append_log(Path(out_dir) / "log.csv", row)
 
 
 # ---- Putting the command together ----
 
-def make_optimizer(model, args, device, log=print):
-    """The book's AdamW; with --fast, PyTorch's fused implementation (one kernel
-    for all parameters) where this PyTorch supports it on this device."""
+def speed_plan(fast, compile, device):
+    """What --fast and --compile mean on this device, decided here only."""
+    cuda = device.type == "cuda"
+    return {"kernels": FAST_KERNELS if fast else {},  # SDPA attention, fused LayerNorm/GELU
+            "fused_adamw": fast,
+            "tf32": fast and cuda,
+            "bf16": fast and cuda and torch.cuda.is_bf16_supported(),
+            "compile": compile and device.type != "mps"}  # torch.compile does not support MPS well
+
+
+def describe_speed(plan, fast, compile):
+    parts = (["SDPA attention", "fused LayerNorm/GELU/AdamW"] if fast else []) + \
+        (["TF32 matmuls"] if plan["tf32"] else []) + (["bf16 autocast"] if plan["bf16"] else []) + \
+        (["torch.compile"] if plan["compile"] else [])
+    off = (["torch.compile (not on MPS)"] if compile and not plan["compile"] else [])
+    return ("Speed: " + (", ".join(parts) or "the book's kernels") +
+            (f"; off here: {', '.join(off)}" if off else ""))
+
+
+def make_optimizer(model, lr, weight_decay, fused=False, log=print):
+    """The book's AdamW; fused=True: PyTorch's fused implementation (one kernel for
+    all parameters) where this PyTorch supports it on this device."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.fast:
+    if fused:
         try:
-            return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay,
-                                     fused=True)
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
         except (RuntimeError, TypeError) as err:
-            log(f"Note: fused AdamW is not available on {device.type} ({err}); using the "
-                "plain one.")
-    return torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+            log(f"Note: fused AdamW is not available here ({err}); using the plain one.")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def use_bf16(args, device):
-    """bf16 autocast: with --fast, on CUDA GPUs that have bf16."""
-    return args.fast and device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def speed_up(model, args, device, log=print):
-    """--fast on CUDA: TF32 matmuls (and bf16 autocast in the loop, see use_bf16);
-    --compile: torch.compile. Says what it turned off, e.g. on Apple MPS."""
-    if args.fast and device.type == "cuda":
+def speed_up(model, plan):
+    if plan["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = True  # no-ops on GPUs without TF32
         torch.backends.cudnn.allow_tf32 = True
-        log("Fast path on CUDA: TF32 matmuls, " + ("bf16 autocast" if use_bf16(args, device)
-                                                   else "no bf16 autocast (this GPU lacks bf16)"))
-    elif args.fast and device.type == "mps":
-        log("Fast path on MPS: SDPA attention and fused kernels on; bf16 autocast and TF32 "
-            "(CUDA only) off.")
-    if args.compile:
-        if device.type == "mps":
-            log("Note: --compile is off on MPS (torch.compile does not support it well).")
-        else:
-            log("Compiling the model with torch.compile (the first steps are slow)...")
-            return torch.compile(model)
-    return model
+    return torch.compile(model) if plan["compile"] else model
 
 
-def setup_distributed():
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
+def setup_distributed(device_name, log):
+    """(rank, world_size, device) from torchrun's environment; one process
+    otherwise. Every process chooses its device the same way."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = get_device(device_name, log=log)
     if world_size == 1:
-        return 0, 1, 0
-    local_rank = int(os.environ["LOCAL_RANK"])
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend=backend)
-    return dist.get_rank(), world_size, local_rank
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise ValueError(f"Several processes need CUDA or the CPU, not {device.type}; "
+                         "add --device cpu.")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
 
 
 def rank0_first(fn, rank):
@@ -771,157 +954,241 @@ def _windows(make_dataset, split_name, ctx):
 
 
 def make_loaders(train_set, val_set, args, rank, world_size):
+    """The training loader (its order resumable), a second one over the training
+    set for evaluations (the book evaluates on its shuffled training loader), and
+    the validation loader."""
     need = args.batch_size * world_size * args.grad_accum
     if len(train_set) < need:
         raise ValueError(
             f"The training split has {len(train_set)} windows of {args.context_length} tokens "
-            f"(about {len(train_set) * args.context_length:,} tokens), but one batch needs "
+            f"(about {len(train_set) * args.context_length:,} tokens), but one step needs "
             f"{need} windows ({need * args.context_length + 1:,} tokens). Give more text, "
             "or lower --context-length, --batch-size or --grad-accum.")
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, drop_last=True,
-                              sampler=ResumableSampler(len(train_set), args.batch_size, True,
-                                                       True, rank, world_size))
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, drop_last=False,
-                            sampler=ResumableSampler(len(val_set), args.batch_size, False,
-                                                     False, rank, world_size))
-    return train_loader, val_loader
+    pin = torch.cuda.is_available()  # page-locked batches copy to a GPU faster
+    loader = lambda dataset, shuffle: DataLoader(  # noqa: E731
+        dataset, batch_size=args.batch_size, pin_memory=pin,
+        sampler=ResumableSampler(len(dataset), args.batch_size, shuffle, shuffle, rank,
+                                 world_size))
+    return loader(train_set, True), loader(train_set, True), loader(val_set, False)
+
+
+# What a checkpoint keeps of the command line: on --resume, each flag not given
+# again takes the checkpoint's value; a flag given again takes effect.
+MODEL_SETTINGS = ("model", "context_length")
+TRAINING_SETTINGS = ("data", "train_ratio", "memmap", "memmap_above_mb", "batch_size",
+                     "grad_accum", "lr", "weight_decay", "schedule", "warmup_steps", "initial_lr",
+                     "min_lr", "grad_clip", "epochs", "max_steps", "drop_rate", "eval_freq",
+                     "eval_iter", "save_every", "prompt", "seed")
+SPEED_SETTINGS = ("fast", "compile")  # kept, but each run chooses them anew
+
+
+def apply_saved_settings(args, ckpt, log):
+    """Take the checkpoint's settings for every flag not given again; say which
+    given flags change them; refuse flags that would change the model."""
+    saved = ckpt.get("settings")
+    if saved is None:
+        raise ValueError(f"{args.resume} was written by an older ch05_train.py, which did not "
+                         "save its settings; it cannot be resumed by this version.")
+    given = getattr(args, "given", set(vars(args)))
+    flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
+    clashes = [f"{flag(k)} {getattr(args, k)}" for k in MODEL_SETTINGS
+               if k in given and getattr(args, k) != saved[k]]
+    if clashes:
+        raise ValueError(f"The checkpoint {args.resume} holds a {saved['model']!r} model with "
+                         f"context length {saved['context_length']}, not {', '.join(clashes)}. "
+                         "Leave out --model and --context-length to resume it.")
+    changed = [f"{flag(k)} {saved[k]} -> {getattr(args, k)}" for k in TRAINING_SETTINGS
+               if k in given and getattr(args, k) != saved[k]]
+    for key in MODEL_SETTINGS + TRAINING_SETTINGS:
+        if key not in given:
+            setattr(args, key, saved[key])
+    if "out" not in given:
+        args.out = str(Path(args.resume).parent)  # continue in the checkpoint's folder
+    if changed:
+        log("Changed on resume: " + ", ".join(changed))
+    dropped = [flag(k) for k in SPEED_SETTINGS if saved.get(k) and not getattr(args, k)]
+    if dropped:
+        log(f"Note: the checkpoint was trained with {' '.join(dropped)}; this run goes without "
+            "(give it again to keep it).")
+
+
+def resume_into(model, optimizer, ckpt, settings, device):
+    """Load the checkpoint's weights, optimizer state and random state; the
+    settings of this run (learning rate, weight decay, fused or not) win over
+    the optimizer state's."""
+    check_state_dict(model, ckpt["model"], source="the checkpoint")
+    model.load_state_dict(ckpt["model"])
+    saved = ckpt["optimizer"]
+    for group in saved["param_groups"]:
+        group.update(lr=settings["lr"], weight_decay=settings["weight_decay"],
+                     fused=optimizer.defaults["fused"], foreach=optimizer.defaults["foreach"])
+    optimizer.load_state_dict(saved)
+    state = new_state()
+    state.update({k: ckpt[k] for k in state})
+    # The random state last: nothing between here and the loop may draw from it
+    torch.set_rng_state(ckpt["rng_state"])
+    if device.type == "cuda" and ckpt["cuda_rng_state"] is not None:
+        torch.cuda.set_rng_state(ckpt["cuda_rng_state"], device)
+    return state
 
 
 def main(args):
-    rank, world_size, local_rank = setup_distributed()
+    rank, world_size, device = setup_distributed(
+        args.device, log=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     try:
-        if world_size > 1 and torch.cuda.is_available():
-            device = torch.device("cuda", local_rank)
-        else:
-            device = get_device(args.device) if is_main else torch.device(
-                "cpu" if args.device == "auto" else args.device)
+        ckpt = None
+        if args.resume:  # on the CPU: the random states must stay CPU tensors
+            ckpt = load_checkpoint(args.resume, map_location="cpu")
+            apply_saved_settings(args, ckpt, log)
         out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer = bpe_tokenizer()
-        train_set, val_set = load_corpus(args, tokenizer, rank, log)
-        train_loader, val_loader = make_loaders(train_set, val_set, args, rank, world_size)
-        log(f"Training windows: {len(train_set)}, validation windows: {len(val_set)}; "
-            f"{len(train_loader) // args.grad_accum} steps per epoch with {world_size} "
-            "process(es)")
-
-        cfg = gpt_config(args.model, context_length=args.context_length,
-                         drop_rate=args.drop_rate, **(FAST_KERNELS if args.fast else {}))
-        torch.manual_seed(args.seed)
-        model = GPTModel(cfg)
-        model.cfg = cfg  # saved with every checkpoint
-        model.to(device)
-        optimizer = make_optimizer(model, args, device, log)
-        state = {"step": -1, "epoch": 0, "samples_done": 0, "epoch_seed": None,
-                 "tokens_seen": 0, "t0": time.perf_counter(),
-                 "history": {k: [] for k in ("steps", "train_losses", "val_losses",
-                                             "tokens_seen", "epochs", "lrs")}}
-        if args.resume:
-            ckpt = load_checkpoint(args.resume, map_location=device)
-            check_state_dict(model, ckpt["model"], source=f"the checkpoint {args.resume}")
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            for key in ("step", "epoch", "samples_done", "epoch_seed", "tokens_seen", "history"):
-                state[key] = ckpt[key]
-            state["resume_rng_state"] = ckpt["rng_state"]
-            if ckpt["cuda_rng_state"] and device.type == "cuda":
-                torch.cuda.set_rng_state_all(ckpt["cuda_rng_state"])
-            log(f"Resumed from {args.resume} at step {state['step']}, epoch {state['epoch'] + 1}")
-        raw_model = model
-        model = speed_up(model, args, device, log)
-        if world_size > 1:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[local_rank] if device.type == "cuda" else None,
-                broadcast_buffers=False)  # the only buffers are the constant causal masks
-
-        start = time.perf_counter()
-        state = train(model, train_loader, val_loader, optimizer, device, tokenizer, args,
-                      state, out_dir, is_main)
-        seconds = time.perf_counter() - start
-        history = state["history"]
-        if is_main:
-            log(f"Training took {seconds / 60:.2f} min; {state['tokens_seen']:,} tokens seen")
-            if history["steps"]:
-                plot_losses(history["epochs"], history["tokens_seen"], history["train_losses"],
-                            history["val_losses"], out_dir / "loss-plot.png")
-                log(f"Saved {out_dir / 'loss-plot.png'}")
-            if args.schedule == "cosine" and history["lrs"]:
-                plot_lrs(history["lrs"], out_dir / "lr-schedule.png")
-                log(f"Saved {out_dir / 'lr-schedule.png'}")
-            log(f"Saved {out_dir / 'checkpoint.pt'}")
-            # 5.3: the trained model with temperature scaling and top-k sampling
-            raw_model.eval()
-            torch.manual_seed(args.seed)
-            token_ids = generate(raw_model, text_to_token_ids(args.prompt, tokenizer).to(device),
-                                 max_new_tokens=15, context_size=cfg["context_length"],
-                                 top_k=25, temperature=1.4)
-            log("Sample (top-k 25, temperature 1.4):", token_ids_to_text(token_ids, tokenizer))
-        return {"model": model, "history": history, "state": state, "seconds": seconds}
+        with (run_lock(out_dir) if is_main else contextlib.nullcontext()), \
+                StopRequests() as stopper:
+            resuming_here = ckpt is not None and (
+                Path(args.resume).resolve() == (out_dir / "checkpoint.pt").resolve())
+            if is_main and not resuming_here:
+                for old in refuse_overwrite(
+                        [out_dir / n for n in ("checkpoint.pt", "log.csv")], args.overwrite,
+                        f"Continue it with --resume {out_dir / 'checkpoint.pt'}. "):
+                    old.unlink()
+            return run(args, ckpt, out_dir, device, rank, world_size, stopper, log)
     finally:
         if _distributed():
             dist.destroy_process_group()
 
 
+def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
+    """Build the data, model and optimizer (from the checkpoint on --resume),
+    train, then plot and sample."""
+    is_main = rank == 0
+    tokenizer = bpe_tokenizer()
+    train_set, val_set = load_corpus(args, tokenizer, rank, log)
+    loaders = make_loaders(train_set, val_set, args, rank, world_size)
+    log(f"Training windows: {len(train_set)}, validation windows: {len(val_set)}; "
+        f"{len(loaders[0]) // args.grad_accum} steps per epoch with {world_size} process(es)")
+
+    plan = speed_plan(args.fast, args.compile, device)
+    log(describe_speed(plan, args.fast, args.compile))
+    cfg = ({**ckpt["config"], "drop_rate": args.drop_rate} if ckpt else
+           gpt_config(args.model, context_length=args.context_length, drop_rate=args.drop_rate))
+    torch.manual_seed(args.seed)
+    model = GPTModel({**cfg, **plan["kernels"]})
+    model.cfg = cfg  # the architecture, saved with every checkpoint
+    model.to(device)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"], log)
+    settings = {k: getattr(args, k) for k in MODEL_SETTINGS + TRAINING_SETTINGS + SPEED_SETTINGS}
+    state = new_state()
+    if ckpt:
+        state = resume_into(model, optimizer, ckpt, settings, device)
+        log(f"Resumed from {args.resume} at step {state['step']}, epoch {state['epoch'] + 1}")
+    raw_model = model
+    model = speed_up(model, plan)
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # the only buffers are the constant causal masks
+    steps = len(loaders[0]) // args.grad_accum * args.epochs
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    if state["step"] + 1 >= steps:
+        raise ValueError(f"The checkpoint is at step {state['step']}, the last of the {steps} "
+                         "steps asked for: give a larger --max-steps or --epochs to go on.")
+
+    start = time.perf_counter()
+    state = train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir,
+                  stopper, bf16=plan["bf16"], is_main=is_main)
+    seconds = time.perf_counter() - start
+    history = state["history"]
+    if is_main:
+        log(f"Training took {seconds / 60:.2f} min; {state['tokens_seen']:,} tokens seen")
+        if history["log"]:
+            rows = history["log"]
+            plot_losses([r["epochs_seen"] for r in rows], [r["tokens_seen"] for r in rows],
+                        [r["train_loss"] for r in rows], [r["val_loss"] for r in rows],
+                        out_dir / "loss-plot.png")
+            log(f"Saved {out_dir / 'loss-plot.png'}")
+        if args.schedule == "cosine" and history["lrs"]:
+            plot_lrs(history["lrs"], out_dir / "lr-schedule.png")
+            log(f"Saved {out_dir / 'lr-schedule.png'}")
+        log(f"Saved {out_dir / 'checkpoint.pt'}")
+        # 5.3: the trained model with temperature scaling and top-k sampling
+        raw_model.eval()
+        torch.manual_seed(args.seed)
+        token_ids = generate(raw_model, text_to_token_ids(args.prompt, tokenizer).to(device),
+                             max_new_tokens=15, context_size=cfg["context_length"],
+                             top_k=25, temperature=1.4)
+        log("Sample (top-k 25, temperature 1.4):", token_ids_to_text(token_ids, tokenizer))
+    return {"model": raw_model, "history": history, "state": state, "seconds": seconds}
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Pretrain a GPT model (the book's chapter 5 run by default: GPT-2 124M "
-                    "with context 256 on the-verdict, 10 epochs).",
+                    "with context 256 on the-verdict, 10 epochs). On --resume, every flag "
+                    "not given again keeps the checkpoint's value.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    positive = number(int, at_least=1)
     data = parser.add_argument_group("data")
     data.add_argument("--data", nargs="+", default=None, metavar="PATH",
                       help="text file(s) and/or folder(s) of .txt files; default: the book's "
                            "the-verdict.txt, downloaded into --data-dir")
     data.add_argument("--data-dir", default="data", help="folder for downloaded data")
-    data.add_argument("--train-ratio", type=float, default=0.90,
+    data.add_argument("--train-ratio", type=number(float, above=0, below=1), default=0.90,
                       help="share of the text used for training; the rest validates")
     data.add_argument("--memmap", action="store_true",
                       help="tokenize into a memory-mapped token file (automatic above "
                            "--memmap-above-mb); the file is reused until the text changes")
-    data.add_argument("--memmap-above-mb", type=float, default=100.0,
+    data.add_argument("--memmap-above-mb", type=number(float, at_least=0), default=100.0,
                       help="corpus size above which the token file is used")
-    model = parser.add_argument_group("model")
+    model = parser.add_argument_group("model (on --resume, the checkpoint's)")
     model.add_argument("--model", default="124M", choices=list(MODEL_CONFIGS),
                        help="GPT-2 size, or 'tiny' for quick tests")
-    model.add_argument("--context-length", type=int, default=256,
+    model.add_argument("--context-length", type=positive, default=256,
                        help="tokens per training window (GPT-2 itself uses 1024)")
-    model.add_argument("--drop-rate", type=float, default=0.1, help="dropout rate")
+    model.add_argument("--drop-rate", type=number(float, at_least=0, below=1), default=0.1,
+                       help="dropout rate")
     opt = parser.add_argument_group("optimization")
-    opt.add_argument("--epochs", type=int, default=10, help="passes over the training data")
-    opt.add_argument("--max-steps", type=int, default=None,
+    opt.add_argument("--epochs", type=positive, default=10, help="passes over the training data")
+    opt.add_argument("--max-steps", type=positive, default=None,
                      help="stop after this many optimizer steps in all (the schedule still "
                           "spans --epochs)")
-    opt.add_argument("--batch-size", type=int, default=2,
+    opt.add_argument("--batch-size", type=positive, default=2,
                      help="windows per micro-batch in each process (a step's global batch = "
                           "this x --grad-accum x processes)")
-    opt.add_argument("--grad-accum", type=int, default=1,
+    opt.add_argument("--grad-accum", type=positive, default=1,
                      help="micro-batches whose gradients add up to one optimizer step")
-    opt.add_argument("--lr", type=float, default=4e-4,
+    opt.add_argument("--lr", type=number(float, above=0), default=4e-4,
                      help="AdamW learning rate (the peak with --schedule cosine)")
-    opt.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
+    opt.add_argument("--weight-decay", type=number(float, at_least=0), default=0.1,
+                     help="AdamW weight decay")
     opt.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                      help="constant (chapter 5) or warm-up + cosine decay (appendix D)")
-    opt.add_argument("--warmup-steps", type=int, default=None,
+    opt.add_argument("--warmup-steps", type=number(int, at_least=0), default=None,
                      help="linear warm-up steps for --schedule cosine (default: 20%% of all)")
-    opt.add_argument("--initial-lr", type=float, default=3e-5,
+    opt.add_argument("--initial-lr", type=number(float, at_least=0), default=3e-5,
                      help="learning rate at the start of warm-up")
-    opt.add_argument("--min-lr", type=float, default=1e-6,
+    opt.add_argument("--min-lr", type=number(float, at_least=0), default=1e-6,
                      help="learning rate at the end of the cosine decay")
-    opt.add_argument("--grad-clip", type=float, default=None,
+    opt.add_argument("--grad-clip", type=number(float, at_least=0), default=None,
                      help="max gradient norm, applied after warm-up (default: 1.0 with "
                           "--schedule cosine, none with constant); 0 turns it off")
     run = parser.add_argument_group("evaluation, output and running")
-    run.add_argument("--eval-freq", type=int, default=5, help="evaluate every N steps")
-    run.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
+    run.add_argument("--eval-freq", type=positive, default=5, help="evaluate every N steps")
+    run.add_argument("--eval-iter", type=positive, default=5, help="batches per evaluation")
     run.add_argument("--prompt", default="Every effort moves you",
                      help="start of the sample text printed after each epoch")
     run.add_argument("--out", default="runs/ch05",
-                     help="folder for the checkpoint, log.csv, plots and token files")
-    run.add_argument("--save-every", type=int, default=1000,
-                     help="save a checkpoint every N steps (also at the end and on Ctrl-C); "
-                          "0: only then")
+                     help="folder for the checkpoint, log.csv, plots and token files "
+                          "(on --resume: the checkpoint's folder)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over in an --out that holds an earlier run, deleting its "
+                          "checkpoint and log")
+    run.add_argument("--save-every", type=number(int, at_least=0), default=1000,
+                     help="save a checkpoint every N steps (also at the end and when "
+                          "stopped by Ctrl-C, SIGTERM or SIGHUP); 0: only then")
     run.add_argument("--resume", default=None, metavar="CHECKPOINT",
-                     help="continue training from a checkpoint.pt")
+                     help="continue training from a checkpoint.pt, exactly where it stopped")
     run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                      help="auto picks cuda, then mps, then cpu")
     run.add_argument("--seed", type=int, default=123, help="random seed")
@@ -935,10 +1202,25 @@ def build_parser():
     return parser
 
 
+def parse_args(argv=None):
+    """The command line, plus `given`: the flags it names, which win over a
+    checkpoint's settings on --resume."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    unset = object()
+    probe = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
+    args.given = {k for k, v in vars(probe).items() if v is not unset}
+    return args
+
+
 if __name__ == "__main__":
     try:
-        main(build_parser().parse_args())
-    except KeyboardInterrupt:
+        main(parse_args())
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.code)
+    except KeyboardInterrupt:  # before training began: loading data, compiling
+        print("Interrupted before training began; nothing was saved.", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, FileNotFoundError, NonFiniteLoss, DownloadError) as err:
+    except (ValueError, FileNotFoundError, Diverged, DownloadError) as err:
         sys.exit(f"error: {err}")

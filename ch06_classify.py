@@ -29,11 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ch05_train
-from ch02_data import DownloadError, atomic_path, download_file, write_text_atomic
+from ch02_data import DownloadError, atomic_path, download_file, number, write_text_atomic
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
-from ch05_train import build_lean, load_checkpoint, save_checkpoint
+from ch05_train import build_lean, load_checkpoint, refuse_overwrite, save_checkpoint
 
 SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SPAM_BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"
@@ -348,6 +348,8 @@ def main(args):
             texts += [line for line in lines if line.strip()]
         return {"classified": classify_texts(texts, classifier_path, device)}
 
+    refuse_overwrite([classifier_path], args.overwrite,
+                     "Use it with --classify, or keep it and train into another --out. ")
     start = time.perf_counter()
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -449,14 +451,23 @@ def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
                         help="start from random weights instead of GPT-2's (no download)")
     parser.add_argument("--lora", action="store_true",
                         help="freeze the model and train LoRA matrices only (appendix E)")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--alpha", type=float, default=16, help="LoRA scaling factor")
-    parser.add_argument("--epochs", type=int, default=epochs, help="passes over the training data")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_unit} per batch")
-    parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
-    parser.add_argument("--eval-freq", type=int, default=eval_freq, help="evaluate every N steps")
-    parser.add_argument("--eval-iter", type=int, default=5, help="batches per evaluation")
+    positive = number(int, at_least=1)
+    parser.add_argument("--rank", type=positive, default=16, help="LoRA rank")
+    parser.add_argument("--alpha", type=number(float, above=0), default=16,
+                        help="LoRA scaling factor")
+    parser.add_argument("--epochs", type=positive, default=epochs,
+                        help="passes over the training data")
+    parser.add_argument("--batch-size", type=positive, default=batch_size,
+                        help=f"{batch_unit} per batch")
+    parser.add_argument("--lr", type=number(float, above=0), default=5e-5,
+                        help="AdamW learning rate")
+    parser.add_argument("--weight-decay", type=number(float, at_least=0), default=0.1,
+                        help="AdamW weight decay")
+    parser.add_argument("--eval-freq", type=positive, default=eval_freq,
+                        help="evaluate every N steps")
+    parser.add_argument("--eval-iter", type=positive, default=5, help="batches per evaluation")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the model an earlier run saved in --out")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto picks cuda, then mps, then cpu")
     parser.add_argument("--model-size", default=model_size,

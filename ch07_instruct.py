@@ -30,7 +30,7 @@ from ch02_data import DownloadError, download_file, read_text, write_text_atomic
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import get_gpt2_tokenizer, load_gpt2_model
 from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, plot_losses,
-                        save_checkpoint, stream_text, train_model_simple)
+                        refuse_overwrite, save_checkpoint, stream_text, train_model_simple)
 from ch06_classify import add_finetuning_arguments, freeze_and_add_lora, parse_finetuning_args
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -305,6 +305,8 @@ def main(args):
         return {"responses": chat(model, tokenizer, device, settings["cfg"]["context_length"],
                                   args.max_new_tokens)}
 
+    refuse_overwrite([model_path], args.overwrite,
+                     "Use it with --chat, or keep it and train into another --out. ")
     start = time.perf_counter()
     data_path = Path(args.data) if args.data else Path(args.data_dir) / "instruction-data.json"
     data = download_and_load_file(data_path, DATA_URL)

@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-SHARED = Path(__file__).resolve().parent.parent / "shared"
+# ../shared beside the project (CI, this machine); TEST_SHARED_DIR names another
+# folder of the same layout (the GPU machine's .gpu/, see .ci/gpu-check)
+SHARED = Path(os.environ.get("TEST_SHARED_DIR", Path(__file__).resolve().parent.parent / "shared"))
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
 
@@ -26,6 +28,8 @@ import ch03_attention as ch03  # noqa: E402
 import ch04_gpt as ch04  # noqa: E402
 
 TINY = ch04.gpt_config("tiny", context_length=32, vocab_size=50257, drop_rate=0.0)
+# Tests that touch devices run on each: the CPU always (CI), CUDA where there is one
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def shared_or_download(name, url_downloader):
@@ -394,8 +398,10 @@ def test_chapter4_main_runs_tiny():
 
 # ======================= Chapter 5: training =======================
 
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 
 import ch05_train as ch05  # noqa: E402
 
@@ -403,11 +409,19 @@ HERE = Path(__file__).resolve().parent
 
 
 def train_args(tmp_path, *extra):
-    """The command's arguments for a small, fast run on the-verdict."""
-    return ch05.build_parser().parse_args(
+    """The command's arguments for a small, fast run on the-verdict (on the CPU
+    unless `extra` names a --device)."""
+    return ch05.parse_args(
         ["--data", str(SHARED / "data" / "the-verdict.txt"), "--model", "tiny",
-         "--context-length", "64", "--batch-size", "4", "--eval-iter", "2",
+         "--context-length", "32", "--batch-size", "2", "--eval-iter", "2", "--device", "cpu",
          "--out", str(tmp_path), *extra])
+
+
+def log_rows(path):
+    """log.csv's rows without the wall-clock column."""
+    import csv
+    with open(path, encoding="utf-8") as f:
+        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(f)]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -499,10 +513,11 @@ def test_train_model_appendix_d_clips_after_warmup(verdict, tokenizer, monkeypat
 
 def test_command_reproduces_train_model_simple(tmp_path, verdict, tokenizer, capsys):
     """The command's loop draws randomness like the book's loop: same losses."""
-    verdict = verdict[:8000]  # a third of the story is enough, and 3x faster
+    verdict = verdict[:5000]  # a quarter of the story is enough, and 4x faster
     (tmp_path / "part.txt").write_text(verdict, encoding="utf-8")
-    args = train_args(tmp_path, "--epochs", "2", "--eval-freq", "3", "--drop-rate", "0.1",
-                      "--data", str(tmp_path / "part.txt"))
+    args = train_args(tmp_path / "run", "--epochs", "2", "--eval-freq", "3", "--drop-rate", "0.1",
+                      "--data", str(tmp_path / "part.txt"), "--context-length", "64",
+                      "--batch-size", "4")
     result = ch05.main(args)
     command_out = capsys.readouterr().out
     split = int(0.9 * len(verdict))
@@ -515,80 +530,229 @@ def test_command_reproduces_train_model_simple(tmp_path, verdict, tokenizer, cap
     train_losses, val_losses, tokens = ch05.train_model_simple(
         model, train_loader, val_loader, optimizer, "cpu", 2, 3, 2, "Every effort moves you",
         tokenizer)
-    history = result["history"]
-    assert history["train_losses"] == pytest.approx(train_losses, rel=1e-5)
-    assert history["val_losses"] == pytest.approx(val_losses, rel=1e-5)
-    assert history["tokens_seen"] == tokens
+    rows = result["history"]["log"]
+    assert [r["train_loss"] for r in rows] == pytest.approx(train_losses, rel=1e-5)
+    assert [r["val_loss"] for r in rows] == pytest.approx(val_losses, rel=1e-5)
+    assert [r["tokens_seen"] for r in rows] == tokens
     book_out = capsys.readouterr().out
     assert re.search(r"^Ep 1 \(Step 000000\): Train loss \d+\.\d{3}, Val loss \d+\.\d{3}",
                      command_out, re.M)
     samples = [re.findall(r"^Every effort moves you.*$", out, re.M) for out in (command_out, book_out)]
     assert len(samples[1]) == 2 and samples[0][:2] == samples[1]  # one after each epoch
     for name in ("loss-plot.png", "checkpoint.pt", "log.csv"):
-        assert (tmp_path / name).exists()
-    assert (tmp_path / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = (tmp_path / "log.csv").read_text(encoding="utf-8").splitlines()
-    assert rows[0].startswith("step,epoch,tokens_seen,lr,train_loss,val_loss,train_perplexity")
-    assert len(rows) == 1 + len(train_losses)
+        assert (tmp_path / "run" / name).exists()
+    assert (tmp_path / "run" / "loss-plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    logged = log_rows(tmp_path / "run" / "log.csv")
+    assert [float(r["train_loss"]) for r in logged] == pytest.approx(train_losses, rel=1e-9)
+    assert [int(r["step"]) for r in logged] == [r["step"] for r in rows]
 
 
-def test_resume_continues_exactly(tmp_path):
-    common = ("--epochs", "3", "--eval-freq", "2", "--drop-rate", "0.1",
-              "--schedule", "cosine", "--warmup-steps", "4")
-    full = ch05.main(train_args(tmp_path / "full", *common, "--max-steps", "20"))["history"]
-    ch05.main(train_args(tmp_path / "part", *common, "--max-steps", "11"))
-    ckpt = ch05.load_checkpoint(tmp_path / "part" / "checkpoint.pt")
-    # 18 steps an epoch: stopped mid-epoch 1, and the full run crosses into epoch 2
-    assert ckpt["step"] == 10 and ckpt["epoch"] == 0 and ckpt["samples_done"] == 11 * 4
-    resumed = ch05.main(train_args(tmp_path / "part", *common, "--max-steps", "20",
-                                   "--resume", str(tmp_path / "part" / "checkpoint.pt")))
-    assert resumed["history"]["steps"] == full["steps"]
-    assert resumed["history"]["train_losses"] == pytest.approx(full["train_losses"], rel=1e-6)
-    assert resumed["history"]["val_losses"] == pytest.approx(full["val_losses"], rel=1e-6)
-    assert resumed["history"]["lrs"] == pytest.approx(full["lrs"])
-    assert (tmp_path / "part" / "lr-schedule.png").read_bytes()[:4] == b"\x89PNG"
+# ---- Resuming: every interruption continues exactly ----
+
+RESUME_ARGS = ("--epochs", "2", "--eval-freq", "2", "--save-every", "3", "--drop-rate", "0.1",
+               "--schedule", "cosine", "--warmup-steps", "2", "--context-length", "32",
+               "--batch-size", "4")
 
 
-def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = ch05.calc_loss_batch
+@pytest.fixture(scope="session")
+def short_text(tmp_path_factory, verdict):
+    """The story's first 3,000 characters: 5 steps an epoch, a whole run in seconds."""
+    path = tmp_path_factory.mktemp("short") / "short.txt"
+    path.write_text(verdict[:3000], encoding="utf-8")
+    return path
 
-    def interrupt_on_sixth_step(*a):
-        calls["n"] += 1
-        if calls["n"] == 6 + 2 * 3:  # 5 steps and 3 evaluations of 2+2 batches done... roughly
-            raise KeyboardInterrupt
-        return real(*a)
 
-    monkeypatch.setattr(ch05, "calc_loss_batch", interrupt_on_sixth_step)
-    with pytest.raises(KeyboardInterrupt):
-        ch05.main(train_args(tmp_path, "--epochs", "1", "--eval-freq", "100"))
-    monkeypatch.setattr(ch05, "calc_loss_batch", real)
-    ckpt = ch05.load_checkpoint(tmp_path / "checkpoint.pt")
-    assert 0 <= ckpt["step"] < 15
-    result = ch05.main(train_args(tmp_path, "--epochs", "1", "--eval-freq", "100",
-                                  "--resume", str(tmp_path / "checkpoint.pt")))
-    assert result["state"]["step"] == len(result["history"]["lrs"]) - 1
+def resume_args(out, device, text, *extra):
+    return train_args(out, "--data", str(text), *RESUME_ARGS, "--device", device, *extra)
+
+
+_references = {}
+
+
+@pytest.fixture
+def reference(short_text, tmp_path_factory, capsys):
+    """The uninterrupted run on each device, computed once: its log rows, its
+    final weights, the samples it printed after each epoch and its last step."""
+    def run(device):
+        if device not in _references:
+            out = tmp_path_factory.mktemp(f"reference-{device}")
+            capsys.readouterr()
+            result = ch05.main(resume_args(out, device, short_text))
+            _references[device] = (log_rows(out / "log.csv"), result["model"].state_dict(),
+                                   epoch_samples(capsys.readouterr().out), result["state"]["step"])
+        return _references[device]
+    return run
+
+
+def epoch_samples(out):
+    return re.findall(r"^Every effort moves you.*$", out, re.M)
+
+
+def signal_on_call(monkeypatch, name, nth, signals, training=None):
+    """Patch ch05.<name> to send `signals` to this process on its nth call (counting
+    only calls in training or evaluation mode when `training` says which)."""
+    real, calls = getattr(ch05, name), []
+
+    def wrapper(*args, **kwargs):
+        if training is None or args[2].training == training:
+            calls.append(1)
+            if len(calls) == nth:
+                for sig in signals:
+                    os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ch05, name, wrapper)
+
+
+# where the signal comes: (patched function, nth call, signals, training mode, stop expected)
+# 5 steps an epoch: evaluations at steps 0, 2, 4, 6, 8; saves after 2, 5, 8 and 9 (the
+# last); samples after 4 and 9.
+INTERRUPTIONS = {
+    "in a step": ("calc_loss_batch", 7, ["SIGINT"], True, "Stopped by SIGINT after step 6"),
+    "in an evaluation": ("calc_loss_batch", 9, ["SIGINT"], False, "after step 4"),
+    "in the epoch's sample": ("generate_and_print_sample", 1, ["SIGINT"], None, "after step 4"),
+    "in a save": ("save_checkpoint", 2, ["SIGINT"], None, "after step 5"),
+    "SIGTERM": ("calc_loss_batch", 3, ["SIGTERM"], True, "Stopped by SIGTERM after step 2"),
+    "SIGHUP": ("calc_loss_batch", 2, ["SIGHUP"], True, "Stopped by SIGHUP after step 1"),
+    "Ctrl-C twice": ("calc_loss_batch", 5, ["SIGINT", "SIGINT"], True,
+                     "Stopped at once during step 4; the checkpoint of step 2"),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("where", INTERRUPTIONS)
+def test_any_interruption_resumes_exactly(where, device, reference, short_text, tmp_path,
+                                          monkeypatch, capsys):
+    rows, weights, samples, last_step = reference(device)
+    name, nth, signals, training, message = INTERRUPTIONS[where]
+    signal_on_call(monkeypatch, name, nth, [getattr(signal, s) for s in signals], training)
+    with pytest.raises(ch05.Stopped, match=re.escape(message)) as stop:
+        ch05.main(resume_args(tmp_path, device, short_text))
+    assert stop.value.code == 128 + getattr(signal, signals[-1])
+    monkeypatch.undo()
     assert not list(tmp_path.glob("*.tmp"))
+    first_samples = epoch_samples(capsys.readouterr().out)
+    # --resume alone: the checkpoint holds every other setting
+    result = ch05.main(ch05.parse_args(["--resume", str(tmp_path / "checkpoint.pt"),
+                                        "--device", device]))
+    assert result["state"]["step"] == last_step
+    assert first_samples + epoch_samples(capsys.readouterr().out) == samples
+    resumed = log_rows(tmp_path / "log.csv")
+    assert [r["step"] for r in resumed] == [r["step"] for r in rows]
+    for got, want in zip(resumed, rows):
+        if device == "cpu":
+            assert got == want  # bit for bit
+        else:  # CUDA's atomic adds may differ in the last bits between runs
+            assert {k: float(v) for k, v in got.items()} == pytest.approx(
+                {k: float(v) for k, v in want.items()}, rel=1e-4)
+    for key, value in result["model"].state_dict().items():
+        assert (torch.equal(value, weights[key]) if device == "cpu"
+                else torch.allclose(value, weights[key], atol=1e-5)), key
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    steps = {"n": 0}
-    real = ch05.calc_loss_batch
+def test_sigterm_from_outside_saves_and_exits_143(tmp_path, short_text):
+    args = ["ch05_train.py", "--data", str(short_text), "--model", "tiny", "--context-length",
+            "32", "--batch-size", "4", "--eval-iter", "1", "--eval-freq", "1", "--epochs", "500",
+            "--device", "cpu", "--out", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while len(log_rows(tmp_path / "log.csv") if (tmp_path / "log.csv").exists() else []) < 1:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    stopped_at = int(re.search(r"Stopped by SIGTERM after step (\d+); checkpoint saved to",
+                               err).group(1))
+    assert ch05.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == stopped_at
+    assert all(int(r["step"]) <= stopped_at for r in log_rows(tmp_path / "log.csv"))
+    result = ch05.main(ch05.parse_args(["--resume", str(tmp_path / "checkpoint.pt"),
+                                        "--max-steps", str(stopped_at + 3)]))
+    assert result["state"]["step"] == stopped_at + 2
 
-    def nan_from_step_5(input_batch, target_batch, model, device):
-        loss = real(input_batch, target_batch, model, device)
-        if model.training:
-            steps["n"] += 1
-            if steps["n"] > 5:
-                return loss * float("nan")
-        return loss
 
-    monkeypatch.setattr(ch05, "calc_loss_batch", nan_from_step_5)
-    with pytest.raises(ch05.NonFiniteLoss, match="last good checkpoint"):
-        ch05.main(train_args(tmp_path, "--eval-freq", "100", "--save-every", "2"))
-    ckpt = ch05.load_checkpoint(tmp_path / "checkpoint.pt")
-    assert ckpt["step"] == 4
-    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+def test_resume_keeps_the_checkpoints_settings_unless_given(tmp_path, capsys):
+    ch05.main(train_args(tmp_path, "--max-steps", "2", "--lr", "1e-3", "--eval-freq", "1"))
+    checkpoint = str(tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+    result = ch05.main(ch05.parse_args(["--resume", checkpoint, "--max-steps", "4",
+                                        "--weight-decay", "0.5", "--device", "cpu"]))
+    assert "Changed on resume: --weight-decay 0.1 -> 0.5, --max-steps 2 -> 4" in capsys.readouterr().out
+    assert result["history"]["lrs"] == [1e-3] * 4  # the checkpoint's --lr, not the default
+    assert len(result["history"]["log"]) == 4  # and its --eval-freq 1
+    saved = ch05.load_checkpoint(checkpoint)
+    assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.5
+    assert saved["settings"]["max_steps"] == 4
+    with pytest.raises(ValueError, match=r"holds a 'tiny' model with context length 32, not "
+                                         r"--model 124M, --context-length 16\. Leave out"):
+        ch05.main(ch05.parse_args(["--resume", checkpoint, "--model", "124M",
+                                   "--context-length", "16", "--max-steps", "9"]))
+    with pytest.raises(ValueError, match="at step 3, the last of the 4 steps"):
+        ch05.main(ch05.parse_args(["--resume", checkpoint, "--device", "cpu"]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_checkpoint_resumes_on_the_other_device(device, tmp_path):
+    other = "cuda" if device == "cpu" and "cuda" in DEVICES else "cpu"
+    ch05.main(train_args(tmp_path, "--max-steps", "2", "--fast", "--device", device))
+    # saved with fused AdamW (--fast), resumed with the book's AdamW on the other device
+    result = ch05.main(ch05.parse_args(["--resume", str(tmp_path / "checkpoint.pt"),
+                                        "--max-steps", "4", "--device", other]))
+    assert result["state"]["step"] == 3 and next(result["model"].parameters()).device.type == other
+    assert all(math.isfinite(r["train_loss"]) for r in result["history"]["log"])
+
+
+def test_divergence_keeps_the_last_sound_checkpoint(tmp_path, short_text):
+    ch05.main(train_args(tmp_path, "--data", str(short_text), "--context-length", "32",
+                         "--max-steps", "4", "--save-every", "2", "--eval-freq", "100"))
+    checkpoint = tmp_path / "checkpoint.pt"
+    good = ch05.load_checkpoint(checkpoint)
+    with pytest.raises(ch05.Diverged, match=r"training loss by step 5 became .*; the checkpoint "
+                                            r"of step 3 .* is kept.* a lower --lr \(and --resume"):
+        ch05.main(ch05.parse_args(["--resume", str(checkpoint), "--max-steps", "12",
+                                   "--lr", "1000"]))
+    kept = ch05.load_checkpoint(checkpoint)
+    assert kept["step"] == 3 and all(torch.equal(v, good["model"][k])
+                                     for k, v in kept["model"].items())
+    result = ch05.main(ch05.parse_args(["--resume", str(checkpoint), "--max-steps", "8",
+                                        "--lr", "1e-4", "--eval-freq", "2"]))
+    losses = [r["train_loss"] for r in result["history"]["log"] if r["step"] > 3]
+    assert result["state"]["step"] == 7 and len(losses) == 2
+    assert all(math.isfinite(x) and x < 11 for x in losses)
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path, capsys):
+    ch05.main(train_args(tmp_path, "--max-steps", "2", "--eval-freq", "1"))
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds an earlier run's results \(checkpoint"
+                                         r"\.pt, log\.csv\)\. Continue it with --resume .*"
+                                         r"--overwrite"):
+        ch05.main(train_args(tmp_path, "--max-steps", "2"))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    ch05.main(train_args(tmp_path, "--max-steps", "1", "--overwrite"))
+    assert ch05.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
+    assert len(log_rows(tmp_path / "log.csv")) == 1
+    for flag in ("--epochs", "--max-steps", "--batch-size", "--grad-accum", "--eval-freq"):
+        with pytest.raises(SystemExit) as exit_:
+            train_args(tmp_path, flag, "0")
+        assert exit_.value.code == 2
+        assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_out_is_refused_until_the_first_ends(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import pathlib, sys, time, ch05_train as c\n"
+         "with c.run_lock(pathlib.Path(sys.argv[1])):\n print('locked', flush=True)\n"
+         " time.sleep(120)", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid} on "):
+            ch05.main(train_args(tmp_path, "--max-steps", "1"))
+    finally:
+        holder.kill()  # SIGKILL: the holder cleans nothing up
+        holder.wait()
+    ch05.main(train_args(tmp_path, "--max-steps", "1"))  # the lock died with its process
 
 
 def test_checkpoint_errors(tmp_path):
@@ -597,31 +761,30 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="corrupt"):
         ch05.load_checkpoint(tmp_path / "bad.pt")
-    ch05.main(train_args(tmp_path / "a", "--max-steps", "1"))
-    with pytest.raises(ValueError, match=r"pos_emb.weight: \(64, 64\) in the checkpoint.*\(32, 64\)"):
-        ch05.main(train_args(tmp_path / "b", "--context-length", "32",
-                             "--resume", str(tmp_path / "a" / "checkpoint.pt")))
+    torch.save({"model": {}, "step": 3}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="older ch05_train.py"):
+        ch05.main(train_args(tmp_path, "--resume", str(tmp_path / "old.pt")))
 
 
 def test_bad_data_errors(tmp_path):
     short = tmp_path / "short.txt"
-    short.write_text("Just a few words here. " * 10, encoding="utf-8")
+    short.write_text("Just a few words here. " * 5, encoding="utf-8")
     with pytest.raises(ValueError, match=r"training split is too short for --context-length "
-                                         r"64: the text has \d+ tokens, but .* needs 65"):
-        ch05.main(train_args(tmp_path, "--data", str(short)))
+                                         r"32: the text has \d+ tokens, but .* needs 33"):
+        ch05.main(train_args(tmp_path / "a", "--data", str(short)))
     short.write_text("Just a few words here. " * 40, encoding="utf-8")
-    with pytest.raises(ValueError, match=r"training split has \d+ windows .* one batch needs 64 "
+    with pytest.raises(ValueError, match=r"training split has \d+ windows .* one step needs 64 "
                                          r"windows.*--context-length"):
-        ch05.main(train_args(tmp_path, "--data", str(short), "--context-length", "8",
+        ch05.main(train_args(tmp_path / "b", "--data", str(short), "--context-length", "8",
                              "--batch-size", "64"))
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        ch05.main(train_args(tmp_path, "--data", str(tmp_path / "missing.txt")))
+        ch05.main(train_args(tmp_path / "c", "--data", str(tmp_path / "missing.txt")))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("Beyoncé ".encode("latin-1") * 5000)
     with pytest.raises(ValueError, match="latin.txt is not UTF-8"):
-        ch05.main(train_args(tmp_path, "--data", str(latin)))
+        ch05.main(train_args(tmp_path / "d", "--data", str(latin)))
     with pytest.raises(ValueError, match="latin.txt is not UTF-8"):
-        ch05.main(train_args(tmp_path, "--data", str(latin), "--memmap"))
+        ch05.main(train_args(tmp_path / "e", "--data", str(latin), "--memmap"))
 
 
 def test_token_file_matches_in_memory_windows(tmp_path, verdict, tokenizer):
@@ -650,46 +813,37 @@ def test_token_file_matches_in_memory_windows(tmp_path, verdict, tokenizer):
 
 def test_memmap_route_trains(tmp_path):
     result = ch05.main(train_args(tmp_path, "--memmap", "--max-steps", "3", "--eval-freq", "1"))
-    assert len(result["history"]["train_losses"]) == 3
+    assert len(result["history"]["log"]) == 3
     assert list((tmp_path / "tokens").glob("*.bin"))
 
 
-def run_command(*args, nproc=1, cwd=HERE):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
-    proc = subprocess.run([*launcher, "ch05_train.py", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, short_text):
+    """2 processes x micro-batch 1 x --grad-accum 2 see the same windows per step
+    as 1 process x micro-batch 2 x --grad-accum 2; a 2-process checkpoint then
+    resumes in 1 process."""
+    common = ["--data", str(short_text), "--model", "tiny", "--context-length", "32",
+              "--drop-rate", "0", "--epochs", "2", "--eval-freq", "2", "--eval-iter", "2",
+              "--grad-accum", "2", "--device", "cpu"]
+    ch05.main(ch05.parse_args([*common, "--batch-size", "2", "--max-steps", "5",
+                               "--out", str(tmp_path / "one")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "ch05_train.py", *common, "--batch-size", "1", "--max-steps", "3",
+         "--out", str(tmp_path / "two")], cwd=HERE, capture_output=True, text=True,
+        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
-def read_log(path):
-    import csv
-    with open(path, encoding="utf-8") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
-    common = ["--data", str(SHARED / "data" / "the-verdict.txt"), "--model", "tiny",
-              "--context-length", "64", "--drop-rate", "0", "--epochs", "2",
-              "--max-steps", "12", "--eval-freq", "2", "--eval-iter", "2", "--device", "cpu"]
-    run_command(*common, "--batch-size", "4", "--out", str(tmp_path / "one"))
-    proc = run_command(*common, "--batch-size", "2", "--out", str(tmp_path / "two"), nproc=2)
     assert proc.stdout.count("Ep 1 (Step 000000)") == 1  # only rank 0 prints
-    one, two = read_log(tmp_path / "one" / "log.csv"), read_log(tmp_path / "two" / "log.csv")
-    assert [r["step"] for r in one] == [r["step"] for r in two]
-    for a, b in zip(one, two):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    two = log_rows(tmp_path / "two" / "log.csv")
+    one = log_rows(tmp_path / "one" / "log.csv")
+    assert [r["step"] for r in two] == ["0", "2"]
+    ch05.main(ch05.parse_args(["--resume", str(tmp_path / "two" / "checkpoint.pt"),
+                               "--batch-size", "2", "--max-steps", "5", "--device", "cpu"]))
+    switched = log_rows(tmp_path / "two" / "log.csv")
+    assert [r["step"] for r in switched] == [r["step"] for r in one]
+    for a, b in zip(one, switched):
         assert a["tokens_seen"] == b["tokens_seen"]
-    # a checkpoint saved by two processes resumes in one
-    run_command(*common, "--batch-size", "2", "--max-steps", "6", "--out",
-                str(tmp_path / "switch"), nproc=2)
-    run_command(*common, "--batch-size", "4", "--out", str(tmp_path / "switch"),
-                "--resume", str(tmp_path / "switch" / "checkpoint.pt"))
-    switched = read_log(tmp_path / "switch" / "log.csv")
-    assert [r["train_loss"] for r in switched] == pytest.approx([r["train_loss"] for r in one],
-                                                                rel=1e-4)
+        for key in ("train_loss", "val_loss"):
+            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5)
 
 
 def test_train_help_explains_every_flag():
@@ -1102,6 +1256,9 @@ def test_chapter6_end_to_end_then_classify(tmp_path, capsys):
     with torch.no_grad():
         assert torch.equal(model(torch.tensor([[1, 2, 3]])), result["model"].eval()(torch.tensor([[1, 2, 3]])))
     assert settings["lora_rank"] == 2 and settings["max_length"] == 120
+    with pytest.raises(ValueError, match=r"already holds an earlier run's results "
+                                         r"\(classifier\.pth\)\. Use it with --classify.*--overwrite"):
+        ch06.main(args)
 
 
 # ======================= Chapter 7: instruction finetuning =======================
@@ -1281,6 +1438,8 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, stub_ollama, capsys):
     assert len(saved) == 16 and all("model_response" in e for e in saved)
     assert result["scores"] == [50] * 16 and result["average"] == 50
     assert (tmp_path / "gpt2-tiny-sft.pth").exists() and (tmp_path / "loss-plot.png").exists()
+    with pytest.raises(ValueError, match=r"\(gpt2-tiny-sft\.pth\)\. Use it with --chat"):
+        ch07.main(args)
     # --evaluate alone scores the saved responses
     evaluated = ch07.main(ch07.build_parser().parse_args(
         ["--evaluate", "--out", str(tmp_path), "--model-size", "tiny", "--ollama-url", stub.url]))
@@ -1299,11 +1458,12 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, stub_ollama, capsys):
 
 # ======================= Speed: KV cache, fast kernels, lean loading =======================
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["book", "sdpa"])
-def test_cached_generation_equals_uncached(impl):
+def test_cached_generation_equals_uncached(impl, device):
     torch.manual_seed(0)
-    model = ch04.GPTModel({**TINY, "context_length": 16, "attn_impl": impl}).eval()
-    idx = torch.randint(0, 50257, (2, 5))
+    model = ch04.GPTModel({**TINY, "context_length": 16, "attn_impl": impl}).to(device).eval()
+    idx = torch.randint(0, 50257, (2, 5), device=device)
     # 30 new tokens: the 16-token window fills up, and the cache falls back to recomputing
     greedy = ch05.generate(model, idx, 30, 16)
     assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=True), greedy)
@@ -1343,15 +1503,16 @@ def test_stream_text_prints_what_generate_returns(tokenizer):
     assert out.getvalue() == tokenizer.decode(new_ids)
 
 
-def test_fast_kernels_match_the_book_with_the_same_parameters():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_kernels_match_the_book_with_the_same_parameters(device):
     torch.manual_seed(0)
-    book = ch04.GPTModel(TINY).eval()
-    fast = ch04.GPTModel({**TINY, **ch04.FAST_KERNELS}).eval()
+    book = ch04.GPTModel(TINY).to(device).eval()
+    fast = ch04.GPTModel({**TINY, **ch04.FAST_KERNELS}).to(device).eval()
     assert list(book.state_dict()) == list(fast.state_dict())
     fast.load_state_dict(book.state_dict())
-    idx = torch.randint(0, 50257, (3, 32))
+    idx = torch.randint(0, 50257, (3, 32), device=device)
     with torch.no_grad():
-        assert torch.allclose(fast(idx), book(idx), atol=1e-5)
+        assert torch.allclose(fast(idx), book(idx), atol=1e-5 if device == "cpu" else 1e-4)
     torch.manual_seed(0)
     mha = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4).eval()
     sdpa = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="sdpa").eval()
@@ -1388,31 +1549,31 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
         assert torch.allclose(v, accum["model"][k], atol=1e-5), k
 
 
-def test_fused_adamw_takes_the_same_step():
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_adamw_takes_the_same_step(device):
     torch.manual_seed(0)
-    models = [ch04.GPTModel(TINY), ch04.GPTModel(TINY)]
+    models = [ch04.GPTModel(TINY).to(device), ch04.GPTModel(TINY).to(device)]
     models[1].load_state_dict(models[0].state_dict())
-    args = argparse.Namespace(lr=1e-3, weight_decay=0.1, fast=False)
-    optimizers = [ch05.make_optimizer(models[0], args, torch.device("cpu")),
-                  ch05.make_optimizer(models[1], argparse.Namespace(**{**vars(args), "fast": True}),
-                                      torch.device("cpu"))]
+    optimizers = [ch05.make_optimizer(models[0], 1e-3, 0.1),
+                  ch05.make_optimizer(models[1], 1e-3, 0.1, fused=True)]
     assert optimizers[1].defaults["fused"] and not optimizers[0].defaults["fused"]
     x, y = torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8))
     for _ in range(3):
         for model, opt in zip(models, optimizers):
             opt.zero_grad()
-            ch05.calc_loss_batch(x, y, model, "cpu").backward()
+            ch05.calc_loss_batch(x, y, model, device).backward()
             opt.step()
     for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
 
 
-def test_fast_training_command_runs_and_resumes_into_the_book_path(tmp_path):
+def test_fast_training_command_runs_and_resumes_into_the_book_path(tmp_path, capsys):
     result = ch05.main(train_args(tmp_path, "--fast", "--max-steps", "3", "--eval-freq", "1"))
-    assert result["state"]["step"] == 2 and len(result["history"]["train_losses"]) == 3
-    # same parameter names: the book's path continues from a fast checkpoint
+    assert result["state"]["step"] == 2 and len(result["history"]["log"]) == 3
+    # same parameter names: the book's path continues from a fast checkpoint, and says so
     ch05.main(train_args(tmp_path, "--max-steps", "5", "--eval-freq", "100",
                          "--resume", str(tmp_path / "checkpoint.pt")))
+    assert "trained with --fast; this run goes without" in capsys.readouterr().out
 
 
 def test_lean_loading_gives_the_plain_paths_logits(tmp_path):
