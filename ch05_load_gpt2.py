@@ -1,7 +1,9 @@
 """Chapter 5 (5.5): Loading pretrained weights from OpenAI.
 
 Defines the book's `download_and_load_gpt2`, `load_gpt2_params_from_tf_ckpt`,
-`assign` and `load_weights_into_gpt`; beyond the book, `load_gpt2_model`
+`assign` and `load_weights_into_gpt`; beyond the book, a reader of OpenAI's
+TensorFlow checkpoint that needs no TensorFlow (`list_tf_variables`,
+`load_tf_variable`, with CRC-32C checks), `load_gpt2_model`
 (converts once to model.pth, then loads offline without TensorFlow) and
 `get_gpt2_tokenizer` (tiktoken's gpt2, or the same encoding built from the
 downloaded encoder.json and vocab.bpe).
@@ -12,7 +14,9 @@ Run:  python ch05_load_gpt2.py --model-size 124M --prompt "Every effort moves yo
 Imports from ch02_data.py, ch04_gpt.py and ch05_train.py.
 """
 import argparse
+import functools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +40,7 @@ def download_and_load_gpt2(model_size, models_dir, base_urls=BASE_URLS):
     """Download GPT-2 `model_size` into models_dir/model_size (files already there are
     kept) and return (settings, params) read from its TensorFlow checkpoint."""
     model_dir = download_gpt2(model_size, models_dir, base_urls)
-    import tensorflow as tf  # only needed here, to read OpenAI's checkpoint format
-    tf_ckpt_path = tf.train.latest_checkpoint(str(model_dir))
+    tf_ckpt_path = latest_checkpoint(model_dir)  # the book: tf.train.latest_checkpoint
     settings = json.loads((model_dir / "hparams.json").read_text(encoding="utf-8"))
     params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
     return settings, params
@@ -57,11 +60,12 @@ def download_gpt2(model_size, models_dir, base_urls=BASE_URLS):
 
 def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
     """{'wte': ..., 'wpe': ..., 'g': ..., 'b': ..., 'blocks': [{'attn': {...}, ...}]}"""
-    import tensorflow as tf
+    # Beyond the book: TensorFlow's functions, or the same from our own reader
+    list_variables, load_variable = checkpoint_functions()
     params = {"blocks": [{} for _ in range(settings["n_layer"])]}
-    for name, _ in tf.train.list_variables(ckpt_path):
+    for name, _ in list_variables(ckpt_path):
         # squeeze: OpenAI stores linear weights as 1x1 convolutions, (1, in, out)
-        variable_array = np.squeeze(tf.train.load_variable(ckpt_path, name))
+        variable_array = np.squeeze(load_variable(ckpt_path, name))
         variable_name_parts = name.split("/")[1:]  # skip the leading "model/"
         target_dict = params
         if variable_name_parts[0].startswith("h"):  # h0, h1, ...: a transformer block
@@ -128,6 +132,212 @@ def load_weights_into_gpt(gpt, params, free_params=False):
     gpt.final_norm.shift = assign(gpt.final_norm.shift, params["b"], "final_norm.shift")
     # GPT-2 ties the output layer to the token embedding
     gpt.out_head.weight = assign(gpt.out_head.weight, params["wte"], "out_head.weight")
+
+
+# ---- Beyond the book: reading OpenAI's checkpoint without TensorFlow ----
+# A TensorFlow checkpoint is two files. PREFIX.index is a sorted table in
+# LevelDB's format: tensor name -> a BundleEntryProto (dtype, shape, shard,
+# offset, size, CRC-32C). PREFIX.data-00000-of-00001 holds each tensor's raw
+# little-endian bytes. Reading them needs only numpy, so GPT-2 loads on any
+# Python, TensorFlow or not.
+
+TF_DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 9: "<i8", 19: "<f2"}  # DataType enum -> numpy
+TABLE_MAGIC = 0xdb4775248b80fb57  # the last 8 bytes of every table file
+
+
+def checkpoint_functions():
+    """(list_variables, load_variable): TensorFlow's where it is installed, else
+    this file's reader, which returns the same arrays, bit for bit."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        say_once("TensorFlow is not installed: reading the checkpoint with ch05_load_gpt2.py's "
+                 "own reader (every tensor's checksum is verified).")
+        return list_tf_variables, load_tf_variable
+    say_once("Reading the checkpoint with TensorFlow.")
+    return tf.train.list_variables, tf.train.load_variable
+
+
+@functools.cache
+def say_once(message):
+    print(message)
+
+
+def latest_checkpoint(model_dir):
+    """The checkpoint prefix that model_dir/checkpoint names (as tf.train.latest_checkpoint
+    returns it), or None."""
+    path = Path(model_dir) / "checkpoint"
+    if not path.is_file():
+        return None
+    found = re.search(r'^model_checkpoint_path:\s*"(.*)"', path.read_text(encoding="utf-8"), re.M)
+    if not found:
+        return None
+    prefix = Path(found.group(1))
+    prefix = prefix if prefix.is_absolute() else Path(model_dir) / prefix
+    return str(prefix) if Path(f"{prefix}.index").is_file() else None
+
+
+CRC32C_TABLE = np.arange(256, dtype=np.uint32)
+for _ in range(8):  # the reflected Castagnoli polynomial, one bit at a time
+    CRC32C_TABLE = (CRC32C_TABLE >> 1) ^ (np.uint32(0x82F63B78) * (CRC32C_TABLE & 1))
+CRC32C_LIST = CRC32C_TABLE.tolist()
+
+
+def crc32c(data, lanes=1 << 14):
+    """The CRC-32C of `data` (bytes). numpy runs `lanes` equal pieces side by
+    side, each from a zero register; then each piece's register joins the
+    running one through the linear map "feed n zero bytes" (crc(A+B) =
+    zeros_n(crc(A)) ^ crc0(B)); a short tail goes byte by byte."""
+    data = np.frombuffer(data, dtype=np.uint8)
+    n = len(data) // lanes
+    crc = 0xFFFFFFFF
+    if n:
+        pieces = data[:n * lanes].reshape(lanes, n)
+        regs = np.zeros(lanes, dtype=np.uint32)
+        for j in range(n):
+            regs = CRC32C_TABLE[(regs ^ pieces[:, j]) & 0xFF] ^ (regs >> 8)
+        zeros = _zero_bytes_map(n)
+        for reg in regs.tolist():
+            crc = (zeros[0][crc & 0xFF] ^ zeros[1][(crc >> 8) & 0xFF] ^
+                   zeros[2][(crc >> 16) & 0xFF] ^ zeros[3][crc >> 24] ^ reg)
+    for byte in data[n * lanes:].tolist():
+        crc = CRC32C_LIST[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _zero_bytes_map(n):
+    """The map "feed n zero bytes" on a CRC register, as four 256-entry tables,
+    one per register byte (the map is linear: the images of the 32 bits suffice)."""
+    images = np.uint32(1) << np.arange(32, dtype=np.uint32)
+    for _ in range(n):
+        images = CRC32C_TABLE[images & 0xFF] ^ (images >> 8)
+    values, tables = np.arange(256), []
+    for byte in range(4):
+        table = np.zeros(256, dtype=np.uint32)
+        for bit in range(8):
+            table ^= np.where((values >> bit) & 1, images[8 * byte + bit], 0).astype(np.uint32)
+        tables.append(table.tolist())
+    return tables
+
+
+def unmask_crc(masked):
+    """TensorFlow stores CRCs masked (rotated and offset), as LevelDB does."""
+    rotated = (masked - 0xa282ead8) & 0xFFFFFFFF
+    return ((rotated >> 17) | (rotated << 15)) & 0xFFFFFFFF
+
+
+def _varint(buf, pos):
+    """The varint (protobuf's and LevelDB's) at buf[pos]: (value, position after it)."""
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(message):
+    """A protobuf message as {field number: [values]}: varints as ints, others as bytes."""
+    fields, pos = {}, 0
+    while pos < len(message):
+        tag, pos = _varint(message, pos)
+        wire = tag & 7
+        if wire == 0:
+            value, pos = _varint(message, pos)
+        elif wire in (1, 5):  # fixed64, fixed32
+            size = 8 if wire == 1 else 4
+            value, pos = message[pos:pos + size], pos + size
+        elif wire == 2:  # length-delimited: bytes, strings, nested messages
+            size, pos = _varint(message, pos)
+            value, pos = message[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"protobuf wire type {wire} is not used by checkpoints")
+        fields.setdefault(tag >> 3, []).append(value)
+    return fields
+
+
+def _table_block(data, handle, source):
+    """The (key, value) entries of the table block that `handle` (offset and size,
+    two varints) points to, after checking the block's checksum."""
+    offset, pos = _varint(handle, 0)
+    size, _ = _varint(handle, pos)
+    block, trailer = data[offset:offset + size], data[offset + size:offset + size + 5]
+    if len(trailer) != 5 or trailer[0] != 0:  # 0: not compressed, as TensorFlow writes it
+        raise ValueError(f"{source} is damaged or incomplete (a table block is cut short).")
+    if unmask_crc(int.from_bytes(trailer[1:], "little")) != crc32c(data[offset:offset + size + 1]):
+        raise ValueError(f"{source} is damaged: a table block fails its checksum.")
+    restarts = int.from_bytes(block[-4:], "little")
+    end, pos, key, entries = len(block) - 4 * (restarts + 1), 0, b"", []
+    while pos < end:  # each key shares a prefix with the previous one
+        shared, pos = _varint(block, pos)
+        unshared, pos = _varint(block, pos)
+        value_size, pos = _varint(block, pos)
+        key = key[:shared] + block[pos:pos + unshared]
+        pos += unshared
+        entries.append((key, block[pos:pos + value_size]))
+        pos += value_size
+    return entries
+
+
+@functools.lru_cache(maxsize=4)
+def _tf_index(prefix, mtime_ns):
+    """{tensor name: its BundleEntryProto's fields} and the number of data shards."""
+    path = Path(f"{prefix}.index")
+    data = path.read_bytes()
+    if len(data) < 48 or int.from_bytes(data[-8:], "little") != TABLE_MAGIC:
+        raise ValueError(f"{path} is not a complete TensorFlow checkpoint index; delete it to "
+                         "download it again.")
+    footer = data[-48:]  # two block handles (the metaindex's, the index's), padding, magic
+    _, pos = _varint(footer, _varint(footer, 0)[1])
+    entries, num_shards = {}, 1
+    for _, handle in _table_block(data, footer[pos:], path):
+        for key, value in _table_block(data, handle, path):
+            fields = _fields(value)
+            if not key:  # the empty key holds the BundleHeaderProto
+                num_shards = fields.get(1, [1])[0]
+                if fields.get(2, [0])[0] != 0:
+                    raise ValueError(f"{path} holds big-endian tensors, which this reader "
+                                     "does not read; install TensorFlow to load it.")
+            else:
+                entries[key.decode("utf-8")] = fields
+    return entries, num_shards
+
+
+def list_tf_variables(ckpt_path):
+    """[(name, shape)] of a checkpoint, sorted by name, as tf.train.list_variables."""
+    entries, _ = _tf_index(str(ckpt_path), Path(f"{ckpt_path}.index").stat().st_mtime_ns)
+    return [(name, _shape(fields)) for name, fields in sorted(entries.items())]
+
+
+def _shape(fields):
+    shape = _fields(fields[2][0]) if 2 in fields else {}  # TensorShapeProto: dim = 2
+    return [_fields(dim).get(1, [0])[0] for dim in shape.get(2, [])]  # Dim: size = 1
+
+
+def load_tf_variable(ckpt_path, name):
+    """One tensor of a checkpoint as a numpy array, as tf.train.load_variable
+    returns it; a tensor whose bytes fail their CRC-32C is refused."""
+    entries, num_shards = _tf_index(str(ckpt_path), Path(f"{ckpt_path}.index").stat().st_mtime_ns)
+    fields = entries[name]
+    dtype = fields.get(1, [0])[0]
+    if dtype not in TF_DTYPES or 7 in fields:  # 7: a tensor saved in slices
+        raise ValueError(f"{name}: this reader reads whole tensors of types {sorted(TF_DTYPES)} "
+                         f"(TensorFlow's DataType numbers), not type {dtype}; install TensorFlow.")
+    shard, offset, size = (fields.get(k, [0])[0] for k in (3, 4, 5))
+    data_path = Path(f"{ckpt_path}.data-{shard:05d}-of-{num_shards:05d}")
+    raw = bytearray(size)  # writable, as TensorFlow's arrays are
+    with open(data_path, "rb") as f:
+        f.seek(offset)
+        got = f.readinto(raw)
+    if got != size:
+        raise ValueError(f"{data_path} is shorter than its index says (an incomplete download?); "
+                         "delete it to download it again.")
+    if 6 in fields and unmask_crc(int.from_bytes(fields[6][0], "little")) != crc32c(raw):
+        raise ValueError(f"{name} in {data_path} fails its checksum (CRC-32C): the file is "
+                         "damaged; delete it to download it again.")
+    return np.frombuffer(raw, dtype=TF_DTYPES[dtype]).reshape(_shape(fields))
 
 
 # ---- Beyond the book: convert once, then load offline ----
@@ -210,14 +420,14 @@ TF_TO_OURS = {
 
 def inspect_checkpoint(model_dir):
     """Rows of (OpenAI variable, shape, where it goes in GPTModel), and the hparams."""
-    import tensorflow as tf
     model_dir = Path(model_dir)
-    ckpt = tf.train.latest_checkpoint(str(model_dir))
+    ckpt = latest_checkpoint(model_dir)
     if ckpt is None:
         raise FileNotFoundError(f"No TensorFlow checkpoint in {model_dir}; run once without "
                                 "--inspect to download it.")
     rows = []
-    for name, shape in tf.train.list_variables(ckpt):
+    list_variables, _ = checkpoint_functions()
+    for name, shape in list_variables(ckpt):
         short = name.split("/", 1)[1]
         block = short.split("/")[0][1:] if short.startswith("h") else None
         key = "h#" + short[len(block) + 1:] if block is not None else short

@@ -443,9 +443,10 @@ def test_untrained_loss_is_near_log_vocab(verdict, tokenizer):
 
 def test_tiny_model_overfits_one_batch(verdict, tokenizer):
     torch.manual_seed(123)
-    model = ch04.GPTModel(TINY)
+    model = ch04.GPTModel({**TINY, "vocab_size": 1000})  # a small vocabulary: 10x faster
     x, y = next(iter(ch02.create_dataloader_v1(verdict, batch_size=2, max_length=16,
                                                stride=16)))
+    x, y = x % 1000, y % 1000
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     first = ch05.calc_loss_batch(x, y, model, "cpu").item()
     for _ in range(50):
@@ -997,6 +998,71 @@ def test_gpt2_unknown_size_and_shape_mismatch():
         gpt2.assign(torch.zeros(4, 4), np.zeros((4, 3)), "trf_blocks.0.att.W_query.weight")
 
 
+def test_crc32c_is_castagnolis_at_every_length():
+    assert gpt2.crc32c(b"123456789") == 0xE3069283  # the standard check value
+    data = np.random.default_rng(0).integers(0, 256, 3 * 64 + 5, dtype=np.uint8).tobytes()
+    for n in (0, 1, 63, 64, 65, len(data)):  # lanes of 64: whole pieces, a tail, both
+        crc = 0xFFFFFFFF
+        for byte in data[:n]:  # the definition, one byte at a time
+            crc = gpt2.CRC32C_LIST[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+        assert gpt2.crc32c(data[:n], lanes=64) == crc ^ 0xFFFFFFFF, n
+
+
+def test_own_reader_returns_tensorflows_arrays_bit_for_bit(tiny_gpt2_files, tmp_path):
+    import tensorflow as tf
+    for name, data in tiny_gpt2_files[0].items():
+        (tmp_path / name).write_bytes(data)
+    prefix = gpt2.latest_checkpoint(tmp_path)
+    assert prefix == tf.train.latest_checkpoint(str(tmp_path))
+    listed = gpt2.list_tf_variables(prefix)
+    assert listed == [(name, list(shape)) for name, shape in tf.train.list_variables(prefix)]
+    for name, _ in listed:
+        ours, theirs = gpt2.load_tf_variable(prefix, name), tf.train.load_variable(prefix, name)
+        assert ours.dtype == theirs.dtype and ours.shape == theirs.shape, name
+        assert ours.tobytes() == theirs.tobytes(), name
+    # a damaged or cut download is named, never loaded
+    data = bytearray(tiny_gpt2_files[0]["model.ckpt.data-00000-of-00001"])
+    data[len(data) // 2] ^= 0x40
+    (tmp_path / "model.ckpt.data-00000-of-00001").write_bytes(data)
+    gpt2._tf_index.cache_clear()
+    damaged = [n for n, _ in listed if _raises(lambda: gpt2.load_tf_variable(prefix, n),
+                                               "fails its checksum")]
+    assert len(damaged) == 1  # exactly the tensor holding the flipped byte
+    (tmp_path / "model.ckpt.data-00000-of-00001").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"shorter than its index says.*delete it"):
+        gpt2.load_tf_variable(prefix, "model/wte")
+    index = tiny_gpt2_files[0]["model.ckpt.index"]
+    (tmp_path / "model.ckpt.index").write_bytes(index[:-10])
+    with pytest.raises(ValueError, match="not a complete TensorFlow checkpoint index"):
+        gpt2.list_tf_variables(prefix)
+    (tmp_path / "model.ckpt.index").write_bytes(index[:20] + bytes([index[20] ^ 1]) + index[21:])
+    with pytest.raises(ValueError, match="a table block fails its checksum"):
+        gpt2.list_tf_variables(prefix)
+
+
+def _raises(fn, message):
+    try:
+        fn()
+    except ValueError as err:
+        assert message in str(err)
+        return True
+    return False
+
+
+def test_gpt2_loads_the_same_without_tensorflow(gpt2_server, tmp_path, monkeypatch, capsys,
+                                                tokenizer):
+    gpt2.say_once.cache_clear()
+    with_tf, _ = gpt2.load_gpt2_model("tiny", tmp_path / "a", base_urls=[gpt2_server.url + "/primary"])
+    assert "Reading the checkpoint with TensorFlow" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # importing it now fails
+    without_tf, _ = gpt2.load_gpt2_model("tiny", tmp_path / "b",
+                                         base_urls=[gpt2_server.url + "/primary"])
+    assert "TensorFlow is not installed: reading the checkpoint with" in capsys.readouterr().out
+    ids = torch.tensor([tokenizer.encode("Every effort moves you")])
+    with torch.no_grad():
+        assert torch.equal(without_tf(ids), with_tf(ids))
+
+
 def test_converted_weights_load_offline_without_tensorflow(gpt2_server, tmp_path, monkeypatch,
                                                            tokenizer):
     model, cfg = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary"])
@@ -1462,8 +1528,9 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, stub_ollama, capsys):
 @pytest.mark.parametrize("impl", ["book", "sdpa"])
 def test_cached_generation_equals_uncached(impl, device):
     torch.manual_seed(0)
-    model = ch04.GPTModel({**TINY, "context_length": 16, "attn_impl": impl}).to(device).eval()
-    idx = torch.randint(0, 50257, (2, 5), device=device)
+    model = ch04.GPTModel({**TINY, "context_length": 16, "attn_impl": impl,
+                           "vocab_size": 1000}).to(device).eval()
+    idx = torch.randint(0, 1000, (2, 5), device=device)
     # 30 new tokens: the 16-token window fills up, and the cache falls back to recomputing
     greedy = ch05.generate(model, idx, 30, 16)
     assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=True), greedy)
