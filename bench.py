@@ -353,13 +353,14 @@ def main(args):
 
 
 if __name__ == "__main__":
+    from ch02_data import interrupted, number
     parser = argparse.ArgumentParser(
         description="Measure training speed, generation speed, loading memory and dataset "
                     "cost of the book's paths against the fast ones, on this machine.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a small model and one repeat: under a minute")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=number(int, at_least=1), default=None,
                         help="runs of each variant (default: 3, or 1 with --quick)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     parser.add_argument("--passive", action="store_true",
@@ -373,4 +374,7 @@ if __name__ == "__main__":
         sys.path.insert(0, str(HERE))
         print(json.dumps(CHILDREN[args.child](args.variant, json.loads(args.params))))
     else:
-        main(args)
+        try:
+            main(args)
+        except KeyboardInterrupt:
+            interrupted("No results were written.")

@@ -9,8 +9,10 @@ Imports no earlier chapter file.
 """
 import argparse
 import contextlib
+import json
 import math
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -88,6 +90,12 @@ def number(kind=int, at_least=None, above=None, below=None, at_most=None):
     return parse
 
 
+def interrupted(kept):
+    """Ctrl-C in a command: one line saying what was kept, and exit status 130."""
+    print(f"\nInterrupted. {kept}", file=sys.stderr)
+    sys.exit(130)
+
+
 class IncompleteDownload(IOError):
     pass
 
@@ -97,19 +105,36 @@ class DownloadError(RuntimeError):
 
 
 def _fetch_into(url, part, timeout, desc):
-    """Append the rest of `url` to `part`, resuming with an HTTP Range request."""
+    """Append the rest of `url` to `part`, resuming with an HTTP Range request.
+
+    `part` is resumed only when its note (PART.json) says it came from the same
+    URL; If-Range then carries the server's ETag or Last-Modified, so a file
+    that changed on the server is sent whole and starts over."""
+    note = part.with_name(part.name + ".json")
     have = part.stat().st_size if part.exists() else 0
+    try:
+        saved = json.loads(note.read_text(encoding="utf-8")) if have else {}
+    except (OSError, ValueError):
+        saved = {}
+    if saved.get("url") != url:  # a .part of unknown origin is never appended to
+        have = 0
     # identity: Content-Length must count the bytes we write, not gzip'd ones
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
+        if saved.get("validator"):
+            headers["If-Range"] = saved["validator"]
     with requests.get(url, stream=True, timeout=timeout, headers=headers) as r:
         if have and r.status_code == 416:  # our .part is already as long as the file, or longer
             part.unlink()
             raise IncompleteDownload(f"{url}: partial file did not match; starting over")
         r.raise_for_status()
-        if r.status_code != 206:  # the server ignored Range: start from byte 0
+        if r.status_code != 206:  # the server ignored Range, or the file changed: byte 0
             have = 0
+            validator = r.headers.get("ETag", "")
+            validator = r.headers.get("Last-Modified") if validator.startswith("W/") or \
+                not validator else validator  # If-Range takes strong validators only
+            write_text_atomic(note, json.dumps({"url": url, "validator": validator}))
         if r.status_code == 206 and "Content-Range" in r.headers:
             total = int(r.headers["Content-Range"].rsplit("/", 1)[-1])
         elif "Content-Length" in r.headers:
@@ -146,6 +171,7 @@ def download_file(url, destination, backup_urls=(), retries=3, backoff=1.0, time
             try:
                 _fetch_into(u, part, timeout, desc=destination.name)
                 part.replace(destination)
+                part.with_name(part.name + ".json").unlink(missing_ok=True)
                 return destination
             except requests.HTTPError as err:
                 failures.append(f"{u}: {err}")
@@ -393,13 +419,15 @@ if __name__ == "__main__":
                              "the-verdict.txt into --data-dir")
     parser.add_argument("--data-dir", default="data",
                         help="folder for downloaded data")
-    parser.add_argument("--batch-size", type=int, default=8,
+    parser.add_argument("--batch-size", type=number(int, at_least=1), default=8,
                         help="batch size of the embedding demo")
-    parser.add_argument("--max-length", type=int, default=4,
+    parser.add_argument("--max-length", type=number(int, at_least=1), default=4,
                         help="tokens per window (and context length) in the embedding demo")
-    parser.add_argument("--emb-dim", type=int, default=256,
+    parser.add_argument("--emb-dim", type=number(int, at_least=1), default=256,
                         help="embedding size in the embedding demo")
     try:
         main(parser.parse_args())
-    except (FileNotFoundError, ValueError, DownloadError) as err:
+    except KeyboardInterrupt:
+        interrupted("A cut download's .part file is kept and resumes next time.")
+    except (OSError, ValueError, DownloadError) as err:
         raise SystemExit(f"error: {err}")

@@ -15,6 +15,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 
+from ch02_data import number
 from ch03_attention import KVCache, MultiHeadAttention
 
 GPT_CONFIG_124M = {
@@ -287,7 +288,7 @@ if __name__ == "__main__":
                     "the untrained model continue a prompt.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--prompt", default="Hello, I am", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=10,
+    parser.add_argument("--max-new-tokens", type=number(int, at_least=1), default=10,
                         help="tokens to generate")
     parser.add_argument("--model", default="124M", choices=list(MODEL_CONFIGS),
                         help="model size (the book uses 124M)")

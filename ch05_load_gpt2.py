@@ -23,7 +23,7 @@ import numpy as np
 import tiktoken
 import torch
 
-from ch02_data import DownloadError, download_file
+from ch02_data import DownloadError, download_file, interrupted, number
 from ch04_gpt import GPT_CONFIG_124M, GPTModel, get_device
 from ch05_train import build_lean, save_checkpoint, stream_text, text_to_token_ids
 
@@ -52,10 +52,59 @@ def download_gpt2(model_size, models_dir, base_urls=BASE_URLS):
         raise ValueError(f"Unknown GPT-2 model size {model_size!r}; "
                          f"the sizes are {', '.join(ALLOWED_SIZES)}.")
     model_dir = Path(models_dir) / model_size
+
+    def fetch(name):
+        urls = [f"{base.rstrip('/')}/{model_size}/{name}" for base in base_urls]
+        download_file(urls[0], model_dir / name, backup_urls=urls[1:])
+
     for filename in FILENAMES:
-        urls = [f"{base.rstrip('/')}/{model_size}/{filename}" for base in base_urls]
-        download_file(urls[0], model_dir / filename, backup_urls=urls[1:])
+        fetch(filename)
+    # Beyond the book: a file is used only if it is whole. A damaged one (an error
+    # page saved as JSON, a cut download) is moved aside and fetched once more.
+    for filename in CHECKED_IN_ORDER:
+        path = model_dir / filename
+        problem = gpt2_file_problem(path)
+        if problem:
+            print(f"{path} is damaged ({problem}); moved aside to {path.name}.damaged and "
+                  "downloading it again.")
+            path.replace(path.with_name(path.name + ".damaged"))
+            fetch(filename)
+            problem = gpt2_file_problem(path)
+            if problem:
+                path.replace(path.with_name(path.name + ".damaged"))
+                raise DownloadError(f"{path} is damaged ({problem}), also when downloaded "
+                                    "again (kept as .damaged): the server may be sending an "
+                                    "error page. Try later, or another --base-url.")
     return model_dir
+
+
+# the index before the data file: the data file's size follows from the index
+CHECKED_IN_ORDER = ("checkpoint", "hparams.json", "encoder.json", "vocab.bpe", "model.ckpt.index",
+                    "model.ckpt.data-00000-of-00001")
+
+
+def gpt2_file_problem(path):
+    """What is wrong with a downloaded GPT-2 file, or None when it is whole."""
+    name = path.name
+    try:
+        if name in ("hparams.json", "encoder.json"):
+            json.loads(path.read_text(encoding="utf-8"))
+        elif name == "vocab.bpe" and not path.read_text(encoding="utf-8").startswith("#version"):
+            return "not a BPE merges file"
+        elif name == "checkpoint" and "model_checkpoint_path" not in path.read_text(
+                encoding="utf-8"):
+            return "it names no checkpoint"
+        elif name == "model.ckpt.index":
+            list_tf_variables(path.with_suffix(""))
+        elif name.startswith("model.ckpt.data"):
+            prefix = path.with_name("model.ckpt")
+            entries, _ = _tf_index(str(prefix), Path(f"{prefix}.index").stat().st_mtime_ns)
+            expected = max(f.get(4, [0])[0] + f.get(5, [0])[0] for f in entries.values())
+            if path.stat().st_size != expected:
+                return f"{path.stat().st_size:,} bytes where its index says {expected:,}"
+    except (ValueError, UnicodeDecodeError) as err:
+        return str(err).split(";")[0]
+    return None
 
 
 def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
@@ -360,15 +409,19 @@ def load_gpt2_model(model_size="124M", models_dir="gpt2", drop_rate=0.0, base_ur
     pth, hparams = model_dir / "model.pth", model_dir / "hparams.json"
     if pth.exists() and hparams.exists():
         cfg = config_from_settings(json.loads(hparams.read_text(encoding="utf-8")), drop_rate)
-        state_dict = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
-        model = build_lean(lambda: GPTModel(cfg), state_dict, source=str(pth))
-    else:
-        settings, params = download_and_load_gpt2(model_size, models_dir, base_urls)
-        cfg = config_from_settings(settings, drop_rate)
-        model = GPTModel(cfg)
-        load_weights_into_gpt(model, params, free_params=True)
-        save_checkpoint(pth, model.state_dict())
-        print(f"Saved the converted weights to {pth}; later runs load them offline.")
+        try:
+            state_dict = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # a cut or damaged file: convert the checkpoint again
+            print(f"{pth} is damaged; moved aside to model.pth.damaged, converting again.")
+            pth.replace(pth.with_name("model.pth.damaged"))
+        else:
+            return build_lean(lambda: GPTModel(cfg), state_dict, source=str(pth)).eval(), cfg
+    settings, params = download_and_load_gpt2(model_size, models_dir, base_urls)
+    cfg = config_from_settings(settings, drop_rate)
+    model = GPTModel(cfg)
+    load_weights_into_gpt(model, params, free_params=True)
+    save_checkpoint(pth, model.state_dict())
+    print(f"Saved the converted weights to {pth}; later runs load them offline.")
     return model.eval(), cfg
 
 
@@ -511,10 +564,11 @@ if __name__ == "__main__":
                         help="a mirror to try before OpenAI's URL and the book's backup; it "
                              "must hold SIZE/FILENAME like the originals")
     parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=25, help="tokens to generate")
-    parser.add_argument("--temperature", type=float, default=1.5,
+    parser.add_argument("--max-new-tokens", type=number(int, at_least=1), default=25,
+                        help="tokens to generate")
+    parser.add_argument("--temperature", type=number(float, at_least=0), default=1.5,
                         help="sampling temperature; 0 is greedy decoding")
-    parser.add_argument("--top-k", type=int, default=50,
+    parser.add_argument("--top-k", type=number(int, at_least=1), default=50,
                         help="sample only among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=123, help="random seed")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
@@ -528,5 +582,8 @@ if __name__ == "__main__":
                         help="print the tokens nearest to A - B + C, e.g. king man woman")
     try:
         main(parser.parse_args())
-    except (ValueError, FileNotFoundError, DownloadError) as err:
+    except KeyboardInterrupt:
+        interrupted("Files downloaded so far are kept; a cut download's .part file resumes "
+                    "next time.")
+    except (ValueError, OSError, DownloadError) as err:
         raise SystemExit(f"error: {err}")

@@ -435,7 +435,11 @@ class ResumableSampler(Sampler):
 def save_checkpoint(path, checkpoint):
     """torch.save via a temporary file: a crash keeps the previous checkpoint."""
     with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+        try:
+            torch.save(checkpoint, tmp)
+        except RuntimeError as err:  # a full disk shows as PyTorch's "enforce fail ..."
+            raise OSError(f"Could not write {path}: {str(err).splitlines()[0][:200]} (is the "
+                          "disk full?); the previous file is kept.") from None
 
 
 def load_checkpoint(path, map_location="cpu", mmap=False):
@@ -444,9 +448,10 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as err:
-        raise ValueError(f"Could not read the checkpoint {path}: it is corrupt or not a "
-                         f"PyTorch checkpoint ({type(err).__name__}: {err}).") from None
+    except Exception as err:  # PyTorch's own text may advise weights_only=False: never pass it on
+        raise ValueError(f"Could not read the checkpoint {path}: it is damaged or not a PyTorch "
+                         f"checkpoint ({type(err).__name__}). Delete it, or name another "
+                         "file.") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(f"{path} is not a checkpoint written by ch05_train.py "
                          "(it has no 'model' entry).")
@@ -1222,5 +1227,5 @@ if __name__ == "__main__":
     except KeyboardInterrupt:  # before training began: loading data, compiling
         print("Interrupted before training began; nothing was saved.", file=sys.stderr)
         sys.exit(130)
-    except (ValueError, FileNotFoundError, Diverged, DownloadError) as err:
+    except (ValueError, OSError, Diverged, DownloadError) as err:  # OSError names its path
         sys.exit(f"error: {err}")

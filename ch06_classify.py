@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ch05_train
-from ch02_data import DownloadError, atomic_path, download_file, number, write_text_atomic
+from ch02_data import (DownloadError, atomic_path, download_file, interrupted, number,
+                       write_text_atomic)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
@@ -509,5 +510,8 @@ def build_parser():
 if __name__ == "__main__":
     try:
         main(parse_finetuning_args(build_parser()))
-    except (ValueError, FileNotFoundError, DownloadError) as err:
+    except KeyboardInterrupt:
+        interrupted("classifier.pth is written only when training ends, so nothing of this "
+                    "run was saved; downloads so far are kept.")
+    except (ValueError, OSError, DownloadError) as err:
         raise SystemExit(f"error: {err}")

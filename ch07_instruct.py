@@ -26,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ch02_data import DownloadError, download_file, read_text, write_text_atomic
+from ch02_data import (DownloadError, download_file, interrupted, number, read_text,
+                       write_text_atomic)
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import get_gpt2_tokenizer, load_gpt2_model
 from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, plot_losses,
@@ -397,13 +398,13 @@ def build_parser():
     parser.add_argument("--data", default=None, metavar="JSON",
                         help="a local instruction-data.json; default: download it")
     parser.add_argument("--data-dir", default="data", help="folder for downloaded data")
-    parser.add_argument("--limit", type=int, default=None,
+    parser.add_argument("--limit", type=number(int, at_least=1), default=None,
                         help="use only the first N entries of each split (quick runs)")
     parser.add_argument("--mask-instructions", action="store_true",
                         help="compute the loss on the response tokens only (exercise 7.2)")
     add_finetuning_arguments(parser, model_size="355M", epochs=2, batch_size=8, eval_freq=5,
                              batch_unit="entries")
-    parser.add_argument("--max-new-tokens", type=int, default=256,
+    parser.add_argument("--max-new-tokens", type=number(int, at_least=1), default=256,
                         help="longest response to generate")
     parser.add_argument("--out", default="runs/ch07",
                         help="folder for the finetuned model, responses and plots")
@@ -419,5 +420,8 @@ def build_parser():
 if __name__ == "__main__":
     try:
         main(parse_finetuning_args(build_parser()))
-    except (ValueError, FileNotFoundError, DownloadError, JudgeUnavailable) as err:
+    except KeyboardInterrupt:
+        interrupted("Files already written (the finetuned model, responses) are kept; a "
+                    "model or response file is only ever written whole.")
+    except (ValueError, OSError, DownloadError, JudgeUnavailable) as err:
         raise SystemExit(f"error: {err}")

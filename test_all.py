@@ -61,22 +61,27 @@ class FileServer:
     """Serves `files` ({url path: bytes}) on 127.0.0.1 with Range support.
 
     `cut_short` names paths whose next response stops halfway; `missing` names
-    paths that answer 404; every request is logged in `requests`.
+    paths that answer 404; `wrong_once` ({path: bytes}) is served, with status
+    200, instead of the file, once. Each file has an ETag, and an If-Range that
+    does not match it gets the whole file. Every request is logged in `requests`.
     """
 
     def __init__(self, files):
         self.files, self.cut_short, self.missing, self.requests = dict(files), set(), set(), []
+        self.wrong_once = {}
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Range")))
-                data = server.files.get(self.path)
+                data = server.wrong_once.pop(self.path, None) or server.files.get(self.path)
                 if data is None or self.path in server.missing:
                     self.send_error(404)
                     return
-                start = 0
+                start, etag = 0, f'"{hash(data) & 0xFFFFFFFF:x}"'
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if self.headers.get("If-Range", etag) != etag:
+                    match = None  # the file changed since the part was fetched: send it whole
                 if match:
                     start = int(match.group(1))
                     if start >= len(data):
@@ -88,6 +93,7 @@ class FileServer:
                     self.send_response(200)
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("ETag", etag)
                 self.end_headers()
                 if self.path in server.cut_short:
                     server.cut_short.discard(self.path)
@@ -756,12 +762,27 @@ def test_a_second_run_on_the_same_out_is_refused_until_the_first_ends(tmp_path):
     ch05.main(train_args(tmp_path, "--max-steps", "1"))  # the lock died with its process
 
 
-def test_checkpoint_errors(tmp_path):
+def test_checkpoint_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
         ch05.main(train_args(tmp_path, "--resume", str(tmp_path / "none.pt")))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt"):
+    with pytest.raises(ValueError, match="damaged or not a PyTorch checkpoint") as err:
         ch05.load_checkpoint(tmp_path / "bad.pt")
+    torch.save({"model": {}, "odd": argparse.Namespace()}, tmp_path / "pickled.pt")
+    with pytest.raises(ValueError, match="damaged or not a PyTorch checkpoint") as err:
+        ch05.load_checkpoint(tmp_path / "pickled.pt")
+    assert "weights_only" not in str(err.value)
+    # a full disk: PyTorch's words become one line, and the previous file stays
+    ch05.save_checkpoint(tmp_path / "c.pt", {"model": {}, "step": 1})
+
+    def disk_full(obj, f):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"Could not write .*c\.pt: \[enforce fail.*disk full"):
+        ch05.save_checkpoint(tmp_path / "c.pt", {"model": {}, "step": 2})
+    monkeypatch.undo()
+    assert ch05.load_checkpoint(tmp_path / "c.pt")["step"] == 1
+    assert not list(tmp_path.glob("*.tmp"))
     torch.save({"model": {}, "step": 3}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="older ch05_train.py"):
         ch05.main(train_args(tmp_path, "--resume", str(tmp_path / "old.pt")))
@@ -980,6 +1001,58 @@ def test_gpt2_download_falls_back_and_resumes(gpt2_server, tmp_path):
     n = len(gpt2_server.requests)
     gpt2.download_and_load_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary"])
     assert len(gpt2_server.requests) == n  # complete files are not fetched again
+
+
+def test_damaged_gpt2_downloads_are_fetched_again(gpt2_server, tiny_gpt2_files, tmp_path,
+                                                  capsys):
+    files, variables = tiny_gpt2_files
+    data_name = "model.ckpt.data-00000-of-00001"
+    gpt2_server.wrong_once.update({  # an error page with status 200, and a cut file
+        "/primary/tiny/hparams.json": b"<html><body>503 Service Unavailable</body></html>",
+        f"/primary/tiny/{data_name}": files[data_name][:100]})
+    model_dir = gpt2.download_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary"])
+    out = capsys.readouterr().out
+    assert "hparams.json is damaged (Expecting value" in out
+    assert f"{data_name} is damaged (100 bytes where its index says" in out
+    for name in gpt2.FILENAMES:  # every file under its final name is whole
+        assert (model_dir / name).read_bytes() == files[name], name
+    assert (model_dir / "hparams.json.damaged").exists()
+    # damaged again on the second try: one clear error, and nothing kept as hparams.json
+    (model_dir / "hparams.json").write_text("{not json", encoding="utf-8")
+    gpt2_server.wrong_once["/primary/tiny/hparams.json"] = b"<html>still down</html>"
+    with pytest.raises(ch02.DownloadError, match=r"hparams\.json is damaged .*also when "
+                                                 r"downloaded again.*--base-url"):
+        gpt2.download_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary"])
+    assert not (model_dir / "hparams.json").exists()
+
+
+def test_a_part_file_is_resumed_only_when_it_is_the_same_files(file_server, tmp_path):
+    data = bytes(range(256)) * 40
+    server = file_server({"/f.bin": data})
+    part = tmp_path / "f.bin.part"
+    part.write_bytes(b"bytes of some other file")  # no note: of unknown origin
+    ch02.download_file(server.url + "/f.bin", tmp_path / "f.bin")
+    assert (tmp_path / "f.bin").read_bytes() == data and server.requests[-1][1] is None
+    assert not list(tmp_path.glob("*.part*"))
+    # a part of this URL, but the file changed on the server since: If-Range restarts it
+    part.write_bytes(data[:1000])
+    (tmp_path / "f.bin.part.json").write_text(json.dumps(
+        {"url": server.url + "/f.bin", "validator": '"an-older-etag"'}), encoding="utf-8")
+    (tmp_path / "f.bin").unlink()
+    server.files["/f.bin"] = data[::-1]
+    ch02.download_file(server.url + "/f.bin", tmp_path / "f.bin")
+    assert (tmp_path / "f.bin").read_bytes() == data[::-1]
+
+
+def test_a_damaged_converted_model_is_converted_again(gpt2_server, tmp_path, capsys):
+    base = [gpt2_server.url + "/primary"]
+    model, _ = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
+    pth = tmp_path / "tiny" / "model.pth"
+    pth.write_bytes(pth.read_bytes()[:1000])
+    again, _ = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
+    assert "model.pth is damaged; moved aside" in capsys.readouterr().out
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values()))
 
 
 def test_gpt2_download_that_keeps_failing_says_what_to_do(gpt2_server, tmp_path):
@@ -1520,6 +1593,29 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, stub_ollama, capsys):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count(">>> ") == 2
+    # Ctrl-C at the prompt: one line, exit status 130, no traceback
+    chat = subprocess.Popen(proc.args, cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    shown = ""
+    while not shown.endswith(">>> "):
+        char = chat.stdout.read(1)
+        assert char, chat.stderr.read()[-2000:]
+        shown += char
+    chat.send_signal(signal.SIGINT)
+    _, err = chat.communicate(timeout=60)
+    assert chat.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert "Interrupted. Files already written (the finetuned model, responses) are kept" in err
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--epochs", "0", "must be at least 1, got 0"), ("--lr", "-0.1", "must be above 0, got -0.1"),
+    ("--eval-freq", "0", "must be at least 1"), ("--batch-size", "two", "expected a whole number"),
+    ("--limit", "0", "must be at least 1"), ("--max-new-tokens", "-5", "must be at least 1")])
+def test_finetuning_flags_refuse_values_out_of_range(flag, value, words, capsys):
+    for chapter in (ch07,) if flag in ("--limit", "--max-new-tokens") else (ch06, ch07):
+        with pytest.raises(SystemExit) as exit_:
+            chapter.build_parser().parse_args([flag, value])
+        assert exit_.value.code == 2 and f"argument {flag}: {words}" in capsys.readouterr().err
 
 
 # ======================= Speed: KV cache, fast kernels, lean loading =======================
