@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import ch05_train
 from ch02_data import (DownloadError, atomic_path, download_file, interrupted, number,
-                       write_text_atomic)
+                       utf8_error, write_text_atomic)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
@@ -44,14 +44,23 @@ LABELS = {"ham": 0, "spam": 1}
 # ---- 6.2 Preparing the dataset ----
 
 def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path,
-                                 backup_urls=(SPAM_BACKUP_URL,)):
+                                 backup_urls=(SPAM_BACKUP_URL,), reuse_extracted=True):
     data_file_path = Path(data_file_path)
-    if data_file_path.exists():
+    if reuse_extracted and data_file_path.exists():  # beyond the book: a named zip is used
         print(f"{data_file_path} already exists. Skipping download and extraction.")
         return data_file_path
     download_file(url, zip_path, backup_urls=backup_urls)  # reuses an existing zip
-    with zipfile.ZipFile(zip_path, "r") as zip_ref:
-        zip_ref.extractall(extracted_path)
+    try:  # beyond the book: a damaged zip, or one without the data, is named
+        with zipfile.ZipFile(zip_path, "r") as zip_ref:
+            names = zip_ref.namelist()
+            if "SMSSpamCollection" not in names:
+                raise ValueError(f"{zip_path} holds no SMSSpamCollection file (it holds "
+                                 f"{', '.join(names[:5]) or 'nothing'}); give the UCI SMS Spam "
+                                 "Collection zip.")
+            zip_ref.extractall(extracted_path)
+    except zipfile.BadZipFile as err:
+        raise ValueError(f"{zip_path} is not a whole zip file ({err}): delete it to download "
+                         "it again, or name another with --data.") from None
     # Add a .tsv extension: the file is tab-separated
     (Path(extracted_path) / "SMSSpamCollection").replace(data_file_path)
     print(f"Extracted {zip_path} to {data_file_path}")
@@ -318,11 +327,29 @@ def load_classifier(path, device="cpu"):
             f"`python ch06_classify.py --out {path.parent}` (or --no-pretrained on a machine "
             "without the GPT-2 weights), then run --classify again with the same --out.")
     saved = load_checkpoint(path, map_location="cpu", mmap=True)
+    if "settings" not in saved:
+        raise ValueError(f"{path} is not a classifier saved by ch06_classify.py (a chapter 5 "
+                         f"checkpoint?); train one with `python ch06_classify.py --out "
+                         f"{path.parent}`.")
     settings = saved["settings"]
     model = build_lean(lambda: prepare_classifier(
         GPTModel(settings["cfg"]), settings["cfg"], settings["trainable"], settings["lora_rank"],
         settings["lora_alpha"]), saved["model"], source=str(path))
     return model.to(device).eval(), settings
+
+
+def texts_of_file(path):
+    """The non-empty lines of a UTF-8 text file, or an error naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--classify-file {path}: no such file"
+                                f"{' (it is a folder)' if path.is_dir() else ''}.")
+    try:
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise utf8_error(path, err) from None
+    if not texts:
+        raise ValueError(f"--classify-file {path} has no text to classify (no non-empty line).")
+    return texts
 
 
 def classify_texts(texts, path, device):
@@ -344,9 +371,10 @@ def main(args):
     classifier_path = Path(args.out) / "classifier.pth"
     if args.classify or args.classify_file:
         texts = list(args.classify or [])
+        if not all(text.strip() for text in texts):
+            raise ValueError("--classify got an empty text: give each message in quotes.")
         if args.classify_file:
-            lines = Path(args.classify_file).read_text(encoding="utf-8").splitlines()
-            texts += [line for line in lines if line.strip()]
+            texts += texts_of_file(Path(args.classify_file))
         return {"classified": classify_texts(texts, classifier_path, device)}
 
     refuse_overwrite([classifier_path], args.overwrite,
@@ -354,10 +382,18 @@ def main(args):
     start = time.perf_counter()
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    if args.data and not Path(args.data).is_file():
+        raise FileNotFoundError(f"--data {args.data}: no such file.")
     data_file = download_and_unzip_spam_data(
         SPAM_URL, args.data or data_dir / "sms_spam_collection.zip",
-        data_dir / "sms_spam_collection", data_dir / "SMSSpamCollection.tsv")
+        data_dir / "sms_spam_collection", data_dir / "SMSSpamCollection.tsv",
+        reuse_extracted=not args.data)
     rows = read_spam_data(data_file)
+    counts = {label: sum(r[0] == label for r in rows) for label in LABELS}
+    if min(counts.values()) < 10:  # fewer leave a split empty
+        raise ValueError(f"{data_file} has {counts['ham']} ham and {counts['spam']} spam "
+                         "messages; the balanced splits need at least 10 of each (the book's "
+                         "file has 4,825 and 747).")
     balanced = create_balanced_dataset(rows)
     print(f"Messages: {len(rows)}; balanced: {len(balanced)} "
           f"({sum(r[0] == 'spam' for r in balanced)} spam)")

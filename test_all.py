@@ -1400,6 +1400,70 @@ def test_chapter6_end_to_end_then_classify(tmp_path, capsys):
         ch06.main(args)
 
 
+def spam_zip(path, members):
+    import zipfile
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in members.items():
+            z.writestr(name, text)
+    return path
+
+
+def bad_chapter6_input(tmp_path, case):
+    """(extra flags, expected error type, message pattern) for one bad input."""
+    real_zip = (SHARED / "data" / "sms_spam_collection.zip").read_bytes()
+    (tmp_path / "cut.zip").write_bytes(real_zip[:len(real_zip) // 2])
+    (tmp_path / "page.zip").write_text("<html>Not found</html>", encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    (tmp_path / "latin.txt").write_bytes("Gagnez un café".encode("latin-1"))
+    (tmp_path / "folder").mkdir()
+    return {
+        "not a zip": (["--data", str(tmp_path / "page.zip")], ValueError,
+                      r"page\.zip is not a whole zip file .*delete it"),
+        "cut zip": (["--data", str(tmp_path / "cut.zip")], ValueError, r"cut\.zip is not a whole"),
+        "no data in the zip": (["--data", str(spam_zip(tmp_path / "other.zip",
+                                                       {"readme.txt": "hi"}))],
+                               ValueError, r"holds no SMSSpamCollection file \(it holds readme"),
+        "one label": (["--data", str(spam_zip(tmp_path / "ham.zip",
+                                              {"SMSSpamCollection": "ham\thello\n" * 30}))],
+                      ValueError, r"has 30 ham and 0 spam messages; .* at least 10 of each"),
+        "missing zip": (["--data", str(tmp_path / "none.zip")], FileNotFoundError,
+                        r"--data .*none\.zip: no such file"),
+        "empty --classify": (["--classify", " "], ValueError, "--classify got an empty text"),
+        "empty file": (["--classify-file", str(tmp_path / "empty.txt")], ValueError,
+                       r"empty\.txt has no text to classify"),
+        "folder": (["--classify-file", str(tmp_path / "folder")], FileNotFoundError,
+                   r"folder: no such file \(it is a folder\)"),
+        "not UTF-8": (["--classify-file", str(tmp_path / "latin.txt")], ValueError,
+                      r"latin\.txt is not UTF-8"),
+        "a chapter 5 checkpoint": (["--classify", "Free prize"], ValueError,
+                                   r"classifier\.pth is not a classifier saved by "
+                                   r"ch06_classify\.py"),
+    }[case]
+
+
+@pytest.mark.parametrize("case", ["not a zip", "cut zip", "no data in the zip", "one label",
+                                  "missing zip", "empty --classify", "empty file", "folder",
+                                  "not UTF-8", "a chapter 5 checkpoint"])
+def test_chapter6_bad_inputs_get_one_clear_error(case, tmp_path):
+    extra, error, message = bad_chapter6_input(tmp_path, case)
+    ch05.save_checkpoint(tmp_path / "out" / "classifier.pth", {"model": {}, "step": 3})
+    args = ch06.parse_finetuning_args(ch06.build_parser(), [
+        "--data-dir", str(tmp_path / "data"), "--model-size", "tiny", "--no-pretrained",
+        "--out", str(tmp_path / "out"), "--device", "cpu", "--overwrite", *extra])
+    with pytest.raises(error, match=message):
+        ch06.main(args)
+    assert not (tmp_path / "data" / "SMSSpamCollection.tsv").exists() or case == "one label"
+
+
+def test_a_named_zip_is_used_even_when_an_extracted_file_exists(tmp_path):
+    tsv = tmp_path / "SMSSpamCollection.tsv"
+    for text in ("ham\tfirst\n", "spam\tsecond\n"):
+        ch06.download_and_unzip_spam_data(
+            "http://127.0.0.1:9/unused", spam_zip(tmp_path / "d.zip", {"SMSSpamCollection": text}),
+            tmp_path / "x", tsv, reuse_extracted=False)
+        assert tsv.read_text(encoding="utf-8") == text
+
+
 # ======================= Chapter 7: instruction finetuning =======================
 
 import io  # noqa: E402
