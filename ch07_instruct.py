@@ -183,13 +183,19 @@ def query_model(prompt, model="llama3", url=OLLAMA_URL, timeout=300):
             for line in response.iter_lines():
                 if not line:
                     continue
-                message = json.loads(line)
+                try:
+                    message = json.loads(line)
+                except ValueError:  # beyond the book: this entry fails, not the run
+                    raise ValueError(f"a reply that is not Ollama's JSON: {line[:60]!r}") from None
                 if "error" in message:
                     raise JudgeUnavailable(f"The Ollama server at {url} said: {message['error']}")
                 response_data += message.get("message", {}).get("content", "")
                 if message.get("done"):
                     break
             return response_data
+    except requests.Timeout:
+        raise JudgeUnavailable(f"The Ollama server at {url} answered the check, but gave no "
+                               f"answer within {timeout} s.") from None
     except requests.RequestException as err:
         raise JudgeUnavailable(
             f"No Ollama server answered at {url} ({type(err).__name__}). Start one with "
@@ -205,31 +211,51 @@ def check_if_running(url=OLLAMA_URL, timeout=3):
         return False
 
 
-def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL):
+def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, scores_path=None,
+                          timeout=300):
     """Scores 0-100 from the judge; an answer that is not such a number is reported
-    and left out."""
-    scores, failed = [], []
-    for i, entry in enumerate(tqdm(json_data, desc="Scoring entries")):
-        prompt = (
-            f"Given the input `{format_input(entry)}` "
-            f"and correct output `{entry['output']}`, "
-            f"score the model response `{entry[json_key]}`"
-            f" on a scale from 0 to 100, where 100 is the best score. "
-            f"Respond with the integer number only."
-        )
-        score = query_model(prompt, model, url)
-        try:
-            value = int(score.strip())
-            if not 0 <= value <= 100:
-                raise ValueError
-            scores.append(value)
-        except ValueError:
-            failed.append(i)
-            tqdm.write(f"Could not convert score of entry {i}: {score[:80]!r}")
+    and left out. Beyond the book: each entry's score (None where it failed) is
+    saved to scores_path, also when the judge stops answering midway."""
+    scores, failed, by_entry = [], [], {}
+    try:
+        for i, entry in enumerate(tqdm(json_data, desc="Scoring entries")):
+            by_entry[i] = score_entry(entry, json_key, model, url, timeout)
+            if by_entry[i] is None:
+                failed.append(i)
+            else:
+                scores.append(by_entry[i])
+    except JudgeUnavailable as err:
+        kept = f"; they are saved in {scores_path}" if scores_path else ""
+        raise JudgeUnavailable(f"{err} That was entry {i}; the {len(scores)} scores before it "
+                               f"are kept{kept}.") from None
+    finally:
+        if scores_path:
+            write_text_atomic(scores_path, json.dumps({"model": model, "scores": by_entry},
+                                                      indent=2))
     if failed:
         print(f"{len(failed)} of {len(json_data)} answers were not a score from 0 to 100 "
               f"(entries {failed[:20]}{'...' if len(failed) > 20 else ''}).")
     return scores
+
+
+def score_entry(entry, json_key, model, url, timeout):
+    """The judge's score of one response, or None when its answer is not one."""
+    prompt = (
+        f"Given the input `{format_input(entry)}` "
+        f"and correct output `{entry['output']}`, "
+        f"score the model response `{entry[json_key]}`"
+        f" on a scale from 0 to 100, where 100 is the best score. "
+        f"Respond with the integer number only."
+    )
+    try:
+        score = query_model(prompt, model, url, timeout)
+        value = int(score.strip())
+        if not 0 <= value <= 100:
+            raise ValueError(f"{value} is outside 0-100")
+        return value
+    except ValueError as err:
+        tqdm.write(f"Could not convert score of an entry: {err}")
+        return None
 
 
 # ---- Beyond the book: saving, loading and chatting ----
@@ -285,7 +311,7 @@ def evaluate_saved(responses_path, args):
             f"No Ollama server answered at {args.ollama_url}. Start one with `ollama serve` "
             f"and `ollama pull {args.judge_model}`; the responses stay in {responses_path}.")
     scores = generate_model_scores(test_data, "model_response", args.judge_model,
-                                   args.ollama_url)
+                                   args.ollama_url, responses_path.with_name("scores.json"))
     average = sum(scores) / len(scores) if scores else float("nan")
     print(f"Number of scores: {len(scores)} of {len(test_data)}")
     print(f"Average score: {average:.2f}")
@@ -315,6 +341,10 @@ def main(args):
     train_data, test_data, val_data = split_data(data)
     if args.limit:
         train_data, test_data, val_data = (d[:args.limit] for d in (train_data, test_data, val_data))
+    if not (train_data and test_data and val_data):
+        raise ValueError(f"{data_path} has {len(data)} entries: too few for the book's "
+                         "training, test and validation splits (85%, 10%, 5%); it needs at "
+                         "least 20 (the book's file has 1,100).")
     print(f"Training set length: {len(train_data)}, validation: {len(val_data)}, "
           f"test: {len(test_data)}")
 

@@ -1473,7 +1473,8 @@ import ch07_instruct as ch07  # noqa: E402
 
 class StubOllama:
     """A server on 127.0.0.1 that speaks Ollama's streamed chat API: the answer
-    to each prompt is answer(prompt), sent as newline-delimited JSON chunks."""
+    to each prompt is answer(prompt), sent as newline-delimited JSON chunks; an
+    answer in bytes is sent as it is (not JSON), and None answers after 2 s."""
 
     def __init__(self, answer):
         self.prompts, self.bodies = [], []
@@ -1491,9 +1492,15 @@ class StubOllama:
                 prompt = body["messages"][-1]["content"]
                 stub.prompts.append(prompt)
                 text = answer(prompt)
+                if text is None:
+                    time.sleep(2)
+                    text = "50"
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson")
                 self.end_headers()
+                if isinstance(text, bytes):
+                    self.wfile.write(text)
+                    return
                 for i in range(0, len(text), 2):  # two characters a chunk
                     chunk = {"model": body["model"], "done": False,
                              "message": {"role": "assistant", "content": text[i:i + 2]}}
@@ -1608,6 +1615,33 @@ def test_ollama_client_scores_and_averages(stub_ollama, instruction_data):
     assert "score the model response `A reply.`" in stub.prompts[0]
     assert stub.bodies[0]["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
     assert ch07.check_if_running(stub.url)
+
+
+def test_judge_failures_keep_the_scores_obtained(stub_ollama, instruction_data, tmp_path):
+    entries = [{**e, "model_response": "A response."} for e in instruction_data[:5]]
+    answers = iter(["80", "70", "60", b"<html>Bad gateway</html>\n", "50"])
+    stub = stub_ollama(lambda prompt: next(answers))
+    scores_path = tmp_path / "scores.json"
+    scores = ch07.generate_model_scores(entries, "model_response", url=stub.url,
+                                        scores_path=scores_path)
+    assert scores == [80, 70, 60, 50]  # the entry whose reply was not JSON is left out
+    saved = json.loads(scores_path.read_text(encoding="utf-8"))["scores"]
+    assert saved == {"0": 80, "1": 70, "2": 60, "3": None, "4": 50}
+    # a judge that accepts the connection but does not answer in time on entry 2
+    answers = iter(["80", "70", None])
+    stub = stub_ollama(lambda prompt: next(answers))
+    with pytest.raises(ch07.JudgeUnavailable, match=r"answered the check, but gave no answer "
+                                                    r"within 1 s\. That was entry 2; the 2 "
+                                                    r"scores before it are kept; they are saved"):
+        ch07.generate_model_scores(entries, "model_response", url=stub.url,
+                                   scores_path=scores_path, timeout=1)
+    assert json.loads(scores_path.read_text(encoding="utf-8"))["scores"] == {"0": 80, "1": 70}
+    # too little data for the three splits
+    (tmp_path / "few.json").write_text(json.dumps(instruction_data[:5]), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"few\.json has 5 entries: too few .* at least 20"):
+        ch07.main(ch07.build_parser().parse_args(
+            ["--data", str(tmp_path / "few.json"), "--model-size", "tiny", "--no-pretrained",
+             "--out", str(tmp_path / "out"), "--device", "cpu"]))
 
 
 def test_unreachable_judge_gives_a_clear_error():
