@@ -316,6 +316,11 @@ def print_table(rows, derived, targets, bound, quick):
 
 
 def main(args):
+    from ch02_data import check_writable
+    if args.json:  # before minutes of measuring, not after
+        check_writable(Path(args.json).resolve().parent)
+        if Path(args.json).is_dir():
+            raise IsADirectoryError(f"--json {args.json} is a folder; name a file.")
     p = dict(QUICK if args.quick else FULL)
     if args.repeats:
         p["repeats"] = args.repeats
@@ -378,3 +383,5 @@ if __name__ == "__main__":
             main(args)
         except KeyboardInterrupt:
             interrupted("No results were written.")
+        except OSError as err:
+            sys.exit(f"error: {err}")

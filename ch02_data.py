@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -61,6 +62,16 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
+
+
+def check_writable(folder):
+    """Create `folder` and write a file there before long work whose results go
+    there: an unwritable --out fails now, with an OSError naming the path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
 
 
 def write_text_atomic(path, text):
@@ -337,6 +348,13 @@ def count_tokens_cl100k(text):
 
 def main(args):
     raw_text = load_the_verdict(args.text, args.data_dir)
+    # Beyond the book: the demo's batches need this many tokens of the user's text
+    needed = max(8 * 4, args.batch_size * args.max_length) + 1
+    n_tokens = len(bpe_tokenizer().encode(raw_text, allowed_special={"<|endoftext|>"}))
+    if n_tokens < needed:
+        raise ValueError(f"The text has {n_tokens} tokens, but the demo's batches need "
+                         f"{needed} (8 windows of 4, and --batch-size x --max-length, plus "
+                         "one): give a longer --text.")
     print("Total number of characters:", len(raw_text))
     print(raw_text[:99])
 
@@ -348,6 +366,9 @@ def main(args):
     tokenizer = SimpleTokenizerV1(vocab)
     text = """"It's the last he painted, you know,"
            Mrs. Gisburn said with pardonable pride."""
+    if not all(word in vocab for word in split_text(text)):  # another text than the book's
+        text = " ".join(preprocessed[:12])
+        print("(Your text lacks words of the book's sentence: encoding its first words.)")
     ids = tokenizer.encode(text)
     print("SimpleTokenizerV1:", ids)
     print("  decoded:", tokenizer.decode(ids))

@@ -1075,6 +1075,10 @@ def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
 
     plan = speed_plan(args.fast, args.compile, device)
     log(describe_speed(plan, args.fast, args.compile))
+    if args.context_length > 1024:
+        log(f"Note: --context-length {args.context_length} is beyond GPT-2's 1,024 positions: "
+            "fine when training from scratch, but OpenAI's weights cannot be loaded into "
+            "this model, and attention's memory grows with the square of the context.")
     cfg = ({**ckpt["config"], "drop_rate": args.drop_rate} if ckpt else
            gpt_config(args.model, context_length=args.context_length, drop_rate=args.drop_rate))
     torch.manual_seed(args.seed)

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ch05_train
-from ch02_data import (DownloadError, atomic_path, download_file, interrupted, number,
-                       utf8_error, write_text_atomic)
+from ch02_data import (DownloadError, atomic_path, check_writable, download_file, interrupted,
+                       number, utf8_error, write_text_atomic)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
@@ -379,6 +379,7 @@ def main(args):
 
     refuse_overwrite([classifier_path], args.overwrite,
                      "Use it with --classify, or keep it and train into another --out. ")
+    check_writable(args.out)
     start = time.perf_counter()
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ch02_data import (DownloadError, download_file, interrupted, number, read_text,
-                       write_text_atomic)
+from ch02_data import (DownloadError, check_writable, download_file, interrupted, number,
+                       read_text, write_text_atomic)
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import get_gpt2_tokenizer, load_gpt2_model
 from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, plot_losses,
@@ -334,6 +334,7 @@ def main(args):
 
     refuse_overwrite([model_path], args.overwrite,
                      "Use it with --chat, or keep it and train into another --out. ")
+    check_writable(out_dir)
     start = time.perf_counter()
     data_path = Path(args.data) if args.data else Path(args.data_dir) / "instruction-data.json"
     data = download_and_load_file(data_path, DATA_URL)
