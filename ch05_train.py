@@ -781,6 +781,10 @@ def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir
     total_steps = len(train_loader) // accum * settings["epochs"]
     last_step = min(total_steps, settings["max_steps"] or total_steps) - 1
     path = Path(out_dir) / "checkpoint.pt"
+    if state["step"] >= last_step:
+        raise ValueError(f"The checkpoint is at step {state['step']}, the last of the "
+                         f"{last_step + 1} steps asked for: give a larger --max-steps or "
+                         "--epochs to go on.")
     saved_step = state["step"] if path.exists() and state["step"] >= 0 else None
     started = time.perf_counter() - state["seconds"]
     if is_main:
@@ -1097,12 +1101,6 @@ def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # the only buffers are the constant causal masks
-    steps = len(loaders[0]) // args.grad_accum * args.epochs
-    if args.max_steps:
-        steps = min(steps, args.max_steps)
-    if state["step"] + 1 >= steps:
-        raise ValueError(f"The checkpoint is at step {state['step']}, the last of the {steps} "
-                         "steps asked for: give a larger --max-steps or --epochs to go on.")
 
     start = time.perf_counter()
     state = train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir,
