@@ -6,16 +6,30 @@ started by the tests themselves.
 """
 import argparse
 import http.server
+import io
 import json
 import math
 import os
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
+
+import ch02_data as ch02
+import ch03_attention as ch03
+import ch04_gpt as ch04
+import ch05_load_gpt2 as gpt2
+import ch05_train as ch05
+import ch06_classify as ch06
+import ch07_instruct as ch07
 
 # ../shared beside the project (CI, this machine); TEST_SHARED_DIR names another
 # folder of the same layout (the GPU machine's .gpu/, see .ci/gpu-check)
@@ -23,18 +37,10 @@ SHARED = Path(os.environ.get("TEST_SHARED_DIR", Path(__file__).resolve().parent.
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
 
-import ch02_data as ch02  # noqa: E402  (after TIKTOKEN_CACHE_DIR is set)
-import ch03_attention as ch03  # noqa: E402
-import ch04_gpt as ch04  # noqa: E402
 
 TINY = ch04.gpt_config("tiny", context_length=32, vocab_size=50257, drop_rate=0.0)
 # Tests that touch devices run on each: the CPU always (CI), CUDA where there is one
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def shared_or_download(name, url_downloader):
-    path = SHARED / "data" / name
-    return path if path.exists() else url_downloader()
 
 
 @pytest.fixture(scope="session")
@@ -404,12 +410,6 @@ def test_chapter4_main_runs_tiny():
 
 # ======================= Chapter 5: training =======================
 
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import ch05_train as ch05  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -881,7 +881,6 @@ def test_train_help_explains_every_flag():
 
 # ======================= Chapter 5: loading GPT-2 =======================
 
-import ch05_load_gpt2 as gpt2  # noqa: E402
 
 TINY_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 32, "n_head": 4, "n_layer": 2}
 
@@ -1206,8 +1205,6 @@ def test_gpt2_command_inspect_generate_and_neighbors(gpt2_server, tmp_path, caps
 
 # ======================= Chapter 6: classification =======================
 
-import ch06_classify as ch06  # noqa: E402
-
 
 @pytest.fixture(scope="session")
 def spam_tsv(tmp_path_factory):
@@ -1294,9 +1291,6 @@ def separable_loaders(tmp_path, tokenizer):
     ds = ch06.SpamDataset(write_spam_csv(tmp_path / "sep.csv", rows), tokenizer)
     torch.manual_seed(123)
     return DataLoader(ds, batch_size=8, shuffle=True, drop_last=True)
-
-
-from torch.utils.data import DataLoader  # noqa: E402
 
 
 def test_tiny_classifier_learns_a_separable_task(tmp_path, tokenizer):
@@ -1470,10 +1464,6 @@ def test_a_named_zip_is_used_even_when_an_extracted_file_exists(tmp_path):
 
 
 # ======================= Chapter 7: instruction finetuning =======================
-
-import io  # noqa: E402
-
-import ch07_instruct as ch07  # noqa: E402
 
 
 class StubOllama:
