@@ -622,6 +622,8 @@ INTERRUPTIONS = {
     "SIGHUP": ("calc_loss_batch", 2, ["SIGHUP"], True, "Stopped by SIGHUP after step 1"),
     "Ctrl-C twice": ("calc_loss_batch", 5, ["SIGINT", "SIGINT"], True,
                      "Stopped at once during step 4; the checkpoint of step 2"),
+    "Ctrl-C twice in a save": ("save_checkpoint", 2, ["SIGINT", "SIGINT"], None,
+                               "Stopped by SIGINT after step 5; checkpoint saved"),
 }
 
 
