@@ -40,8 +40,8 @@ def read_text(path):
     """Read a UTF-8 text file, failing with a message that names the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Text file not found: {path}. Check the path, "
-                                "or leave the option out to download the book's text.")
+        raise FileNotFoundError(f"Text file not found: {path}"
+                                f"{' (it is a folder)' if path.is_dir() else ''}. Check the path.")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -97,8 +97,7 @@ def gpt2_file_problem(path):
         elif name == "model.ckpt.index":
             list_tf_variables(path.with_suffix(""))
         elif name.startswith("model.ckpt.data"):
-            prefix = path.with_name("model.ckpt")
-            entries, _ = _tf_index(str(prefix), Path(f"{prefix}.index").stat().st_mtime_ns)
+            entries, _ = tf_index(path.with_name("model.ckpt"))
             expected = max(f.get(4, [0])[0] + f.get(5, [0])[0] for f in entries.values())
             if path.stat().st_size != expected:
                 return f"{path.stat().st_size:,} bytes where its index says {expected:,}"
@@ -354,9 +353,14 @@ def _tf_index(prefix, mtime_ns):
     return entries, num_shards
 
 
+def tf_index(ckpt_path):
+    """The parsed index of a checkpoint, read again only when its file changes."""
+    return _tf_index(str(ckpt_path), Path(f"{ckpt_path}.index").stat().st_mtime_ns)
+
+
 def list_tf_variables(ckpt_path):
     """[(name, shape)] of a checkpoint, sorted by name, as tf.train.list_variables."""
-    entries, _ = _tf_index(str(ckpt_path), Path(f"{ckpt_path}.index").stat().st_mtime_ns)
+    entries, _ = tf_index(ckpt_path)
     return [(name, _shape(fields)) for name, fields in sorted(entries.items())]
 
 
@@ -368,7 +372,7 @@ def _shape(fields):
 def load_tf_variable(ckpt_path, name):
     """One tensor of a checkpoint as a numpy array, as tf.train.load_variable
     returns it; a tensor whose bytes fail their CRC-32C is refused."""
-    entries, num_shards = _tf_index(str(ckpt_path), Path(f"{ckpt_path}.index").stat().st_mtime_ns)
+    entries, num_shards = tf_index(ckpt_path)
     fields = entries[name]
     dtype = fields.get(1, [0])[0]
     if dtype not in TF_DTYPES or 7 in fields:  # 7: a tensor saved in slices

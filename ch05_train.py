@@ -632,9 +632,13 @@ def reduce_mean(value, weight, device):
     return (t[0] / t[1]).item() if t[1] > 0 else float("nan")
 
 
-def in_any_process(flag, device):
+def in_any_process(flag, device, sync=True):
+    """True when `flag` is true in any process. Under DDP only when `sync`: asking
+    the others costs a wait for the device, so it happens at the loop's syncs."""
     if not _distributed():
         return flag
+    if not sync:
+        return False
     t = torch.tensor([float(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
@@ -691,22 +695,27 @@ def train_step(model, micro_batches, optimizer, device, bf16, grad_clip):
     return step_loss
 
 
+def warmup_steps(settings, total_steps):
+    """--warmup-steps, by default 20% of all steps (appendix D's choice)."""
+    given = settings["warmup_steps"]
+    return int(0.2 * total_steps) if given is None else given
+
+
 def learning_rate(step, total_steps, settings):
     if settings["schedule"] == "constant":
         return settings["lr"]
-    warmup = settings["warmup_steps"]
-    warmup = int(0.2 * total_steps) if warmup is None else warmup
-    return lr_at_step(step, total_steps, settings["lr"], warmup, settings["initial_lr"],
-                      settings["min_lr"])
+    return lr_at_step(step, total_steps, settings["lr"], warmup_steps(settings, total_steps),
+                      settings["initial_lr"], settings["min_lr"])
 
 
 def gradient_clip(step, total_steps, settings):
     """Appendix D clips after warm-up; --grad-clip 0 never clips."""
-    clip, warmup = settings["grad_clip"], settings["warmup_steps"]
+    clip = settings["grad_clip"]
     if clip is None:
         clip = 1.0 if settings["schedule"] == "cosine" else 0.0
-    warmup = int(0.2 * total_steps) if warmup is None else warmup
-    return clip if settings["schedule"] == "constant" or step >= warmup else 0.0
+    if settings["schedule"] == "constant" or step >= warmup_steps(settings, total_steps):
+        return clip
+    return 0.0
 
 
 def sound_loss(model, val_loader, device):
@@ -813,7 +822,8 @@ def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir
             evaluating = step % settings["eval_freq"] == 0
             epoch_over = state["samples_done"] >= epoch_samples
             saving = step == last_step or (step + 1) % (settings["save_every"] or math.inf) == 0
-            if evaluating or epoch_over or saving or step % 10 == 0:  # the only host syncs
+            sync = evaluating or epoch_over or saving or step % 10 == 0  # the only host syncs
+            if sync:
                 check_training_loss(losses, _unwrap(model).cfg["vocab_size"], step, device, bar)
                 losses = []
             if evaluating:
@@ -825,7 +835,7 @@ def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir
                 if is_main:
                     generate_and_print_sample(_unwrap(model), tokenizer, device,
                                               settings["prompt"])
-            stop = in_any_process(stopper.signal is not None, device)
+            stop = in_any_process(stopper.signal is not None, device, sync)
             if saving or stop:
                 saved_step = save_training(path, model, optimizer, settings, state, device,
                                            val_loader, stopper, is_main)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import ch05_train
 from ch02_data import (DownloadError, atomic_path, check_writable, download_file, interrupted,
-                       number, utf8_error, write_text_atomic)
+                       number, read_text, write_text_atomic)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
@@ -340,13 +340,7 @@ def load_classifier(path, device="cpu"):
 
 def texts_of_file(path):
     """The non-empty lines of a UTF-8 text file, or an error naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--classify-file {path}: no such file"
-                                f"{' (it is a folder)' if path.is_dir() else ''}.")
-    try:
-        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError as err:
-        raise utf8_error(path, err) from None
+    texts = [line for line in read_text(path).splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"--classify-file {path} has no text to classify (no non-empty line).")
     return texts
