@@ -1,14 +1,16 @@
 """Chapter 2: Working with text data.
 
 Defines the book's simple tokenizers, BPE through tiktoken, the sliding-window
-dataset `GPTDatasetV1` with `create_dataloader_v1`, and (beyond the book) the
-download helper every later chapter uses.
+dataset `GPTDatasetV1` with `create_dataloader_v1`, and beyond the book: the
+download helper every later chapter uses, and memory-mapped token files for
+corpora larger than memory (`build_token_file`).
 
 Run:  python ch02_data.py [--text the-verdict.txt]
 Imports no earlier chapter file.
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -322,6 +324,91 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
                       drop_last=drop_last, num_workers=num_workers)
 
 
+# ---- Beyond the book: corpora of any size, tokenized once into a memory-mapped
+#      uint16 file that GPTDatasetV1.from_token_ids reads (ch05_train.py --data) ----
+
+EOT = "<|endoftext|>"
+
+
+def collect_text_files(paths):
+    """Text files from --data: files as given, folders searched for *.txt."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(path.rglob("*.txt"))
+            if not found:
+                raise ValueError(f"No .txt files in the folder {path}.")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"--data path not found: {path}")
+    return files
+
+
+def iter_text_blocks(path, block_chars=1 << 23):
+    """A file's text in blocks of about block_chars, split at line ends, so a file
+    larger than memory is read piece by piece."""
+    block, size = [], 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                block.append(line)
+                size += len(line)
+                if size >= block_chars:
+                    yield "".join(block)
+                    block, size = [], 0
+    except UnicodeDecodeError as err:
+        raise utf8_error(path, err) from None
+    if block:
+        yield "".join(block)
+
+
+def corpus_fingerprint(files):
+    """Changes whenever a file is added, removed, resized or rewritten."""
+    h = hashlib.sha1(b"gpt2-uint16-v1")
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def build_token_file(files, cache_dir, tokenizer, num_threads=None, log=print):
+    """Tokenize `files` once into cache_dir/<fingerprint>.bin (uint16, an
+    <|endoftext|> after each document) and return it memory-mapped."""
+    path = Path(cache_dir) / f"{corpus_fingerprint(files)}.bin"
+    if path.exists():
+        log(f"Reusing the token file {path}")
+        return np.memmap(path, dtype=np.uint16, mode="r")
+    if tokenizer.n_vocab > 2 ** 16:
+        raise ValueError(f"A vocabulary of {tokenizer.n_vocab} tokens does not fit uint16.")
+    num_threads = num_threads or os.cpu_count()
+    eot = tokenizer.encode(EOT, allowed_special={EOT})
+    start, n_tokens, n_chars = time.perf_counter(), 0, 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        for f in tqdm(files, desc="Tokenizing", unit="file", disable=len(files) < 2):
+            pending = []
+            for block in iter_text_blocks(f):
+                pending.append(block)
+                n_chars += len(block)
+                if len(pending) == num_threads * 4:
+                    n_tokens += _write_tokens(out, tokenizer, pending, num_threads)
+                    pending = []
+            n_tokens += _write_tokens(out, tokenizer, pending, num_threads, suffix=eot)
+    seconds = time.perf_counter() - start
+    log(f"Tokenized {len(files)} file(s), {n_chars / 1e6:.1f}M characters, into "
+        f"{n_tokens:,} tokens in {seconds:.1f} s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def _write_tokens(out, tokenizer, blocks, num_threads, suffix=()):
+    ids = [t for encoded in tokenizer.encode_batch(blocks, num_threads=num_threads,
+                                                   allowed_special={EOT}) for t in encoded]
+    ids.extend(suffix)
+    np.asarray(ids, dtype=np.uint16).tofile(out)
+    return len(ids)
+
+
 # ---- Beyond the book: fixed sinusoidal positions (the original transformer's) ----
 
 def sinusoidal_position_encoding(context_length, dim):
@@ -431,7 +518,7 @@ def main(args):
     return input_embeddings
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 2 demo: tokenizers, sliding-window dataloader, embeddings.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -446,8 +533,12 @@ if __name__ == "__main__":
                         help="tokens per window (and context length) in the embedding demo")
     parser.add_argument("--emb-dim", type=number(int, at_least=1), default=256,
                         help="embedding size in the embedding demo")
+    return parser
+
+
+if __name__ == "__main__":
     try:
-        main(parser.parse_args())
+        main(build_parser().parse_args())
     except KeyboardInterrupt:
         interrupted("A cut download's .part file is kept and resumes next time.")
     except (OSError, ValueError, DownloadError) as err:

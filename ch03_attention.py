@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ch02_data import atomic_path
+from ch02_data import atomic_path, interrupted
 
 # "Your journey starts with one step": the book's 3-d embeddings of 6 tokens
 WORDS = ["Your", "journey", "starts", "with", "one", "step"]
@@ -115,7 +115,7 @@ class MultiHeadAttentionWrapper(nn.Module):
 
 class MultiHeadAttention(nn.Module):
     def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
-                 attn_impl="book"):
+                 attn_impl="book", fused_qkv=False):
         super().__init__()
         if d_out % num_heads != 0:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}): "
@@ -134,12 +134,18 @@ class MultiHeadAttention(nn.Module):
         if attn_impl not in ("book", "sdpa"):
             raise ValueError(f"attn_impl must be 'book' or 'sdpa', not {attn_impl!r}.")
         self.attn_impl = attn_impl
+        # Beyond the book: the three projections as one matmul (same parameters)
+        self.fused_qkv = fused_qkv
 
     def forward(self, x, kv_cache=None):
         b, num_tokens, d_in = x.shape
-        keys = self.W_key(x)  # (b, num_tokens, d_out)
-        queries = self.W_query(x)
-        values = self.W_value(x)
+        projections = (self.W_query, self.W_key, self.W_value)
+        if self.fused_qkv and all(type(p) is nn.Linear for p in projections):  # not LoRA's
+            queries, keys, values = self._fused_projections(projections, x)
+        else:
+            keys = self.W_key(x)  # (b, num_tokens, d_out)
+            queries = self.W_query(x)
+            values = self.W_value(x)
 
         # Split the last dimension into heads: (b, num_tokens, num_heads, head_dim)
         keys = keys.view(b, num_tokens, self.num_heads, self.head_dim)
@@ -151,18 +157,17 @@ class MultiHeadAttention(nn.Module):
         queries = queries.transpose(1, 2)
         values = values.transpose(1, 2)
 
-        start = 0  # position of the first new token
-        if kv_cache is not None:  # beyond the book: add to, and attend over, earlier tokens
-            start = kv_cache.length
+        hidden = None  # beyond the book: with a cache, the mask over the keys it holds
+        if kv_cache is not None:  # add to, and attend over, earlier tokens
+            hidden = self.hidden_keys(kv_cache.length, num_tokens)
             keys, values = kv_cache.update(keys, values, capacity=self.mask.shape[0])
         if self.attn_impl == "sdpa":
-            return self.out_proj(self._sdpa(queries, keys, values, start))
+            return self.out_proj(self._sdpa(queries, keys, values, hidden, kv_cache is None))
 
         attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_tokens)
-        # Slice, then convert: converting the whole (context, context) mask on every call
-        # would cost more than attending for one new token
-        mask_bool = self.mask[start:start + num_tokens, :start + num_tokens].bool()
-        attn_scores.masked_fill_(mask_bool, -torch.inf)
+        mask_bool = self.mask.bool()[:num_tokens, :num_tokens] if kv_cache is None else hidden
+        if mask_bool is not None:
+            attn_scores.masked_fill_(mask_bool, -torch.inf)
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
         attn_weights = self.dropout(attn_weights)
 
@@ -170,17 +175,35 @@ class MultiHeadAttention(nn.Module):
         context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
         return self.out_proj(context_vec)
 
-    def _sdpa(self, queries, keys, values, start):
+    def _fused_projections(self, layers, x):
+        """W_query(x), W_key(x), W_value(x) from one matmul with the three weights
+        stacked: one large kernel instead of three small ones (the chunks are views)."""
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+        return nn.functional.linear(x, weight, bias).chunk(3, dim=-1)
+
+    def hidden_keys(self, start, num_tokens):
+        """The causal mask (True: hidden) for new queries at positions start,
+        start + 1, ... over the keys a cache holds once theirs are added; None
+        when nothing is hidden (one new token sees every earlier one). `start` is
+        a tensor for a StaticKVCache, whose keys are its whole buffer: positions
+        not written yet are hidden too."""
+        if torch.is_tensor(start):
+            query_positions = start + torch.arange(num_tokens, device=start.device)
+            key_positions = torch.arange(self.mask.shape[0], device=start.device)
+            return key_positions > query_positions[:, None]
+        if num_tokens == 1:
+            return None
+        # Slice, then convert: converting the whole (context, context) mask on every call
+        # would cost more than attending for a few new tokens
+        return self.mask[start:start + num_tokens, :start + num_tokens].bool()
+
+    def _sdpa(self, queries, keys, values, hidden, causal):
         b, _, num_tokens, _ = queries.shape
         dropout_p = self.dropout.p if self.training else 0.0
-        if start == 0 or num_tokens == 1:
-            # causal from position 0, or one new token that may see every cached one
-            context_vec = nn.functional.scaled_dot_product_attention(
-                queries, keys, values, dropout_p=dropout_p, is_causal=start == 0)
-        else:
-            allowed = ~self.mask.bool()[start:start + num_tokens, :start + num_tokens]
-            context_vec = nn.functional.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=allowed, dropout_p=dropout_p)
+        context_vec = nn.functional.scaled_dot_product_attention(
+            queries, keys, values, dropout_p=dropout_p, is_causal=causal,
+            attn_mask=None if causal or hidden is None else ~hidden)
         return context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
 
 
@@ -208,6 +231,30 @@ class KVCache:
         self.values[:, :, self.length:self.length + new] = values
         self.length += new
         return self.keys[:, :, :self.length], self.values[:, :, :self.length]
+
+
+class StaticKVCache:
+    """Beyond the book: a KVCache whose tensors keep their shapes and addresses:
+    buffers for the whole context, written in place, and the next position kept
+    on the device (`length`, a tensor). Attention runs over the whole buffer
+    with the positions not written yet hidden. So one decoding step is the same
+    work every time, and ch05_train.py records it once as a CUDA graph."""
+
+    def __init__(self, device):
+        self.keys = self.values = None
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+
+    def update(self, keys, values, capacity):
+        # The caller checks that the tokens fit: comparing with a device tensor here
+        # would wait for the device, which a CUDA graph's recording does not allow
+        if self.keys is None:
+            shape = (*keys.shape[:2], capacity, keys.shape[3])
+            self.keys, self.values = keys.new_zeros(shape), values.new_zeros(shape)
+        positions = self.length + torch.arange(keys.shape[2], device=keys.device)
+        self.keys.index_copy_(2, positions, keys)
+        self.values.index_copy_(2, positions, values)
+        self.length += keys.shape[2]  # in place: a recorded graph advances it on every replay
+        return self.keys, self.values
 
 
 # ---- The chapter's demo ----
@@ -302,10 +349,19 @@ def main(args):
     return context_vecs
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 3 demo: self-attention, causal attention, multi-head attention.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="runs/ch03",
                         help="folder for the attention-weights heatmap PNG")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except KeyboardInterrupt:
+        interrupted("A heatmap is written whole or not at all.")
+    except OSError as err:  # e.g. --out is not writable
+        raise SystemExit(f"error: {err}")

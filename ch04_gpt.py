@@ -15,8 +15,8 @@ import tiktoken
 import torch
 import torch.nn as nn
 
-from ch02_data import number
-from ch03_attention import KVCache, MultiHeadAttention
+from ch02_data import interrupted, number
+from ch03_attention import KVCache, MultiHeadAttention, StaticKVCache
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # BPE vocabulary of GPT-2
@@ -30,7 +30,9 @@ GPT_CONFIG_124M = {
 
 # Beyond the book, two optional keys choose faster kernels for the same model
 # (same parameters, same results to float tolerance): "attn_impl": "sdpa" and
-# "fused_ops": True (LayerNorm and GELU). See FAST_KERNELS.
+# "fused_ops": True (one kernel each for LayerNorm and GELU, one matmul for the
+# query, key and value projections, and an output head computed with its
+# vocabulary padded to a multiple of 128). See FAST_KERNELS.
 FAST_KERNELS = {"attn_impl": "sdpa", "fused_ops": True}
 
 # What changes from GPT_CONFIG_124M for each GPT-2 size; "tiny" is ours, for
@@ -40,7 +42,7 @@ MODEL_CONFIGS = {
     "355M": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
     "774M": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
     "1558M": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25},
-    "tiny": {"emb_dim": 64, "n_layers": 2, "n_heads": 4},
+    "tiny": {"emb_dim": 32, "n_layers": 2, "n_heads": 4},
 }
 
 
@@ -159,7 +161,8 @@ class TransformerBlock(nn.Module):
             num_heads=cfg["n_heads"],
             dropout=cfg["drop_rate"],
             qkv_bias=cfg["qkv_bias"],
-            attn_impl=cfg.get("attn_impl", "book"))  # beyond the book: "sdpa" is faster
+            attn_impl=cfg.get("attn_impl", "book"),  # beyond the book: "sdpa" is faster
+            fused_qkv=cfg.get("fused_ops", False))
         self.ff = FeedForward(cfg)
         self.norm1 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused_ops", False))
         self.norm2 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused_ops", False))
@@ -191,18 +194,20 @@ class GPTModel(nn.Module):
             *[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
         self.final_norm = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused_ops", False))
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
+        self.padded_head = cfg.get("fused_ops", False)  # beyond the book, see logits()
 
     def forward(self, in_idx, kv_cache=None):
         batch_size, seq_len = in_idx.shape
         # Beyond the book: with a cache (new_kv_cache), in_idx continues earlier tokens
         start = kv_cache[0].length if kv_cache is not None else 0
         context_length = self.pos_emb.num_embeddings
-        if start + seq_len > context_length:
+        # (a StaticKVCache's length is a device tensor: its user checks the length)
+        if not torch.is_tensor(start) and start + seq_len > context_length:
             raise ValueError(f"The input has {start + seq_len} tokens but the model's "
                              f"context_length is {context_length}; crop it, e.g. "
                              f"idx[:, -{context_length}:].")
         tok_embeds = self.tok_emb(in_idx)
-        pos_embeds = self.pos_emb(torch.arange(start, start + seq_len, device=in_idx.device))
+        pos_embeds = self.pos_emb(start + torch.arange(seq_len, device=in_idx.device))
         x = tok_embeds + pos_embeds  # (batch, num_tokens, emb_dim)
         x = self.drop_emb(x)
         if kv_cache is None:
@@ -211,11 +216,43 @@ class GPTModel(nn.Module):
             for block, layer_cache in zip(self.trf_blocks, kv_cache):
                 x = block(x, layer_cache)
         x = self.final_norm(x)
-        return self.out_head(x)  # (batch, num_tokens, vocab_size)
+        return self.logits(x)  # (batch, num_tokens, vocab_size)
+
+    def logits(self, x):
+        """self.out_head(x). Beyond the book, with padded_head: GPUs run a matmul
+        fastest when its sizes are multiples of 64 or 128, and 50,257 is odd. So the
+        weight is padded with zero rows to the next multiple of 128 for the matmul,
+        and the padding's logits are cut off: the same parameters and results. Only
+        for many tokens at once (training): for a few, copying the weight would
+        cost more than it saves."""
+        many = x.shape[:-1].numel() >= 256
+        if not (self.padded_head and many and isinstance(self.out_head, nn.Linear)):
+            return self.out_head(x)
+        weight = self.out_head.weight
+        padded = nn.functional.pad(weight, (0, 0, 0, -weight.shape[0] % 128))
+        return nn.functional.linear(x, padded)[..., :weight.shape[0]]
 
 
-def new_kv_cache(model):
-    """Beyond the book: an empty key-value cache, one KVCache per transformer block."""
+def use_fast_kernels(model):
+    """Beyond the book: switch a built model (loaded weights too) to FAST_KERNELS,
+    as if its config had them: SDPA attention, fused LayerNorm, GELU and QKV
+    projections, the padded output head. Its parameters stay as they are."""
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.attn_impl, module.fused_qkv = "sdpa", True
+        elif isinstance(module, (LayerNorm, GELU)):
+            module.fused = True
+        elif isinstance(module, GPTModel):
+            module.padded_head = True
+    return model
+
+
+def new_kv_cache(model, static=False):
+    """Beyond the book: an empty key-value cache, one KVCache per transformer
+    block (StaticKVCache with static=True, for CUDA graphs)."""
+    if static:
+        device = model.pos_emb.weight.device
+        return [StaticKVCache(device) for _ in model.trf_blocks]
     return [KVCache() for _ in model.trf_blocks]
 
 
@@ -282,7 +319,7 @@ def main(args):
     return out
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 4 demo: build GPT-2 124M, count its parameters, and let "
                     "the untrained model continue a prompt.",
@@ -292,4 +329,11 @@ if __name__ == "__main__":
                         help="tokens to generate")
     parser.add_argument("--model", default="124M", choices=list(MODEL_CONFIGS),
                         help="model size (the book uses 124M)")
-    main(parser.parse_args())
+    return parser
+
+
+if __name__ == "__main__":
+    try:
+        main(build_parser().parse_args())
+    except KeyboardInterrupt:
+        interrupted("The demo writes no files.")

@@ -555,7 +555,7 @@ def main(args):
     return results
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(
         description="Load OpenAI's GPT-2 weights into our GPTModel and generate text "
                     "(downloads once; later runs work offline).",
@@ -584,8 +584,12 @@ if __name__ == "__main__":
                         help="print the tokens nearest to WORD in GPT-2's embedding space")
     parser.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), default=None,
                         help="print the tokens nearest to A - B + C, e.g. king man woman")
+    return parser
+
+
+if __name__ == "__main__":
     try:
-        main(parser.parse_args())
+        main(build_parser().parse_args())
     except KeyboardInterrupt:
         interrupted("Files downloaded so far are kept; a cut download's .part file resumes "
                     "next time.")

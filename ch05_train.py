@@ -15,7 +15,6 @@ Imports from ch02_data.py, ch03_attention.py (saving plots) and ch04_gpt.py.
 import argparse
 import contextlib
 import csv
-import hashlib
 import math
 import os
 import signal
@@ -31,11 +30,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ch02_data import (DownloadError, GPTDatasetV1, atomic_path, bpe_tokenizer, load_the_verdict,
-                       number, read_text, utf8_error)
-from ch03_attention import pyplot, save_figure
-from ch04_gpt import (FAST_KERNELS, MODEL_CONFIGS, GPTModel, generate_text_simple, get_device,
-                     gpt_config, new_kv_cache)
+from ch02_data import (EOT, DownloadError, GPTDatasetV1, atomic_path, bpe_tokenizer,
+                       build_token_file, collect_text_files, load_the_verdict, number, read_text)
+from ch03_attention import StaticKVCache, pyplot, save_figure
+from ch04_gpt import (MODEL_CONFIGS, GPTModel, generate_text_simple, get_device, gpt_config,
+                      new_kv_cache, use_fast_kernels)
 
 
 # ---- 5.1.1 Using GPT to generate text ----
@@ -191,13 +190,18 @@ def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, t
     (batch, 1) as soon as it is chosen, for printing text as it is produced.
 
     With use_cache, each block keeps its keys and values (a KV cache), so a new
-    token costs one position's work instead of the whole window's. Once the
+    token costs one position's work instead of the whole window's. On CUDA the
+    cache is a StaticKVCache and each step is replayed as a CUDA graph
+    (GraphedStep); use_cache="static" asks for that cache on any device. Once the
     window is full, positions would shift: then every step recomputes the last
     context_size tokens, exactly as the uncached loop does.
     """
-    kv_cache = new_kv_cache(model) if use_cache else None
+    static = use_cache == "static" or (use_cache and idx.device.type == "cuda")
+    kv_cache = new_kv_cache(model, static=static) if use_cache else None
+    cached = min(idx.shape[1], context_size)  # positions the cache holds
     with torch.no_grad():
         logits = model(idx[:, -context_size:], kv_cache=kv_cache)[:, -1, :]
+    step_fn = None
     for step in range(max_new_tokens):
         idx_next = sample_next_token(logits, temperature, top_k, top_p)
         if eos_id is not None and bool((idx_next == eos_id).all()):
@@ -206,13 +210,58 @@ def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, t
         yield idx_next
         if step + 1 == max_new_tokens:
             return
-        if kv_cache is not None and kv_cache[0].length >= context_size:
+        if kv_cache is not None and cached >= context_size:
             kv_cache = None  # the window is full: recompute from here on
         with torch.no_grad():
-            if kv_cache is not None:
-                logits = model(idx_next, kv_cache=kv_cache)[:, -1, :]
-            else:
+            if kv_cache is None:
                 logits = model(idx[:, -context_size:])[:, -1, :]
+                continue
+            if step_fn is None:
+                step_fn = cached_step(model, kv_cache, idx_next)
+            logits = step_fn(idx_next)
+            cached += 1
+
+
+def cached_step(model, kv_cache, token):
+    """A function: one new token per sequence (batch, 1) -> its logits. A CUDA
+    graph for a StaticKVCache on CUDA, else the model's forward with the cache."""
+    if token.device.type == "cuda" and isinstance(kv_cache[0], StaticKVCache):
+        try:
+            return GraphedStep(model, kv_cache, token)
+        except RuntimeError as err:  # an operation that cannot be recorded: go eager
+            print(f"Note: decoding without a CUDA graph ({str(err).splitlines()[0]})",
+                  file=sys.stderr)
+    return lambda new_token: model(new_token, kv_cache=kv_cache)[:, -1, :]
+
+
+class GraphedStep:
+    """Beyond the book: one decoding step recorded once as a CUDA graph, then
+    replayed for every new token. A step of a small model is a few hundred short
+    kernels; launching them one by one from Python takes longer than running
+    them, and a replay launches them all at once. The StaticKVCache keeps every
+    tensor in place and advances its position on the device, so each replay
+    continues where the last one stopped."""
+
+    def __init__(self, model, kv_cache, token):
+        self.token = token.clone()  # the graph's input: new tokens are copied into it
+        lengths = [cache.length.clone() for cache in kv_cache]
+        # One step outside the recording first (on a side stream, as PyTorch asks),
+        # so that libraries set themselves up; then undo its move of the positions
+        side = torch.cuda.Stream(token.device)
+        side.wait_stream(torch.cuda.current_stream(token.device))
+        with torch.cuda.stream(side):
+            model(self.token, kv_cache=kv_cache)
+        torch.cuda.current_stream(token.device).wait_stream(side)
+        for cache, length in zip(kv_cache, lengths):
+            cache.length.copy_(length)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.token, kv_cache=kv_cache)[:, -1, :]
+
+    def __call__(self, token):
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites self.logits
 
 
 def stream_text(model, idx, tokenizer, max_new_tokens, context_size, out=None, **sampling):
@@ -228,6 +277,63 @@ def stream_text(model, idx, tokenizer, max_new_tokens, context_size, out=None, *
             out.flush()
             shown = text
     return new_ids
+
+
+# ---- 5.4 Loading and saving model weights ----
+# Used by chapters 5 to 7: every model file is written through a temporary file,
+# read with weights_only=True, and checked against the model before loading.
+
+def save_checkpoint(path, checkpoint):
+    """torch.save via a temporary file: a crash keeps the previous checkpoint."""
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(checkpoint, tmp)
+        except RuntimeError as err:  # a full disk shows as PyTorch's "enforce fail ..."
+            raise OSError(f"Could not write {path}: {str(err).splitlines()[0][:200]} (is the "
+                          "disk full?); the previous file is kept.") from None
+
+
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as err:  # PyTorch's own text may advise weights_only=False: never pass it on
+        raise ValueError(f"Could not read the checkpoint {path}: it is damaged or not a PyTorch "
+                         f"checkpoint ({type(err).__name__}). Delete it, or name another "
+                         "file.") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise ValueError(f"{path} is not a checkpoint written by ch05_train.py "
+                         "(it has no 'model' entry).")
+    return checkpoint
+
+
+def check_state_dict(model, state_dict, source="the checkpoint"):
+    """Raise an error naming every missing, unexpected or differently shaped tensor."""
+    expected = model.state_dict()
+    problems = [f"missing: {k}" for k in expected if k not in state_dict]
+    problems += [f"unexpected: {k}" for k in state_dict if k not in expected]
+    problems += [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(v.shape)} in the model"
+                 for k, v in expected.items()
+                 if k in state_dict and state_dict[k].shape != v.shape]
+    if problems:
+        shown = "\n  ".join(problems[:12] + ([f"... {len(problems) - 12} more"]
+                                             if len(problems) > 12 else []))
+        raise ValueError(f"{source} does not fit this model's configuration:\n  {shown}\n"
+                         "Build the model as the file was saved (same size, context length, "
+                         "LoRA rank).")
+
+
+def build_lean(build, state_dict, source="the checkpoint"):
+    """build() the model on the meta device (no memory, no random init), then
+    adopt state_dict's tensors as its parameters: with a memory-mapped state
+    dict, peak memory stays near one copy of the weights."""
+    with torch.device("meta"):
+        model = build()
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(state_dict, assign=True)
+    return model
 
 
 # ---- Appendix D: learning-rate warm-up, cosine decay, gradient clipping ----
@@ -288,90 +394,6 @@ def plot_lrs(track_lrs, path="lr-schedule.png"):
 # Beyond the book: the ch05_train.py command
 # =====================================================================
 
-# ---- Corpora of any size: tokenize once into a memory-mapped uint16 file ----
-
-EOT = "<|endoftext|>"
-
-
-def collect_text_files(paths):
-    """Text files from --data: files as given, folders searched for *.txt."""
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(path.rglob("*.txt"))
-            if not found:
-                raise ValueError(f"No .txt files in the folder {path}.")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"--data path not found: {path}")
-    return files
-
-
-def iter_text_blocks(path, block_chars=1 << 23):
-    """A file's text in blocks of about block_chars, split at line ends, so a file
-    larger than memory is read piece by piece."""
-    block, size = [], 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                block.append(line)
-                size += len(line)
-                if size >= block_chars:
-                    yield "".join(block)
-                    block, size = [], 0
-    except UnicodeDecodeError as err:
-        raise utf8_error(path, err) from None
-    if block:
-        yield "".join(block)
-
-
-def corpus_fingerprint(files):
-    """Changes whenever a file is added, removed, resized or rewritten."""
-    h = hashlib.sha1(b"gpt2-uint16-v1")
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def build_token_file(files, cache_dir, tokenizer, num_threads=None, log=print):
-    """Tokenize `files` once into cache_dir/<fingerprint>.bin (uint16, an
-    <|endoftext|> after each document) and return it memory-mapped."""
-    path = Path(cache_dir) / f"{corpus_fingerprint(files)}.bin"
-    if path.exists():
-        log(f"Reusing the token file {path}")
-        return np.memmap(path, dtype=np.uint16, mode="r")
-    if tokenizer.n_vocab > 2 ** 16:
-        raise ValueError(f"A vocabulary of {tokenizer.n_vocab} tokens does not fit uint16.")
-    num_threads = num_threads or os.cpu_count()
-    eot = tokenizer.encode(EOT, allowed_special={EOT})
-    start, n_tokens, n_chars = time.perf_counter(), 0, 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as out:
-        for f in tqdm(files, desc="Tokenizing", unit="file", disable=len(files) < 2):
-            pending = []
-            for block in iter_text_blocks(f):
-                pending.append(block)
-                n_chars += len(block)
-                if len(pending) == num_threads * 4:
-                    n_tokens += _write_tokens(out, tokenizer, pending, num_threads)
-                    pending = []
-            n_tokens += _write_tokens(out, tokenizer, pending, num_threads, suffix=eot)
-    seconds = time.perf_counter() - start
-    log(f"Tokenized {len(files)} file(s), {n_chars / 1e6:.1f}M characters, into "
-        f"{n_tokens:,} tokens in {seconds:.1f} s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
-    return np.memmap(path, dtype=np.uint16, mode="r")
-
-
-def _write_tokens(out, tokenizer, blocks, num_threads, suffix=()):
-    ids = [t for encoded in tokenizer.encode_batch(blocks, num_threads=num_threads,
-                                                   allowed_special={EOT}) for t in encoded]
-    ids.extend(suffix)
-    np.asarray(ids, dtype=np.uint16).tofile(out)
-    return len(ids)
-
-
 # ---- Data order that can be resumed and split across processes ----
 
 def _distributed():
@@ -428,62 +450,7 @@ class ResumableSampler(Sampler):
                                             max(0, rest - self.rank * self.batch_size))
 
 
-# ---- 5.4 Loading and saving model weights ----
-# Used by chapters 5 to 7: every model file is written through a temporary file,
-# read with weights_only=True, and checked against the model before loading.
-
-def save_checkpoint(path, checkpoint):
-    """torch.save via a temporary file: a crash keeps the previous checkpoint."""
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(checkpoint, tmp)
-        except RuntimeError as err:  # a full disk shows as PyTorch's "enforce fail ..."
-            raise OSError(f"Could not write {path}: {str(err).splitlines()[0][:200]} (is the "
-                          "disk full?); the previous file is kept.") from None
-
-
-def load_checkpoint(path, map_location="cpu", mmap=False):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as err:  # PyTorch's own text may advise weights_only=False: never pass it on
-        raise ValueError(f"Could not read the checkpoint {path}: it is damaged or not a PyTorch "
-                         f"checkpoint ({type(err).__name__}). Delete it, or name another "
-                         "file.") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint written by ch05_train.py "
-                         "(it has no 'model' entry).")
-    return checkpoint
-
-
-def check_state_dict(model, state_dict, source="the checkpoint"):
-    """Raise an error naming every missing, unexpected or differently shaped tensor."""
-    expected = model.state_dict()
-    problems = [f"missing: {k}" for k in expected if k not in state_dict]
-    problems += [f"unexpected: {k}" for k in state_dict if k not in expected]
-    problems += [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(v.shape)} in the model"
-                 for k, v in expected.items()
-                 if k in state_dict and state_dict[k].shape != v.shape]
-    if problems:
-        shown = "\n  ".join(problems[:12] + ([f"... {len(problems) - 12} more"]
-                                             if len(problems) > 12 else []))
-        raise ValueError(f"{source} does not fit this model's configuration:\n  {shown}\n"
-                         "Build the model as the file was saved (same size, context length, "
-                         "LoRA rank).")
-
-
-def build_lean(build, state_dict, source="the checkpoint"):
-    """build() the model on the meta device (no memory, no random init), then
-    adopt state_dict's tensors as its parameters: with a memory-mapped state
-    dict, peak memory stays near one copy of the weights."""
-    with torch.device("meta"):
-        model = build()
-    check_state_dict(model, state_dict, source)
-    model.load_state_dict(state_dict, assign=True)
-    return model
-
+# ---- The command's run: signals, locking, the log ----
 
 def refuse_overwrite(paths, overwrite, resume_hint=""):
     """Stop before a run writes over an earlier run's results, unless --overwrite
@@ -495,8 +462,6 @@ def refuse_overwrite(paths, overwrite, resume_hint=""):
                          "--overwrite, or choose another --out.")
     return found
 
-
-# ---- The command's run: signals, locking, the log ----
 
 class Stopped(Exception):
     """The run stopped on a signal; `code` is the exit status (128 + the signal)."""
@@ -678,6 +643,9 @@ def train_step(model, micro_batches, optimizer, device, bf16, grad_clip):
     the step's mean loss as a tensor, without waiting for the device."""
     optimizer.zero_grad(set_to_none=True)
     step_loss = torch.zeros((), device=device)
+    # Batches come pinned (make_loaders) on CUDA: these copies run without stalling the host
+    micro_batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                     for x, y in micro_batches]
     for i, (input_batch, target_batch) in enumerate(micro_batches):
         # Under DDP, gradients are averaged across processes at the last micro-batch only
         last = i == len(micro_batches) - 1
@@ -877,7 +845,7 @@ def record_evaluation(model, loaders, device, settings, state, lr, out_dir, stop
 def speed_plan(fast, compile, device):
     """What --fast and --compile mean on this device, decided here only."""
     cuda = device.type == "cuda"
-    return {"kernels": FAST_KERNELS if fast else {},  # SDPA attention, fused LayerNorm/GELU
+    return {"fast_kernels": fast,  # ch04's FAST_KERNELS: SDPA, fused LayerNorm/GELU/QKV
             "fused_adamw": fast,
             "tf32": fast and cuda,
             "bf16": fast and cuda and torch.cuda.is_bf16_supported(),
@@ -885,7 +853,8 @@ def speed_plan(fast, compile, device):
 
 
 def describe_speed(plan, fast, compile):
-    parts = (["SDPA attention", "fused LayerNorm/GELU/AdamW"] if fast else []) + \
+    parts = (["SDPA attention", "fused LayerNorm/GELU/QKV/AdamW", "padded output head"]
+             if fast else []) + \
         (["TF32 matmuls"] if plan["tf32"] else []) + (["bf16 autocast"] if plan["bf16"] else []) + \
         (["torch.compile"] if plan["compile"] else [])
     off = (["torch.compile (not on MPS)"] if compile and not plan["compile"] else [])
@@ -906,10 +875,37 @@ def make_optimizer(model, lr, weight_decay, fused=False, log=print):
 
 
 def speed_up(model, plan):
+    if plan["fast_kernels"]:
+        use_fast_kernels(model)
     if plan["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = True  # no-ops on GPUs without TF32
         torch.backends.cudnn.allow_tf32 = True
     return torch.compile(model) if plan["compile"] else model
+
+
+def autocast_forward(model, device):
+    """Run model.forward under bf16 autocast and return its output in fp32: code
+    written for fp32 models (the book's training loops, chapters 6 and 7) then
+    runs at bf16 speed unchanged, and backward runs outside autocast, as PyTorch
+    advises. The parameters stay fp32."""
+    forward = model.forward
+
+    def bf16_forward(*args, **kwargs):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs).float()
+    model.forward = bf16_forward
+    return model
+
+
+def speed_up_finetuning(model, fast, device, log=print):
+    """--fast in chapters 6 and 7, as in chapter 5: the fast kernels, and on
+    CUDA TF32 and bf16 autocast. Returns the plan (its fused_adamw for make_optimizer)."""
+    plan = speed_plan(fast, False, device)
+    log(describe_speed(plan, fast, False))
+    speed_up(model, plan)
+    if plan["bf16"]:
+        autocast_forward(model, device)
+    return plan
 
 
 def setup_distributed(device_name, log):
@@ -1084,6 +1080,8 @@ def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
     tokenizer = bpe_tokenizer()
     train_set, val_set = load_corpus(args, tokenizer, rank, log)
     loaders = make_loaders(train_set, val_set, args, rank, world_size)
+    if args.eval_freq is None:  # an evaluation costs about 3 steps (2 x --eval-iter forwards)
+        args.eval_freq = 200 if isinstance(train_set.token_ids, np.memmap) else 5
     log(f"Training windows: {len(train_set)}, validation windows: {len(val_set)}; "
         f"{len(loaders[0]) // args.grad_accum} steps per epoch with {world_size} process(es)")
 
@@ -1096,7 +1094,7 @@ def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
     cfg = ({**ckpt["config"], "drop_rate": args.drop_rate} if ckpt else
            gpt_config(args.model, context_length=args.context_length, drop_rate=args.drop_rate))
     torch.manual_seed(args.seed)
-    model = GPTModel({**cfg, **plan["kernels"]})
+    model = GPTModel(cfg)
     model.cfg = cfg  # the architecture, saved with every checkpoint
     model.to(device)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"], log)
@@ -1191,7 +1189,9 @@ def build_parser():
                      help="max gradient norm, applied after warm-up (default: 1.0 with "
                           "--schedule cosine, none with constant); 0 turns it off")
     run = parser.add_argument_group("evaluation, output and running")
-    run.add_argument("--eval-freq", type=positive, default=5, help="evaluate every N steps")
+    run.add_argument("--eval-freq", type=positive, default=None,
+                     help="evaluate every N steps (default: 5, the book's; 200 on a "
+                          "memory-mapped corpus, where evaluating costs under 2%% of training)")
     run.add_argument("--eval-iter", type=positive, default=5, help="batches per evaluation")
     run.add_argument("--prompt", default="Every effort moves you",
                      help="start of the sample text printed after each epoch")

@@ -34,7 +34,8 @@ from ch02_data import (DownloadError, atomic_path, check_writable, download_file
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
-from ch05_train import build_lean, load_checkpoint, refuse_overwrite, save_checkpoint
+from ch05_train import (build_lean, load_checkpoint, make_optimizer, refuse_overwrite,
+                        save_checkpoint, speed_up_finetuning)
 
 SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SPAM_BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"
@@ -429,6 +430,7 @@ def main(args):
     model = prepare_classifier(model, cfg, args.trainable, args.rank if args.lora else None,
                                args.alpha, say=print)
     model.to(device)
+    plan = speed_up_finetuning(model, args.fast, device)
     print(f"Trainable parameters: {count_trainable(model):,}")
     torch.manual_seed(123)  # the book seeds before the first accuracies (dropout-free)
     for name, loader in (("Training", train_loader), ("Validation", val_loader),
@@ -437,8 +439,7 @@ def main(args):
               f"{calc_accuracy_loader(loader, model, device, num_batches=10) * 100:.2f}%")
 
     torch.manual_seed(123)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
     train_losses, val_losses, train_accs, val_accs, examples_seen = train_classifier_simple(
         model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
         eval_freq=args.eval_freq, eval_iter=args.eval_iter)
@@ -505,6 +506,10 @@ def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
     parser.add_argument("--model-size", default=model_size,
                         choices=[*ALLOWED_SIZES, "tiny"],
                         help="GPT-2 size ('tiny' only with --no-pretrained)")
+    parser.add_argument("--fast", action="store_true",
+                        help="as in ch05_train.py: fused kernels (SDPA attention, LayerNorm, "
+                             "GELU, QKV, AdamW) and on CUDA TF32 and bf16 autocast; the same "
+                             "model and saved weights, results that differ in the last digits")
 
 
 def parse_finetuning_args(parser, argv=None):

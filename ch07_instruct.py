@@ -30,8 +30,9 @@ from ch02_data import (DownloadError, check_writable, download_file, interrupted
                        read_text, write_text_atomic)
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import get_gpt2_tokenizer, load_gpt2_model
-from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, plot_losses,
-                        refuse_overwrite, save_checkpoint, stream_text, train_model_simple)
+from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, make_optimizer,
+                        plot_losses, refuse_overwrite, save_checkpoint, speed_up_finetuning,
+                        stream_text, train_model_simple)
 from ch06_classify import add_finetuning_arguments, freeze_and_add_lora, parse_finetuning_args
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
@@ -362,6 +363,7 @@ def main(args):
         torch.manual_seed(123)
         freeze_and_add_lora(model, args.rank, args.alpha, say=print)
     model.to(device)
+    plan = speed_up_finetuning(model, args.fast, device)
     context_size = cfg["context_length"]
 
     collate = partial(custom_collate_fn, device=device, allowed_max_length=context_size)
@@ -381,8 +383,7 @@ def main(args):
     print(f"Training loss before finetuning: {train_loss:.3f}, validation loss: {val_loss:.3f}")
 
     torch.manual_seed(123)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
     train_losses, val_losses, tokens_seen = train_model_simple(
         model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
         eval_freq=args.eval_freq, eval_iter=args.eval_iter,

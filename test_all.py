@@ -39,6 +39,15 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir
 
 
 TINY = ch04.gpt_config("tiny", context_length=32, vocab_size=50257, drop_rate=0.0)
+SMALL_VOCAB = 1000  # for random token ids: a training step is about 10x faster than at 50,257
+
+
+def tiny_model(seed=0, **overrides):
+    """The tests' one model: TINY with `overrides`, built after torch.manual_seed(seed)."""
+    torch.manual_seed(seed)
+    return ch04.GPTModel({**TINY, **overrides})
+
+
 # Tests that touch devices run on each: the CPU always (CI), CUDA where there is one
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -61,9 +70,37 @@ def tokenizer():
     return ch02.bpe_tokenizer()
 
 
-# ---- A small HTTP server for download tests ----
+# ---- Local HTTP servers: downloads (FileServer) and Ollama's API (StubOllama) ----
 
-class FileServer:
+class LocalServer:
+    """An HTTP server on 127.0.0.1 (a free port) answering with `handler`, in a thread."""
+
+    def __init__(self, handler):
+        handler.log_message = lambda *args: None  # no request lines in the test output
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    """serve(FileServer, files) or serve(StubOllama, answer): a server for this test."""
+    servers = []
+
+    def start(kind, arg):
+        servers.append(kind(arg))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+class FileServer(LocalServer):
     """Serves `files` ({url path: bytes}) on 127.0.0.1 with Range support.
 
     `cut_short` names paths whose next response stops halfway; `missing` names
@@ -109,29 +146,7 @@ class FileServer:
                     return
                 self.wfile.write(body)
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def file_server():
-    servers = []
-
-    def start(files):
-        servers.append(FileServer(files))
-        return servers[-1]
-
-    yield start
-    for s in servers:
-        s.close()
+        super().__init__(Handler)
 
 
 # ======================= Chapter 2 =======================
@@ -237,8 +252,8 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text(encoding="utf-8") == "new"
 
 
-def test_download_file_reuses_existing_and_falls_back(file_server, tmp_path):
-    server = file_server({"/a/f.txt": b"hello" * 1000, "/b/f.txt": b"hello" * 1000})
+def test_download_file_reuses_existing_and_falls_back(serve, tmp_path):
+    server = serve(FileServer, {"/a/f.txt": b"hello" * 1000, "/b/f.txt": b"hello" * 1000})
     server.missing.add("/a/f.txt")
     dest = tmp_path / "sub" / "f.txt"
     ch02.download_file(server.url + "/a/f.txt", dest, backup_urls=[server.url + "/b/f.txt"],
@@ -251,9 +266,9 @@ def test_download_file_reuses_existing_and_falls_back(file_server, tmp_path):
     assert not list(tmp_path.rglob("*.part"))
 
 
-def test_download_file_resumes_a_cut_download(file_server, tmp_path):
+def test_download_file_resumes_a_cut_download(serve, tmp_path):
     data = bytes(range(256)) * 1600  # 400 kB: several 64 kB chunks
-    server = file_server({"/f.bin": data})
+    server = serve(FileServer, {"/f.bin": data})
     server.cut_short.add("/f.bin")
     dest = tmp_path / "f.bin"
     with pytest.raises(ch02.DownloadError) as err:
@@ -273,6 +288,30 @@ def test_chapter2_main(verdict_path):
     args = type("Args", (), dict(text=verdict_path, data_dir="unused", batch_size=8,
                                  max_length=4, emb_dim=256))
     assert ch02.main(args).shape == (8, 4, 256)
+
+
+def test_token_file_matches_in_memory_windows(tmp_path, verdict, tokenizer):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text(verdict[:9000], encoding="utf-8")
+    (docs / "b.txt").write_text(verdict[9000:], encoding="utf-8")
+    files = ch02.collect_text_files([docs])
+    logs = []
+    tokens = ch02.build_token_file(files, tmp_path / "cache", tokenizer, log=logs.append)
+    assert tokens.dtype == np.uint16 and isinstance(tokens, np.memmap)
+    in_memory = ch02.GPTDatasetV1(verdict[:9000] + "<|endoftext|>" + verdict[9000:] +
+                                  "<|endoftext|>", tokenizer, 64, 17)
+    mapped = ch02.GPTDatasetV1.from_token_ids(tokens, 64, 17)
+    assert len(mapped) == len(in_memory)
+    for i in (0, 1, len(mapped) // 2, len(mapped) - 1):
+        assert all(torch.equal(a, b) for a, b in zip(mapped[i], in_memory[i]))
+    assert "tokens/s" in logs[0]
+    ch02.build_token_file(files, tmp_path / "cache", tokenizer, log=logs.append)
+    assert logs[-1].startswith("Reusing")
+    (docs / "b.txt").write_text(verdict[9000:] + " more", encoding="utf-8")
+    ch02.build_token_file(ch02.collect_text_files([docs]), tmp_path / "cache", tokenizer,
+                          log=logs.append)
+    assert "tokens/s" in logs[-1]  # the text changed: tokenized again
 
 
 # ======================= Chapter 3 =======================
@@ -356,18 +395,16 @@ def test_seeded_generation_is_the_books(gpt124m, tokenizer):
 
 
 def test_gpt_model_is_causal_and_shaped():
-    torch.manual_seed(1)
-    model = ch04.GPTModel(TINY).eval()
-    idx = torch.randint(0, 50257, (2, 12))
-    assert model(idx).shape == (2, 12, 50257)
+    model = tiny_model(1, vocab_size=SMALL_VOCAB).eval()
+    idx = torch.randint(0, SMALL_VOCAB, (2, 12))
+    assert model(idx).shape == (2, 12, SMALL_VOCAB)
     for t in (0, 6, 11):
         assert_causal(model, idx, t)
 
 
 def test_dropout_only_in_training_mode():
-    torch.manual_seed(1)
-    model = ch04.GPTModel({**TINY, "drop_rate": 0.5})
-    idx = torch.randint(0, 50257, (1, 8))
+    model = tiny_model(1, drop_rate=0.5, vocab_size=SMALL_VOCAB)
+    idx = torch.randint(0, SMALL_VOCAB, (1, 8))
     model.eval()
     assert torch.equal(model(idx), model(idx))
     model.train()
@@ -375,7 +412,7 @@ def test_dropout_only_in_training_mode():
 
 
 def test_too_long_input_names_both_lengths():
-    model = ch04.GPTModel(TINY)
+    model = tiny_model()
     with pytest.raises(ValueError, match="has 33 tokens but the model's context_length is 32"):
         model(torch.zeros(1, 33, dtype=torch.long))
 
@@ -438,8 +475,7 @@ def verdict_in_shared(verdict_path):
 
 
 def test_untrained_loss_is_near_log_vocab(verdict, tokenizer):
-    torch.manual_seed(123)
-    model = ch04.GPTModel(TINY).eval()
+    model = tiny_model(123).eval()
     loader = ch02.create_dataloader_v1(verdict, batch_size=4, max_length=32, stride=32,
                                        shuffle=False)
     with torch.no_grad():
@@ -448,11 +484,10 @@ def test_untrained_loss_is_near_log_vocab(verdict, tokenizer):
 
 
 def test_tiny_model_overfits_one_batch(verdict, tokenizer):
-    torch.manual_seed(123)
-    model = ch04.GPTModel({**TINY, "vocab_size": 1000})  # a small vocabulary: 10x faster
+    model = tiny_model(123, vocab_size=SMALL_VOCAB)
     x, y = next(iter(ch02.create_dataloader_v1(verdict, batch_size=2, max_length=16,
                                                stride=16)))
-    x, y = x % 1000, y % 1000
+    x, y = x % SMALL_VOCAB, y % SMALL_VOCAB
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
     first = ch05.calc_loss_batch(x, y, model, "cpu").item()
     for _ in range(50):
@@ -464,9 +499,8 @@ def test_tiny_model_overfits_one_batch(verdict, tokenizer):
 
 
 def test_calc_loss_loader_num_batches_and_empty():
-    torch.manual_seed(0)
-    model = ch04.GPTModel(TINY).eval()
-    batches = [(torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8)))
+    model = tiny_model(0, vocab_size=SMALL_VOCAB).eval()
+    batches = [(torch.randint(0, SMALL_VOCAB, (2, 8)), torch.randint(0, SMALL_VOCAB, (2, 8)))
                for _ in range(4)]
     losses = [ch05.calc_loss_batch(x, y, model, "cpu").item() for x, y in batches]
     assert math.isclose(ch05.calc_loss_loader(batches, model, "cpu", num_batches=2),
@@ -477,8 +511,7 @@ def test_calc_loss_loader_num_batches_and_empty():
 
 
 def test_generate_greedy_top_k_and_eos(tokenizer):
-    torch.manual_seed(0)
-    model = ch04.GPTModel(TINY).eval()
+    model = tiny_model(0).eval()
     idx = ch05.text_to_token_ids("Every effort moves you", tokenizer)
     greedy = ch04.generate_text_simple(model, idx, 8, 32)
     assert torch.equal(ch05.generate(model, idx, 8, 32), greedy)
@@ -503,8 +536,7 @@ def test_lr_schedule_warmup_peak_and_end():
 
 
 def test_train_model_appendix_d_clips_after_warmup(verdict, tokenizer, monkeypatch):
-    torch.manual_seed(123)
-    model = ch04.GPTModel(TINY)
+    model = tiny_model(123)
     loader = ch02.create_dataloader_v1(verdict[:3000], batch_size=2, max_length=32, stride=32)
     clipped_at = []
     real_clip = torch.nn.utils.clip_grad_norm_
@@ -531,8 +563,7 @@ def test_command_reproduces_train_model_simple(tmp_path, verdict, tokenizer, cap
     make = lambda text, shuffle, drop_last: ch02.create_dataloader_v1(  # noqa: E731
         text, batch_size=4, max_length=64, stride=64, shuffle=shuffle, drop_last=drop_last)
     train_loader, val_loader = make(verdict[:split], True, True), make(verdict[split:], False, False)
-    torch.manual_seed(123)
-    model = ch04.GPTModel({**TINY, "context_length": 64, "drop_rate": 0.1})
+    model = tiny_model(123, context_length=64, drop_rate=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, weight_decay=0.1)
     train_losses, val_losses, tokens = ch05.train_model_simple(
         model, train_loader, val_loader, optimizer, "cpu", 2, 3, 2, "Every effort moves you",
@@ -675,7 +706,7 @@ def test_sigterm_from_outside_saves_and_exits_143(tmp_path, short_text):
     stopped_at = int(re.search(r"Stopped by SIGTERM after step (\d+); checkpoint saved to",
                                err).group(1))
     assert ch05.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == stopped_at
-    assert all(int(r["step"]) <= stopped_at for r in log_rows(tmp_path / "log.csv"))
+    assert [int(r["step"]) for r in log_rows(tmp_path / "log.csv")] == list(range(stopped_at + 1))
     # resuming after a SIGTERM is exact: the "SIGTERM" case of the interruption test
 
 
@@ -809,34 +840,15 @@ def test_bad_data_errors(tmp_path):
         ch05.main(train_args(tmp_path / "e", "--data", str(latin), "--memmap"))
 
 
-def test_token_file_matches_in_memory_windows(tmp_path, verdict, tokenizer):
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "a.txt").write_text(verdict[:9000], encoding="utf-8")
-    (docs / "b.txt").write_text(verdict[9000:], encoding="utf-8")
-    files = ch05.collect_text_files([docs])
-    logs = []
-    tokens = ch05.build_token_file(files, tmp_path / "cache", tokenizer, log=logs.append)
-    assert tokens.dtype == np.uint16 and isinstance(tokens, np.memmap)
-    in_memory = ch02.GPTDatasetV1(verdict[:9000] + "<|endoftext|>" + verdict[9000:] +
-                                  "<|endoftext|>", tokenizer, 64, 17)
-    mapped = ch02.GPTDatasetV1.from_token_ids(tokens, 64, 17)
-    assert len(mapped) == len(in_memory)
-    for i in (0, 1, len(mapped) // 2, len(mapped) - 1):
-        assert all(torch.equal(a, b) for a, b in zip(mapped[i], in_memory[i]))
-    assert "tokens/s" in logs[0]
-    ch05.build_token_file(files, tmp_path / "cache", tokenizer, log=logs.append)
-    assert logs[-1].startswith("Reusing")
-    (docs / "b.txt").write_text(verdict[9000:] + " more", encoding="utf-8")
-    ch05.build_token_file(ch05.collect_text_files([docs]), tmp_path / "cache", tokenizer,
-                          log=logs.append)
-    assert "tokens/s" in logs[-1]  # the text changed: tokenized again
-
-
-def test_memmap_route_trains(tmp_path):
-    result = ch05.main(train_args(tmp_path, "--memmap", "--max-steps", "3", "--eval-freq", "1"))
-    assert len(result["history"]["log"]) == 3
-    assert list((tmp_path / "tokens").glob("*.bin"))
+def test_memmap_route_trains_and_evaluates_rarely(tmp_path):
+    """A memory-mapped corpus is a large one: evaluations every 200 steps by
+    default, not the book's every 5."""
+    result = ch05.main(train_args(tmp_path / "mapped", "--memmap", "--max-steps", "3"))
+    assert result["state"]["step"] == 2 and [r["step"] for r in result["history"]["log"]] == [0]
+    assert ch05.load_checkpoint(tmp_path / "mapped" / "checkpoint.pt")["settings"]["eval_freq"] == 200
+    assert list((tmp_path / "mapped" / "tokens").glob("*.bin"))
+    in_memory = ch05.main(train_args(tmp_path / "text", "--max-steps", "6"))
+    assert [r["step"] for r in in_memory["history"]["log"]] == [0, 5]
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, short_text):
@@ -928,11 +940,11 @@ def tiny_gpt2_files(tmp_path_factory):
 
 
 @pytest.fixture
-def gpt2_server(file_server, tiny_gpt2_files, monkeypatch):
+def gpt2_server(serve, tiny_gpt2_files, monkeypatch):
     files, _ = tiny_gpt2_files
     monkeypatch.setattr(gpt2, "ALLOWED_SIZES", (*gpt2.ALLOWED_SIZES, "tiny"))
-    return file_server({f"/{base}/tiny/{name}": data for base in ("primary", "mirror")
-                        for name, data in files.items()})
+    return serve(FileServer, {f"/{base}/tiny/{name}": data for base in ("primary", "mirror")
+                              for name, data in files.items()})
 
 
 def numpy_gpt2_logits(v, ids, n_head):
@@ -1025,9 +1037,9 @@ def test_damaged_gpt2_downloads_are_fetched_again(gpt2_server, tiny_gpt2_files, 
     assert not (model_dir / "hparams.json").exists()
 
 
-def test_a_part_file_is_resumed_only_when_it_is_the_same_files(file_server, tmp_path):
+def test_a_part_file_is_resumed_only_when_it_is_the_same_files(serve, tmp_path):
     data = bytes(range(256)) * 40
-    server = file_server({"/f.bin": data})
+    server = serve(FileServer, {"/f.bin": data})
     part = tmp_path / "f.bin.part"
     part.write_bytes(b"bytes of some other file")  # no note: of unknown origin
     ch02.download_file(server.url + "/f.bin", tmp_path / "f.bin")
@@ -1296,7 +1308,7 @@ def separable_loaders(tmp_path, tokenizer):
 def test_tiny_classifier_learns_a_separable_task(tmp_path, tokenizer):
     loader = separable_loaders(tmp_path, tokenizer)
     torch.manual_seed(0)
-    model = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY, trainable="all")
+    model = ch06.prepare_classifier(tiny_model(), TINY, trainable="all")
     before = ch06.calc_loss_loader(loader, model, "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     losses, _, train_accs, _, seen = ch06.train_classifier_simple(
@@ -1311,7 +1323,7 @@ def test_tiny_classifier_learns_a_separable_task(tmp_path, tokenizer):
 
 
 def test_classify_review_truncates_long_text_with_a_warning(tokenizer):
-    model = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY)  # context 32
+    model = ch06.prepare_classifier(tiny_model(), TINY)  # context 32
     with pytest.warns(UserWarning, match="has 100 tokens; only its first 32"):
         label, p = ch06.classify_review(" word" * 100, model, tokenizer, "cpu", max_length=200)
     assert label in ("spam", "not spam") and 0.5 <= p <= 1.0
@@ -1319,7 +1331,7 @@ def test_classify_review_truncates_long_text_with_a_warning(tokenizer):
 
 def test_lora_starts_equal_to_base_and_trains_only_lora():
     torch.manual_seed(1)
-    model = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY, trainable="all")
+    model = ch06.prepare_classifier(tiny_model(), TINY, trainable="all")
     x = torch.randint(0, 50257, (2, 10))
     with torch.no_grad():
         base = model(x)
@@ -1331,11 +1343,13 @@ def test_lora_starts_equal_to_base_and_trains_only_lora():
             m.A.requires_grad = m.B.requires_grad = True
     with torch.no_grad():
         assert torch.equal(model(x), base)  # B starts at zero
+        # the fast kernels leave LoRA's layers to their own forward
+        assert torch.allclose(ch04.use_fast_kernels(model)(x), base, atol=1e-5)
     d, r = TINY["emb_dim"], 4
     per_block = r * (d + d) * 4 + r * (d + 4 * d) * 2  # q, k, v, out_proj; the two FF layers
     assert ch06.count_trainable(model) == TINY["n_layers"] * per_block + r * (d + 2)  # + head
     # prepare_classifier's LoRA path: exactly the LoRA matrices train
-    lora_model = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY, lora_rank=4, lora_alpha=8)
+    lora_model = ch06.prepare_classifier(tiny_model(), TINY, lora_rank=4, lora_alpha=8)
     trainable = {n for n, p in lora_model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("lora.A", "lora.B")) for n in trainable)
     assert ch06.count_trainable(lora_model) == ch06.count_trainable(model)
@@ -1353,11 +1367,11 @@ def test_lora_count_for_gpt2_small_is_the_books():
 
 
 def test_trainable_choices():
-    model = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY, trainable="last_block")
+    model = ch06.prepare_classifier(tiny_model(), TINY, trainable="last_block")
     trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("trf") else "")
                  for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"out_head", "final_norm", f"trf_blocks.{TINY['n_layers'] - 1}"}
-    head = ch06.prepare_classifier(ch04.GPTModel(TINY), TINY, trainable="head")
+    head = ch06.prepare_classifier(tiny_model(), TINY, trainable="head")
     assert ch06.count_trainable(head) == TINY["emb_dim"] * 2 + 2
 
 
@@ -1466,7 +1480,7 @@ def test_a_named_zip_is_used_even_when_an_extracted_file_exists(tmp_path):
 # ======================= Chapter 7: instruction finetuning =======================
 
 
-class StubOllama:
+class StubOllama(LocalServer):
     """A server on 127.0.0.1 that speaks Ollama's streamed chat API: the answer
     to each prompt is answer(prompt), sent as newline-delimited JSON chunks; an
     answer in bytes is sent as it is (not JSON), and None answers after 2 s."""
@@ -1504,29 +1518,8 @@ class StubOllama:
                                               "message": {"role": "assistant", "content": ""}})
                                   + "\n").encode())
 
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api/chat"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def stub_ollama():
-    stubs = []
-
-    def start(answer):
-        stubs.append(StubOllama(answer))
-        return stubs[-1]
-
-    yield start
-    for s in stubs:
-        s.close()
+        super().__init__(Handler)
+        self.url += "/api/chat"
 
 
 @pytest.fixture(scope="session")
@@ -1575,10 +1568,9 @@ def test_masking_instructions_masks_exactly_the_prompt(instruction_data, tokeniz
 
 
 def test_loss_ignores_masked_targets():
-    torch.manual_seed(0)
-    model = ch04.GPTModel(TINY).eval()
-    inputs = torch.randint(0, 50257, (2, 6))
-    targets = torch.randint(0, 50257, (2, 6))
+    model = tiny_model(0, vocab_size=SMALL_VOCAB).eval()
+    inputs = torch.randint(0, SMALL_VOCAB, (2, 6))
+    targets = torch.randint(0, SMALL_VOCAB, (2, 6))
     masked = targets.clone()
     masked[:, :3] = -100
     with torch.no_grad():
@@ -1601,9 +1593,9 @@ def test_long_prompt_is_left_truncated_with_a_warning(tokenizer):
     assert idx.tolist()[0] == tokenizer.encode("one two three " * 20)[-22:]
 
 
-def test_ollama_client_scores_and_averages(stub_ollama, instruction_data):
+def test_ollama_client_scores_and_averages(serve, instruction_data):
     answers = iter(["85", "60", "The score is high", "100"])
-    stub = stub_ollama(lambda prompt: next(answers))
+    stub = serve(StubOllama, lambda prompt: next(answers))
     entries = [dict(e, model_response="A reply.") for e in instruction_data[:4]]
     scores = ch07.generate_model_scores(entries, "model_response", "llama3", stub.url)
     assert scores == [85, 60, 100]
@@ -1612,10 +1604,10 @@ def test_ollama_client_scores_and_averages(stub_ollama, instruction_data):
     assert ch07.check_if_running(stub.url)
 
 
-def test_judge_failures_keep_the_scores_obtained(stub_ollama, instruction_data, tmp_path):
+def test_judge_failures_keep_the_scores_obtained(serve, instruction_data, tmp_path):
     entries = [{**e, "model_response": "A response."} for e in instruction_data[:5]]
     answers = iter(["80", "70", "60", b"<html>Bad gateway</html>\n", "50"])
-    stub = stub_ollama(lambda prompt: next(answers))
+    stub = serve(StubOllama, lambda prompt: next(answers))
     scores_path = tmp_path / "scores.json"
     scores = ch07.generate_model_scores(entries, "model_response", url=stub.url,
                                         scores_path=scores_path)
@@ -1624,7 +1616,7 @@ def test_judge_failures_keep_the_scores_obtained(stub_ollama, instruction_data, 
     assert saved == {"0": 80, "1": 70, "2": 60, "3": None, "4": 50}
     # a judge that accepts the connection but does not answer in time on entry 2
     answers = iter(["80", "70", None])
-    stub = stub_ollama(lambda prompt: next(answers))
+    stub = serve(StubOllama, lambda prompt: next(answers))
     with pytest.raises(ch07.JudgeUnavailable, match=r"answered the check, but gave no answer "
                                                     r"within 1 s\. That was entry 2; the 2 "
                                                     r"scores before it are kept; they are saved"):
@@ -1647,8 +1639,7 @@ def test_unreachable_judge_gives_a_clear_error():
 
 
 def test_chat_loop_streams_and_exits_on_empty_line(tokenizer):
-    torch.manual_seed(0)
-    model = ch04.GPTModel({**TINY, "context_length": 256}).eval()
+    model = tiny_model(0, context_length=256).eval()
     out = io.StringIO()
     responses = ch07.chat(model, tokenizer, "cpu", 256, max_new_tokens=5,
                           stdin=io.StringIO("What is 2+2?\n\nnever read\n"), out=out)
@@ -1657,14 +1648,15 @@ def test_chat_loop_streams_and_exits_on_empty_line(tokenizer):
     assert ch07.chat(model, tokenizer, "cpu", 256, stdin=io.StringIO(""), out=io.StringIO()) == []
 
 
-def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, stub_ollama, capsys):
-    stub = stub_ollama(lambda prompt: "50")
+def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
+    stub = serve(StubOllama, lambda prompt: "50")
     args = ch07.build_parser().parse_args([
         "--data", str(SHARED / "data" / "instruction-data.json"), "--model-size", "tiny",
         "--no-pretrained", "--limit", "16", "--batch-size", "4", "--epochs", "2", "--lr", "1e-3",
         "--eval-freq", "2", "--eval-iter", "2", "--max-new-tokens", "8", "--mask-instructions",
-        "--out", str(tmp_path), "--device", "cpu", "--ollama-url", stub.url])
+        "--out", str(tmp_path), "--device", "cpu", "--ollama-url", stub.url, "--fast"])
     result = ch07.main(args)
+    assert "Speed: SDPA attention, fused LayerNorm/GELU/QKV/AdamW" in capsys.readouterr().out
     assert result["train_losses"][-1] < result["train_losses"][0]  # the loss falls
     saved = json.loads((tmp_path / "instruction-data-with-response.json").read_text())
     assert len(saved) == 16 and all("model_response" in e for e in saved)
@@ -1683,7 +1675,9 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, stub_ollama, capsys):
     chat = subprocess.Popen([sys.executable, "ch07_instruct.py", "--chat", "--model-size", "tiny",
                              "--no-pretrained", "--out", str(tmp_path), "--max-new-tokens", "4",
                              "--device", "cpu"], cwd=HERE, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # Ctrl-C reaches it even when pytest was started with SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     chat.stdin.write("Name a color.\n")
     chat.stdin.flush()
     shown = ""
@@ -1693,7 +1687,8 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, stub_ollama, capsys):
         shown += char
     assert shown.split(">>> ")[1].strip()  # a response was printed
     chat.send_signal(signal.SIGINT)
-    _, err = chat.communicate(timeout=60)
+    chat.wait(timeout=60)  # before stdin closes: an end of input would end the chat too
+    err = chat.stderr.read()
     assert chat.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert "Interrupted. Files already written (the finetuned model, responses) are kept" in err
 
@@ -1737,18 +1732,21 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["book", "sdpa"])
 def test_cached_generation_equals_uncached(impl, device):
-    torch.manual_seed(0)
-    model = ch04.GPTModel({**TINY, "context_length": 16, "attn_impl": impl,
-                           "vocab_size": 1000}).to(device).eval()
-    idx = torch.randint(0, 1000, (2, 5), device=device)
-    # 30 new tokens: the 16-token window fills up, and the cache falls back to recomputing
+    model = tiny_model(0, context_length=16, attn_impl=impl,
+                       vocab_size=SMALL_VOCAB).to(device).eval()
+    idx = torch.randint(0, SMALL_VOCAB, (2, 5), device=device)
+    # 30 new tokens: the 16-token window fills up, and the cache falls back to recomputing.
+    # use_cache=True: a growing KVCache on the CPU, a CUDA graph over a StaticKVCache on
+    # CUDA; "static": that cache without the graph
     greedy = ch05.generate(model, idx, 30, 16)
-    assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=True), greedy)
-    for kw in ({"temperature": 1.0, "top_k": 50}, {"temperature": 0.8, "top_p": 0.9}):
-        torch.manual_seed(7)
-        sampled = ch05.generate(model, idx, 30, 16, **kw)
-        torch.manual_seed(7)
-        assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=True, **kw), sampled)
+    for use_cache in (True, "static"):
+        assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=use_cache), greedy)
+        for kw in ({"temperature": 1.0, "top_k": 50}, {"temperature": 0.8, "top_p": 0.9}):
+            torch.manual_seed(7)
+            sampled = ch05.generate(model, idx, 30, 16, **kw)
+            torch.manual_seed(7)
+            assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=use_cache, **kw),
+                               sampled)
     # a cache position beyond the context is refused, not silently wrong
     cache = ch04.new_kv_cache(model)
     model(idx.repeat(1, 3)[:, :15], kv_cache=cache)
@@ -1756,20 +1754,22 @@ def test_cached_generation_equals_uncached(impl, device):
         model(idx[:, :2], kv_cache=cache)
 
 
-def test_cached_forward_matches_full_forward():
-    torch.manual_seed(0)
-    model = ch04.GPTModel(TINY).eval()
-    idx = torch.randint(0, 50257, (1, 12))
-    cache = ch04.new_kv_cache(model)
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("impl", ["book", "sdpa"])
+def test_cached_forward_matches_full_forward(impl, static):
+    model = tiny_model(0, vocab_size=SMALL_VOCAB, attn_impl=impl).eval()
+    idx = torch.randint(0, SMALL_VOCAB, (2, 12))
+    cache = ch04.new_kv_cache(model, static=static)
     with torch.no_grad():
         parts = [model(idx[:, :5], kv_cache=cache), model(idx[:, 5:9], kv_cache=cache),
                  model(idx[:, 9:10], kv_cache=cache), model(idx[:, 10:], kv_cache=cache)]
         assert torch.allclose(torch.cat(parts, dim=1), model(idx), atol=1e-5)
+    if static:  # the buffers keep their shape and place; the position is on the device
+        assert cache[0].keys.shape[2] == 32 and int(cache[0].length) == 12
 
 
 def test_stream_text_prints_what_generate_returns(tokenizer):
-    torch.manual_seed(0)
-    model = ch04.GPTModel(TINY).eval()
+    model = tiny_model(0).eval()
     idx = ch05.text_to_token_ids("Every effort", tokenizer)
     out = io.StringIO()
     torch.manual_seed(3)
@@ -1782,23 +1782,56 @@ def test_stream_text_prints_what_generate_returns(tokenizer):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_kernels_match_the_book_with_the_same_parameters(device):
-    torch.manual_seed(0)
-    book = ch04.GPTModel(TINY).to(device).eval()
-    fast = ch04.GPTModel({**TINY, **ch04.FAST_KERNELS}).to(device).eval()
+    book = tiny_model(0, qkv_bias=True).to(device).eval()
+    fast = tiny_model(1, qkv_bias=True, **ch04.FAST_KERNELS).to(device).eval()
     assert list(book.state_dict()) == list(fast.state_dict())
     fast.load_state_dict(book.state_dict())
-    idx = torch.randint(0, 50257, (3, 32), device=device)
+    kernels = lambda model: [(type(m).__name__, getattr(m, "attn_impl", None),  # noqa: E731
+                              getattr(m, "fused", None), getattr(m, "fused_qkv", None),
+                              getattr(m, "padded_head", None)) for m in model.modules()]
+    assert kernels(ch04.use_fast_kernels(tiny_model(2, qkv_bias=True))) == kernels(fast)
+    # 8 x 32 tokens: enough for the padded output head, whose rows are 50,304 apart
+    x, y = (torch.randint(0, 50257, (8, 32), device=device) for _ in range(2))
+    assert fast(x).stride(1) == 50304 and book(x).stride(1) == 50257
+    losses = [ch05.calc_loss_batch(x, y, model, device) for model in (book, fast)]
+    for loss in losses:
+        loss.backward()
+    tol = 1e-5 if device == "cpu" else 1e-4  # TF32 is off here: fp32 against fp32
+    assert torch.isclose(losses[1], losses[0], rtol=tol)
     with torch.no_grad():
-        assert torch.allclose(fast(idx), book(idx), atol=1e-5 if device == "cpu" else 1e-4)
+        assert torch.allclose(fast(x), book(x), atol=tol)
+    for (name, a), b in zip(book.named_parameters(), fast.parameters()):
+        assert torch.allclose(b.grad, a.grad, atol=tol), name
+    # the fast path under bf16 autocast (as --fast trains on CUDA) stays within bf16's precision
+    with torch.autocast(device, dtype=torch.bfloat16), torch.no_grad():
+        assert math.isclose(ch05.calc_loss_batch(x, y, fast, device).item(), losses[0].item(),
+                            rel_tol=1e-2)
     torch.manual_seed(0)
     mha = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4).eval()
-    sdpa = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="sdpa").eval()
+    sdpa = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="sdpa",
+                                   fused_qkv=True).eval()
     sdpa.load_state_dict(mha.state_dict())
     x = torch.randn(2, 8, 16)
     assert torch.allclose(sdpa(x), mha(x), atol=1e-6)
     assert_causal(sdpa, x, 4)
     with pytest.raises(ValueError, match="attn_impl must be 'book' or 'sdpa'"):
         ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="flash")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_forward_trains_in_bf16_and_returns_fp32(device):
+    """--fast's bf16 for chapters 6 and 7: the book's loops get fp32 logits."""
+    model = tiny_model(0, vocab_size=SMALL_VOCAB).to(device)
+    x, y = (torch.randint(0, SMALL_VOCAB, (2, 16), device=device) for _ in range(2))
+    fp32_loss = ch05.calc_loss_batch(x, y, model, device)
+    ch05.autocast_forward(model, torch.device(device))
+    logits = model(x)
+    assert logits.dtype == torch.float32 and torch.is_autocast_enabled(device) is False
+    loss = ch05.calc_loss_batch(x, y, model, device)
+    assert math.isclose(loss.item(), fp32_loss.item(), rel_tol=1e-2) and loss != fp32_loss
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    assert list(model.state_dict()) == list(tiny_model(0, vocab_size=SMALL_VOCAB).state_dict())
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():
@@ -1828,13 +1861,13 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_adamw_takes_the_same_step(device):
-    torch.manual_seed(0)
-    models = [ch04.GPTModel(TINY).to(device), ch04.GPTModel(TINY).to(device)]
+    models = [tiny_model(0, vocab_size=SMALL_VOCAB).to(device),
+              tiny_model(1, vocab_size=SMALL_VOCAB).to(device)]
     models[1].load_state_dict(models[0].state_dict())
     optimizers = [ch05.make_optimizer(models[0], 1e-3, 0.1),
                   ch05.make_optimizer(models[1], 1e-3, 0.1, fused=True)]
     assert optimizers[1].defaults["fused"] and not optimizers[0].defaults["fused"]
-    x, y = torch.randint(0, 50257, (2, 8)), torch.randint(0, 50257, (2, 8))
+    x, y = torch.randint(0, SMALL_VOCAB, (2, 8)), torch.randint(0, SMALL_VOCAB, (2, 8))
     for _ in range(3):
         for model, opt in zip(models, optimizers):
             opt.zero_grad()
@@ -1854,13 +1887,12 @@ def test_fast_training_command_runs_and_resumes_into_the_book_path(tmp_path, cap
 
 
 def test_lean_loading_gives_the_plain_paths_logits(tmp_path):
-    torch.manual_seed(0)
-    model = ch04.GPTModel(TINY).eval()
+    model = tiny_model(0).eval()
     torch.save(model.state_dict(), tmp_path / "m.pth")
-    plain = ch04.GPTModel(TINY)
+    plain = tiny_model(1)
     plain.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
     state_dict = torch.load(tmp_path / "m.pth", weights_only=True, mmap=True)
-    lean = ch05.build_lean(lambda: ch04.GPTModel(TINY), state_dict)
+    lean = ch05.build_lean(tiny_model, state_dict)
     assert all(p.device.type == "cpu" for p in lean.parameters())
     assert lean.tok_emb.weight.data_ptr() == state_dict["tok_emb.weight"].data_ptr()  # no copy
     idx = torch.randint(0, 50257, (2, 10))
