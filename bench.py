@@ -1,10 +1,20 @@
 """Speed and memory of the fast paths, measured on the machine it runs on.
 
+On the CPU (the default):
   1. training tokens/s, GPT-2 124M, context 256, batch 2: the book's path vs --fast
   2. greedy generation tokens/s, 124M, "Hello, I am", 200 new tokens: uncached vs KV cache
   3. peak resident memory of loading a saved 124M model: plain vs lean (meta + mmap)
   4. dataset build time and memory for stride=1 over 2 million tokens
   5. achieved FLOP/s of the training step against a large torch.mm (model FLOPs utilisation)
+
+With --device cuda:
+  1. training through ch05_train.py's own loop (data loading, logging and evaluations
+     included), 124M, context 1024, batch 16, on a memory-mapped corpus: the book's
+     path, --fast and --fast --compile; tokens/s, peak GPU memory, and MFU against a
+     bf16 8192^3 matmul measured in the same run
+  2. batch-1 greedy decoding, 200 new tokens: uncached, KV cache (a CUDA graph), the
+     same with the fast kernels, and Hugging Face's GPT-2 `generate` where
+     transformers is installed
 
 Every measurement runs in a fresh subprocess, and the variants alternate
 (A B A B ...); the table shows medians and ranges, and how much CPU other
@@ -12,9 +22,11 @@ processes used meanwhile (in cores), since on a shared machine that is what
 moves the numbers.
 
 Run:  python bench.py [--quick] [--repeats 3] [--json bench.json]
+      python bench.py --device cuda [--data-dir data]
 Imports from ch02_data.py, ch04_gpt.py, ch05_train.py and ch05_load_gpt2.py.
 """
 import argparse
+import importlib.util
 import json
 import os
 import resource  # CPU time of the children
@@ -32,6 +44,10 @@ FULL = {"model": "124M", "context": 256, "batch": 2, "train_steps": 4, "warmup":
 QUICK = {"model": "bench-small", "context": 128, "batch": 2, "train_steps": 3, "warmup": 1,
          "new_tokens": 30, "mm_n": 2048, "dataset_tokens": 2_000_000, "repeats": 1}
 SMALL = {"emb_dim": 256, "n_layers": 4, "n_heads": 4}
+# --device cuda: the issue's GPU configuration. Rates are read between the
+# evaluations at steps eval_every and 2 * eval_every (compiling comes before)
+CUDA = {"model": "124M", "context": 1024, "batch": 16, "eval_every": 100, "new_tokens": 200,
+        "mm_n": 8192, "repeats": 1}
 
 
 # ---- Helpers the child processes use ----
@@ -209,8 +225,84 @@ def child_save(variant, p):
     return {}
 
 
+def child_train_command(variant, p):
+    """tokens/s of ch05_train.py's own loop between two evaluations: steps
+    eval_every+1 .. 2*eval_every and the evaluation at eval_every (one per
+    eval_every steps, as a run has them); the first steps (compiling) are left out."""
+    import torch
+    import ch05_train as ch05
+    out = Path(p["work_dir"]) / f"run-{variant}-{os.getpid()}"
+    out.mkdir()
+    (out / "tokens").symlink_to(Path(p["work_dir"]) / "tokens")  # tokenized once, by the parent
+    flags = {"book": [], "fast": ["--fast"], "fast+compile": ["--fast", "--compile"]}[variant]
+    every = p["eval_every"]
+    result = ch05.main(ch05.parse_args([
+        "--data", p["corpus"], "--memmap", "--model", p["model"], "--context-length",
+        str(p["context"]), "--batch-size", str(p["batch"]), "--max-steps", str(2 * every + 1),
+        "--eval-freq", str(every), "--save-every", "0", "--device", p["device"],
+        "--out", str(out), *flags]))
+    rows = {r["step"]: r for r in result["history"]["log"]}
+    first, last = rows[every], rows[2 * every]
+    tokens_per_s = (last["tokens_seen"] - first["tokens_seen"]) / (last["elapsed_s"] -
+                                                                    first["elapsed_s"])
+    cfg = model_config(p["model"], context_length=p["context"])
+    flops = training_flops(cfg, p["batch"], p["context"]) / (p["batch"] * p["context"])
+    cuda = p["device"] == "cuda"
+    return {"tokens_per_s": tokens_per_s, "gflops_per_s": tokens_per_s * flops / 1e9,
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")}
+
+
+def child_mm_cuda(variant, p):
+    import torch
+    n = p["mm_n"]
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ b
+    torch.cuda.synchronize()
+    return {"gflops_per_s": 2 * n ** 3 * 20 / (time.perf_counter() - start) / 1e9}
+
+
+def child_decode(variant, p):
+    """Batch-1 greedy decoding: the project's paths (the same random model in
+    each, so their tokens compare) or Hugging Face's GPT-2 ("hf")."""
+    import torch
+    import ch05_train as ch05
+    from ch04_gpt import GPTModel, use_fast_kernels
+    device = torch.device(p["device"])
+    prompt = [15496, 11, 314, 716]  # "Hello, I am"
+    idx = torch.tensor([prompt], device=device)
+    torch.manual_seed(123)
+    if variant == "hf":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        model = GPT2LMHeadModel(GPT2Config()).to(device).eval()
+        run = lambda n: model.generate(  # noqa: E731
+            idx, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            attention_mask=torch.ones_like(idx), pad_token_id=50256)
+    else:
+        model = GPTModel(model_config(p["model"], drop_rate=0.0)).to(device).eval()
+        if variant == "fast":
+            use_fast_kernels(model)
+        run = lambda n: ch05.generate(model, idx, n, 1024,  # noqa: E731
+                                      use_cache=variant != "uncached")
+    run(10)  # warm up (and, with the cache, record the CUDA graph once)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    out = run(p["new_tokens"])
+    synchronize()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": (out.shape[1] - len(prompt)) / seconds,
+            "tokens": out[0, len(prompt):].tolist()}
+
+
 CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": child_copy,
-            "generate": child_generate, "load": child_load, "dataset": child_dataset}
+            "generate": child_generate, "load": child_load, "dataset": child_dataset,
+            "train_command": child_train_command, "mm_cuda": child_mm_cuda,
+            "decode": child_decode}
 
 
 # ---- The parent: run children interleaved, summarise ----
@@ -243,7 +335,8 @@ def run_child(name, variant, params, env):
     return result
 
 
-def summarise(runs, p):
+def statistics(runs):
+    """(values, stat): a measurement's values over the repeats, and their summary."""
     def values(name, variant, key):
         return [r[key] for r in runs if r["name"] == name and r["variant"] == variant]
 
@@ -251,6 +344,11 @@ def summarise(runs, p):
         v = values(name, variant, key)
         return {"median": median(v), "min": min(v), "max": max(v),
                 "others_cpu_cores": median(values(name, variant, "others_cpu_cores"))}
+    return values, stat
+
+
+def summarise(runs, p):
+    values, stat = statistics(runs)
 
     rows = [
         ("training", "book path", stat("train", "book", "tokens_per_s"), "tokens/s"),
@@ -293,16 +391,49 @@ def summarise(runs, p):
     return rows, derived, targets, bound
 
 
+TRAIN_VARIANTS = (("book path", "book"), ("fast path", "fast"), ("fast + compile", "fast+compile"))
+
+
+def summarise_cuda(runs, p):
+    values, stat = statistics(runs)
+    decodes = [("uncached", "uncached"), ("KV cache", "cached"), ("cache + fast", "fast")]
+    decodes += [("Hugging Face", "hf")] if values("decode", "hf", "tokens_per_s") else []
+    rows = [("training", label, stat("train_command", v, "tokens_per_s"), "tokens/s")
+            for label, v in TRAIN_VARIANTS]
+    rows += [("peak memory", label, stat("train_command", v, "peak_gb"), "GB")
+             for label, v in TRAIN_VARIANTS]
+    rows.append(("torch.mm", f"bf16 {p['mm_n']}^3", stat("mm_cuda", "-", "gflops_per_s"),
+                 "GFLOP/s"))
+    rows += [("decoding", label, stat("decode", v, "tokens_per_s"), "tokens/s")
+             for label, v in decodes]
+    mm = stat("mm_cuda", "-", "gflops_per_s")["median"]
+    derived = {f"{label} MFU (vs bf16 mm)":
+               stat("train_command", v, "gflops_per_s")["median"] / mm for label, v in TRAIN_VARIANTS}
+    best = max(stat("decode", v, "tokens_per_s")["median"] for v in ("cached", "fast"))
+    if values("decode", "hf", "tokens_per_s"):
+        derived["best decoding / Hugging Face"] = best / stat("decode", "hf", "tokens_per_s")["median"]
+    uncached = values("decode", "uncached", "tokens")[0]
+    for label, v in (("KV cache", "cached"), ("cache + fast", "fast")):
+        derived[f"{label} tokens = uncached (1: yes)"] = float(
+            all(t == uncached for t in values("decode", v, "tokens")))
+    targets = {"fast path MFU (vs bf16 mm)": (">=", 0.38),
+               "fast + compile MFU (vs bf16 mm)": (">=", 0.50),
+               "best decoding / Hugging Face": (">=", 3.0),
+               "KV cache tokens = uncached (1: yes)": (">=", 1.0)}
+    return rows, derived, targets, None
+
+
 def print_table(rows, derived, targets, bound, quick):
-    print(f"\n{'measurement':<12}{'variant':<12}{'median':>10}{'range':>22}  {'unit':<10}"
+    print(f"\n{'measurement':<12}{'variant':<16}{'median':>10}{'range':>22}  {'unit':<10}"
           f"{'others CPU':>10}")
     for name, variant, s, unit in rows:
         rng = f"{s['min']:.4g}-{s['max']:.4g}"
-        print(f"{name:<12}{variant:<12}{s['median']:>10.4g}{rng:>22}  {unit:<10}"
+        print(f"{name:<12}{variant:<16}{s['median']:>10.4g}{rng:>22}  {unit:<10}"
               f"{s['others_cpu_cores']:>9.2f}c")
-    print(f"\nbandwidth bound for batch-1 decoding: {bound:.1f} tokens/s "
-          "(weights read per token / copy bandwidth)")
-    print(f"\n{'derived':<32}{'value':>10}  target")
+    if bound is not None:
+        print(f"\nbandwidth bound for batch-1 decoding: {bound:.1f} tokens/s "
+              "(weights read per token / copy bandwidth)")
+    print(f"\n{'derived':<40}{'value':>10}  target")
     for key, value in derived.items():
         target = targets.get(key)
         verdict = ""
@@ -312,7 +443,7 @@ def print_table(rows, derived, targets, bound, quick):
             verdict = f"{op} {limit:g}  {'met' if met else 'MISSED'}"
             if quick:
                 verdict += " (targets are for the full run)"
-        print(f"{key:<32}{value:>10.3f}  {verdict}")
+        print(f"{key:<40}{value:>10.3f}  {verdict}")
 
 
 def main(args):
@@ -321,7 +452,8 @@ def main(args):
         check_writable(Path(args.json).resolve().parent)
         if Path(args.json).is_dir():
             raise IsADirectoryError(f"--json {args.json} is a folder; name a file.")
-    p = dict(QUICK if args.quick else FULL)
+    cuda = args.device == "cuda"
+    p = dict(CUDA if cuda else QUICK if args.quick else FULL, device=args.device)
     if args.repeats:
         p["repeats"] = args.repeats
     env = dict(os.environ)
@@ -329,25 +461,36 @@ def main(args):
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        p["models_dir"] = tmp
-        run_child("save", "-", p, env)  # in a child too: the parent stays small
-        pairs = [("train", ("book", "fast")), ("mm", ("-",)), ("generate", ("uncached", "cached")),
-                 ("copy", ("-",)), ("load", ("plain", "lean")), ("dataset", ("-",))]
+        p["models_dir"] = p["work_dir"] = tmp
+        if cuda:
+            import torch
+            if not torch.cuda.is_available():
+                raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU.")
+            p["corpus"] = prepare_corpus(p, args.data_dir)
+            pairs = [("mm_cuda", ("-",)), ("train_command", tuple(v for _, v in TRAIN_VARIANTS)),
+                     ("decode", ("uncached", "cached", "fast") +
+                      (("hf",) if importlib.util.find_spec("transformers") else ()))]
+        else:
+            run_child("save", "-", p, env)  # in a child too: the parent stays small
+            pairs = [("train", ("book", "fast")), ("mm", ("-",)),
+                     ("generate", ("uncached", "cached")), ("copy", ("-",)),
+                     ("load", ("plain", "lean")), ("dataset", ("-",))]
         runs = []
-        print(f"{'quick' if args.quick else 'full'} run, {p['repeats']} repeat(s), "
-              f"variants alternating; {os.cpu_count()} CPUs")
+        print(f"{'cuda' if cuda else 'quick' if args.quick else 'full'} run, {p['repeats']} "
+              f"repeat(s), variants alternating; {os.cpu_count()} CPUs")
         for name, variants in pairs:
             for _ in range(p["repeats"]):
                 for variant in variants:  # A B A B ...
                     runs.append(run_child(name, variant, p, env))
-    rows, derived, targets, bound = summarise(runs, p)
+    rows, derived, targets, bound = (summarise_cuda if cuda else summarise)(runs, p)
     print_table(rows, derived, targets, bound, args.quick)
     print(f"\nbench.py took {time.perf_counter() - started:.0f} s")
     if args.json:
         import torch
-        report = {"params": {k: v for k, v in p.items() if k != "models_dir"},
+        report = {"params": {k: v for k, v in p.items() if k not in ("models_dir", "work_dir")},
                   "machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(),
+                              "gpu": torch.cuda.get_device_name() if cuda else None,
                               "OMP_WAIT_POLICY": env.get("OMP_WAIT_POLICY", "")},
                   "rows": [{"measurement": n, "variant": v, "unit": u, **s} for n, v, s, u in rows],
                   "derived": derived, "bandwidth_bound_tokens_per_s": bound, "runs": runs}
@@ -355,6 +498,20 @@ def main(args):
         write_text_atomic(args.json, json.dumps(report, indent=2))
         print(f"Wrote {args.json}")
     return rows, derived
+
+
+def prepare_corpus(p, data_dir):
+    """the-verdict repeated into a corpus for 2 * eval_every + 1 steps (and a
+    validation tenth), tokenized once into work_dir/tokens for every run."""
+    from ch02_data import bpe_tokenizer, build_token_file, load_the_verdict
+    text = load_the_verdict(None, data_dir)
+    tokenizer = bpe_tokenizer()
+    needed = (2 * p["eval_every"] + 2) * p["batch"] * p["context"] / 0.85
+    copies = int(needed / len(tokenizer.encode(text))) + 1
+    corpus = Path(p["work_dir"]) / "corpus.txt"
+    corpus.write_text("\n".join([text] * copies), encoding="utf-8")
+    build_token_file([corpus], Path(p["work_dir"]) / "tokens", tokenizer)
+    return str(corpus)
 
 
 if __name__ == "__main__":
@@ -366,8 +523,13 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true",
                         help="a small model and one repeat: under a minute")
     parser.add_argument("--repeats", type=number(int, at_least=1), default=None,
-                        help="runs of each variant (default: 3, or 1 with --quick)")
+                        help="runs of each variant (default: 3; 1 with --quick or --device cuda)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: the measurements above; cuda: the GPU configuration "
+                             "(124M, context 1024, batch 16, through ch05_train.py's loop)")
+    parser.add_argument("--data-dir", default="data",
+                        help="where the-verdict.txt is (or is downloaded to) for --device cuda")
     parser.add_argument("--passive", action="store_true",
                         help="set OMP_WAIT_POLICY=PASSIVE in the measured processes (steadier "
                              "on a busy machine, slower on a quiet one)")
@@ -383,5 +545,5 @@ if __name__ == "__main__":
             main(args)
         except KeyboardInterrupt:
             interrupted("No results were written.")
-        except OSError as err:
+        except (OSError, ValueError) as err:
             sys.exit(f"error: {err}")

@@ -3,12 +3,14 @@
 The book's progression from simplified self-attention to `MultiHeadAttention`:
 `SelfAttention_v1`, `SelfAttention_v2`, `CausalAttention`,
 `MultiHeadAttentionWrapper`, `MultiHeadAttention`. Beyond the book,
-`MultiHeadAttention` also takes a `KVCache` and can use PyTorch's fused
-`scaled_dot_product_attention` (attn_impl="sdpa") with the same parameters.
+`MultiHeadAttention` also takes a `KVCache` (or a `StaticKVCache`, whose
+shapes never change, for CUDA graphs), can use PyTorch's fused
+`scaled_dot_product_attention` (attn_impl="sdpa"), and can compute the query,
+key and value projections as one matmul (fused_qkv), with the same parameters.
 
 Run:  python ch03_attention.py [--out runs/ch03]   (prints the book's numbers,
       saves a heatmap of the causal attention weights)
-Imports atomic_path from ch02_data.py, for saving the plot.
+Imports atomic_path and interrupted from ch02_data.py, for saving the plot and Ctrl-C.
 """
 import argparse
 from pathlib import Path

@@ -3,11 +3,12 @@
 Defines `GPT_CONFIG_124M` and the GPT-2 size configurations, `LayerNorm`,
 `GELU`, `FeedForward`, `TransformerBlock`, `GPTModel`, `generate_text_simple`,
 and the device helper the later chapters use. Beyond the book: a key-value
-cache (`new_kv_cache`, `GPTModel(..., kv_cache=...)`) and optional fused
-kernels (`FAST_KERNELS`), both with the book's parameters and results.
+cache (`new_kv_cache`, `GPTModel(..., kv_cache=...)`, a static one for CUDA
+graphs) and optional fast kernels (`FAST_KERNELS`, `use_fast_kernels`), all
+with the book's parameters and results.
 
 Run:  python ch04_gpt.py [--prompt "Hello, I am"]
-Imports MultiHeadAttention from ch03_attention.py.
+Imports MultiHeadAttention and the caches from ch03_attention.py.
 """
 import argparse
 

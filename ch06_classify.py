@@ -376,6 +376,71 @@ def main(args):
                      "Use it with --classify, or keep it and train into another --out. ")
     check_writable(args.out)
     start = time.perf_counter()
+    data_dir = prepare_spam_data(args)
+    tokenizer = get_gpt2_tokenizer(args.models_dir)
+    model, cfg = base_model(args, "expect far lower accuracy than the book's finetuned GPT-2")
+    context_length = cfg["context_length"]
+
+    train_dataset = SpamDataset(data_dir / "train.csv", tokenizer)
+    if train_dataset.max_length > context_length:
+        warnings.warn(f"The longest training text has {train_dataset.max_length} tokens; "
+                      f"texts are truncated to the model's context of {context_length}.")
+        train_dataset = SpamDataset(data_dir / "train.csv", tokenizer, max_length=context_length)
+    max_length = train_dataset.max_length
+    val_dataset = SpamDataset(data_dir / "validation.csv", tokenizer, max_length=max_length)
+    test_dataset = SpamDataset(data_dir / "test.csv", tokenizer, max_length=max_length)
+    print("Longest training text (tokens):", max_length)
+
+    torch.manual_seed(123)
+    train_loader = DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True,
+                              drop_last=True)
+    val_loader = DataLoader(val_dataset, batch_size=args.batch_size)
+    test_loader = DataLoader(test_dataset, batch_size=args.batch_size)
+    print(f"{len(train_loader)} training batches, {len(val_loader)} validation batches, "
+          f"{len(test_loader)} test batches")
+    loaders = {"train": train_loader, "validation": val_loader, "test": test_loader}
+
+    model = prepare_classifier(model, cfg, args.trainable, args.rank if args.lora else None,
+                               args.alpha, say=print)
+    model.to(device)
+    plan = speed_up_finetuning(model, args.fast, device)
+    print(f"Trainable parameters: {count_trainable(model):,}")
+    torch.manual_seed(123)  # the book seeds before the first accuracies (dropout-free)
+    for name, loader in zip(("Training", "Validation", "Test"), loaders.values()):
+        print(f"{name} accuracy before finetuning: "
+              f"{calc_accuracy_loader(loader, model, device, num_batches=10) * 100:.2f}%")
+
+    torch.manual_seed(123)
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
+    train_losses, val_losses, train_accs, val_accs, examples_seen = train_classifier_simple(
+        model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
+        eval_freq=args.eval_freq, eval_iter=args.eval_iter)
+    out_dir = Path(args.out)
+    if train_losses:
+        plot_values(torch.linspace(0, args.epochs, len(train_losses)),
+                    torch.linspace(0, examples_seen, len(train_losses)),
+                    train_losses, val_losses, "loss", out_dir / "loss-plot.png")
+    plot_values(torch.linspace(0, args.epochs, len(train_accs)),
+                torch.linspace(0, examples_seen, len(train_accs)),
+                train_accs, val_accs, "accuracy", out_dir / "accuracy-plot.png")
+
+    accuracies = {name: calc_accuracy_loader(loader, model, device)
+                  for name, loader in loaders.items()}
+    settings = {"cfg": cfg, "model_size": args.model_size, "max_length": max_length,
+                "trainable": args.trainable, "lora_rank": args.rank if args.lora else None,
+                "lora_alpha": args.alpha, "pretrained": not args.no_pretrained,
+                "models_dir": str(args.models_dir)}
+    save_classifier(classifier_path, model, settings)
+    write_text_atomic(out_dir / "accuracy.json", json.dumps(accuracies, indent=2))
+    seconds = time.perf_counter() - start
+    report(accuracies, seconds, classifier_path, model, tokenizer, device, max_length)
+    return {"model": model, "accuracies": accuracies, "train_losses": train_losses,
+            "train_accs": train_accs, "seconds": seconds}
+
+
+def prepare_spam_data(args):
+    """The book's balanced train/validation/test CSV files in --data-dir, from
+    the downloaded (or the --data) zip; returns that folder."""
     data_dir = Path(args.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     if args.data and not Path(args.data).is_file():
@@ -397,83 +462,32 @@ def main(args):
     for part, name in zip(parts, ("train", "validation", "test")):
         write_csv(part, data_dir / f"{name}.csv")
     print("Train / validation / test:", " / ".join(str(len(p)) for p in parts))
+    return data_dir
 
-    tokenizer = get_gpt2_tokenizer(args.models_dir)
-    if args.no_pretrained:
-        print("Note: --no-pretrained, so the model starts from random weights; expect "
-              "far lower accuracy than the book's finetuned GPT-2.")
-        cfg = gpt_config(args.model_size, context_length=1024, drop_rate=0.0, qkv_bias=True)
-        torch.manual_seed(123)
-        model = GPTModel(cfg)
-    else:
-        model, cfg = load_gpt2_model(args.model_size, args.models_dir)
-    context_length = cfg["context_length"]
 
-    train_dataset = SpamDataset(data_dir / "train.csv", tokenizer)
-    if train_dataset.max_length > context_length:
-        warnings.warn(f"The longest training text has {train_dataset.max_length} tokens; "
-                      f"texts are truncated to the model's context of {context_length}.")
-        train_dataset = SpamDataset(data_dir / "train.csv", tokenizer, max_length=context_length)
-    max_length = train_dataset.max_length
-    val_dataset = SpamDataset(data_dir / "validation.csv", tokenizer, max_length=max_length)
-    test_dataset = SpamDataset(data_dir / "test.csv", tokenizer, max_length=max_length)
-    print("Longest training text (tokens):", max_length)
-
+def base_model(args, without_weights):
+    """(model, cfg): GPT-2 of --model-size with OpenAI's weights, or with
+    --no-pretrained the same architecture from random weights (chapters 6, 7)."""
+    if not args.no_pretrained:
+        return load_gpt2_model(args.model_size, args.models_dir)
+    print(f"Note: --no-pretrained, so the model starts from random weights; {without_weights}.")
+    cfg = gpt_config(args.model_size, context_length=1024, drop_rate=0.0, qkv_bias=True)
     torch.manual_seed(123)
-    train_loader = DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True,
-                              drop_last=True)
-    val_loader = DataLoader(val_dataset, batch_size=args.batch_size)
-    test_loader = DataLoader(test_dataset, batch_size=args.batch_size)
-    print(f"{len(train_loader)} training batches, {len(val_loader)} validation batches, "
-          f"{len(test_loader)} test batches")
+    return GPTModel(cfg), cfg
 
-    model = prepare_classifier(model, cfg, args.trainable, args.rank if args.lora else None,
-                               args.alpha, say=print)
-    model.to(device)
-    plan = speed_up_finetuning(model, args.fast, device)
-    print(f"Trainable parameters: {count_trainable(model):,}")
-    torch.manual_seed(123)  # the book seeds before the first accuracies (dropout-free)
-    for name, loader in (("Training", train_loader), ("Validation", val_loader),
-                         ("Test", test_loader)):
-        print(f"{name} accuracy before finetuning: "
-              f"{calc_accuracy_loader(loader, model, device, num_batches=10) * 100:.2f}%")
 
-    torch.manual_seed(123)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
-    train_losses, val_losses, train_accs, val_accs, examples_seen = train_classifier_simple(
-        model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
-        eval_freq=args.eval_freq, eval_iter=args.eval_iter)
-    out_dir = Path(args.out)
-    if train_losses:
-        plot_values(torch.linspace(0, args.epochs, len(train_losses)),
-                    torch.linspace(0, examples_seen, len(train_losses)),
-                    train_losses, val_losses, "loss", out_dir / "loss-plot.png")
-    plot_values(torch.linspace(0, args.epochs, len(train_accs)),
-                torch.linspace(0, examples_seen, len(train_accs)),
-                train_accs, val_accs, "accuracy", out_dir / "accuracy-plot.png")
-
-    accuracies = {name: calc_accuracy_loader(loader, model, device)
-                  for name, loader in (("train", train_loader), ("validation", val_loader),
-                                       ("test", test_loader))}
-    settings = {"cfg": cfg, "model_size": args.model_size, "max_length": max_length,
-                "trainable": args.trainable, "lora_rank": args.rank if args.lora else None,
-                "lora_alpha": args.alpha, "pretrained": not args.no_pretrained,
-                "models_dir": str(args.models_dir)}
-    save_classifier(classifier_path, model, settings)
-    write_text_atomic(out_dir / "accuracy.json", json.dumps(accuracies, indent=2))
-    seconds = time.perf_counter() - start
+def report(accuracies, seconds, classifier_path, model, tokenizer, device, max_length):
+    """The final accuracies, and the book's two example messages classified."""
     print(f"\n{'split':<12}{'accuracy':>10}")
     for name, acc in accuracies.items():
         print(f"{name:<12}{acc * 100:>9.2f}%")
     print(f"Run time: {seconds / 60:.2f} min. Saved {classifier_path}, loss and accuracy "
-          f"plots in {out_dir}.")
+          f"plots in {classifier_path.parent}.")
     for text in ("You are a winner you have been specially selected to receive $1000 cash "
                  "or a $2000 award.",
                  "Hey, just wanted to check if we're still on for dinner tonight? Let me know!"):
         label, probability = classify_review(text, model, tokenizer, device, max_length)
         print(f"{label} ({probability:.1%}): {text}")
-    return {"model": model, "accuracies": accuracies, "train_losses": train_losses,
-            "train_accs": train_accs, "seconds": seconds}
 
 
 def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,

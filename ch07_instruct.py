@@ -28,12 +28,13 @@ from tqdm import tqdm
 
 from ch02_data import (DownloadError, check_writable, download_file, interrupted, number,
                        read_text, write_text_atomic)
-from ch04_gpt import GPTModel, get_device, gpt_config
-from ch05_load_gpt2 import get_gpt2_tokenizer, load_gpt2_model
+from ch04_gpt import GPTModel, get_device
+from ch05_load_gpt2 import get_gpt2_tokenizer
 from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, make_optimizer,
                         plot_losses, refuse_overwrite, save_checkpoint, speed_up_finetuning,
                         stream_text, train_model_simple)
-from ch06_classify import add_finetuning_arguments, freeze_and_add_lora, parse_finetuning_args
+from ch06_classify import (add_finetuning_arguments, base_model, freeze_and_add_lora,
+                           parse_finetuning_args)
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
             "ch07/01_main-chapter-code/instruction-data.json")
@@ -337,28 +338,10 @@ def main(args):
                      "Use it with --chat, or keep it and train into another --out. ")
     check_writable(out_dir)
     start = time.perf_counter()
-    data_path = Path(args.data) if args.data else Path(args.data_dir) / "instruction-data.json"
-    data = download_and_load_file(data_path, DATA_URL)
-    print("Number of entries:", len(data))
-    train_data, test_data, val_data = split_data(data)
-    if args.limit:
-        train_data, test_data, val_data = (d[:args.limit] for d in (train_data, test_data, val_data))
-    if not (train_data and test_data and val_data):
-        raise ValueError(f"{data_path} has {len(data)} entries: too few for the book's "
-                         "training, test and validation splits (85%, 10%, 5%); it needs at "
-                         "least 20 (the book's file has 1,100).")
-    print(f"Training set length: {len(train_data)}, validation: {len(val_data)}, "
-          f"test: {len(test_data)}")
-
+    train_data, test_data, val_data = load_splits(args)
     tokenizer = get_gpt2_tokenizer(args.models_dir)
-    if args.no_pretrained:
-        print("Note: --no-pretrained, so the model starts from random weights; its "
-              "responses will be gibberish. Use it to try the pipeline, not the model.")
-        cfg = gpt_config(args.model_size, context_length=1024, drop_rate=0.0, qkv_bias=True)
-        torch.manual_seed(123)
-        model = GPTModel(cfg)
-    else:
-        model, cfg = load_gpt2_model(args.model_size, args.models_dir)
+    model, cfg = base_model(args, "its responses will be gibberish. Use it to try the "
+                                  "pipeline, not the model")
     if args.lora:  # exercise 7.4: only the LoRA matrices train
         torch.manual_seed(123)
         freeze_and_add_lora(model, args.rank, args.alpha, say=print)
@@ -400,15 +383,8 @@ def main(args):
     save_checkpoint(model_path, {"model": model.state_dict(), "settings": settings})
     print(f"Model saved as {model_path}")
 
-    model.eval()
-    for entry in tqdm(test_data, desc="Generating test responses"):
-        entry["model_response"] = generate_response(model, entry, tokenizer, device,
-                                                    context_size, args.max_new_tokens)
-    write_text_atomic(responses_path, json.dumps(test_data, indent=4))
-    print(f"Responses saved as {responses_path}")
-    for entry in test_data[:3]:
-        print(f"\n{format_input(entry)}\n\nCorrect response:\n>> {entry['output']}\n\n"
-              f"Model response:\n>> {entry['model_response']}\n" + "-" * 40)
+    write_responses(model, test_data, tokenizer, device, context_size, args.max_new_tokens,
+                    responses_path)
 
     result = {"model": model, "train_losses": train_losses, "val_losses": val_losses,
               "test_data": test_data}
@@ -420,6 +396,37 @@ def main(args):
               f"`python ch07_instruct.py --evaluate --out {out_dir}`.")
     print(f"Total run time: {(time.perf_counter() - start) / 60:.2f} minutes.")
     return result
+
+
+def load_splits(args):
+    """The book's training, test and validation entries (cut to --limit each)."""
+    data_path = Path(args.data) if args.data else Path(args.data_dir) / "instruction-data.json"
+    data = download_and_load_file(data_path, DATA_URL)
+    print("Number of entries:", len(data))
+    splits = split_data(data)
+    if args.limit:
+        splits = [split[:args.limit] for split in splits]
+    if not all(splits):
+        raise ValueError(f"{data_path} has {len(data)} entries: too few for the book's "
+                         "training, test and validation splits (85%, 10%, 5%); it needs at "
+                         "least 20 (the book's file has 1,100).")
+    train_data, test_data, val_data = splits
+    print(f"Training set length: {len(train_data)}, validation: {len(val_data)}, "
+          f"test: {len(test_data)}")
+    return train_data, test_data, val_data
+
+
+def write_responses(model, test_data, tokenizer, device, context_size, max_new_tokens, path):
+    """The finetuned model's response to each test entry, saved with the entries."""
+    model.eval()
+    for entry in tqdm(test_data, desc="Generating test responses"):
+        entry["model_response"] = generate_response(model, entry, tokenizer, device,
+                                                    context_size, max_new_tokens)
+    write_text_atomic(path, json.dumps(test_data, indent=4))
+    print(f"Responses saved as {path}")
+    for entry in test_data[:3]:
+        print(f"\n{format_input(entry)}\n\nCorrect response:\n>> {entry['output']}\n\n"
+              f"Model response:\n>> {entry['model_response']}\n" + "-" * 40)
 
 
 def build_parser():

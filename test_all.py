@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+import bench
 import ch02_data as ch02
 import ch03_attention as ch03
 import ch04_gpt as ch04
@@ -1834,6 +1835,28 @@ def test_autocast_forward_trains_in_bf16_and_returns_fp32(device):
     assert list(model.state_dict()) == list(tiny_model(0, vocab_size=SMALL_VOCAB).state_dict())
 
 
+def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
+    """bench.py --device cuda's children, on the CPU with a tiny model: training
+    through the command's loop, decoding whose cached tokens equal the uncached."""
+    p = {**bench.CUDA, "model": "tiny", "context": 32, "batch": 2, "eval_every": 2,
+         "new_tokens": 6, "device": "cpu", "work_dir": str(tmp_path)}
+    p["corpus"] = bench.prepare_corpus(p, SHARED / "data")
+    runs = [{"name": "train_command", "variant": v, "others_cpu_cores": 0.0,
+             **bench.child_train_command(v, p)} for v in ("book", "fast")]
+    runs.append({**runs[-1], "variant": "fast+compile"})  # compiling takes too long here
+    runs.append({"name": "mm_cuda", "variant": "-", "others_cpu_cores": 0.0,
+                 "gflops_per_s": 1e3})
+    runs += [{"name": "decode", "variant": v, "others_cpu_cores": 0.0,
+              **bench.child_decode(v, p)} for v in ("uncached", "cached", "fast")]
+    assert all(r["tokens_per_s"] > 0 for r in runs if "tokens_per_s" in r)
+    assert len(runs[-1]["tokens"]) == 6
+    rows, derived, targets, _ = bench.summarise_cuda(runs, p)
+    assert derived["KV cache tokens = uncached (1: yes)"] == 1.0
+    assert math.isclose(derived["fast path MFU (vs bf16 mm)"], runs[1]["gflops_per_s"] / 1e3)
+    bench.print_table(rows, derived, targets, None, False)
+    assert "fast + compile MFU (vs bf16 mm)" in capsys.readouterr().out
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
     logits = probs.log()
@@ -1875,6 +1898,25 @@ def test_fused_adamw_takes_the_same_step(device):
             opt.step()
     for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_training_matches_eager(device, tmp_path, monkeypatch):
+    """--compile trains as the eager model does. On the CPU only Dynamo's tracing
+    runs (backend "eager"): Inductor's cold compile takes about a minute here."""
+    if device == "cpu":
+        compile_ = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))
+    common = ("--fast", "--max-steps", "3", "--eval-freq", "1", "--device", device)
+    ch05.main(train_args(tmp_path / "eager", *common))
+    result = ch05.main(train_args(tmp_path / "compiled", "--compile", *common))
+    assert type(result["model"]).__name__ == "GPTModel"  # the compiled wrapper is not saved
+    eager, compiled = (log_rows(tmp_path / run / "log.csv") for run in ("eager", "compiled"))
+    assert [r["step"] for r in compiled] == ["0", "1", "2"]
+    for a, b in zip(eager, compiled):
+        for key in ("train_loss", "val_loss"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5 if device == "cpu"
+                                                  else 1e-2)
 
 
 def test_fast_training_command_runs_and_resumes_into_the_book_path(tmp_path, capsys):
