@@ -242,20 +242,23 @@ class GraphedStep:
     tensor in place and advances its position on the device, so each replay
     continues where the last one stopped."""
 
+    @torch.no_grad()
     def __init__(self, model, kv_cache, token):
         self.token = token.clone()  # the graph's input: new tokens are copied into it
         lengths = [cache.length.clone() for cache in kv_cache]
-        # One step outside the recording first (on a side stream, as PyTorch asks),
-        # so that libraries set themselves up; then undo its move of the positions
+        # Two steps outside the recording first, so that cuBLAS and the attention
+        # kernels set themselves up, on the stream that records (as PyTorch asks);
+        # each step's move of the positions is undone
         side = torch.cuda.Stream(token.device)
         side.wait_stream(torch.cuda.current_stream(token.device))
         with torch.cuda.stream(side):
-            model(self.token, kv_cache=kv_cache)
+            for _ in range(2):
+                model(self.token, kv_cache=kv_cache)
+                for cache, length in zip(kv_cache, lengths):
+                    cache.length.copy_(length)
         torch.cuda.current_stream(token.device).wait_stream(side)
-        for cache, length in zip(kv_cache, lengths):
-            cache.length.copy_(length)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=side):
             self.logits = model(self.token, kv_cache=kv_cache)[:, -1, :]
 
     def __call__(self, token):
