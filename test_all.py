@@ -286,9 +286,8 @@ def test_download_file_resumes_a_cut_download(serve, tmp_path):
 
 
 def test_chapter2_main(verdict_path):
-    args = type("Args", (), dict(text=verdict_path, data_dir="unused", batch_size=8,
-                                 max_length=4, emb_dim=256))
-    assert ch02.main(args).shape == (8, 4, 256)
+    args = ch02.build_parser().parse_args(["--text", str(verdict_path), "--emb-dim", "64"])
+    assert ch02.main(args).shape == (8, 4, 64)
 
 
 def test_token_file_matches_in_memory_windows(tmp_path, verdict, tokenizer):
@@ -369,7 +368,7 @@ def test_multihead_attention_checks_head_split():
 
 
 def test_chapter3_main_saves_heatmap(tmp_path):
-    ch03.main(type("Args", (), {"out": tmp_path}))
+    ch03.main(ch03.build_parser().parse_args(["--out", str(tmp_path)]))
     png = (tmp_path / "causal_attention_weights.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
@@ -442,8 +441,8 @@ def test_gpt_config_sizes():
 
 
 def test_chapter4_main_runs_tiny():
-    args = type("Args", (), dict(prompt="Hello, I am", max_new_tokens=3, model="tiny"))
-    assert ch04.main(args).shape == (1, 7)
+    args = ch04.build_parser().parse_args(["--max-new-tokens", "3", "--model", "tiny"])
+    assert ch04.main(args).shape == (1, 7)  # "Hello, I am" and 3 new tokens
 
 
 # ======================= Chapter 5: training =======================
@@ -1186,15 +1185,15 @@ def test_local_files_tokenizer_matches_tiktoken(tokenizer, monkeypatch, tmp_path
         gpt2.get_gpt2_tokenizer(tmp_path / "empty")
 
 
-def gpt2_args(server, models_dir, **kw):
-    defaults = dict(model_size="tiny", models_dir=str(models_dir), base_url=server.url + "/primary",
-                    prompt="Every effort moves you", max_new_tokens=5, temperature=1.4, top_k=25,
-                    seed=123, device="cpu", inspect=False, neighbors=None, analogy=None)
-    return argparse.Namespace(**{**defaults, **kw})
+def gpt2_args(server, models_dir, *flags):
+    return gpt2.build_parser().parse_args(
+        ["--model-size", "tiny", "--models-dir", str(models_dir), "--base-url",
+         server.url + "/primary", "--max-new-tokens", "5", "--temperature", "1.4", "--top-k", "25",
+         "--device", "cpu", *flags])
 
 
 def test_gpt2_command_inspect_generate_and_neighbors(gpt2_server, tmp_path, capsys):
-    rows = gpt2.main(gpt2_args(gpt2_server, tmp_path, inspect=True))
+    rows = gpt2.main(gpt2_args(gpt2_server, tmp_path, "--inspect"))
     assert len(rows) == 4 + 12 * TINY_HPARAMS["n_layer"]
     assert not [r for r in rows if r[2] == "(not used)"]
     model = ch04.GPTModel(gpt2.config_from_settings(TINY_HPARAMS))
@@ -1209,11 +1208,11 @@ def test_gpt2_command_inspect_generate_and_neighbors(gpt2_server, tmp_path, caps
     result = gpt2.main(gpt2_args(gpt2_server, tmp_path))
     assert result["text"].startswith("Every effort moves you")
     assert result == gpt2.main(gpt2_args(gpt2_server, tmp_path))  # seeded: same text
-    result = gpt2.main(gpt2_args(gpt2_server, tmp_path, neighbors="king",
-                                 analogy=["king", "man", "woman"]))
+    result = gpt2.main(gpt2_args(gpt2_server, tmp_path, "--neighbors", "king",
+                                 "--analogy", "king", "man", "woman"))
     assert len(result["neighbors"]) == 10 and "king" not in [t.strip() for t, _ in result["neighbors"]]
     with pytest.raises(ValueError, match=r"is 4 GPT-2 tokens \[. G., .is., .burn., .esque.\]"):
-        gpt2.main(gpt2_args(gpt2_server, tmp_path, neighbors="Gisburnesque"))
+        gpt2.main(gpt2_args(gpt2_server, tmp_path, "--neighbors", "Gisburnesque"))
 
 
 # ======================= Chapter 6: classification =======================
@@ -1400,8 +1399,9 @@ def test_chapter6_end_to_end_then_classify(tmp_path, capsys, spam_tsv):
         assert (tmp_path / "out" / name).exists()
     (tmp_path / "texts.txt").write_text("You won a prize, reply now\n\nSee you at 5\n",
                                         encoding="utf-8")
-    classify = argparse.Namespace(**{**vars(args), "classify": ["Free entry!"],
-                                     "classify_file": str(tmp_path / "texts.txt")})
+    classify = ch06.parse_finetuning_args(ch06.build_parser(), [
+        "--classify", "Free entry!", "--classify-file", str(tmp_path / "texts.txt"),
+        "--out", str(tmp_path / "out"), "--device", "cpu"])
     results = ch06.main(classify)["classified"]
     assert len(results) == 3 and all(label in ("spam", "not spam") for label, _ in results)
     model, settings = ch06.load_classifier(tmp_path / "out" / "classifier.pth")
