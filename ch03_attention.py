@@ -167,7 +167,8 @@ class MultiHeadAttention(nn.Module):
             return self.out_proj(self._sdpa(queries, keys, values, hidden, kv_cache is None))
 
         attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_tokens)
-        mask_bool = self.mask.bool()[:num_tokens, :num_tokens] if kv_cache is None else hidden
+        # (the book converts, then slices: slicing first converts only what is used)
+        mask_bool = self.mask[:num_tokens, :num_tokens].bool() if kv_cache is None else hidden
         if mask_bool is not None:
             attn_scores.masked_fill_(mask_bool, -torch.inf)
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
