@@ -126,13 +126,18 @@ def child_train(variant, p):
 
 
 def child_mm(variant, p):
+    """A large matmul's FLOP/s: fp32 on the CPU, bf16 on CUDA (what --fast uses there)."""
     import torch
-    n = p["mm_n"]
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n, cuda = p["mm_n"], p.get("device") == "cuda"
+    a, b = (torch.randn(n, n, device=p.get("device", "cpu"),
+                        dtype=torch.bfloat16 if cuda else torch.float32) for _ in range(2))
+    synchronize = torch.cuda.synchronize if cuda else (lambda: None)
     times = []
     for i in range(7):
+        synchronize()
         start = time.perf_counter()
         a @ b
+        synchronize()
         if i >= 2:
             times.append(time.perf_counter() - start)
     return {"gflops_per_s": 2 * n ** 3 / median(times) / 1e9}
@@ -152,24 +157,40 @@ def child_copy(variant, p):
 
 
 def child_generate(variant, p):
+    """Batch-1 greedy decoding of "Hello, I am": the project's paths (uncached,
+    cached, cached with the fast kernels; the same random model in each, so their
+    tokens compare) or Hugging Face's GPT-2 ("hf")."""
     import torch
-    import tiktoken
     import ch05_train as ch05
-    from ch04_gpt import GPTModel
-    cfg = model_config(p["model"])
+    from ch04_gpt import GPTModel, use_fast_kernels
+    device = torch.device(p.get("device", "cpu"))
+    idx = torch.tensor([[15496, 11, 314, 716]], device=device)  # "Hello, I am"
     torch.manual_seed(123)
-    model = GPTModel(cfg).eval()
-    idx = torch.tensor([tiktoken.get_encoding("gpt2").encode("Hello, I am")])
-    use_cache = variant == "cached"
-    ch05.generate(model, idx, 2, cfg["context_length"], use_cache=use_cache)  # warm up
+    if variant == "hf":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        model = GPT2LMHeadModel(GPT2Config()).to(device).eval()
+        run = lambda n: model.generate(  # noqa: E731
+            idx, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+            attention_mask=torch.ones_like(idx), pad_token_id=50256)
+    else:
+        cfg = model_config(p["model"])
+        model = GPTModel(cfg).to(device).eval()
+        if variant == "fast":
+            use_fast_kernels(model)
+        run = lambda n: ch05.generate(model, idx, n, cfg["context_length"],  # noqa: E731
+                                      use_cache=variant != "uncached")
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run(2)  # warm up (on CUDA, with the cache, this records the step's graph)
+    synchronize()
     start = time.perf_counter()
-    out = ch05.generate(model, idx, p["new_tokens"], cfg["context_length"], use_cache=use_cache)
+    out = run(p["new_tokens"])
+    synchronize()
     seconds = time.perf_counter() - start
     # bytes of weights read per new token: every matrix but the embedding tables
     weight_bytes = sum(t.numel() * t.element_size() for n, t in model.named_parameters()
                        if not n.startswith(("tok_emb", "pos_emb")))
     return {"tokens_per_s": (out.shape[1] - idx.shape[1]) / seconds,
-            "weight_bytes": weight_bytes}
+            "tokens": out[0, idx.shape[1]:].tolist(), "weight_bytes": weight_bytes}
 
 
 def child_load(variant, p):
@@ -252,57 +273,9 @@ def child_train_command(variant, p):
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")}
 
 
-def child_mm_cuda(variant, p):
-    import torch
-    n = p["mm_n"]
-    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        a @ b
-    torch.cuda.synchronize()
-    return {"gflops_per_s": 2 * n ** 3 * 20 / (time.perf_counter() - start) / 1e9}
-
-
-def child_decode(variant, p):
-    """Batch-1 greedy decoding: the project's paths (the same random model in
-    each, so their tokens compare) or Hugging Face's GPT-2 ("hf")."""
-    import torch
-    import ch05_train as ch05
-    from ch04_gpt import GPTModel, use_fast_kernels
-    device = torch.device(p["device"])
-    prompt = [15496, 11, 314, 716]  # "Hello, I am"
-    idx = torch.tensor([prompt], device=device)
-    torch.manual_seed(123)
-    if variant == "hf":
-        from transformers import GPT2Config, GPT2LMHeadModel
-        model = GPT2LMHeadModel(GPT2Config()).to(device).eval()
-        run = lambda n: model.generate(  # noqa: E731
-            idx, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-            attention_mask=torch.ones_like(idx), pad_token_id=50256)
-    else:
-        model = GPTModel(model_config(p["model"], drop_rate=0.0)).to(device).eval()
-        if variant == "fast":
-            use_fast_kernels(model)
-        run = lambda n: ch05.generate(model, idx, n, 1024,  # noqa: E731
-                                      use_cache=variant != "uncached")
-    run(10)  # warm up (and, with the cache, record the CUDA graph once)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    synchronize()
-    start = time.perf_counter()
-    out = run(p["new_tokens"])
-    synchronize()
-    seconds = time.perf_counter() - start
-    return {"tokens_per_s": (out.shape[1] - len(prompt)) / seconds,
-            "tokens": out[0, len(prompt):].tolist()}
-
-
 CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": child_copy,
             "generate": child_generate, "load": child_load, "dataset": child_dataset,
-            "train_command": child_train_command, "mm_cuda": child_mm_cuda,
-            "decode": child_decode}
+            "train_command": child_train_command}
 
 
 # ---- The parent: run children interleaved, summarise ----
@@ -397,25 +370,25 @@ TRAIN_VARIANTS = (("book path", "book"), ("fast path", "fast"), ("fast + compile
 def summarise_cuda(runs, p):
     values, stat = statistics(runs)
     decodes = [("uncached", "uncached"), ("KV cache", "cached"), ("cache + fast", "fast")]
-    decodes += [("Hugging Face", "hf")] if values("decode", "hf", "tokens_per_s") else []
+    decodes += [("Hugging Face", "hf")] if values("generate", "hf", "tokens_per_s") else []
     rows = [("training", label, stat("train_command", v, "tokens_per_s"), "tokens/s")
             for label, v in TRAIN_VARIANTS]
     rows += [("peak memory", label, stat("train_command", v, "peak_gb"), "GB")
              for label, v in TRAIN_VARIANTS]
-    rows.append(("torch.mm", f"bf16 {p['mm_n']}^3", stat("mm_cuda", "-", "gflops_per_s"),
+    rows.append(("torch.mm", f"bf16 {p['mm_n']}^3", stat("mm", "-", "gflops_per_s"),
                  "GFLOP/s"))
-    rows += [("decoding", label, stat("decode", v, "tokens_per_s"), "tokens/s")
+    rows += [("decoding", label, stat("generate", v, "tokens_per_s"), "tokens/s")
              for label, v in decodes]
-    mm = stat("mm_cuda", "-", "gflops_per_s")["median"]
+    mm = stat("mm", "-", "gflops_per_s")["median"]
     derived = {f"{label} MFU (vs bf16 mm)":
                stat("train_command", v, "gflops_per_s")["median"] / mm for label, v in TRAIN_VARIANTS}
-    best = max(stat("decode", v, "tokens_per_s")["median"] for v in ("cached", "fast"))
-    if values("decode", "hf", "tokens_per_s"):
-        derived["best decoding / Hugging Face"] = best / stat("decode", "hf", "tokens_per_s")["median"]
-    uncached = values("decode", "uncached", "tokens")[0]
+    best = max(stat("generate", v, "tokens_per_s")["median"] for v in ("cached", "fast"))
+    if values("generate", "hf", "tokens_per_s"):
+        derived["best decoding / Hugging Face"] = best / stat("generate", "hf", "tokens_per_s")["median"]
+    uncached = values("generate", "uncached", "tokens")[0]
     for label, v in (("KV cache", "cached"), ("cache + fast", "fast")):
         derived[f"{label} tokens = uncached (1: yes)"] = float(
-            all(t == uncached for t in values("decode", v, "tokens")))
+            all(t == uncached for t in values("generate", v, "tokens")))
     targets = {"fast path MFU (vs bf16 mm)": (">=", 0.38),
                "fast + compile MFU (vs bf16 mm)": (">=", 0.50),
                "best decoding / Hugging Face": (">=", 3.0),
@@ -467,8 +440,8 @@ def main(args):
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU.")
             p["corpus"] = prepare_corpus(p, args.data_dir)
-            pairs = [("mm_cuda", ("-",)), ("train_command", tuple(v for _, v in TRAIN_VARIANTS)),
-                     ("decode", ("uncached", "cached", "fast") +
+            pairs = [("mm", ("-",)), ("train_command", tuple(v for _, v in TRAIN_VARIANTS)),
+                     ("generate", ("uncached", "cached", "fast") +
                       (("hf",) if importlib.util.find_spec("transformers") else ()))]
         else:
             run_child("save", "-", p, env)  # in a child too: the parent stays small

@@ -641,7 +641,7 @@ def epoch_batches(train_loader, samples_done, epoch_seed):
     return batches
 
 
-def train_step(model, micro_batches, optimizer, device, bf16, grad_clip):
+def train_step(model, micro_batches, optimizer, device, grad_clip):
     """One optimizer step over the micro-batches (--grad-accum of them); returns
     the step's mean loss as a tensor, without waiting for the device."""
     optimizer.zero_grad(set_to_none=True)
@@ -654,9 +654,7 @@ def train_step(model, micro_batches, optimizer, device, bf16, grad_clip):
         last = i == len(micro_batches) - 1
         with (contextlib.nullcontext() if last or not hasattr(model, "no_sync")
               else model.no_sync()):
-            with (torch.autocast(device.type, dtype=torch.bfloat16) if bf16
-                  else contextlib.nullcontext()):
-                loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss = loss / len(micro_batches)  # the mean over the step's micro-batches
             loss.backward()
         step_loss += loss.detach()
@@ -744,7 +742,7 @@ def stopped_early(err, step, saved_step, path):
 
 
 def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir, stopper,
-          bf16=False, is_main=True):
+          is_main=True):
     """Chapter 5's train_model_simple with appendix D's schedule, made for long runs:
     one optimizer step per pass of the loop, an evaluation log, checkpoints, exact
     resume and DDP. Random numbers are drawn as in train_model_simple, so a seeded
@@ -781,7 +779,7 @@ def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir
             lr = learning_rate(step, total_steps, settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            losses.append(train_step(model, micro_batches, optimizer, device, bf16,
+            losses.append(train_step(model, micro_batches, optimizer, device,
                                      gradient_clip(step, total_steps, settings)))
             state.update(step=step, samples_done=state["samples_done"] + step_samples,
                          tokens_seen=state["tokens_seen"] + micro_batches[0][0].numel() *
@@ -877,19 +875,23 @@ def make_optimizer(model, lr, weight_decay, fused=False, log=print):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def speed_up(model, plan):
+def speed_up(model, plan, device):
+    """The plan applied to the model: fast kernels, TF32, bf16 autocast inside its
+    forward (so training, evaluation and samples all run in it), torch.compile."""
     if plan["fast_kernels"]:
         use_fast_kernels(model)
     if plan["tf32"]:
         torch.backends.cuda.matmul.allow_tf32 = True  # no-ops on GPUs without TF32
         torch.backends.cudnn.allow_tf32 = True
+    if plan["bf16"]:
+        autocast_forward(model, device)
     return torch.compile(model) if plan["compile"] else model
 
 
 def autocast_forward(model, device):
     """Run model.forward under bf16 autocast and return its output in fp32: code
-    written for fp32 models (the book's training loops, chapters 6 and 7) then
-    runs at bf16 speed unchanged, and backward runs outside autocast, as PyTorch
+    written for fp32 models (the book's losses and training loops) then runs at
+    bf16 speed unchanged, and backward runs outside autocast, as PyTorch
     advises. The parameters stay fp32."""
     forward = model.forward
 
@@ -905,9 +907,7 @@ def speed_up_finetuning(model, fast, device, log=print):
     CUDA TF32 and bf16 autocast. Returns the plan (its fused_adamw for make_optimizer)."""
     plan = speed_plan(fast, False, device)
     log(describe_speed(plan, fast, False))
-    speed_up(model, plan)
-    if plan["bf16"]:
-        autocast_forward(model, device)
+    speed_up(model, plan, device)
     return plan
 
 
@@ -1107,7 +1107,7 @@ def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
         state = resume_into(model, optimizer, ckpt, settings, device)
         log(f"Resumed from {args.resume} at step {state['step']}, epoch {state['epoch'] + 1}")
     raw_model = model
-    model = speed_up(model, plan)
+    model = speed_up(model, plan, device)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -1115,7 +1115,7 @@ def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
 
     start = time.perf_counter()
     state = train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir,
-                  stopper, bf16=plan["bf16"], is_main=is_main)
+                  stopper, is_main=is_main)
     seconds = time.perf_counter() - start
     history = state["history"]
     if is_main:

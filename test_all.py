@@ -1821,7 +1821,7 @@ def test_fast_kernels_match_the_book_with_the_same_parameters(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_autocast_forward_trains_in_bf16_and_returns_fp32(device):
-    """--fast's bf16 for chapters 6 and 7: the book's loops get fp32 logits."""
+    """--fast's bf16 on CUDA: the book's losses and loops get fp32 logits."""
     model = tiny_model(0, vocab_size=SMALL_VOCAB).to(device)
     x, y = (torch.randint(0, SMALL_VOCAB, (2, 16), device=device) for _ in range(2))
     fp32_loss = ch05.calc_loss_batch(x, y, model, device)
@@ -1844,10 +1844,9 @@ def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
     runs = [{"name": "train_command", "variant": v, "others_cpu_cores": 0.0,
              **bench.child_train_command(v, p)} for v in ("book", "fast")]
     runs.append({**runs[-1], "variant": "fast+compile"})  # compiling takes too long here
-    runs.append({"name": "mm_cuda", "variant": "-", "others_cpu_cores": 0.0,
-                 "gflops_per_s": 1e3})
-    runs += [{"name": "decode", "variant": v, "others_cpu_cores": 0.0,
-              **bench.child_decode(v, p)} for v in ("uncached", "cached", "fast")]
+    runs.append({"name": "mm", "variant": "-", "others_cpu_cores": 0.0, "gflops_per_s": 1e3})
+    runs += [{"name": "generate", "variant": v, "others_cpu_cores": 0.0,
+              **bench.child_generate(v, p)} for v in ("uncached", "cached", "fast")]
     assert all(r["tokens_per_s"] > 0 for r in runs if "tokens_per_s" in r)
     assert len(runs[-1]["tokens"]) == 6
     rows, derived, targets, _ = bench.summarise_cuda(runs, p)
