@@ -422,7 +422,7 @@ def print_table(rows, derived, targets, bound, quick):
 def main(args):
     from ch02_data import check_writable
     if args.json:  # before minutes of measuring, not after
-        check_writable(Path(args.json).resolve().parent)
+        check_writable(Path(args.json).resolve().parent, flag="--json's folder")
         if Path(args.json).is_dir():
             raise IsADirectoryError(f"--json {args.json} is a folder; name a file.")
     cuda = args.device == "cuda"

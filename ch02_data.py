@@ -15,8 +15,13 @@ import json
 import math
 import os
 import re
+import shutil
+import socket
 import sys
 import time
+import unicodedata
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +38,21 @@ VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
 # ---- Beyond the book: reading and downloading files ----
 
 def utf8_error(path, err):
-    """The ValueError for a file that is not UTF-8 (err: the UnicodeDecodeError)."""
-    return ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}). "
-                      "Convert it first, e.g. `iconv -t utf-8 FILE > FILE.utf8`.")
+    """The ValueError for a file that is not UTF-8 (err: the UnicodeDecodeError),
+    naming the file and the first line that does not decode."""
+    line, byte = None, err.object[err.start:err.start + 1]
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:  # err.start counts from the decoder's chunk, not the file
+            for line, raw in enumerate(f, 1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    byte = raw[bad.start:bad.start + 1]
+                    break
+    where = f", line {line}," if line else ""
+    return ValueError(f"{path}{where} is not UTF-8 text (byte 0x{byte.hex()}: {err.reason}). "
+                      "Save it as UTF-8 first, e.g. `iconv -f latin1 -t utf-8 FILE > "
+                      "FILE.utf8`.")
 
 
 def read_text(path):
@@ -48,6 +65,26 @@ def read_text(path):
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise utf8_error(path, err) from None
+
+
+def read_json(path, fix="Delete it, or name another file."):
+    """A JSON file's content, or one line naming the file, where it breaks and `fix`."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: "
+                         f"{err.msg}). {fix}") from None
+
+
+def move_aside(path, suffix=".damaged"):
+    """Rename `path` to a free name ending in `suffix` (never over an earlier one)
+    and return the new path: a damaged or stale file is kept, out of the way."""
+    path = Path(path)
+    target, n = path.with_name(path.name + suffix), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}{suffix}.{n}"), n + 1
+    path.replace(target)
+    return target
 
 
 @contextlib.contextmanager
@@ -66,14 +103,81 @@ def atomic_path(path):
     tmp.replace(path)
 
 
-def check_writable(folder):
-    """Create `folder` and write a file there before long work whose results go
-    there: an unwritable --out fails now, with an OSError naming the path."""
+def unwritable(folder, err, flag="--out"):
+    """The OSError for a results folder that cannot be written, in the user's words."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    if isinstance(err, (FileExistsError, NotADirectoryError)):
+        blocker = next((p for p in [folder, *folder.parents] if p.is_file()), folder)
+        return OSError(f"{flag} {folder}: {blocker} is a file, not a folder. Choose another "
+                       f"{flag}.")
+    return OSError(f"{flag} {folder} cannot be written to ({err.strerror or err}). Choose "
+                   f"another {flag}, or make it writable.")
+
+
+def check_writable(folder, flag="--out"):
+    """Create `folder` and write a file there before long work whose results go
+    there: an unwritable --out fails now, in one line naming the folder."""
+    folder = Path(folder)
     probe = folder / f".write-test-{os.getpid()}"
-    probe.write_bytes(b"")
-    probe.unlink()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise unwritable(folder, err, flag) from None
+
+
+def refuse_overwrite(paths, overwrite, resume_hint=""):
+    """Stop before a run writes over an earlier run's results, unless --overwrite
+    was given; returns the earlier files found (the caller removes them)."""
+    found = [Path(p) for p in paths if Path(p).exists()]
+    if found and not overwrite:
+        raise ValueError(f"{found[0].parent} already holds an earlier run's results "
+                         f"({', '.join(p.name for p in found)}). {resume_hint}Start over with "
+                         "--overwrite, or choose another --out.")
+    return found
+
+
+@contextlib.contextmanager
+def run_lock(out_dir, results=(), flag="--out"):
+    """Hold out_dir/run.lock while a run lasts, so a second run on the same --out
+    is refused. The operating system releases the lock when the process ends,
+    however it ends: a crashed run leaves nothing stuck. Once the lock is held,
+    temporary files of `results` (glob patterns) can only be a killed run's
+    leftovers, and are removed."""
+    out_dir = Path(out_dir)
+    check_writable(out_dir, flag)
+    try:
+        f = open(out_dir / "run.lock", "a+", encoding="utf-8")
+    except OSError as err:
+        raise unwritable(out_dir, err, flag) from None
+    with f:
+        try:
+            if os.name == "nt":
+                import msvcrt
+                f.seek(1 << 20)  # lock a byte past the text, which stays readable
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ValueError(f"{out_dir} is in use by another run ({holder}). Wait for it to "
+                             f"end, or choose another {flag}.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
+        f.flush()
+        for pattern in results:
+            for stale in out_dir.glob(pattern + ".tmp"):
+                stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
 
 
 def write_text_atomic(path, text):
@@ -103,6 +207,18 @@ def number(kind=int, at_least=None, above=None, below=None, at_most=None):
     return parse
 
 
+def is_blank(text):
+    """True when `text` shows nothing: spaces, and invisible characters such as a
+    zero-width space or a byte-order mark (Unicode's format and control classes)."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
+
+
+def plain_warnings():
+    """Warnings as one line of their message, without the file, line and source
+    line Python adds: a command's user has nothing to do with those."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"Warning: {message}\n"
+
+
 def interrupted(kept):
     """Ctrl-C in a command: one line saying what was kept, and exit status 130."""
     print(f"\nInterrupted. {kept}", file=sys.stderr)
@@ -129,7 +245,10 @@ def _fetch_into(url, part, timeout, desc):
         saved = json.loads(note.read_text(encoding="utf-8")) if have else {}
     except (OSError, ValueError):
         saved = {}
-    if saved.get("url") != url:  # a .part of unknown origin is never appended to
+    # A .part is appended to only when it came from this URL and the server named
+    # its version (ETag or Last-Modified): If-Range then restarts a file that has
+    # changed. Without one, the rest could come from another version of the file.
+    if saved.get("url") != url or not saved.get("validator"):
         have = 0
     # identity: Content-Length must count the bytes we write, not gzip'd ones
     headers = {"Accept-Encoding": "identity"}
@@ -375,38 +494,86 @@ def corpus_fingerprint(files):
 
 def build_token_file(files, cache_dir, tokenizer, num_threads=None, log=print):
     """Tokenize `files` once into cache_dir/<fingerprint>.bin (uint16, an
-    <|endoftext|> after each document) and return it memory-mapped."""
+    <|endoftext|> after each document) and return it memory-mapped. Beside it,
+    <fingerprint>.json records its length and CRC-32: a file that is cut or
+    damaged is never trained on, but moved aside and tokenized again."""
     path = Path(cache_dir) / f"{corpus_fingerprint(files)}.bin"
+    record = path.with_suffix(".json")
     if path.exists():
-        log(f"Reusing the token file {path}")
-        return np.memmap(path, dtype=np.uint16, mode="r")
+        problem = token_file_problem(path, record)
+        if problem is None:
+            log(f"Reusing the token file {path} (length and checksum verified)")
+            return np.memmap(path, dtype=np.uint16, mode="r")
+        log(f"The token file {path} is damaged ({problem}); moved aside to "
+            f"{move_aside(path).name}, tokenizing again.")
     if tokenizer.n_vocab > 2 ** 16:
         raise ValueError(f"A vocabulary of {tokenizer.n_vocab} tokens does not fit uint16.")
     num_threads = num_threads or os.cpu_count()
     eot = tokenizer.encode(EOT, allowed_special={EOT})
-    start, n_tokens, n_chars = time.perf_counter(), 0, 0
-    with atomic_path(path) as tmp, open(tmp, "wb") as out:
-        for f in tqdm(files, desc="Tokenizing", unit="file", disable=len(files) < 2):
-            pending = []
-            for block in iter_text_blocks(f):
-                pending.append(block)
-                n_chars += len(block)
-                if len(pending) == num_threads * 4:
-                    n_tokens += _write_tokens(out, tokenizer, pending, num_threads)
-                    pending = []
-            n_tokens += _write_tokens(out, tokenizer, pending, num_threads, suffix=eot)
+    start, n_tokens, n_chars, crc = time.perf_counter(), 0, 0, 0
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as out:
+            for f in tqdm(files, desc="Tokenizing", unit="file", disable=len(files) < 2):
+                pending = []
+                for block in iter_text_blocks(f):
+                    pending.append(block)
+                    n_chars += len(block)
+                    if len(pending) == num_threads * 4:
+                        n, crc = _write_tokens(out, tokenizer, pending, num_threads, crc)
+                        n_tokens += n
+                        pending = []
+                n, crc = _write_tokens(out, tokenizer, pending, num_threads, crc, suffix=eot)
+                n_tokens += n
+            out.flush()
+            write_text_atomic(record, json.dumps({"tokens": n_tokens, "crc32": crc}))
+    except OSError as err:  # a full disk: name the file and the space left
+        if err.filename and Path(err.filename).name not in (path.name + ".tmp",
+                                                            record.name + ".tmp"):
+            raise  # an input file's error names that file
+        raise OSError(f"Could not write the token file {path}: "
+                      f"{err.strerror or 'the disk is full'}; "
+                      f"{_free_space(path.parent)} free on its disk. Free some space, or give "
+                      "another --out.") from None
     seconds = time.perf_counter() - start
     log(f"Tokenized {len(files)} file(s), {n_chars / 1e6:.1f}M characters, into "
         f"{n_tokens:,} tokens in {seconds:.1f} s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
-def _write_tokens(out, tokenizer, blocks, num_threads, suffix=()):
+def _write_tokens(out, tokenizer, blocks, num_threads, crc, suffix=()):
     ids = [t for encoded in tokenizer.encode_batch(blocks, num_threads=num_threads,
                                                    allowed_special={EOT}) for t in encoded]
     ids.extend(suffix)
-    np.asarray(ids, dtype=np.uint16).tofile(out)
-    return len(ids)
+    data = np.asarray(ids, dtype="<u2").tobytes()
+    out.write(data)
+    return len(ids), zlib.crc32(data, crc)
+
+
+def token_file_problem(path, record):
+    """What is wrong with a token file, checked against the record written with
+    it (zlib's CRC-32 reads about 1 GB/s), or None when it is whole."""
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        expected, expected_crc = int(saved["tokens"]), int(saved["crc32"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{record.name}, the record of its length and checksum, is missing or unreadable"
+    size = path.stat().st_size
+    if size != 2 * expected:
+        return f"{size:,} bytes where {2 * expected:,} were written"
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    if crc != expected_crc:
+        return "its checksum does not match what was written"
+    return None
+
+
+def _free_space(folder):
+    try:
+        return f"{shutil.disk_usage(folder).free / 1e9:.2f} GB"
+    except OSError:
+        return "unknown space"
 
 
 # ---- Beyond the book: fixed sinusoidal positions (the original transformer's) ----
@@ -537,6 +704,7 @@ def build_parser():
 
 
 if __name__ == "__main__":
+    plain_warnings()
     try:
         main(build_parser().parse_args())
     except KeyboardInterrupt:

@@ -23,9 +23,11 @@ import numpy as np
 import tiktoken
 import torch
 
-from ch02_data import DownloadError, download_file, interrupted, number
+from ch02_data import (DownloadError, download_file, interrupted, move_aside, number,
+                       plain_warnings)
 from ch04_gpt import GPT_CONFIG_124M, GPTModel, get_device
-from ch05_train import build_lean, save_checkpoint, stream_text, text_to_token_ids
+from ch05_train import (architecture_of, build_lean, describe_architecture, load_checkpoint,
+                        model_file, save_checkpoint, stream_text, text_to_token_ids)
 
 ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
 BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
@@ -42,7 +44,14 @@ def download_and_load_gpt2(model_size, models_dir, base_urls=BASE_URLS):
     model_dir = download_gpt2(model_size, models_dir, base_urls)
     tf_ckpt_path = latest_checkpoint(model_dir)  # the book: tf.train.latest_checkpoint
     settings = json.loads((model_dir / "hparams.json").read_text(encoding="utf-8"))
-    params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
+    try:
+        params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
+    except DamagedCheckpoint as err:  # beyond the book: bytes that fail their checksum
+        fetch_again(model_dir / DATA_FILE, str(err), model_size, base_urls)
+        try:
+            params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
+        except DamagedCheckpoint as again:
+            raise damaged_again(model_dir / DATA_FILE, str(again)) from None
     return settings, params
 
 
@@ -52,42 +61,55 @@ def download_gpt2(model_size, models_dir, base_urls=BASE_URLS):
         raise ValueError(f"Unknown GPT-2 model size {model_size!r}; "
                          f"the sizes are {', '.join(ALLOWED_SIZES)}.")
     model_dir = Path(models_dir) / model_size
-
-    def fetch(name):
-        urls = [f"{base.rstrip('/')}/{model_size}/{name}" for base in base_urls]
-        download_file(urls[0], model_dir / name, backup_urls=urls[1:])
-
     for filename in FILENAMES:
-        fetch(filename)
+        fetch_gpt2_file(model_dir / filename, model_size, base_urls)
     # Beyond the book: a file is used only if it is whole. A damaged one (an error
     # page saved as JSON, a cut download) is moved aside and fetched once more.
     for filename in CHECKED_IN_ORDER:
-        path = model_dir / filename
-        problem = gpt2_file_problem(path)
+        problem = gpt2_file_problem(model_dir / filename)
         if problem:
-            print(f"{path} is damaged ({problem}); moved aside to {path.name}.damaged and "
-                  "downloading it again.")
-            path.replace(path.with_name(path.name + ".damaged"))
-            fetch(filename)
-            problem = gpt2_file_problem(path)
-            if problem:
-                path.replace(path.with_name(path.name + ".damaged"))
-                raise DownloadError(f"{path} is damaged ({problem}), also when downloaded "
-                                    "again (kept as .damaged): the server may be sending an "
-                                    "error page. Try later, or another --base-url.")
+            fetch_again(model_dir / filename, problem, model_size, base_urls)
     return model_dir
 
 
-# the index before the data file: the data file's size follows from the index
-CHECKED_IN_ORDER = ("checkpoint", "hparams.json", "encoder.json", "vocab.bpe", "model.ckpt.index",
-                    "model.ckpt.data-00000-of-00001")
+def fetch_gpt2_file(path, model_size, base_urls):
+    urls = [f"{base.rstrip('/')}/{model_size}/{path.name}" for base in base_urls]
+    download_file(urls[0], path, backup_urls=urls[1:])
+
+
+def fetch_again(path, problem, model_size, base_urls):
+    """Move a damaged GPT-2 file aside and download it once more; damaged again,
+    it is an error that says what to do."""
+    print(f"{path} is damaged ({problem}); moved aside to {move_aside(path).name} and "
+          "downloading it again.")
+    fetch_gpt2_file(path, model_size, base_urls)
+    problem = gpt2_file_problem(path)
+    if problem:
+        raise damaged_again(path, problem)
+
+
+def damaged_again(path, problem):
+    move_aside(path)
+    return DownloadError(f"{path} is damaged ({problem}), also when downloaded again (kept as "
+                         ".damaged): the server may be sending an error page. Try later, "
+                         f"another --base-url, or delete {path.parent} and download again.")
+
+
+DATA_FILE = "model.ckpt.data-00000-of-00001"
+# The index first: hparams.json is checked against it, and the data file's size
+# follows from it. The data file's bytes are checked as they are read (their CRCs).
+CHECKED_IN_ORDER = ("checkpoint", "encoder.json", "vocab.bpe", "model.ckpt.index", "hparams.json",
+                    DATA_FILE)
+HPARAMS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 
 
 def gpt2_file_problem(path):
     """What is wrong with a downloaded GPT-2 file, or None when it is whole."""
     name = path.name
     try:
-        if name in ("hparams.json", "encoder.json"):
+        if name == "hparams.json":
+            return hparams_problem(json.loads(path.read_text(encoding="utf-8")), path)
+        if name == "encoder.json":
             json.loads(path.read_text(encoding="utf-8"))
         elif name == "vocab.bpe" and not path.read_text(encoding="utf-8").startswith("#version"):
             return "not a BPE merges file"
@@ -104,6 +126,27 @@ def gpt2_file_problem(path):
     except (ValueError, UnicodeDecodeError) as err:
         return str(err).split(";")[0]
     return None
+
+
+def hparams_problem(hparams, path):
+    """What hparams.json gets wrong: a missing number, or one the checkpoint beside
+    it (its index, checked first) contradicts; None when it fits."""
+    if not isinstance(hparams, dict):
+        return "not a JSON object"
+    missing = [k for k in HPARAMS if not isinstance(hparams.get(k), int) or hparams[k] < 1]
+    if missing:
+        return f"no whole number for {', '.join(missing)}"
+    prefix = path.with_name("model.ckpt")
+    if not Path(f"{prefix}.index").is_file():
+        return None
+    shapes = dict(list_tf_variables(prefix))
+    held = {"n_layer": len({n.split("/")[1] for n in shapes if re.match(r"model/h\d+/", n)}),
+            "n_vocab": shapes.get("model/wte", [None])[0],
+            "n_embd": shapes.get("model/wte", [None, None])[-1],
+            "n_ctx": shapes.get("model/wpe", [None])[0]}
+    wrong = [f"{k} {hparams[k]} where the checkpoint holds {v}" for k, v in held.items()
+             if hparams[k] != v]
+    return f"it says {'; '.join(wrong)}" if wrong else None
 
 
 def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
@@ -193,9 +236,14 @@ TF_DTYPES = {1: "<f4", 2: "<f8", 3: "<i4", 9: "<i8", 19: "<f2"}  # DataType enum
 TABLE_MAGIC = 0xdb4775248b80fb57  # the last 8 bytes of every table file
 
 
+class DamagedCheckpoint(ValueError):
+    """A tensor of the checkpoint fails its checksum, or its bytes are missing."""
+
+
 def checkpoint_functions():
     """(list_variables, load_variable): TensorFlow's where it is installed, else
-    this file's reader, which returns the same arrays, bit for bit."""
+    this file's reader, which returns the same arrays, bit for bit. Both verify
+    every tensor's checksum, and both report damage as DamagedCheckpoint."""
     try:
         import tensorflow as tf
     except ImportError:
@@ -203,7 +251,13 @@ def checkpoint_functions():
                  "own reader (every tensor's checksum is verified).")
         return list_tf_variables, load_tf_variable
     say_once("Reading the checkpoint with TensorFlow.")
-    return tf.train.list_variables, tf.train.load_variable
+
+    def load_variable(ckpt_path, name):
+        try:
+            return tf.train.load_variable(ckpt_path, name)
+        except tf.errors.OpError as err:  # e.g. "Checksum does not match: stored ..."
+            raise DamagedCheckpoint(f"{name}: {err.message.splitlines()[0][:200]}") from None
+    return tf.train.list_variables, load_variable
 
 
 @functools.cache
@@ -385,11 +439,9 @@ def load_tf_variable(ckpt_path, name):
         f.seek(offset)
         got = f.readinto(raw)
     if got != size:
-        raise ValueError(f"{data_path} is shorter than its index says (an incomplete download?); "
-                         "delete it to download it again.")
+        raise DamagedCheckpoint(f"{name}: {data_path.name} is shorter than its index says")
     if 6 in fields and unmask_crc(int.from_bytes(fields[6][0], "little")) != crc32c(raw):
-        raise ValueError(f"{name} in {data_path} fails its checksum (CRC-32C): the file is "
-                         "damaged; delete it to download it again.")
+        raise DamagedCheckpoint(f"{name} fails its checksum (CRC-32C)")
     return np.frombuffer(raw, dtype=TF_DTYPES[dtype]).reshape(_shape(fields))
 
 
@@ -411,32 +463,78 @@ def load_gpt2_model(model_size="124M", models_dir="gpt2", drop_rate=0.0, base_ur
     """
     model_dir = Path(models_dir) / model_size
     pth, hparams = model_dir / "model.pth", model_dir / "hparams.json"
-    if pth.exists() and hparams.exists():
+    if pth.exists() and hparams.exists() and gpt2_file_problem(hparams) is None:
         cfg = config_from_settings(json.loads(hparams.read_text(encoding="utf-8")), drop_rate)
-        try:
-            state_dict = torch.load(pth, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # a cut or damaged file: convert the checkpoint again
-            print(f"{pth} is damaged; moved aside to model.pth.damaged, converting again.")
-            pth.replace(pth.with_name("model.pth.damaged"))
-        else:
+        problem = converted_model_problem(pth, cfg)
+        if problem is None:
+            state_dict = load_checkpoint(pth, mmap=True)["model"]
             return build_lean(lambda: GPTModel(cfg), state_dict, source=str(pth)).eval(), cfg
+        print(f"{pth} {problem}; moved aside to {move_aside(pth).name}, converting again.")
     settings, params = download_and_load_gpt2(model_size, models_dir, base_urls)
     cfg = config_from_settings(settings, drop_rate)
     model = GPTModel(cfg)
     load_weights_into_gpt(model, params, free_params=True)
-    save_checkpoint(pth, model.state_dict())
+    save_checkpoint(pth, model_file("gpt2", model.state_dict(), {**cfg, "drop_rate": 0.0},
+                                    {"model_size": model_size}))
     print(f"Saved the converted weights to {pth}; later runs load them offline.")
     return model.eval(), cfg
 
 
+def converted_model_problem(pth, cfg):
+    """What keeps model.pth from being GPT-2 as hparams.json describes it, or None."""
+    try:
+        saved = load_checkpoint(pth, mmap=True, kinds=("gpt2",))
+    except ValueError as err:
+        if str(err).startswith("Could not read"):
+            return "is damaged (not a whole PyTorch file)"
+        return f"is not GPT-2's converted weights ({str(err)[len(str(pth)) + 1:].rstrip('.')})"
+    held, wanted = architecture_of(saved["model"]), architecture_of_config(cfg)
+    differ = [k for k in wanted if held.get(k) != wanted[k]]
+    if differ:
+        return (f"holds a model with {describe_architecture(held, differ)}, where "
+                f"hparams.json says {describe_architecture(wanted, differ)}")
+    return None
+
+
+def architecture_of_config(cfg):
+    return {"n_layers": cfg["n_layers"], "vocab_size": cfg["vocab_size"],
+            "emb_dim": cfg["emb_dim"], "context_length": cfg["context_length"]}
+
+
+def gpt2_byte_symbols():
+    """GPT-2's byte-to-character table: bytes that print stand for themselves, the
+    others (space, controls) for characters from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    symbols, n = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b], n = chr(256 + n), n + 1
+    return {ch: b for b, ch in symbols.items()}
+
+
 def gpt2_tokenizer_from_files(encoder_json, vocab_bpe):
-    """GPT-2's byte-level BPE built from the two files of OpenAI's model download."""
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str  # GPT-2's pre-tokenizer regex
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=str(vocab_bpe),
-                                            encoder_json_file=str(encoder_json))
-    return tiktoken.Encoding(name="gpt2-local", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+    """GPT-2's byte-level BPE built from the two files of OpenAI's model download.
+    encoder.json's ids are the merge ranks (vocab.bpe lists the merges in that
+    order), so it alone gives tiktoken's ranks. Read here rather than through
+    tiktoken's loader, which copies every file it reads into its cache folder."""
+    byte_of = gpt2_byte_symbols()
+    encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+    ranks = {bytes(byte_of[ch] for ch in token): rank for token, rank in encoder.items()
+             if token != "<|endoftext|>"}
+    merges = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")[1:]
+    n_merges = sum(1 for line in merges if line.strip())
+    if len(ranks) != 256 + n_merges or sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{encoder_json} ({len(ranks)} tokens) and {vocab_bpe} ({n_merges} "
+                         "merges) are not one GPT-2 vocabulary; delete both to download them "
+                         "again.")
+    return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+# GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, spaces
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
+                r"""\s+(?!\S)|\s""")
 
 
 def get_gpt2_tokenizer(models_dir=None):
@@ -588,6 +686,7 @@ def build_parser():
 
 
 if __name__ == "__main__":
+    plain_warnings()
     try:
         main(build_parser().parse_args())
     except KeyboardInterrupt:

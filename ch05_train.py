@@ -18,7 +18,6 @@ import csv
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -31,7 +30,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ch02_data import (EOT, DownloadError, GPTDatasetV1, atomic_path, bpe_tokenizer,
-                       build_token_file, collect_text_files, load_the_verdict, number, read_text)
+                       build_token_file, collect_text_files, load_the_verdict, move_aside,
+                       number, plain_warnings, read_text, refuse_overwrite, run_lock)
 from ch03_attention import StaticKVCache, pyplot, save_figure
 from ch04_gpt import (MODEL_CONFIGS, GPTModel, generate_text_simple, get_device, gpt_config,
                       new_kv_cache, use_fast_kernels)
@@ -296,7 +296,42 @@ def save_checkpoint(path, checkpoint):
                           "disk full?); the previous file is kept.") from None
 
 
-def load_checkpoint(path, map_location="cpu", mmap=False):
+# Every model file of chapters 5 to 7 has one layout: the weights ("model"), the
+# config dict that builds the model ("config"), what wrote it ("kind") and that
+# command's settings; a training checkpoint adds the optimizer and random state.
+MODEL_FILE_KINDS = {"pretraining": "a ch05_train.py training checkpoint",
+                    "gpt2": "GPT-2's weights converted by ch05_load_gpt2.py",
+                    "classifier": "a classifier finetuned by ch06_classify.py",
+                    "instruct": "an instruction-finetuned model of ch07_instruct.py"}
+
+
+def model_file(kind, state_dict, config, settings=None, **extra):
+    return {"kind": kind, "model": state_dict, "config": config, "settings": settings or {},
+            **extra}
+
+
+def _in_current_layout(saved):
+    """Files of earlier versions in today's layout (None: not a model file):
+    chapters 6 and 7 kept the config in their settings, and GPT-2's model.pth
+    was a bare state dict."""
+    if not isinstance(saved, dict) or "kind" in saved:
+        return saved if isinstance(saved, dict) and "model" in saved else None
+    if "tok_emb.weight" in saved:
+        return model_file("gpt2", saved, None)
+    if "model" not in saved:
+        return None
+    settings = saved.get("settings") or {}
+    if "optimizer" in saved or "step" in saved:
+        return {**saved, "kind": "pretraining", "config": saved.get("config")}
+    if "cfg" in settings:
+        kind = "classifier" if "trainable" in settings else "instruct"
+        return {**saved, "kind": kind, "config": settings["cfg"], "settings": settings}
+    return None
+
+
+def load_checkpoint(path, map_location="cpu", mmap=False, kinds=None, hint=""):
+    """A model file of this project in today's layout. With `kinds`, a file of
+    another kind gets one line saying what it holds, and `hint`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
@@ -306,15 +341,43 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
         raise ValueError(f"Could not read the checkpoint {path}: it is damaged or not a PyTorch "
                          f"checkpoint ({type(err).__name__}). Delete it, or name another "
                          "file.") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ValueError(f"{path} is not a checkpoint written by ch05_train.py "
-                         "(it has no 'model' entry).")
+    checkpoint = _in_current_layout(checkpoint)
+    if checkpoint is None:
+        raise ValueError(f"{path} is not a model file of chapters 5 to 7 (it has no 'model' "
+                         f"entry). {hint}".strip())
+    if kinds and checkpoint["kind"] not in kinds:
+        raise ValueError(f"{path} holds {MODEL_FILE_KINDS.get(checkpoint['kind'], 'a model')}, "
+                         f"not {' or '.join(MODEL_FILE_KINDS[k] for k in kinds)}. "
+                         f"{hint}".strip())
     return checkpoint
 
 
+def architecture_of(state_dict):
+    """What a GPTModel state dict's shapes say of the config that built it."""
+    found = {"n_layers": len({k.split(".")[1] for k in state_dict
+                              if k.startswith("trf_blocks.")})}
+    if "tok_emb.weight" in state_dict:
+        found["vocab_size"], found["emb_dim"] = tuple(state_dict["tok_emb.weight"].shape)
+    if "pos_emb.weight" in state_dict:
+        found["context_length"] = state_dict["pos_emb.weight"].shape[0]
+    return found
+
+
+def describe_architecture(arch, keys):
+    words = {"n_layers": "layers", "emb_dim": "embedding size", "vocab_size": "vocabulary",
+             "context_length": "context length"}
+    return ", ".join(f"{words[k]} {arch.get(k)}" for k in keys)
+
+
 def check_state_dict(model, state_dict, source="the checkpoint"):
-    """Raise an error naming every missing, unexpected or differently shaped tensor."""
+    """Raise an error naming how the file's model differs (layers, sizes), or else
+    every missing, unexpected or differently shaped tensor."""
     expected = model.state_dict()
+    ours, theirs = architecture_of(expected), architecture_of(state_dict)
+    differ = [k for k in ours if theirs.get(k) != ours[k]]
+    if differ:
+        raise ValueError(f"{source} holds a model with {describe_architecture(theirs, differ)}; "
+                         f"the model built for it has {describe_architecture(ours, differ)}.")
     problems = [f"missing: {k}" for k in expected if k not in state_dict]
     problems += [f"unexpected: {k}" for k in state_dict if k not in expected]
     problems += [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(v.shape)} in the model"
@@ -455,17 +518,6 @@ class ResumableSampler(Sampler):
 
 # ---- The command's run: signals, locking, the log ----
 
-def refuse_overwrite(paths, overwrite, resume_hint=""):
-    """Stop before a run writes over an earlier run's results, unless --overwrite
-    was given; returns the earlier files found (the caller removes them)."""
-    found = [Path(p) for p in paths if Path(p).exists()]
-    if found and not overwrite:
-        raise ValueError(f"{found[0].parent} already holds an earlier run's results "
-                         f"({', '.join(p.name for p in found)}). {resume_hint}Start over with "
-                         "--overwrite, or choose another --out.")
-    return found
-
-
 class Stopped(Exception):
     """The run stopped on a signal; `code` is the exit status (128 + the signal)."""
 
@@ -529,38 +581,6 @@ def exit_code(signal_name):
     return 128 + getattr(signal, signal_name, signal.SIGINT)
 
 
-@contextlib.contextmanager
-def run_lock(out_dir):
-    """Hold out_dir/run.lock while the run lasts, so a second run on the same
-    --out is refused. The operating system releases the lock when the process
-    ends, however it ends: a crashed run leaves nothing stuck."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "run.lock", "a+", encoding="utf-8") as f:
-        try:
-            if os.name == "nt":
-                import msvcrt
-                f.seek(1 << 20)  # lock a byte past the text, which stays readable
-                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise ValueError(f"{out_dir} is in use by another run ({holder}). Wait for it to "
-                             "end, or choose another --out.") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-
-
 LOG_FIELDS = ("step", "epoch", "epochs_seen", "tokens_seen", "lr", "train_loss", "val_loss",
               "train_perplexity", "val_perplexity", "elapsed_s")
 
@@ -622,10 +642,19 @@ class Diverged(RuntimeError):
     """Training diverged; the last checkpoint with sound weights is kept."""
 
 
-def check_loss(loss, vocab_size, what):
-    # an untrained model scores about ln(vocab_size): far above that, training has diverged
-    if not math.isfinite(loss) or loss > 3 * math.log(vocab_size):
-        raise Diverged(f"{what} became {loss:.4g}")
+def loss_limit(state, vocab_size):
+    """The loss above which training has diverged: one more than the run's first
+    loss, its untrained model's (weights that score worse are no use to keep).
+    Until that is known, three times ln(vocab_size), about an untrained model's."""
+    first = state["first_loss"]
+    return 3 * math.log(vocab_size) if first is None else first + 1.0
+
+
+def check_loss(loss, state, vocab_size, what):
+    if not math.isfinite(loss) or loss > loss_limit(state, vocab_size):
+        first = state["first_loss"]
+        start = f" (the run started at {first:.3f})" if first is not None else ""
+        raise Diverged(f"{what} became {loss:.4g}{start}")
 
 
 def epoch_batches(train_loader, samples_done, epoch_seed):
@@ -701,22 +730,22 @@ def sound_loss(model, val_loader, device):
 
 def new_state():
     return {"step": -1, "epoch": 0, "samples_done": 0, "epoch_seed": None, "tokens_seen": 0,
-            "seconds": 0.0, "history": {"log": [], "lrs": []}}
+            "seconds": 0.0, "first_loss": None, "history": {"log": [], "lrs": []}}
 
 
 def training_checkpoint(model, optimizer, settings, state, device):
     """Everything a resume needs; the random states are CPU tensors on every device."""
-    return {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "config": _unwrap(model).cfg, "settings": settings, **state,
-            "rng_state": torch.get_rng_state(),
-            "cuda_rng_state": (torch.cuda.get_rng_state(device) if device.type == "cuda"
-                               else None)}
+    return model_file("pretraining", _unwrap(model).state_dict(), _unwrap(model).cfg, settings,
+                      optimizer=optimizer.state_dict(), **state,
+                      rng_state=torch.get_rng_state(),
+                      cuda_rng_state=(torch.cuda.get_rng_state(device) if device.type == "cuda"
+                                      else None))
 
 
 def save_training(path, model, optimizer, settings, state, device, val_loader, stopper,
                   is_main):
     """Every process checks that the weights still work; the first one writes."""
-    check_loss(sound_loss(model, val_loader, device), _unwrap(model).cfg["vocab_size"],
+    check_loss(sound_loss(model, val_loader, device), state, _unwrap(model).cfg["vocab_size"],
                f"the validation loss of the weights to be saved at step {state['step']}")
     if is_main:
         with stopper.deferred():
@@ -724,10 +753,13 @@ def save_training(path, model, optimizer, settings, state, device, val_loader, s
     return state["step"]
 
 
-def check_training_loss(losses, vocab_size, step, device, bar):
-    """Read the losses of the steps since the last check (this waits for the device)."""
+def check_training_loss(losses, state, vocab_size, device, bar):
+    """Read the losses of the steps since the last check (this waits for the device).
+    The first check, at step 0, keeps the untrained model's loss as the run's start."""
     mean_loss = reduce_mean(torch.stack(losses).mean().item(), 1, device)
-    check_loss(mean_loss, vocab_size, f"the training loss by step {step}")
+    check_loss(mean_loss, state, vocab_size, f"the training loss by step {state['step']}")
+    if state["first_loss"] is None:
+        state["first_loss"] = mean_loss
     bar.set_postfix(loss=f"{mean_loss:.3f}")
 
 
@@ -793,7 +825,8 @@ def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir
             saving = step == last_step or (step + 1) % (settings["save_every"] or math.inf) == 0
             sync = evaluating or epoch_over or saving or step % 10 == 0  # the only host syncs
             if sync:
-                check_training_loss(losses, _unwrap(model).cfg["vocab_size"], step, device, bar)
+                check_training_loss(losses, state, _unwrap(model).cfg["vocab_size"], device,
+                                    bar)
                 losses = []
             if evaluating:
                 record_evaluation(model, (train_eval_loader, val_loader), device, settings,
@@ -825,7 +858,7 @@ def record_evaluation(model, loaders, device, settings, state, lr, out_dir, stop
     """Evaluate (the book's train/val losses), then keep the result once: in the
     history, in log.csv and on the screen."""
     train_loss, val_loss = evaluate_all_ranks(model, *loaders, device, settings["eval_iter"])
-    check_loss(train_loss, _unwrap(model).cfg["vocab_size"],
+    check_loss(train_loss, state, _unwrap(model).cfg["vocab_size"],
                f"the evaluation loss at step {state['step']}")
     row = {"step": state["step"], "epoch": state["epoch"] + 1,
            "epochs_seen": round(state["epoch"] + state["samples_done"] / epoch_samples, 4),
@@ -1042,7 +1075,9 @@ def resume_into(model, optimizer, ckpt, settings, device):
                      fused=optimizer.defaults["fused"], foreach=optimizer.defaults["foreach"])
     optimizer.load_state_dict(saved)
     state = new_state()
-    state.update({k: ckpt[k] for k in state})
+    state.update({k: ckpt[k] for k in state if k in ckpt})
+    if state["first_loss"] is None and state["history"]["log"]:  # saved by an earlier version
+        state["first_loss"] = state["history"]["log"][0]["train_loss"]
     # The random state last: nothing between here and the loop may draw from it
     torch.set_rng_state(ckpt["rng_state"])
     if device.type == "cuda" and ckpt["cuda_rng_state"] is not None:
@@ -1058,22 +1093,39 @@ def main(args):
     try:
         ckpt = None
         if args.resume:  # on the CPU: the random states must stay CPU tensors
-            ckpt = load_checkpoint(args.resume, map_location="cpu")
+            ckpt = load_checkpoint(args.resume, map_location="cpu", kinds=("pretraining",),
+                                   hint="--resume continues a checkpoint.pt that "
+                                        "ch05_train.py saved.")
             apply_saved_settings(args, ckpt, log)
         out_dir = Path(args.out)
-        with (run_lock(out_dir) if is_main else contextlib.nullcontext()), \
+        with (run_lock(out_dir, RESULTS) if is_main else contextlib.nullcontext()), \
                 StopRequests() as stopper:
             resuming_here = ckpt is not None and (
                 Path(args.resume).resolve() == (out_dir / "checkpoint.pt").resolve())
             if is_main and not resuming_here:
-                for old in refuse_overwrite(
-                        [out_dir / n for n in ("checkpoint.pt", "log.csv")], args.overwrite,
-                        f"Continue it with --resume {out_dir / 'checkpoint.pt'}. "):
-                    old.unlink()
+                claim_out_dir(out_dir, args.overwrite, log)
             return run(args, ckpt, out_dir, device, rank, world_size, stopper, log)
     finally:
         if _distributed():
             dist.destroy_process_group()
+
+
+# What a run writes in --out (temporary files of these left by a killed run are
+# removed once the run lock is held)
+RESULTS = ("checkpoint.pt", "log.csv", "*.png", "tokens/*.bin", "tokens/*.json")
+
+
+def claim_out_dir(out_dir, overwrite, log):
+    """Refuse an --out holding an earlier run's checkpoint, unless --overwrite. A
+    log.csv without a checkpoint (a run that diverged or was killed before its
+    first save) cannot be resumed: it is kept under another name, out of the way."""
+    checkpoint, log_csv = out_dir / "checkpoint.pt", out_dir / "log.csv"
+    if log_csv.exists() and not checkpoint.exists() and not overwrite:
+        log(f"Note: {log_csv} is from a run that stopped before saving a checkpoint; kept "
+            f"as {move_aside(log_csv, '.unfinished').name}, and this run starts anew.")
+    for old in refuse_overwrite([checkpoint, log_csv], overwrite,
+                                f"Continue it with --resume {checkpoint}. "):
+        old.unlink()
 
 
 def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
@@ -1234,6 +1286,7 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
+    plain_warnings()
     try:
         main(parse_args())
     except Stopped as stop:

@@ -29,13 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ch05_train
-from ch02_data import (DownloadError, atomic_path, check_writable, download_file, interrupted,
-                       number, read_text, write_text_atomic)
+from ch02_data import (DownloadError, atomic_path, download_file, interrupted, is_blank, number,
+                       plain_warnings, read_text, refuse_overwrite, run_lock, utf8_error,
+                       write_text_atomic)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
-from ch05_train import (build_lean, load_checkpoint, make_optimizer, refuse_overwrite,
-                        save_checkpoint, speed_up_finetuning)
+from ch05_train import (build_lean, load_checkpoint, make_optimizer, model_file, save_checkpoint,
+                        speed_up_finetuning)
 
 SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SPAM_BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"
@@ -77,16 +78,19 @@ def read_spam_data(data_file_path):
     rows = []
     with open(data_file_path, encoding="utf-8", newline="") as f:
         reader = csv.reader(f, delimiter="\t")
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != 2:
-                raise ValueError(f"{data_file_path}, line {reader.line_num}: expected "
-                                 f"'label<TAB>text', found {len(row) - 1} tabs.")
-            if row[0] not in LABELS:
-                raise ValueError(f"{data_file_path}, line {reader.line_num}: label {row[0]!r} "
-                                 "is neither 'ham' nor 'spam'.")
-            rows.append((row[0], row[1]))
+        try:
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != 2:
+                    raise ValueError(f"{data_file_path}, line {reader.line_num}: expected "
+                                     f"'label<TAB>text', found {len(row) - 1} tabs.")
+                if row[0] not in LABELS:
+                    raise ValueError(f"{data_file_path}, line {reader.line_num}: label "
+                                     f"{row[0]!r} is neither 'ham' nor 'spam'.")
+                rows.append((row[0], row[1]))
+        except UnicodeDecodeError as err:  # beyond the book: the file and line are named
+            raise utf8_error(data_file_path, err) from None
     return rows
 
 
@@ -315,8 +319,8 @@ def prepare_classifier(model, cfg, trainable="last_block", lora_rank=None, lora_
     return model
 
 
-def save_classifier(path, model, settings):
-    save_checkpoint(path, {"model": model.state_dict(), "settings": settings})
+def save_classifier(path, model, cfg, settings):
+    save_checkpoint(path, model_file("classifier", model.state_dict(), cfg, settings))
 
 
 def load_classifier(path, device="cpu"):
@@ -327,23 +331,22 @@ def load_classifier(path, device="cpu"):
             f"No trained classifier at {path}. Train one first, e.g. "
             f"`python ch06_classify.py --out {path.parent}` (or --no-pretrained on a machine "
             "without the GPT-2 weights), then run --classify again with the same --out.")
-    saved = load_checkpoint(path, map_location="cpu", mmap=True)
-    if "settings" not in saved:
-        raise ValueError(f"{path} is not a classifier saved by ch06_classify.py (a chapter 5 "
-                         f"checkpoint?); train one with `python ch06_classify.py --out "
-                         f"{path.parent}`.")
-    settings = saved["settings"]
+    saved = load_checkpoint(path, map_location="cpu", mmap=True, kinds=("classifier",),
+                            hint=f"Train a classifier with `python ch06_classify.py --out "
+                                 f"{path.parent}`, or name another --out.")
+    settings, cfg = saved["settings"], saved["config"]
     model = build_lean(lambda: prepare_classifier(
-        GPTModel(settings["cfg"]), settings["cfg"], settings["trainable"], settings["lora_rank"],
+        GPTModel(cfg), cfg, settings["trainable"], settings["lora_rank"],
         settings["lora_alpha"]), saved["model"], source=str(path))
     return model.to(device).eval(), settings
 
 
 def texts_of_file(path):
     """The non-empty lines of a UTF-8 text file, or an error naming the file."""
-    texts = [line for line in read_text(path).splitlines() if line.strip()]
+    texts = [line for line in read_text(path).splitlines() if not is_blank(line)]
     if not texts:
-        raise ValueError(f"--classify-file {path} has no text to classify (no non-empty line).")
+        raise ValueError(f"--classify-file {path} has no text to classify (every line is empty "
+                         "or invisible characters only).")
     return texts
 
 
@@ -366,15 +369,28 @@ def main(args):
     classifier_path = Path(args.out) / "classifier.pth"
     if args.classify or args.classify_file:
         texts = list(args.classify or [])
-        if not all(text.strip() for text in texts):
-            raise ValueError("--classify got an empty text: give each message in quotes.")
+        if any(is_blank(text) for text in texts):
+            raise ValueError("--classify got an empty text (or one of invisible characters "
+                             "only): give each message in quotes.")
         if args.classify_file:
             texts += texts_of_file(Path(args.classify_file))
         return {"classified": classify_texts(texts, classifier_path, device)}
 
-    refuse_overwrite([classifier_path], args.overwrite,
-                     "Use it with --classify, or keep it and train into another --out. ")
-    check_writable(args.out)
+    with run_lock(args.out, RESULTS):
+        for old in refuse_overwrite([classifier_path, Path(args.out) / "accuracy.json"],
+                                    args.overwrite, "Use it with --classify, or keep it and "
+                                                    "train into another --out. "):
+            old.unlink()
+        return finetune(args, classifier_path, device)
+
+
+# What a run writes in --out (a killed run's temporary files of these are removed)
+RESULTS = ("classifier.pth", "accuracy.json", "*.png")
+
+
+def finetune(args, classifier_path, device):
+    """The chapter's run: the data, the model with its new head, training, the
+    accuracies, and the classifier saved."""
     start = time.perf_counter()
     data_dir = prepare_spam_data(args)
     tokenizer = get_gpt2_tokenizer(args.models_dir)
@@ -426,11 +442,11 @@ def main(args):
 
     accuracies = {name: calc_accuracy_loader(loader, model, device)
                   for name, loader in loaders.items()}
-    settings = {"cfg": cfg, "model_size": args.model_size, "max_length": max_length,
+    settings = {"model_size": args.model_size, "max_length": max_length,
                 "trainable": args.trainable, "lora_rank": args.rank if args.lora else None,
                 "lora_alpha": args.alpha, "pretrained": not args.no_pretrained,
                 "models_dir": str(args.models_dir)}
-    save_classifier(classifier_path, model, settings)
+    save_classifier(classifier_path, model, cfg, settings)
     write_text_atomic(out_dir / "accuracy.json", json.dumps(accuracies, indent=2))
     seconds = time.perf_counter() - start
     report(accuracies, seconds, classifier_path, model, tokenizer, device, max_length)
@@ -491,7 +507,7 @@ def report(accuracies, seconds, classifier_path, model, tokenizer, device, max_l
 
 
 def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
-                             batch_unit):
+                             batch_unit, overwrite_help):
     """The flags that chapter 6 and chapter 7 share, with each chapter's defaults."""
     parser.add_argument("--models-dir", default="gpt2", help="folder for GPT-2's weights")
     parser.add_argument("--no-pretrained", action="store_true",
@@ -513,8 +529,7 @@ def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
     parser.add_argument("--eval-freq", type=positive, default=eval_freq,
                         help="evaluate every N steps")
     parser.add_argument("--eval-iter", type=positive, default=5, help="batches per evaluation")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the model an earlier run saved in --out")
+    parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
                         help="auto picks cuda, then mps, then cpu")
     parser.add_argument("--model-size", default=model_size,
@@ -547,7 +562,9 @@ def build_parser():
                         help="what is trained besides the new head: last_block also trains "
                              "the last transformer block and the final LayerNorm")
     add_finetuning_arguments(parser, model_size="124M", epochs=5, batch_size=8, eval_freq=50,
-                             batch_unit="messages")
+                             batch_unit="messages",
+                             overwrite_help="replace the classifier and accuracies an earlier "
+                                            "run saved in --out")
     parser.add_argument("--out", default="runs/ch06",
                         help="folder for classifier.pth, plots and accuracy.json")
     parser.add_argument("--classify", nargs="+", metavar="TEXT", default=None,
@@ -558,6 +575,7 @@ def build_parser():
 
 
 if __name__ == "__main__":
+    plain_warnings()
     try:
         main(parse_finetuning_args(build_parser()))
     except KeyboardInterrupt:

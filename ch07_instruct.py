@@ -13,6 +13,7 @@ Imports from ch02_data.py, ch04_gpt.py, ch05_train.py, ch05_load_gpt2.py and
 ch06_classify.py (LoRA).
 """
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -26,12 +27,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ch02_data import (DownloadError, check_writable, download_file, interrupted, number,
-                       read_text, write_text_atomic)
+from ch02_data import (DownloadError, download_file, interrupted, number, plain_warnings,
+                       read_json, refuse_overwrite, run_lock, write_text_atomic)
 from ch04_gpt import GPTModel, get_device
 from ch05_load_gpt2 import get_gpt2_tokenizer
 from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, make_optimizer,
-                        plot_losses, refuse_overwrite, save_checkpoint, speed_up_finetuning,
+                        model_file, plot_losses, save_checkpoint, speed_up_finetuning,
                         stream_text, train_model_simple)
 from ch06_classify import (add_finetuning_arguments, base_model, freeze_and_add_lora,
                            parse_finetuning_args)
@@ -46,10 +47,7 @@ EOT_ID = 50256  # <|endoftext|>
 
 def download_and_load_file(file_path, url):
     download_file(url, file_path)  # kept once downloaded
-    try:
-        data = json.loads(read_text(file_path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file_path} is not valid JSON ({err}).") from None
+    data = read_json(file_path, "Fix it, or delete it to download the book's file again.")
     check_entries(data, file_path)
     return data
 
@@ -142,23 +140,30 @@ def custom_collate_fn(batch, pad_token_id=EOT_ID, ignore_index=-100, allowed_max
 
 # ---- 7.7 Extracting and saving responses ----
 
-def encode_prompt(text, tokenizer, context_size, max_new_tokens=0):
-    """Token ids of `text` as a batch of one; left-truncated, with a warning, when
-    they would not leave room in the context for max_new_tokens."""
+def encode_prompt(text, tokenizer, context_size):
+    """Token ids of `text` as a batch of one. The whole prompt is kept; only one
+    longer than the context (less one token for the answer) loses its start,
+    with a warning."""
     ids = tokenizer.encode(text, disallowed_special=())
-    room = max(1, context_size - max_new_tokens)
+    room = context_size - 1
     if len(ids) > room:
         warnings.warn(f"The prompt has {len(ids)} tokens; only its last {room} are used "
-                      f"(context {context_size}, {max_new_tokens} new tokens).")
+                      f"(the model's context is {context_size}).")
         ids = ids[-room:]
     return torch.tensor([ids])
 
 
+def answer_room(idx, context_size, max_new_tokens):
+    """New tokens to generate after the prompt `idx`: at most max_new_tokens, and
+    never past the context, which would push the prompt's start out of view."""
+    return min(max_new_tokens, context_size - idx.shape[1])
+
+
 def generate_response(model, entry, tokenizer, device, context_size, max_new_tokens=256):
     input_text = format_input(entry)
-    idx = encode_prompt(input_text, tokenizer, context_size, max_new_tokens).to(device)
-    token_ids = generate(model, idx, max_new_tokens=max_new_tokens, context_size=context_size,
-                         eos_id=EOT_ID, use_cache=True)
+    idx = encode_prompt(input_text, tokenizer, context_size).to(device)
+    token_ids = generate(model, idx, max_new_tokens=answer_room(idx, context_size, max_new_tokens),
+                         context_size=context_size, eos_id=EOT_ID, use_cache=True)
     new_text = tokenizer.decode(token_ids[0, idx.shape[1]:].tolist())
     return new_text.replace("### Response:", "").strip()
 
@@ -177,7 +182,7 @@ def query_model(prompt, model="llama3", url=OLLAMA_URL, timeout=300):
     try:
         with requests.post(url, json=data, stream=True, timeout=timeout) as response:
             if response.status_code != 200:
-                detail = response.text[:300]
+                detail = judge_error(response)
                 raise JudgeUnavailable(f"The Ollama server at {url} answered "
                                        f"{response.status_code}: {detail}. Is the model "
                                        f"pulled? (`ollama pull {model}`)")
@@ -204,6 +209,15 @@ def query_model(prompt, model="llama3", url=OLLAMA_URL, timeout=300):
             f"`ollama serve` and `ollama pull {model}`, or pass --ollama-url.") from None
 
 
+def judge_error(response):
+    """An error reply in one line: Ollama's {"error": ...}, or the start of its text."""
+    try:
+        detail = str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        detail = response.text
+    return " ".join(detail.split())[:300]
+
+
 def check_if_running(url=OLLAMA_URL, timeout=3):
     """Whether an Ollama server answers at url's host (the book checks for the process)."""
     base = re.match(r"https?://[^/]+", url)
@@ -214,30 +228,62 @@ def check_if_running(url=OLLAMA_URL, timeout=3):
 
 
 def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, scores_path=None,
-                          timeout=300):
+                          timeout=300, overwrite=False):
     """Scores 0-100 from the judge; an answer that is not such a number is reported
-    and left out. Beyond the book: each entry's score (None where it failed) is
-    saved to scores_path, also when the judge stops answering midway."""
-    scores, failed, by_entry = [], [], {}
+    and left out. Beyond the book: with scores_path, each entry's score (None where
+    the answer was no number) is saved as it comes, and a later call goes on where
+    this one stopped: entries already scored are not asked again, failed ones are."""
+    by_entry = saved_scores(scores_path, json_data, json_key, model, overwrite)
+    fingerprint = responses_fingerprint(json_data, json_key)
+    todo = [i for i in range(len(json_data)) if by_entry.get(str(i)) is None]
+    if len(todo) < len(json_data):
+        print(f"{len(json_data) - len(todo)} entries were scored by an earlier run "
+              f"({scores_path}); scoring the other {len(todo)}.")
+    i = None
     try:
-        for i, entry in enumerate(tqdm(json_data, desc="Scoring entries")):
-            by_entry[i] = score_entry(entry, json_key, model, url, timeout)
-            if by_entry[i] is None:
-                failed.append(i)
-            else:
-                scores.append(by_entry[i])
+        for i in tqdm(todo, desc="Scoring entries"):
+            by_entry[str(i)] = score_entry(json_data[i], json_key, model, url, timeout)
+            if scores_path:
+                write_text_atomic(scores_path, json.dumps(
+                    {"model": model, "responses": fingerprint, "scores": by_entry}, indent=2))
     except JudgeUnavailable as err:
-        kept = f"; they are saved in {scores_path}" if scores_path else ""
-        raise JudgeUnavailable(f"{err} That was entry {i}; the {len(scores)} scores before it "
-                               f"are kept{kept}.") from None
-    finally:
-        if scores_path:
-            write_text_atomic(scores_path, json.dumps({"model": model, "scores": by_entry},
-                                                      indent=2))
+        done = sum(v is not None for v in by_entry.values())
+        kept = f"; they are saved in {scores_path}, and --evaluate goes on from there" \
+            if scores_path else ""
+        raise JudgeUnavailable(f"{err} That was entry {i}; the {done} scores obtained are "
+                               f"kept{kept}.") from None
+    scores = [by_entry[str(i)] for i in range(len(json_data)) if by_entry.get(str(i)) is not None]
+    failed = [i for i in range(len(json_data)) if by_entry.get(str(i)) is None]
     if failed:
         print(f"{len(failed)} of {len(json_data)} answers were not a score from 0 to 100 "
               f"(entries {failed[:20]}{'...' if len(failed) > 20 else ''}).")
     return scores
+
+
+def responses_fingerprint(json_data, json_key):
+    """Changes when any entry or response changes: scores belong to one set of responses."""
+    text = json.dumps([[format_input(e), e["output"], e.get(json_key)] for e in json_data])
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def saved_scores(scores_path, json_data, json_key, model, overwrite):
+    """The scores an earlier call saved for these responses with this judge ({}
+    for none). Scores by another judge, or of other responses, are refused
+    unless `overwrite`: they are an earlier run's results."""
+    if not scores_path or overwrite or not Path(scores_path).exists():
+        return {}
+    saved = read_json(scores_path, "Delete it, or give --overwrite to score anew.")
+    if not isinstance(saved, dict) or not isinstance(saved.get("scores"), dict):
+        raise ValueError(f"{scores_path} holds no scores; delete it, or give --overwrite.")
+    if saved.get("model") != model:
+        raise ValueError(f"{scores_path} holds scores by the judge {saved.get('model')!r}, not "
+                         f"{model!r}: give --judge-model {saved.get('model')} to go on with "
+                         "them, or --overwrite to score anew.")
+    if saved.get("responses", responses_fingerprint(json_data, json_key)) != \
+            responses_fingerprint(json_data, json_key):
+        raise ValueError(f"{scores_path} holds scores of other responses than those beside it "
+                         "(they changed since): give --overwrite to score these anew.")
+    return {k: v for k, v in saved["scores"].items() if isinstance(v, int) or v is None}
 
 
 def score_entry(entry, json_key, model, url, timeout):
@@ -272,11 +318,12 @@ def load_finetuned(path, device="cpu"):
     if not path.exists():
         raise FileNotFoundError(f"No finetuned model at {path}. Finetune one first with "
                                 f"`python ch07_instruct.py --out {path.parent}`.")
-    saved = load_checkpoint(path, map_location="cpu", mmap=True)
-    settings = saved["settings"]
-    model = build_lean(lambda: build_model(settings["cfg"], settings["lora_rank"],
-                                           settings["lora_alpha"]), saved["model"], str(path))
-    return model.to(device).eval(), settings
+    saved = load_checkpoint(path, map_location="cpu", mmap=True, kinds=("instruct",),
+                            hint="--chat talks to a model that ch07_instruct.py finetuned.")
+    settings, cfg = saved["settings"], saved["config"]
+    model = build_lean(lambda: build_model(cfg, settings["lora_rank"], settings["lora_alpha"]),
+                       saved["model"], str(path))
+    return model.to(device).eval(), {**settings, "cfg": cfg}
 
 
 def chat(model, tokenizer, device, context_size, max_new_tokens=256, temperature=0.0,
@@ -293,8 +340,9 @@ def chat(model, tokenizer, device, context_size, max_new_tokens=256, temperature
             out.write("\n")
             return responses
         prompt = format_input({"instruction": line.strip(), "input": ""}) + "\n\n### Response:\n"
-        idx = encode_prompt(prompt, tokenizer, context_size, max_new_tokens).to(device)
-        new_ids = stream_text(model, idx, tokenizer, max_new_tokens, context_size, out,
+        idx = encode_prompt(prompt, tokenizer, context_size).to(device)
+        new_ids = stream_text(model, idx, tokenizer,
+                              answer_room(idx, context_size, max_new_tokens), context_size, out,
                               temperature=temperature, top_k=top_k, eos_id=EOT_ID)
         out.write("\n")
         responses.append(tokenizer.decode(new_ids).strip())
@@ -303,21 +351,38 @@ def chat(model, tokenizer, device, context_size, max_new_tokens=256, temperature
 # ---- The chapter's run ----
 
 def evaluate_saved(responses_path, args):
+    """--evaluate: score the saved responses, holding --out's run lock."""
     responses_path = Path(responses_path)
     if not responses_path.exists():
         raise FileNotFoundError(f"No responses to score at {responses_path}; finetune first "
                                 "with `python ch07_instruct.py`.")
-    test_data = json.loads(read_text(responses_path))
+    with run_lock(responses_path.parent, RESULTS):
+        return score_responses(responses_path, args)
+
+
+def score_responses(responses_path, args):
+    """Score the responses with the judge, going on from the scores saved beside them."""
+    test_data = read_json(responses_path, "It is written by a finetuning run: run one again "
+                                          f"with --overwrite --out {responses_path.parent}.")
+    check_entries(test_data, responses_path)
+    without = [i for i, e in enumerate(test_data) if not isinstance(e.get("model_response"), str)]
+    if without:
+        raise ValueError(f"Entry {without[0]} of {responses_path} has no model_response text.")
     if not check_if_running(args.ollama_url):
         raise JudgeUnavailable(
             f"No Ollama server answered at {args.ollama_url}. Start one with `ollama serve` "
             f"and `ollama pull {args.judge_model}`; the responses stay in {responses_path}.")
     scores = generate_model_scores(test_data, "model_response", args.judge_model,
-                                   args.ollama_url, responses_path.with_name("scores.json"))
+                                   args.ollama_url, responses_path.with_name("scores.json"),
+                                   overwrite=args.overwrite)
     average = sum(scores) / len(scores) if scores else float("nan")
     print(f"Number of scores: {len(scores)} of {len(test_data)}")
     print(f"Average score: {average:.2f}")
     return {"scores": scores, "average": average}
+
+
+# What a run writes in --out (a killed run's temporary files of these are removed)
+RESULTS = ("*.pth", "*.json", "*.png")
 
 
 def main(args):
@@ -326,17 +391,27 @@ def main(args):
     responses_path = out_dir / "instruction-data-with-response.json"
     if args.evaluate:
         return evaluate_saved(responses_path, args)
-    device = get_device(args.device)
     if args.chat:
+        device = get_device(args.device)
         model, settings = load_finetuned(model_path, device)
         tokenizer = get_gpt2_tokenizer(settings["models_dir"])
         print("Chat with the finetuned model; an empty line or Ctrl-D ends it.")
         return {"responses": chat(model, tokenizer, device, settings["cfg"]["context_length"],
                                   args.max_new_tokens)}
 
-    refuse_overwrite([model_path], args.overwrite,
-                     "Use it with --chat, or keep it and train into another --out. ")
-    check_writable(out_dir)
+    with run_lock(out_dir, RESULTS):
+        # the earlier responses and scores go too: they would not be this model's
+        for old in refuse_overwrite([model_path, responses_path, out_dir / "scores.json"],
+                                    args.overwrite, "Use it with --chat, or keep it and train "
+                                                    "into another --out. "):
+            old.unlink()
+        return finetune(args, model_path, responses_path)
+
+
+def finetune(args, model_path, responses_path):
+    """The chapter's run: finetune, save the model, write the test set's responses
+    and score them when a judge answers."""
+    out_dir, device = Path(args.out), get_device(args.device)
     start = time.perf_counter()
     train_data, test_data, val_data = load_splits(args)
     tokenizer = get_gpt2_tokenizer(args.models_dir)
@@ -377,10 +452,10 @@ def main(args):
         plot_losses(torch.linspace(0, args.epochs, len(train_losses)), tokens_seen,
                     train_losses, val_losses, out_dir / "loss-plot.png")
 
-    settings = {"cfg": cfg, "model_size": args.model_size, "models_dir": str(args.models_dir),
+    settings = {"model_size": args.model_size, "models_dir": str(args.models_dir),
                 "lora_rank": args.rank if args.lora else None, "lora_alpha": args.alpha,
                 "mask_instructions": args.mask_instructions}
-    save_checkpoint(model_path, {"model": model.state_dict(), "settings": settings})
+    save_checkpoint(model_path, model_file("instruct", model.state_dict(), cfg, settings))
     print(f"Model saved as {model_path}")
 
     write_responses(model, test_data, tokenizer, device, context_size, args.max_new_tokens,
@@ -389,7 +464,7 @@ def main(args):
     result = {"model": model, "train_losses": train_losses, "val_losses": val_losses,
               "test_data": test_data}
     if check_if_running(args.ollama_url):
-        result.update(evaluate_saved(responses_path, args))
+        result.update(score_responses(responses_path, args))
     else:
         print(f"No Ollama server at {args.ollama_url}: to score the responses later, start "
               f"one (`ollama serve`, `ollama pull {args.judge_model}`) and run "
@@ -442,7 +517,10 @@ def build_parser():
     parser.add_argument("--mask-instructions", action="store_true",
                         help="compute the loss on the response tokens only (exercise 7.2)")
     add_finetuning_arguments(parser, model_size="355M", epochs=2, batch_size=8, eval_freq=5,
-                             batch_unit="entries")
+                             batch_unit="entries",
+                             overwrite_help="replace the model, responses and scores an earlier "
+                                            "run saved in --out; with --evaluate, score the "
+                                            "responses anew")
     parser.add_argument("--max-new-tokens", type=number(int, at_least=1), default=256,
                         help="longest response to generate")
     parser.add_argument("--out", default="runs/ch07",
@@ -457,6 +535,7 @@ def build_parser():
 
 
 if __name__ == "__main__":
+    plain_warnings()
     try:
         main(parse_finetuning_args(build_parser()))
     except KeyboardInterrupt:

@@ -5,6 +5,8 @@ downloaded), and download code is tested against HTTP servers on 127.0.0.1
 started by the tests themselves.
 """
 import argparse
+import contextlib
+import errno
 import http.server
 import io
 import json
@@ -92,8 +94,8 @@ def serve():
     """serve(FileServer, files) or serve(StubOllama, answer): a server for this test."""
     servers = []
 
-    def start(kind, arg):
-        servers.append(kind(arg))
+    def start(kind, arg, **options):
+        servers.append(kind(arg, **options))
         return servers[-1]
 
     yield start
@@ -106,13 +108,14 @@ class FileServer(LocalServer):
 
     `cut_short` names paths whose next response stops halfway; `missing` names
     paths that answer 404; `wrong_once` ({path: bytes}) is served, with status
-    200, instead of the file, once. Each file has an ETag, and an If-Range that
-    does not match it gets the whole file. Every request is logged in `requests`.
+    200, instead of the file, once. Each file has an ETag (unless `validators`
+    is false, as on some servers), and an If-Range that does not match it gets
+    the whole file. Every request is logged in `requests`.
     """
 
-    def __init__(self, files):
+    def __init__(self, files, validators=True):
         self.files, self.cut_short, self.missing, self.requests = dict(files), set(), set(), []
-        self.wrong_once = {}
+        self.wrong_once, self.validators = {}, validators
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -137,7 +140,8 @@ class FileServer(LocalServer):
                     self.send_response(200)
                 body = data[start:]
                 self.send_header("Content-Length", str(len(body)))
-                self.send_header("ETag", etag)
+                if server.validators:
+                    self.send_header("ETag", etag)
                 self.end_headers()
                 if self.path in server.cut_short:
                     server.cut_short.discard(self.path)
@@ -235,9 +239,11 @@ def test_read_text_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.txt"):
         ch02.read_text(tmp_path / "nothere.txt")
     bad = tmp_path / "latin1.txt"
-    bad.write_bytes("café".encode("latin-1"))
-    with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
+    bad.write_bytes("one\ntwo\ncafé\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.txt, line 3, is not UTF-8 text \(byte 0xe9"):
         ch02.read_text(bad)
+    with pytest.raises(ValueError, match=r"latin1\.txt, line 3, is not UTF-8"):
+        list(ch02.iter_text_blocks(bad))
 
 
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
@@ -283,6 +289,38 @@ def test_download_file_resumes_a_cut_download(serve, tmp_path):
     ch02.download_file(server.url + "/f.bin", dest)
     assert dest.read_bytes() == data and not part.exists()
     assert server.requests[-1] == ("/f.bin", f"bytes={have}-")  # resumed, not restarted
+
+
+def test_a_part_from_a_server_without_validators_is_fetched_anew(serve, tmp_path):
+    """No ETag or Last-Modified: a resumed .part could join bytes of two versions
+    of the file, reaching the right size with the wrong bytes."""
+    old, new = bytes(range(256)) * 1600, bytes(range(255, -1, -1)) * 1600
+    server = serve(FileServer, {"/f.bin": old}, validators=False)
+    server.cut_short.add("/f.bin")
+    with pytest.raises(ch02.DownloadError):
+        ch02.download_file(server.url + "/f.bin", tmp_path / "f.bin", retries=1)
+    assert 0 < (tmp_path / "f.bin.part").stat().st_size < len(old)
+    server.files["/f.bin"] = new  # the file changed on the server meanwhile
+    ch02.download_file(server.url + "/f.bin", tmp_path / "f.bin")
+    assert (tmp_path / "f.bin").read_bytes() == new
+    assert server.requests[-1] == ("/f.bin", None)  # from byte 0, not resumed
+
+
+def test_an_unwritable_out_is_named_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x", encoding="utf-8")
+    with pytest.raises(OSError, match=rf"^--out {re.escape(str(tmp_path / 'a_file' / 'x'))}: "
+                                      rf"{re.escape(str(tmp_path / 'a_file'))} is a file, not a "
+                                      r"folder\. Choose another --out\.$"):
+        ch02.check_writable(tmp_path / "a_file" / "x")
+
+    def read_only(self, data):  # as a read-only folder answers (root may write anywhere)
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    for check in (ch02.check_writable, lambda f: ch02.run_lock(f).__enter__()):
+        with pytest.raises(OSError, match=rf"^--out {re.escape(str(tmp_path / 'ro'))} cannot be "
+                                          r"written to \(Permission denied\)\. Choose another "
+                                          r"--out, or make it writable\.$"):
+            check(tmp_path / "ro")
 
 
 def test_chapter2_main(verdict_path):
@@ -760,6 +798,42 @@ def test_divergence_keeps_the_last_sound_checkpoint(tmp_path, short_text):
     assert all(math.isfinite(x) and x < 11 for x in losses)
 
 
+def test_weights_worse_than_the_runs_start_are_never_kept(tmp_path, short_text):
+    """--lr 1 sends the validation loss to about 14.6 at step 3, above the run's
+    start (about 11.0) yet below 3 x ln(50257) = 32.5, the limit until now."""
+    ch05.main(train_args(tmp_path, "--data", str(short_text), "--max-steps", "3",
+                         "--save-every", "2", "--eval-freq", "100"))
+    checkpoint = tmp_path / "checkpoint.pt"
+    good = ch05.load_checkpoint(checkpoint)
+    assert good["step"] == 2 and 10 < good["first_loss"] < 12
+    with pytest.raises(ch05.Diverged, match=r"validation loss of the weights to be saved at step "
+                                            r"3 became 1\d\.\d \(the run started at 1[01]\.\d+\); "
+                                            r"the checkpoint of step 2 .* is kept"):
+        ch05.main(ch05.parse_args(["--resume", str(checkpoint), "--max-steps", "12",
+                                   "--lr", "1", "--save-every", "1"]))
+    assert ch05.load_checkpoint(checkpoint)["step"] == 2
+
+
+def test_a_run_killed_before_its_first_save_blocks_nothing(tmp_path, short_text, capsys):
+    """A SIGKILL (out of memory, power loss) or a divergence before the first save
+    leaves log.csv and perhaps checkpoint.pt.tmp, but no checkpoint to resume."""
+    ch05.write_log(tmp_path / "log.csv", [dict.fromkeys(ch05.LOG_FIELDS, 0)])
+    (tmp_path / "checkpoint.pt.tmp").write_bytes(bytes(1 << 20))
+    (tmp_path / "notes.tmp").write_text("the user's own file", encoding="utf-8")
+    with pytest.raises(ValueError, match="too short for --context-length"):  # fails after the lock
+        ch05.main(train_args(tmp_path, "--data", str(short_text), "--context-length", "4000"))
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()  # a killed run's leftover: removed
+    assert (tmp_path / "notes.tmp").read_text(encoding="utf-8") == "the user's own file"
+    assert "log.csv is from a run that stopped before saving a checkpoint; kept as " \
+           "log.csv.unfinished, and this run starts anew" in capsys.readouterr().out
+    assert log_rows(tmp_path / "log.csv.unfinished")[0]["step"] == "0"
+    ch05.write_log(tmp_path / "log.csv", [])  # killed again: the first one kept aside stays
+    ch05.main(train_args(tmp_path, "--data", str(short_text), "--max-steps", "1"))
+    assert ch05.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
+    assert sorted(p.name for p in tmp_path.glob("log.csv*")) == \
+        ["log.csv", "log.csv.unfinished", "log.csv.unfinished.1"]
+
+
 def test_a_finished_run_is_not_overwritten(tmp_path, capsys):
     ch05.main(train_args(tmp_path, "--max-steps", "2", "--eval-freq", "1"))
     before = (tmp_path / "checkpoint.pt").read_bytes()
@@ -778,18 +852,26 @@ def test_a_finished_run_is_not_overwritten(tmp_path, capsys):
         assert f"argument {flag}: must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_a_second_run_on_the_same_out_is_refused_until_the_first_ends(tmp_path):
+@contextlib.contextmanager
+def lock_held_elsewhere(folder):
+    """Another process holding `folder`'s run lock, as a running command does; it is
+    SIGKILLed at the end, so it cleans nothing up. Yields its pid."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import pathlib, sys, time, ch05_train as c\n"
+        [sys.executable, "-c", "import pathlib, sys, time, ch02_data as c\n"
          "with c.run_lock(pathlib.Path(sys.argv[1])):\n print('locked', flush=True)\n"
-         " time.sleep(120)", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE, text=True)
+         " time.sleep(120)", str(folder)], cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(ValueError, match=rf"in use by another run \(pid {holder.pid} on "):
-            ch05.main(train_args(tmp_path, "--max-steps", "1"))
+        yield holder.pid
     finally:
-        holder.kill()  # SIGKILL: the holder cleans nothing up
+        holder.kill()
         holder.wait()
+
+
+def test_a_second_run_on_the_same_out_is_refused_until_the_first_ends(tmp_path):
+    with lock_held_elsewhere(tmp_path) as pid:
+        with pytest.raises(ValueError, match=rf"in use by another run \(pid {pid} on "):
+            ch05.main(train_args(tmp_path, "--max-steps", "1"))
     ch05.main(train_args(tmp_path, "--max-steps", "1"))  # the lock died with its process
 
 
@@ -834,10 +916,90 @@ def test_bad_data_errors(tmp_path):
         ch05.main(train_args(tmp_path / "c", "--data", str(tmp_path / "missing.txt")))
     latin = tmp_path / "latin.txt"
     latin.write_bytes("Beyoncé ".encode("latin-1") * 5000)
-    with pytest.raises(ValueError, match="latin.txt is not UTF-8"):
+    with pytest.raises(ValueError, match=r"latin\.txt, line 1, is not UTF-8"):
         ch05.main(train_args(tmp_path / "d", "--data", str(latin)))
-    with pytest.raises(ValueError, match="latin.txt is not UTF-8"):
+    with pytest.raises(ValueError, match=r"latin\.txt, line 1, is not UTF-8"):
         ch05.main(train_args(tmp_path / "e", "--data", str(latin), "--memmap"))
+
+
+def test_a_cut_or_damaged_token_file_is_never_trained_on(tmp_path, short_text, capsys):
+    args = lambda *extra: train_args(tmp_path, "--data", str(short_text), "--memmap",  # noqa: E731
+                                     "--max-steps", "1", "--overwrite", *extra)
+    ch05.main(args())
+    windows = re.search(r"Training windows: \d+", capsys.readouterr().out).group(0)
+    token_file = next((tmp_path / "tokens").glob("*.bin"))
+    whole = token_file.read_bytes()
+    for damage, said in [(whole[:len(whole) // 3], rf"{len(whole) // 3 // 2 * 2:,} bytes where "
+                                                   rf"{len(whole):,} were written"),
+                         (whole[:100] + bytes(16) + whole[116:],
+                          "its checksum does not match what was written")]:
+        token_file.write_bytes(damage[:len(damage) // 2 * 2])
+        ch05.main(args())
+        out = capsys.readouterr().out
+        assert re.search(rf"The token file .*{token_file.name} is damaged \({said}\); moved "
+                         r"aside to .*\.damaged(\.1)?, tokenizing again", out), out
+        assert windows in out and token_file.read_bytes() == whole
+    ch05.main(args())
+    assert "Reusing the token file" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_tokenizing_names_the_file(tmp_path, short_text, monkeypatch):
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = open
+    monkeypatch.setattr(ch02, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode)
+                        if mode == "wb" and str(path).endswith(".bin.tmp")
+                        else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(OSError, match=r"^Could not write the token file .*tokens/\w+\.bin: No "
+                                      r"space left on device; [\d.]+ GB free on its disk\. Free "
+                                      r"some space, or give another --out\.$"):
+        ch05.main(train_args(tmp_path, "--data", str(short_text), "--memmap"))
+    assert not list((tmp_path / "tokens").iterdir())  # nothing half-written is left
+
+
+def test_every_model_file_has_one_layout_and_a_wrong_one_says_what_it_holds(tmp_path, capsys):
+    ch05.main(train_args(tmp_path / "ch05", "--max-steps", "1"))
+    pretrained = tmp_path / "ch05" / "checkpoint.pt"
+    saved = ch05.load_checkpoint(pretrained)
+    assert saved["kind"] == "pretraining" and saved["config"]["emb_dim"] == TINY["emb_dim"]
+    # a chapter-5 checkpoint where chapter 6 or 7 expects its own model: one line each
+    (tmp_path / "ch06").mkdir()
+    (tmp_path / "ch06" / "classifier.pth").write_bytes(pretrained.read_bytes())
+    with pytest.raises(ValueError, match=r"classifier\.pth holds a ch05_train\.py training "
+                                         r"checkpoint, not a classifier finetuned by "
+                                         r"ch06_classify\.py"):
+        ch06.main(ch06.parse_finetuning_args(ch06.build_parser(), [
+            "--classify", "Free prize!", "--out", str(tmp_path / "ch06"), "--device", "cpu"]))
+    # ... and the other way round, for --resume and --chat
+    model = tiny_model(0)
+    ch06.save_classifier(tmp_path / "c.pth", ch06.prepare_classifier(model, TINY), TINY,
+                         {"trainable": "last_block", "lora_rank": None, "lora_alpha": 16,
+                          "max_length": 10, "models_dir": "gpt2"})
+    with pytest.raises(ValueError, match=r"c\.pth holds a classifier finetuned by ch06_classify"
+                                         r"\.py, not a ch05_train\.py training checkpoint\. "
+                                         r"--resume continues a checkpoint\.pt"):
+        ch05.main(train_args(tmp_path / "r", "--resume", str(tmp_path / "c.pth")))
+    (tmp_path / "ch07").mkdir()
+    (tmp_path / "ch07" / "gpt2-tiny-sft.pth").write_bytes((tmp_path / "c.pth").read_bytes())
+    with pytest.raises(ValueError, match=r"holds a classifier .*, not an instruction-finetuned "
+                                         r"model of ch07_instruct\.py"):
+        ch07.main(ch07.build_parser().parse_args(["--chat", "--model-size", "tiny", "--out",
+                                                  str(tmp_path / "ch07"), "--device", "cpu"]))
+    # files in the earlier layouts (the config inside chapter 6's and 7's settings) still load
+    old = ch05.load_checkpoint(tmp_path / "c.pth")
+    torch.save({"model": old["model"], "settings": {**old["settings"], "cfg": TINY}},
+               tmp_path / "old.pth")
+    loaded, _ = ch06.load_classifier(tmp_path / "old.pth")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 old["model"].values()))
+    sft = ch07.build_model(TINY)
+    torch.save({"model": sft.state_dict(), "settings": {"cfg": TINY, "lora_rank": None,
+                                                        "lora_alpha": 16, "models_dir": "gpt2",
+                                                        "mask_instructions": False}},
+               tmp_path / "old-sft.pth")
+    assert ch07.load_finetuned(tmp_path / "old-sft.pth")[1]["cfg"] == TINY
 
 
 def test_memmap_route_trains_and_evaluates_rarely(tmp_path):
@@ -1061,9 +1223,86 @@ def test_a_damaged_converted_model_is_converted_again(gpt2_server, tmp_path, cap
     pth = tmp_path / "tiny" / "model.pth"
     pth.write_bytes(pth.read_bytes()[:1000])
     again, _ = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
-    assert "model.pth is damaged; moved aside" in capsys.readouterr().out
+    assert "model.pth is damaged (not a whole PyTorch file); moved aside to model.pth.damaged, " \
+           "converting again" in capsys.readouterr().out
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                  again.state_dict().values()))
+
+
+@pytest.mark.parametrize("reader", ["tensorflow", "own"])
+def test_a_data_file_with_wrong_bytes_is_moved_aside_and_fetched_again(
+        reader, gpt2_server, tiny_gpt2_files, tmp_path, monkeypatch, capsys):
+    """The right size, the wrong bytes: each reader's checksum error moves the file
+    aside and fetches it again, once; wrong again, one line that says what to do."""
+    if reader == "own":
+        monkeypatch.setitem(sys.modules, "tensorflow", None)  # importing it now fails
+    base = [gpt2_server.url + "/primary"]
+    model, _ = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
+    data_path = tmp_path / "tiny" / gpt2.DATA_FILE
+    (tmp_path / "tiny" / "model.pth").unlink()
+    good = data_path.read_bytes()
+    data_path.write_bytes(good[:200] + bytes(16) + good[216:])  # 16 bytes of a tensor zeroed
+    capsys.readouterr()
+    again, _ = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
+    out = capsys.readouterr().out
+    assert re.search(rf"{gpt2.DATA_FILE} is damaged \(model/\S+:? .*(Checksum does not match|"
+                     r"fails its checksum).*\); moved aside to .*\.damaged and downloading", out)
+    assert data_path.read_bytes() == good and (tmp_path / "tiny" / f"{gpt2.DATA_FILE}.damaged").exists()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 again.state_dict().values()))
+    # the server itself sends the wrong bytes: named, kept aside, never used
+    (tmp_path / "tiny" / "model.pth").unlink()
+    data_path.write_bytes(good[:200] + bytes(16) + good[216:])
+    gpt2_server.files[f"/primary/tiny/{gpt2.DATA_FILE}"] = good[:200] + bytes(16) + good[216:]
+    with pytest.raises(ch02.DownloadError, match=rf"{gpt2.DATA_FILE} is damaged .*also when "
+                                                 r"downloaded again.*delete .*tiny and download"):
+        gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
+    assert not data_path.exists()
+
+
+def test_hparams_that_disagree_with_the_checkpoint_are_fetched_again(gpt2_server, tmp_path,
+                                                                   capsys):
+    base = [gpt2_server.url + "/primary"]
+    model, _ = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
+    hparams = tmp_path / "tiny" / "hparams.json"
+    for wrong, said in [({**TINY_HPARAMS, "n_layer": 3}, "it says n_layer 3 where the "
+                                                         "checkpoint holds 2"),
+                        ({k: v for k, v in TINY_HPARAMS.items() if k != "n_layer"},
+                         "no whole number for n_layer")]:
+        (tmp_path / "tiny" / "model.pth").unlink(missing_ok=True)
+        hparams.write_text(json.dumps(wrong), encoding="utf-8")
+        again, _ = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
+        assert f"hparams.json is damaged ({said}); moved aside" in capsys.readouterr().out
+        assert json.loads(hparams.read_text(encoding="utf-8")) == TINY_HPARAMS
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     again.state_dict().values()))
+    # the server's copy disagrees too: one line naming both numbers and what to do
+    gpt2_server.files["/primary/tiny/hparams.json"] = json.dumps(
+        {**TINY_HPARAMS, "n_layer": 3}).encode()
+    hparams.write_text(json.dumps({**TINY_HPARAMS, "n_layer": 3}), encoding="utf-8")
+    with pytest.raises(ch02.DownloadError, match=r"hparams\.json is damaged \(it says n_layer 3 "
+                                                 r"where the checkpoint holds 2\), also when "
+                                                 r"downloaded again.*delete .*tiny and download"):
+        gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
+
+
+def test_a_model_pth_of_another_size_or_kind_is_converted_again(gpt2_server, tmp_path, capsys):
+    base = [gpt2_server.url + "/primary"]
+    model, cfg = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
+    pth = tmp_path / "tiny" / "model.pth"
+    other = ch04.GPTModel({**cfg, "n_layers": 3})
+    for saved, said in [  # a bare state dict (the earlier layout), and a chapter-5 checkpoint
+            (other.state_dict(), "holds a model with layers 3, where hparams.json says layers 2"),
+            (ch05.model_file("pretraining", model.state_dict(), cfg, step=0),
+             "is not GPT-2's converted weights (holds a ch05_train.py training checkpoint")]:
+        torch.save(saved, pth)
+        again, _ = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
+        assert f"model.pth {said}" in capsys.readouterr().out
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     again.state_dict().values()))
+    assert ch05.load_checkpoint(pth)["kind"] == "gpt2"
+    assert sorted(p.name for p in pth.parent.glob("model.pth.damaged*")) == \
+        ["model.pth.damaged", "model.pth.damaged.1"]  # each kept, none replaced
 
 
 def test_gpt2_download_that_keeps_failing_says_what_to_do(gpt2_server, tmp_path):
@@ -1113,7 +1352,8 @@ def test_own_reader_returns_tensorflows_arrays_bit_for_bit(tiny_gpt2_files, tmp_
                                                "fails its checksum")]
     assert len(damaged) == 1  # exactly the tensor holding the flipped byte
     (tmp_path / "model.ckpt.data-00000-of-00001").write_bytes(data[:len(data) // 2])
-    with pytest.raises(ValueError, match=r"shorter than its index says.*delete it"):
+    with pytest.raises(gpt2.DamagedCheckpoint, match=r"model/wte: model\.ckpt\.data-00000-of-"
+                                                     r"00001 is shorter than its index says"):
         gpt2.load_tf_variable(prefix, "model/wte")
     index = tiny_gpt2_files[0]["model.ckpt.index"]
     (tmp_path / "model.ckpt.index").write_bytes(index[:-10])
@@ -1165,8 +1405,13 @@ def test_converted_weights_load_offline_without_tensorflow(gpt2_server, tmp_path
 
 
 def test_local_files_tokenizer_matches_tiktoken(tokenizer, monkeypatch, tmp_path):
+    # tiktoken's own loader copies each file it reads into this folder: ours reads in place
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
     local = gpt2.gpt2_tokenizer_from_files(SHARED / "gpt2_vocab" / "encoder.json",
                                            SHARED / "gpt2_vocab" / "vocab.bpe")
+    assert not (tmp_path / "cache").exists()
+    assert all(local.decode_single_token_bytes(t) == tokenizer.decode_single_token_bytes(t)
+               for t in range(tokenizer.n_vocab))  # the same 50,257 tokens, in the same order
     text = ("Hello, world! It's 2026... naïve café — 東京 🙂 <|endoftext|> don't  "
             "spaces\n\n\tand tabs; numbers 12345 and CamelCaseWords.")
     assert local.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")
@@ -1397,8 +1642,8 @@ def test_chapter6_end_to_end_then_classify(tmp_path, capsys, spam_tsv):
     assert set(result["accuracies"]) == {"train", "validation", "test"}
     for name in ("classifier.pth", "loss-plot.png", "accuracy-plot.png", "accuracy.json"):
         assert (tmp_path / "out" / name).exists()
-    (tmp_path / "texts.txt").write_text("You won a prize, reply now\n\nSee you at 5\n",
-                                        encoding="utf-8")
+    (tmp_path / "texts.txt").write_text("You won a prize, reply now\n\n\u200b\nSee you at 5\n",
+                                        encoding="utf-8")  # a zero-width space is no text
     classify = ch06.parse_finetuning_args(ch06.build_parser(), [
         "--classify", "Free entry!", "--classify-file", str(tmp_path / "texts.txt"),
         "--out", str(tmp_path / "out"), "--device", "cpu"])
@@ -1409,8 +1654,9 @@ def test_chapter6_end_to_end_then_classify(tmp_path, capsys, spam_tsv):
         assert torch.equal(model(torch.tensor([[1, 2, 3]])), result["model"].eval()(torch.tensor([[1, 2, 3]])))
     longest = int(re.search(r"Longest training text \(tokens\): (\d+)", out).group(1))
     assert settings["lora_rank"] == 2 and settings["max_length"] == longest
-    with pytest.raises(ValueError, match=r"already holds an earlier run's results "
-                                         r"\(classifier\.pth\)\. Use it with --classify.*--overwrite"):
+    with pytest.raises(ValueError, match=r"already holds an earlier run's results \(classifier"
+                                         r"\.pth, accuracy\.json\)\. Use it with --classify.*"
+                                         r"--overwrite"):
         ch06.main(args)
 
 
@@ -1427,7 +1673,7 @@ def bad_chapter6_input(tmp_path, case):
     real_zip = (SHARED / "data" / "sms_spam_collection.zip").read_bytes()
     (tmp_path / "cut.zip").write_bytes(real_zip[:len(real_zip) // 2])
     (tmp_path / "page.zip").write_text("<html>Not found</html>", encoding="utf-8")
-    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("\n  \n\u200b\n\u2060 \n", encoding="utf-8")
     (tmp_path / "latin.txt").write_bytes("Gagnez un café".encode("latin-1"))
     (tmp_path / "folder").mkdir()
     return {
@@ -1443,21 +1689,30 @@ def bad_chapter6_input(tmp_path, case):
         "missing zip": (["--data", str(tmp_path / "none.zip")], FileNotFoundError,
                         r"--data .*none\.zip: no such file"),
         "empty --classify": (["--classify", " "], ValueError, "--classify got an empty text"),
+        "invisible --classify": (["--classify", "\u200b\ufeff"], ValueError,
+                                 "--classify got an empty text"),
         "empty file": (["--classify-file", str(tmp_path / "empty.txt")], ValueError,
                        r"empty\.txt has no text to classify"),
         "folder": (["--classify-file", str(tmp_path / "folder")], FileNotFoundError,
                    r"Text file not found: .*folder \(it is a folder\)"),
+        "a zip with a non-UTF-8 line": (
+            ["--data", str(spam_zip(tmp_path / "latin.zip", {"SMSSpamCollection":
+                                                             ("ham\thello\n" * 3).encode() +
+                                                             "spam\tWin £100\n".encode("latin-1")}))],
+            ValueError, r"SMSSpamCollection\.tsv, line 4, is not UTF-8 text \(byte 0xa3"),
         "not UTF-8": (["--classify-file", str(tmp_path / "latin.txt")], ValueError,
-                      r"latin\.txt is not UTF-8"),
+                      r"latin\.txt, line 1, is not UTF-8"),
         "a chapter 5 checkpoint": (["--classify", "Free prize"], ValueError,
-                                   r"classifier\.pth is not a classifier saved by "
-                                   r"ch06_classify\.py"),
+                                   r"classifier\.pth holds a ch05_train\.py training checkpoint, "
+                                   r"not a classifier finetuned by ch06_classify\.py\. Train a "
+                                   r"classifier with `python ch06_classify\.py --out"),
     }[case]
 
 
 @pytest.mark.parametrize("case", ["not a zip", "cut zip", "no data in the zip", "one label",
                                   "missing zip", "empty --classify", "empty file", "folder",
-                                  "not UTF-8", "a chapter 5 checkpoint"])
+                                  "not UTF-8", "a chapter 5 checkpoint",
+                                  "a zip with a non-UTF-8 line", "invisible --classify"])
 def test_chapter6_bad_inputs_get_one_clear_error(case, tmp_path):
     extra, error, message = bad_chapter6_input(tmp_path, case)
     ch05.save_checkpoint(tmp_path / "out" / "classifier.pth", {"model": {}, "step": 3})
@@ -1466,7 +1721,25 @@ def test_chapter6_bad_inputs_get_one_clear_error(case, tmp_path):
         "--out", str(tmp_path / "out"), "--device", "cpu", "--overwrite", *extra])
     with pytest.raises(error, match=message):
         ch06.main(args)
-    assert not (tmp_path / "data" / "SMSSpamCollection.tsv").exists() or case == "one label"
+    assert not (tmp_path / "data" / "SMSSpamCollection.tsv").exists() or \
+        case in ("one label", "a zip with a non-UTF-8 line")  # extracted, then read
+
+
+def test_finetuning_runs_on_one_out_are_refused_while_one_runs(tmp_path, serve):
+    """Chapters 6 and 7 hold --out's run lock as chapter 5 does: a second training
+    (or --evaluate) there is refused at once, so no result is replaced midway."""
+    common = ["--model-size", "tiny", "--no-pretrained", "--out", str(tmp_path), "--device", "cpu"]
+    ch02.write_text_atomic(tmp_path / "instruction-data-with-response.json", "[]")
+    with lock_held_elsewhere(tmp_path) as pid:
+        for chapter, extra in [(ch06, ["--data", str(SHARED / "data" / "sms_spam_collection.zip"),
+                                       "--data-dir", str(tmp_path / "data")]),
+                               (ch07, ["--data", str(SHARED / "data" / "instruction-data.json")]),
+                               (ch07, ["--evaluate"])]:
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))} is in use by "
+                                                 rf"another run \(pid {pid} on "):
+                chapter.main(ch06.parse_finetuning_args(chapter.build_parser(), common + extra))
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["instruction-data-with-response.json", "run.lock"]  # nothing was written
 
 
 def test_a_named_zip_is_used_even_when_an_extracted_file_exists(tmp_path):
@@ -1484,7 +1757,8 @@ def test_a_named_zip_is_used_even_when_an_extracted_file_exists(tmp_path):
 class StubOllama(LocalServer):
     """A server on 127.0.0.1 that speaks Ollama's streamed chat API: the answer
     to each prompt is answer(prompt), sent as newline-delimited JSON chunks; an
-    answer in bytes is sent as it is (not JSON), and None answers after 2 s."""
+    answer in bytes is sent as it is (not JSON), a (status, text) pair as that
+    HTTP error, and None answers after 2 s."""
 
     def __init__(self, answer):
         self.prompts, self.bodies = [], []
@@ -1505,6 +1779,9 @@ class StubOllama(LocalServer):
                 if text is None:
                     time.sleep(2)
                     text = "50"
+                if isinstance(text, tuple):
+                    self.send_error(*text)
+                    return
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-ndjson")
                 self.end_headers()
@@ -1589,9 +1866,32 @@ def test_entry_without_output_is_named(tmp_path):
 
 
 def test_long_prompt_is_left_truncated_with_a_warning(tokenizer):
-    with pytest.warns(UserWarning, match="only its last 22 are used"):
-        idx = ch07.encode_prompt("one two three " * 20, tokenizer, context_size=32, max_new_tokens=10)
-    assert idx.tolist()[0] == tokenizer.encode("one two three " * 20)[-22:]
+    with pytest.warns(UserWarning, match="only its last 31 are used"):
+        idx = ch07.encode_prompt("one two three " * 20, tokenizer, context_size=32)
+    assert idx.tolist()[0] == tokenizer.encode("one two three " * 20)[-31:]
+    assert ch07.answer_room(idx, 32, max_new_tokens=10) == 1
+
+
+def test_a_long_answer_keeps_the_whole_prompt_and_stops_at_the_context(tokenizer, monkeypatch,
+                                                                       recwarn):
+    """--max-new-tokens at or above the context: the question is kept, and the
+    answer ends where the context does."""
+    model, calls = tiny_model(0).eval(), []
+    real_generate = ch07.generate
+
+    def recording_generate(model, idx, max_new_tokens, context_size, **kwargs):
+        out = real_generate(model, idx, max_new_tokens, context_size, **kwargs)
+        calls.append((idx[0].tolist(), max_new_tokens, out.shape[1]))
+        return out
+    monkeypatch.setattr(ch07, "generate", recording_generate)
+    entry = {"instruction": "Name a color.", "input": ""}
+    for max_new in (32, 500):  # TINY's context is 32
+        ch07.generate_response(model, entry, tokenizer, "cpu", 32, max_new_tokens=max_new)
+    prompt = tokenizer.encode(ch07.format_input(entry))
+    assert [c[0] for c in calls] == [prompt, prompt]  # the whole question, both times
+    assert [c[1] for c in calls] == [32 - len(prompt)] * 2
+    assert all(length <= 32 for _, _, length in calls)
+    assert not [w for w in recwarn if "prompt" in str(w.message)]
 
 
 def test_ollama_client_scores_and_averages(serve, instruction_data):
@@ -1620,16 +1920,65 @@ def test_judge_failures_keep_the_scores_obtained(serve, instruction_data, tmp_pa
     stub = serve(StubOllama, lambda prompt: next(answers))
     with pytest.raises(ch07.JudgeUnavailable, match=r"answered the check, but gave no answer "
                                                     r"within 1 s\. That was entry 2; the 2 "
-                                                    r"scores before it are kept; they are saved"):
+                                                    r"scores obtained are kept; they are saved"):
         ch07.generate_model_scores(entries, "model_response", url=stub.url,
-                                   scores_path=scores_path, timeout=1)
-    assert json.loads(scores_path.read_text(encoding="utf-8"))["scores"] == {"0": 80, "1": 70}
+                                   scores_path=tmp_path / "new.json", timeout=1)
+    saved = json.loads((tmp_path / "new.json").read_text(encoding="utf-8"))
+    assert saved["scores"] == {"0": 80, "1": 70} and saved["model"] == "llama3"
     # too little data for the three splits
     (tmp_path / "few.json").write_text(json.dumps(instruction_data[:5]), encoding="utf-8")
     with pytest.raises(ValueError, match=r"few\.json has 5 entries: too few .* at least 20"):
         ch07.main(ch07.build_parser().parse_args(
             ["--data", str(tmp_path / "few.json"), "--model-size", "tiny", "--no-pretrained",
              "--out", str(tmp_path / "out"), "--device", "cpu"]))
+
+
+def test_evaluate_goes_on_from_the_saved_scores_and_never_wipes_them(tmp_path, serve,
+                                                                   instruction_data, capsys):
+    responses = [{**e, "model_response": f"Response {i}."}
+                 for i, e in enumerate(instruction_data[:6])]
+    ch02.write_text_atomic(tmp_path / "instruction-data-with-response.json", json.dumps(responses))
+    scores_path = tmp_path / "scores.json"
+    evaluate = lambda url, *extra: ch07.main(ch07.build_parser().parse_args(  # noqa: E731
+        ["--evaluate", "--out", str(tmp_path), "--ollama-url", url, *extra]))
+    answers = iter(["80", "80", "80", (503, "busy")])  # an HTML error page: one line all the same
+    busy = serve(StubOllama, lambda prompt: next(answers))
+    with pytest.raises(ch07.JudgeUnavailable, match=r"^[^\n]*answered 503: .*Error code: 503.* That was entry 3; the 3 "
+                                                    r"scores obtained are kept; they are saved"):
+        evaluate(busy.url)
+    kept = scores_path.read_bytes()
+    # a judge that fails at its first entry (a model not pulled) keeps every score
+    missing = serve(StubOllama, lambda prompt: (404, "model 'llama3' not found"))
+    with pytest.raises(ch07.JudgeUnavailable, match=r"answered 404.*the 3 scores obtained are "
+                                                    r"kept"):
+        evaluate(missing.url)
+    assert scores_path.read_bytes() == kept
+    # another judge (a typo) is refused before it replaces anything
+    with pytest.raises(ValueError, match=r"scores\.json holds scores by the judge 'llama3', not "
+                                         r"'llama33': give --judge-model llama3 to go on with "
+                                         r"them, or --overwrite"):
+        evaluate(missing.url, "--judge-model", "llama33")
+    assert scores_path.read_bytes() == kept
+    # the judge is back: only the entries not yet scored are asked
+    judge = serve(StubOllama, lambda prompt: "50")
+    result = evaluate(judge.url)
+    assert len(judge.prompts) == 3 and all("Response 3." in judge.prompts[0] for _ in "x")
+    assert result["scores"] == [80, 80, 80, 50, 50, 50] and result["average"] == 65
+    assert "3 entries were scored by an earlier run" in capsys.readouterr().out
+    assert evaluate(judge.url)["average"] == 65 and len(judge.prompts) == 3  # nothing left to ask
+    # scores of other responses are refused; --overwrite scores anew
+    responses[0]["model_response"] = "Edited."
+    ch02.write_text_atomic(tmp_path / "instruction-data-with-response.json", json.dumps(responses))
+    with pytest.raises(ValueError, match=r"holds scores of other responses .* --overwrite"):
+        evaluate(judge.url)
+    assert evaluate(judge.url, "--overwrite")["scores"] == [50] * 6
+    # a damaged responses file is named, with where it breaks
+    (tmp_path / "instruction-data-with-response.json").write_text('[{"instruction": "x",\n "o',
+                                                                 encoding="utf-8")
+    with pytest.raises(ValueError, match=r"instruction-data-with-response\.json is not valid JSON "
+                                         r"\(line 2, column 2: Unterminated string.*\)\. It is "
+                                         r"written by a finetuning run"):
+        evaluate(judge.url)
 
 
 def test_unreachable_judge_gives_a_clear_error():
@@ -1663,7 +2012,8 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
     assert len(saved) == 16 and all("model_response" in e for e in saved)
     assert result["scores"] == [50] * 16 and result["average"] == 50
     assert (tmp_path / "gpt2-tiny-sft.pth").exists() and (tmp_path / "loss-plot.png").exists()
-    with pytest.raises(ValueError, match=r"\(gpt2-tiny-sft\.pth\)\. Use it with --chat"):
+    with pytest.raises(ValueError, match=r"\(gpt2-tiny-sft\.pth, instruction-data-with-response"
+                                         r"\.json, scores\.json\)\. Use it with --chat"):
         ch07.main(args)
     # --evaluate alone scores the saved responses
     evaluated = ch07.main(ch07.build_parser().parse_args(
@@ -1672,6 +2022,14 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
     with pytest.raises(ch07.JudgeUnavailable, match="the responses stay in"):
         ch07.main(ch07.build_parser().parse_args(
             ["--evaluate", "--out", str(tmp_path), "--ollama-url", "http://127.0.0.1:9/api/chat"]))
+    # --overwrite: a new model's responses, and no scores of the old ones beside them
+    ch07.main(ch07.build_parser().parse_args([
+        "--data", str(SHARED / "data" / "instruction-data.json"), "--model-size", "tiny",
+        "--no-pretrained", "--limit", "8", "--batch-size", "4", "--epochs", "1",
+        "--max-new-tokens", "2", "--out", str(tmp_path), "--device", "cpu", "--overwrite",
+        "--ollama-url", "http://127.0.0.1:9/api/chat"]))
+    assert not (tmp_path / "scores.json").exists()
+    assert len(json.loads((tmp_path / "instruction-data-with-response.json").read_text())) == 8
     # the chat command as a user runs it: a response is streamed, then Ctrl-C at the prompt
     chat = subprocess.Popen([sys.executable, "ch07_instruct.py", "--chat", "--model-size", "tiny",
                              "--no-pretrained", "--out", str(tmp_path), "--max-new-tokens", "4",
@@ -1713,7 +2071,12 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
     cases = [  # (command, exit status, what stderr says)
         (["ch05_load_gpt2.py", "--top-k", "0"], 2, "argument --top-k: must be at least 1, got 0"),
         (["ch05_train.py", "--model", "tiny", "--out", str(tmp_path / "a_file")], 1,
-         f"error: [Errno 17] File exists: '{tmp_path / 'a_file'}'"),
+         f"error: --out {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a folder. "
+         "Choose another --out."),
+        (["ch06_classify.py", "--out", str(tmp_path / "a_file" / "sub"), "--no-pretrained"], 1,
+         f"error: --out {tmp_path / 'a_file' / 'sub'}: {tmp_path / 'a_file'} is a file"),
+        (["-c", "import ch02_data, warnings; ch02_data.plain_warnings(); "
+                "warnings.warn('the prompt was cut')"], 0, "Warning: the prompt was cut\n"),
         (["bench.py", "--json", str(tmp_path)], 1, "is a folder; name a file"),
         (["ch02_data.py", "--text", str(tmp_path / "short.txt")], 1,
          "error: The text has 3 tokens, but the demo's batches need 33"),
@@ -1725,6 +2088,7 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
     for proc, (command, status, message) in zip(procs, cases):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == status and "Traceback" not in err, (command, err[-2000:])
+        assert "UserWarning" not in err, (command, err[-2000:])  # a warning is its message only
         assert message in err, (command, err[-2000:])
 
 
