@@ -35,6 +35,110 @@ VERDICT_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
                "ch02/01_main-chapter-code/the-verdict.txt")
 
 
+# ---- 2.2 Tokenizing text ----
+
+def split_text(text):
+    """The book's split: punctuation, double dashes and whitespace; blanks dropped."""
+    tokens = re.split(r'([,.:;?_!"()\']|--|\s)', text)
+    return [item.strip() for item in tokens if item.strip()]
+
+
+# ---- 2.3 Converting tokens into token IDs ----
+
+def build_vocab(text, special_tokens=()):
+    """Sorted unique tokens of `text`, then the special tokens, mapped to ids."""
+    all_tokens = sorted(set(split_text(text)))
+    all_tokens.extend(special_tokens)
+    return {token: integer for integer, token in enumerate(all_tokens)}
+
+
+class SimpleTokenizerV1:
+    def __init__(self, vocab):
+        self.str_to_int = vocab
+        self.int_to_str = {i: s for s, i in vocab.items()}
+
+    def encode(self, text):
+        preprocessed = split_text(text)
+        unknown = [s for s in preprocessed if s not in self.str_to_int]
+        if unknown:
+            raise ValueError(f"Word {unknown[0]!r} is not in the vocabulary "
+                             f"({len(self.str_to_int)} tokens). Use SimpleTokenizerV2, "
+                             "which maps unknown words to <|unk|>.")
+        return [self.str_to_int[s] for s in preprocessed]
+
+    def decode(self, ids):
+        text = " ".join([self.int_to_str[i] for i in ids])
+        # Remove the spaces that join() put before punctuation
+        return re.sub(r'\s+([,.?!"()\'])', r'\1', text)
+
+
+# ---- 2.4 Adding special context tokens ----
+
+class SimpleTokenizerV2(SimpleTokenizerV1):
+    def encode(self, text):
+        preprocessed = [item if item in self.str_to_int else "<|unk|>"
+                        for item in split_text(text)]
+        return [self.str_to_int[s] for s in preprocessed]
+
+
+# ---- 2.5 Byte pair encoding ----
+
+def bpe_tokenizer():
+    """GPT-2's BPE tokenizer (tiktoken downloads its vocabulary once, then caches it)."""
+    return tiktoken.get_encoding("gpt2")
+
+
+# ---- 2.6 Data sampling with a sliding window ----
+
+class GPTDatasetV1(Dataset):
+    """Windows of `max_length` tokens every `stride` tokens; targets shifted by one.
+
+    The windows are the book's, but (beyond the book) the dataset keeps one token
+    array and slices each window on access, so memory is O(number of tokens)
+    whatever the stride. `token_ids` can be any 1-d integer array, including a
+    memory-mapped file (see `from_token_ids`).
+    """
+
+    def __init__(self, txt, tokenizer, max_length, stride):
+        token_ids = tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
+        self._set_windows(np.asarray(token_ids, dtype=np.int64), max_length, stride)
+
+    @classmethod
+    def from_token_ids(cls, token_ids, max_length, stride):
+        dataset = cls.__new__(cls)
+        dataset._set_windows(token_ids, max_length, stride)
+        return dataset
+
+    def _set_windows(self, token_ids, max_length, stride):
+        if len(token_ids) < max_length + 1:
+            raise ValueError(
+                f"the text has {len(token_ids)} tokens, but one window of max_length="
+                f"{max_length} needs {max_length + 1} (inputs plus the shifted target): "
+                "use more text or a smaller max_length.")
+        self.token_ids, self.max_length, self.stride = token_ids, max_length, stride
+        # The book's loop: for i in range(0, len(token_ids) - max_length, stride)
+        self.num_windows = len(range(0, len(token_ids) - max_length, stride))
+
+    def __len__(self):
+        return self.num_windows
+
+    def __getitem__(self, idx):
+        if not 0 <= idx < self.num_windows:
+            raise IndexError(f"window {idx} out of range ({self.num_windows} windows)")
+        start = idx * self.stride
+        chunk = torch.from_numpy(
+            np.asarray(self.token_ids[start:start + self.max_length + 1], dtype=np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
+                         drop_last=True, num_workers=0, tokenizer=None):
+    tokenizer = tokenizer or bpe_tokenizer()
+    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                      drop_last=drop_last, num_workers=num_workers)
+
+
 # ---- Beyond the book: reading and downloading files ----
 
 def utf8_error(path, err):
@@ -337,110 +441,6 @@ def load_the_verdict(path=None, data_dir="data"):
     if path is None:
         path = download_file(VERDICT_URL, Path(data_dir) / "the-verdict.txt")
     return read_text(path)
-
-
-# ---- 2.2 Tokenizing text ----
-
-def split_text(text):
-    """The book's split: punctuation, double dashes and whitespace; blanks dropped."""
-    tokens = re.split(r'([,.:;?_!"()\']|--|\s)', text)
-    return [item.strip() for item in tokens if item.strip()]
-
-
-# ---- 2.3 Converting tokens into token IDs ----
-
-def build_vocab(text, special_tokens=()):
-    """Sorted unique tokens of `text`, then the special tokens, mapped to ids."""
-    all_tokens = sorted(set(split_text(text)))
-    all_tokens.extend(special_tokens)
-    return {token: integer for integer, token in enumerate(all_tokens)}
-
-
-class SimpleTokenizerV1:
-    def __init__(self, vocab):
-        self.str_to_int = vocab
-        self.int_to_str = {i: s for s, i in vocab.items()}
-
-    def encode(self, text):
-        preprocessed = split_text(text)
-        unknown = [s for s in preprocessed if s not in self.str_to_int]
-        if unknown:
-            raise ValueError(f"Word {unknown[0]!r} is not in the vocabulary "
-                             f"({len(self.str_to_int)} tokens). Use SimpleTokenizerV2, "
-                             "which maps unknown words to <|unk|>.")
-        return [self.str_to_int[s] for s in preprocessed]
-
-    def decode(self, ids):
-        text = " ".join([self.int_to_str[i] for i in ids])
-        # Remove the spaces that join() put before punctuation
-        return re.sub(r'\s+([,.?!"()\'])', r'\1', text)
-
-
-# ---- 2.4 Adding special context tokens ----
-
-class SimpleTokenizerV2(SimpleTokenizerV1):
-    def encode(self, text):
-        preprocessed = [item if item in self.str_to_int else "<|unk|>"
-                        for item in split_text(text)]
-        return [self.str_to_int[s] for s in preprocessed]
-
-
-# ---- 2.5 Byte pair encoding ----
-
-def bpe_tokenizer():
-    """GPT-2's BPE tokenizer (tiktoken downloads its vocabulary once, then caches it)."""
-    return tiktoken.get_encoding("gpt2")
-
-
-# ---- 2.6 Data sampling with a sliding window ----
-
-class GPTDatasetV1(Dataset):
-    """Windows of `max_length` tokens every `stride` tokens; targets shifted by one.
-
-    The windows are the book's, but (beyond the book) the dataset keeps one token
-    array and slices each window on access, so memory is O(number of tokens)
-    whatever the stride. `token_ids` can be any 1-d integer array, including a
-    memory-mapped file (see `from_token_ids`).
-    """
-
-    def __init__(self, txt, tokenizer, max_length, stride):
-        token_ids = tokenizer.encode(txt, allowed_special={"<|endoftext|>"})
-        self._set_windows(np.asarray(token_ids, dtype=np.int64), max_length, stride)
-
-    @classmethod
-    def from_token_ids(cls, token_ids, max_length, stride):
-        dataset = cls.__new__(cls)
-        dataset._set_windows(token_ids, max_length, stride)
-        return dataset
-
-    def _set_windows(self, token_ids, max_length, stride):
-        if len(token_ids) < max_length + 1:
-            raise ValueError(
-                f"the text has {len(token_ids)} tokens, but one window of max_length="
-                f"{max_length} needs {max_length + 1} (inputs plus the shifted target): "
-                "use more text or a smaller max_length.")
-        self.token_ids, self.max_length, self.stride = token_ids, max_length, stride
-        # The book's loop: for i in range(0, len(token_ids) - max_length, stride)
-        self.num_windows = len(range(0, len(token_ids) - max_length, stride))
-
-    def __len__(self):
-        return self.num_windows
-
-    def __getitem__(self, idx):
-        if not 0 <= idx < self.num_windows:
-            raise IndexError(f"window {idx} out of range ({self.num_windows} windows)")
-        start = idx * self.stride
-        chunk = torch.from_numpy(
-            np.asarray(self.token_ids[start:start + self.max_length + 1], dtype=np.int64))
-        return chunk[:-1], chunk[1:]
-
-
-def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=True,
-                         drop_last=True, num_workers=0, tokenizer=None):
-    tokenizer = tokenizer or bpe_tokenizer()
-    dataset = GPTDatasetV1(txt, tokenizer, max_length, stride)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                      drop_last=drop_last, num_workers=num_workers)
 
 
 # ---- Beyond the book: corpora of any size, tokenized once into a memory-mapped

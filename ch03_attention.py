@@ -2,11 +2,13 @@
 
 The book's progression from simplified self-attention to `MultiHeadAttention`:
 `SelfAttention_v1`, `SelfAttention_v2`, `CausalAttention`,
-`MultiHeadAttentionWrapper`, `MultiHeadAttention`. Beyond the book,
-`MultiHeadAttention` also takes a `KVCache` (or a `StaticKVCache`, whose
-shapes never change, for CUDA graphs), can use PyTorch's fused
-`scaled_dot_product_attention` (attn_impl="sdpa"), and can compute the query,
-key and value projections as one matmul (fused_qkv), with the same parameters.
+`MultiHeadAttentionWrapper`, `MultiHeadAttention`, each as the book writes it.
+Beyond the book: key-value caches (`KVCache`, and `StaticKVCache`, whose shapes
+never change, for CUDA graphs), and `ExtendedMultiHeadAttention`, the same
+attention with the same parameters that also attends over a cache and can use
+PyTorch's fused `scaled_dot_product_attention` (attn_impl="sdpa") and one
+matmul for the query, key and value projections (fused_qkv); the plot helpers
+the later chapters use.
 
 Run:  python ch03_attention.py [--out runs/ch03]   (prints the book's numbers,
       saves a heatmap of the causal attention weights)
@@ -116,10 +118,9 @@ class MultiHeadAttentionWrapper(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False,
-                 attn_impl="book", fused_qkv=False):
+    def __init__(self, d_in, d_out, context_length, dropout, num_heads, qkv_bias=False):
         super().__init__()
-        if d_out % num_heads != 0:
+        if d_out % num_heads != 0:  # the book asserts; this says what to change
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads}): "
                              "each head gets d_out // num_heads dimensions.")
         self.d_out = d_out
@@ -132,22 +133,12 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.register_buffer("mask", torch.triu(torch.ones(context_length, context_length),
                                                 diagonal=1))
-        # Beyond the book: "sdpa" computes the same attention with PyTorch's fused kernel
-        if attn_impl not in ("book", "sdpa"):
-            raise ValueError(f"attn_impl must be 'book' or 'sdpa', not {attn_impl!r}.")
-        self.attn_impl = attn_impl
-        # Beyond the book: the three projections as one matmul (same parameters)
-        self.fused_qkv = fused_qkv
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x):
         b, num_tokens, d_in = x.shape
-        projections = (self.W_query, self.W_key, self.W_value)
-        if self.fused_qkv and all(type(p) is nn.Linear for p in projections):  # not LoRA's
-            queries, keys, values = self._fused_projections(projections, x)
-        else:
-            keys = self.W_key(x)  # (b, num_tokens, d_out)
-            queries = self.W_query(x)
-            values = self.W_value(x)
+        keys = self.W_key(x)  # (b, num_tokens, d_out)
+        queries = self.W_query(x)
+        values = self.W_value(x)
 
         # Split the last dimension into heads: (b, num_tokens, num_heads, head_dim)
         keys = keys.view(b, num_tokens, self.num_heads, self.head_dim)
@@ -159,55 +150,16 @@ class MultiHeadAttention(nn.Module):
         queries = queries.transpose(1, 2)
         values = values.transpose(1, 2)
 
-        hidden = None  # beyond the book: with a cache, the mask over the keys it holds
-        if kv_cache is not None:  # add to, and attend over, earlier tokens
-            hidden = self.hidden_keys(kv_cache.length, num_tokens)
-            keys, values = kv_cache.update(keys, values, capacity=self.mask.shape[0])
-        if self.attn_impl == "sdpa":
-            return self.out_proj(self._sdpa(queries, keys, values, hidden, kv_cache is None))
-
         attn_scores = queries @ keys.transpose(2, 3)  # (b, num_heads, num_tokens, num_tokens)
-        # (the book converts, then slices: slicing first converts only what is used)
-        mask_bool = self.mask[:num_tokens, :num_tokens].bool() if kv_cache is None else hidden
-        if mask_bool is not None:
-            attn_scores.masked_fill_(mask_bool, -torch.inf)
+        mask_bool = self.mask.bool()[:num_tokens, :num_tokens]
+        attn_scores.masked_fill_(mask_bool, -torch.inf)
         attn_weights = torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1)
         attn_weights = self.dropout(attn_weights)
 
         context_vec = (attn_weights @ values).transpose(1, 2)  # (b, num_tokens, num_heads, head_dim)
         context_vec = context_vec.contiguous().view(b, num_tokens, self.d_out)
-        return self.out_proj(context_vec)
-
-    def _fused_projections(self, layers, x):
-        """W_query(x), W_key(x), W_value(x) from one matmul with the three weights
-        stacked: one large kernel instead of three small ones (the chunks are views)."""
-        weight = torch.cat([layer.weight for layer in layers])
-        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
-        return nn.functional.linear(x, weight, bias).chunk(3, dim=-1)
-
-    def hidden_keys(self, start, num_tokens):
-        """The causal mask (True: hidden) for new queries at positions start,
-        start + 1, ... over the keys a cache holds once theirs are added; None
-        when nothing is hidden (one new token sees every earlier one). `start` is
-        a tensor for a StaticKVCache, whose keys are its whole buffer: positions
-        not written yet are hidden too."""
-        if torch.is_tensor(start):
-            query_positions = start + torch.arange(num_tokens, device=start.device)
-            key_positions = torch.arange(self.mask.shape[0], device=start.device)
-            return key_positions > query_positions[:, None]
-        if num_tokens == 1:
-            return None
-        # Slice, then convert: converting the whole (context, context) mask on every call
-        # would cost more than attending for a few new tokens
-        return self.mask[start:start + num_tokens, :start + num_tokens].bool()
-
-    def _sdpa(self, queries, keys, values, hidden, causal):
-        b, _, num_tokens, _ = queries.shape
-        dropout_p = self.dropout.p if self.training else 0.0
-        context_vec = nn.functional.scaled_dot_product_attention(
-            queries, keys, values, dropout_p=dropout_p, is_causal=causal,
-            attn_mask=None if causal or hidden is None else ~hidden)
-        return context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+        context_vec = self.out_proj(context_vec)
+        return context_vec
 
 
 # ---- Beyond the book: a key-value cache for generating one token at a time ----
@@ -260,7 +212,86 @@ class StaticKVCache:
         return self.keys, self.values
 
 
-# ---- The chapter's demo ----
+# ---- Beyond the book: the attention that decoding and --fast use ----
+
+class ExtendedMultiHeadAttention(MultiHeadAttention):
+    """The book's MultiHeadAttention (the same parameters, the same results) that
+    also attends over a KVCache or StaticKVCache while decoding, and can compute
+    the same attention faster: with PyTorch's fused scaled_dot_product_attention
+    (attn_impl="sdpa") and the query, key and value projections as one matmul
+    (fused_qkv). ch04_gpt.py's GPTModel gives every block this class."""
+
+    def __init__(self, *args, attn_impl="book", fused_qkv=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.set_kernels(attn_impl, fused_qkv)
+
+    def set_kernels(self, attn_impl, fused_qkv):
+        if attn_impl not in ("book", "sdpa"):
+            raise ValueError(f"attn_impl must be 'book' or 'sdpa', not {attn_impl!r}.")
+        self.attn_impl, self.fused_qkv = attn_impl, fused_qkv
+        return self
+
+    def forward(self, x, kv_cache=None):
+        if kv_cache is None and self.attn_impl == "book" and not self.fused_qkv:
+            return super().forward(x)  # the book's lines, as they are
+        b, num_tokens, d_in = x.shape
+        projections = (self.W_query, self.W_key, self.W_value)
+        if self.fused_qkv and all(type(p) is nn.Linear for p in projections):  # not LoRA's
+            queries, keys, values = self._fused_projections(projections, x)
+        else:
+            queries, keys, values = (p(x) for p in projections)  # (b, num_tokens, d_out)
+        # (b, num_heads, num_tokens, head_dim)
+        queries, keys, values = (t.view(b, num_tokens, self.num_heads, self.head_dim)
+                                 .transpose(1, 2) for t in (queries, keys, values))
+        hidden = None  # with a cache, the mask over the keys it holds
+        if kv_cache is not None:  # add to, and attend over, earlier tokens
+            hidden = self.hidden_keys(kv_cache.length, num_tokens)
+            keys, values = kv_cache.update(keys, values, capacity=self.mask.shape[0])
+        elif self.attn_impl == "book":
+            hidden = self.mask.bool()[:num_tokens, :num_tokens]
+        if self.attn_impl == "sdpa":
+            return self.out_proj(self._sdpa(queries, keys, values, hidden, kv_cache is None))
+
+        attn_scores = queries @ keys.transpose(2, 3)  # as the book, with the cache's mask
+        if hidden is not None:
+            attn_scores.masked_fill_(hidden, -torch.inf)
+        attn_weights = self.dropout(torch.softmax(attn_scores / keys.shape[-1] ** 0.5, dim=-1))
+        context_vec = (attn_weights @ values).transpose(1, 2)  # (b, num_tokens, num_heads, head_dim)
+        return self.out_proj(context_vec.contiguous().view(b, num_tokens, self.d_out))
+
+    def _fused_projections(self, layers, x):
+        """W_query(x), W_key(x), W_value(x) from one matmul with the three weights
+        stacked: one large kernel instead of three small ones (the chunks are views)."""
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = None if layers[0].bias is None else torch.cat([layer.bias for layer in layers])
+        return nn.functional.linear(x, weight, bias).chunk(3, dim=-1)
+
+    def hidden_keys(self, start, num_tokens):
+        """The causal mask (True: hidden) for new queries at positions start,
+        start + 1, ... over the keys a cache holds once theirs are added; None
+        when nothing is hidden (one new token sees every earlier one). `start` is
+        a tensor for a StaticKVCache, whose keys are its whole buffer: positions
+        not written yet are hidden too."""
+        if torch.is_tensor(start):
+            query_positions = start + torch.arange(num_tokens, device=start.device)
+            key_positions = torch.arange(self.mask.shape[0], device=start.device)
+            return key_positions > query_positions[:, None]
+        if num_tokens == 1:
+            return None
+        # Slice, then convert: converting the whole (context, context) mask on every call
+        # would cost more than attending for a few new tokens
+        return self.mask[start:start + num_tokens, :start + num_tokens].bool()
+
+    def _sdpa(self, queries, keys, values, hidden, causal):
+        b, _, num_tokens, _ = queries.shape
+        dropout_p = self.dropout.p if self.training else 0.0
+        context_vec = nn.functional.scaled_dot_product_attention(
+            queries, keys, values, dropout_p=dropout_p, is_causal=causal,
+            attn_mask=None if causal or hidden is None else ~hidden)
+        return context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+
+
+# ---- Beyond the book: saving plots (chapters 3, 5, 6 and 7 use these) ----
 
 def pyplot():
     """matplotlib.pyplot drawing into files (the Agg backend): no display needed."""
@@ -275,6 +306,8 @@ def save_figure(fig, path):
         fig.savefig(tmp, format="png", dpi=120)
     pyplot().close(fig)
 
+
+# ---- The chapter's demo ----
 
 def save_heatmap(weights, labels, path):
     fig, ax = pyplot().subplots(figsize=(5, 4))

@@ -11,13 +11,14 @@ Run:  python ch04_gpt.py [--prompt "Hello, I am"]
 Imports MultiHeadAttention and the caches from ch03_attention.py.
 """
 import argparse
+import sys
 
 import tiktoken
 import torch
 import torch.nn as nn
 
 from ch02_data import interrupted, number
-from ch03_attention import KVCache, MultiHeadAttention, StaticKVCache
+from ch03_attention import ExtendedMultiHeadAttention, KVCache, MultiHeadAttention, StaticKVCache
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # BPE vocabulary of GPT-2
@@ -74,19 +75,22 @@ def get_device(name="auto", log=print):
     return device
 
 
+def add_device_argument(parser):
+    """The --device flag of every command, for get_device."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto picks cuda, then mps, then cpu")
+
+
 # ---- 4.2 Normalizing activations with layer normalization ----
 
 class LayerNorm(nn.Module):
-    def __init__(self, emb_dim, fused=False):
+    def __init__(self, emb_dim):
         super().__init__()
         self.eps = 1e-5  # keeps the division finite when the variance is 0
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim))
-        self.fused = fused  # beyond the book: the same result from one PyTorch kernel
 
     def forward(self, x):
-        if self.fused:
-            return nn.functional.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)  # GPT-2's (biased) variance
         norm_x = (x - mean) / torch.sqrt(var + self.eps)
@@ -96,13 +100,10 @@ class LayerNorm(nn.Module):
 # ---- 4.3 Implementing a feed forward network with GELU activations ----
 
 class GELU(nn.Module):
-    def __init__(self, fused=False):
+    def __init__(self):
         super().__init__()
-        self.fused = fused  # beyond the book: the same result from one PyTorch kernel
 
     def forward(self, x):
-        if self.fused:
-            return nn.functional.gelu(x, approximate="tanh")
         # The tanh approximation GPT-2 was trained with
         return 0.5 * x * (1 + torch.tanh(
             torch.sqrt(torch.tensor(2.0 / torch.pi)) * (x + 0.044715 * torch.pow(x, 3))))
@@ -113,7 +114,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.layers = nn.Sequential(
             nn.Linear(cfg["emb_dim"], 4 * cfg["emb_dim"]),
-            GELU(fused=cfg.get("fused_ops", False)),
+            GELU(),
             nn.Linear(4 * cfg["emb_dim"], cfg["emb_dim"]),
         )
 
@@ -161,18 +162,16 @@ class TransformerBlock(nn.Module):
             context_length=cfg["context_length"],
             num_heads=cfg["n_heads"],
             dropout=cfg["drop_rate"],
-            qkv_bias=cfg["qkv_bias"],
-            attn_impl=cfg.get("attn_impl", "book"),  # beyond the book: "sdpa" is faster
-            fused_qkv=cfg.get("fused_ops", False))
+            qkv_bias=cfg["qkv_bias"])
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused_ops", False))
-        self.norm2 = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused_ops", False))
+        self.norm1 = LayerNorm(cfg["emb_dim"])
+        self.norm2 = LayerNorm(cfg["emb_dim"])
         self.drop_shortcut = nn.Dropout(cfg["drop_rate"])
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x):
         shortcut = x
         x = self.norm1(x)  # pre-LayerNorm, as in GPT-2
-        x = self.att(x, kv_cache)  # (batch, num_tokens, emb_dim)
+        x = self.att(x)  # (batch, num_tokens, emb_dim)
         x = self.drop_shortcut(x)
         x = x + shortcut
 
@@ -193,68 +192,23 @@ class GPTModel(nn.Module):
         self.drop_emb = nn.Dropout(cfg["drop_rate"])
         self.trf_blocks = nn.Sequential(
             *[TransformerBlock(cfg) for _ in range(cfg["n_layers"])])
-        self.final_norm = LayerNorm(cfg["emb_dim"], fused=cfg.get("fused_ops", False))
+        self.final_norm = LayerNorm(cfg["emb_dim"])
         self.out_head = nn.Linear(cfg["emb_dim"], cfg["vocab_size"], bias=False)
-        self.padded_head = cfg.get("fused_ops", False)  # beyond the book, see logits()
+        extend_modules(self, cfg)  # beyond the book: the KV cache, and FAST_KERNELS if asked
 
     def forward(self, in_idx, kv_cache=None):
+        if kv_cache is not None:  # beyond the book: in_idx continues the cached tokens
+            return forward_with_cache(self, in_idx, kv_cache)
         batch_size, seq_len = in_idx.shape
-        # Beyond the book: with a cache (new_kv_cache), in_idx continues earlier tokens
-        start = kv_cache[0].length if kv_cache is not None else 0
-        context_length = self.pos_emb.num_embeddings
-        # (a StaticKVCache's length is a device tensor: its user checks the length)
-        if not torch.is_tensor(start) and start + seq_len > context_length:
-            raise ValueError(f"The input has {start + seq_len} tokens but the model's "
-                             f"context_length is {context_length}; crop it, e.g. "
-                             f"idx[:, -{context_length}:].")
+        check_length(self, seq_len)  # beyond the book: a clear error, not an index error
         tok_embeds = self.tok_emb(in_idx)
-        pos_embeds = self.pos_emb(start + torch.arange(seq_len, device=in_idx.device))
+        pos_embeds = self.pos_emb(torch.arange(seq_len, device=in_idx.device))
         x = tok_embeds + pos_embeds  # (batch, num_tokens, emb_dim)
         x = self.drop_emb(x)
-        if kv_cache is None:
-            x = self.trf_blocks(x)
-        else:
-            for block, layer_cache in zip(self.trf_blocks, kv_cache):
-                x = block(x, layer_cache)
+        x = self.trf_blocks(x)
         x = self.final_norm(x)
-        return self.logits(x)  # (batch, num_tokens, vocab_size)
-
-    def logits(self, x):
-        """self.out_head(x). Beyond the book, with padded_head: GPUs run a matmul
-        fastest when its sizes are multiples of 64 or 128, and 50,257 is odd. So the
-        weight is padded with zero rows to the next multiple of 128 for the matmul,
-        and the padding's logits are cut off: the same parameters and results. Only
-        for many tokens at once (training): for a few, copying the weight would
-        cost more than it saves."""
-        many = x.shape[:-1].numel() >= 256
-        if not (self.padded_head and many and isinstance(self.out_head, nn.Linear)):
-            return self.out_head(x)
-        weight = self.out_head.weight
-        padded = nn.functional.pad(weight, (0, 0, 0, -weight.shape[0] % 128))
-        return nn.functional.linear(x, padded)[..., :weight.shape[0]]
-
-
-def use_fast_kernels(model):
-    """Beyond the book: switch a built model (loaded weights too) to FAST_KERNELS,
-    as if its config had them: SDPA attention, fused LayerNorm, GELU and QKV
-    projections, the padded output head. Its parameters stay as they are."""
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention):
-            module.attn_impl, module.fused_qkv = "sdpa", True
-        elif isinstance(module, (LayerNorm, GELU)):
-            module.fused = True
-        elif isinstance(module, GPTModel):
-            module.padded_head = True
-    return model
-
-
-def new_kv_cache(model, static=False):
-    """Beyond the book: an empty key-value cache, one KVCache per transformer
-    block (StaticKVCache with static=True, for CUDA graphs)."""
-    if static:
-        device = model.pos_emb.weight.device
-        return [StaticKVCache(device) for _ in model.trf_blocks]
-    return [KVCache() for _ in model.trf_blocks]
+        logits = self.out_head(x)  # (batch, num_tokens, vocab_size)
+        return logits
 
 
 # ---- 4.7 Generating text ----
@@ -270,6 +224,159 @@ def generate_text_simple(model, idx, max_new_tokens, context_size):
         idx_next = torch.argmax(probas, dim=-1, keepdim=True)  # (batch, 1)
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
+
+
+# ---- Beyond the book: the same model with a key-value cache and faster kernels ----
+# GPTModel gives its modules these subclasses (extend_modules): each keeps the
+# book's parameters, names and results, so every state dict, checkpoint and
+# GPT-2 load works either way.
+
+class ExtendedTransformerBlock(TransformerBlock):
+    """The book's block; with a cache, its attention continues the cached tokens."""
+
+    def forward(self, x, kv_cache=None):
+        if kv_cache is None:
+            return super().forward(x)
+        shortcut = x
+        x = self.drop_shortcut(self.att(self.norm1(x), kv_cache))
+        x = x + shortcut
+        shortcut = x
+        return self.drop_shortcut(self.ff(self.norm2(x))) + shortcut
+
+
+class FusedLayerNorm(LayerNorm):
+    """The book's LayerNorm from one PyTorch kernel: the same result, faster."""
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, x.shape[-1:], self.scale, self.shift, self.eps)
+
+
+class FusedGELU(GELU):
+    """The book's GELU (the tanh approximation) from one PyTorch kernel."""
+
+    def forward(self, x):
+        return nn.functional.gelu(x, approximate="tanh")
+
+
+class PaddedHead(nn.Linear):
+    """The output head with the same weight, computed faster on GPUs: they run a
+    matmul fastest when its sizes are multiples of 64 or 128, and 50,257 is odd.
+    The weight is padded with zero rows to the next multiple of 128 for the
+    matmul, and the padding's logits are cut off: the same parameters and
+    results. Only for many tokens at once (training): for a few, copying the
+    weight would cost more than it saves."""
+
+    def forward(self, x):
+        if x.shape[:-1].numel() < 256:
+            return super().forward(x)
+        padded = nn.functional.pad(self.weight, (0, 0, 0, -self.weight.shape[0] % 128))
+        return nn.functional.linear(x, padded)[..., :self.weight.shape[0]]
+
+
+def extend_modules(model, cfg):
+    """Give a model's book modules the subclasses above: every attention and
+    block the key-value cache, and where cfg asks for FAST_KERNELS, SDPA
+    attention, fused LayerNorm, GELU and QKV projections and the padded head.
+    Only the classes change (the same parameters), so this also switches a
+    built or loaded model."""
+    attn_impl, fused = cfg.get("attn_impl", "book"), cfg.get("fused_ops", False)
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.__class__ = ExtendedMultiHeadAttention
+            module.set_kernels(attn_impl, fused)
+        elif isinstance(module, TransformerBlock):
+            module.__class__ = ExtendedTransformerBlock
+        elif fused and type(module) is LayerNorm:
+            module.__class__ = FusedLayerNorm
+        elif fused and type(module) is GELU:
+            module.__class__ = FusedGELU
+    if fused and type(model.out_head) is nn.Linear:
+        model.out_head.__class__ = PaddedHead
+    return model
+
+
+def use_fast_kernels(model):
+    """Switch a built model (loaded weights too) to FAST_KERNELS, as if its config
+    had them. Its parameters stay as they are."""
+    return extend_modules(model, FAST_KERNELS)
+
+
+def check_length(model, num_tokens):
+    context_length = model.pos_emb.num_embeddings
+    if num_tokens > context_length:
+        raise ValueError(f"The input has {num_tokens} tokens but the model's context_length "
+                         f"is {context_length}; crop it, e.g. idx[:, -{context_length}:].")
+
+
+def forward_with_cache(model, in_idx, kv_cache):
+    """GPTModel's forward for tokens that continue the ones kv_cache holds (one
+    cache per block, from new_kv_cache): their positions start where the cache's
+    end, and attention also sees the cached keys and values."""
+    batch_size, seq_len = in_idx.shape
+    start = kv_cache[0].length
+    # (a StaticKVCache's length is a device tensor: its user checks the length)
+    if not torch.is_tensor(start):
+        check_length(model, start + seq_len)
+    positions = start + torch.arange(seq_len, device=in_idx.device)
+    x = model.drop_emb(model.tok_emb(in_idx) + model.pos_emb(positions))
+    for block, layer_cache in zip(model.trf_blocks, kv_cache):
+        x = block(x, layer_cache)
+    return model.out_head(model.final_norm(x))  # (batch, num_tokens, vocab_size)
+
+
+def new_kv_cache(model, static=False):
+    """An empty key-value cache, one KVCache per transformer block (StaticKVCache
+    with static=True, for CUDA graphs)."""
+    if static:
+        device = model.pos_emb.weight.device
+        return [StaticKVCache(device) for _ in model.trf_blocks]
+    return [KVCache() for _ in model.trf_blocks]
+
+
+def cached_step(model, kv_cache, token):
+    """A function: one new token per sequence (batch, 1) -> its logits. A CUDA
+    graph for a StaticKVCache on CUDA, else the model's forward with the cache."""
+    if token.device.type == "cuda" and isinstance(kv_cache[0], StaticKVCache):
+        try:
+            return GraphedStep(model, kv_cache, token)
+        except RuntimeError as err:  # an operation that cannot be recorded: go eager
+            print(f"Note: decoding without a CUDA graph ({str(err).splitlines()[0]})",
+                  file=sys.stderr)
+    return lambda new_token: model(new_token, kv_cache=kv_cache)[:, -1, :]
+
+
+class GraphedStep:
+    """Beyond the book: one decoding step recorded once as a CUDA graph, then
+    replayed for every new token. A step of a small model is a few hundred short
+    kernels; launching them one by one from Python takes longer than running
+    them, and a replay launches them all at once. The StaticKVCache keeps every
+    tensor in place and advances its position on the device, so each replay
+    continues where the last one stopped."""
+
+    @torch.no_grad()
+    def __init__(self, model, kv_cache, token):
+        self.token = token.clone()  # the graph's input: new tokens are copied into it
+        lengths = [cache.length.clone() for cache in kv_cache]
+        # Two steps outside the recording first, so that cuBLAS and the attention
+        # kernels set themselves up, on the stream that records (as PyTorch asks);
+        # each step's move of the positions is undone
+        side = torch.cuda.Stream(token.device)
+        side.wait_stream(torch.cuda.current_stream(token.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(self.token, kv_cache=kv_cache)
+                for cache, length in zip(kv_cache, lengths):
+                    cache.length.copy_(length)
+        torch.cuda.current_stream(token.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=side):
+            self.logits = model(self.token, kv_cache=kv_cache)[:, -1, :]
+
+    def __call__(self, token):
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites self.logits
+
 
 
 # ---- The chapter's demo ----

@@ -25,7 +25,7 @@ import torch
 
 from ch02_data import (DownloadError, download_file, interrupted, move_aside, number,
                        plain_warnings)
-from ch04_gpt import GPT_CONFIG_124M, GPTModel, get_device
+from ch04_gpt import GPT_CONFIG_124M, GPTModel, add_device_argument, get_device
 from ch05_train import (architecture_of, build_lean, describe_architecture, load_checkpoint,
                         model_file, save_checkpoint, stream_text, text_to_token_ids)
 
@@ -673,8 +673,7 @@ def build_parser():
     parser.add_argument("--top-k", type=number(int, at_least=1), default=50,
                         help="sample only among the k most likely tokens")
     parser.add_argument("--seed", type=int, default=123, help="random seed")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="auto picks cuda, then mps, then cpu")
+    add_device_argument(parser)
     parser.add_argument("--inspect", action="store_true",
                         help="print the checkpoint's variables, shapes and hparams, and "
                              "where each goes in our model, then stop")

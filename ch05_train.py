@@ -23,7 +23,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
@@ -32,9 +31,10 @@ from tqdm import tqdm
 from ch02_data import (EOT, DownloadError, GPTDatasetV1, atomic_path, bpe_tokenizer,
                        build_token_file, collect_text_files, load_the_verdict, move_aside,
                        number, plain_warnings, read_text, refuse_overwrite, run_lock)
-from ch03_attention import StaticKVCache, pyplot, save_figure
-from ch04_gpt import (MODEL_CONFIGS, GPTModel, generate_text_simple, get_device, gpt_config,
-                      new_kv_cache, use_fast_kernels)
+from ch03_attention import pyplot, save_figure
+from ch04_gpt import (MODEL_CONFIGS, GPTModel, add_device_argument, cached_step,
+                      generate_text_simple, get_device, gpt_config, new_kv_cache,
+                      use_fast_kernels)
 
 
 # ---- 5.1.1 Using GPT to generate text ----
@@ -48,7 +48,7 @@ def token_ids_to_text(token_ids, tokenizer):
     return tokenizer.decode(token_ids.squeeze(0).tolist())
 
 
-# ---- 5.1.2 Calculating the text generation loss ----
+# ---- 5.1.3 Calculating the training and validation set losses ----
 
 def calc_loss_batch(input_batch, target_batch, model, device):
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
@@ -182,104 +182,6 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
             break  # stop early once every sequence produced the end-of-sequence token
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
-
-
-def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
-                    eos_id=None, top_p=None, use_cache=True):
-    """Beyond the book: `generate` as a generator that yields each new token
-    (batch, 1) as soon as it is chosen, for printing text as it is produced.
-
-    With use_cache, each block keeps its keys and values (a KV cache), so a new
-    token costs one position's work instead of the whole window's. On CUDA the
-    cache is a StaticKVCache and each step is replayed as a CUDA graph
-    (GraphedStep); use_cache="static" asks for that cache on any device. Once the
-    window is full, positions would shift: then every step recomputes the last
-    context_size tokens, exactly as the uncached loop does.
-    """
-    static = use_cache == "static" or (use_cache and idx.device.type == "cuda")
-    kv_cache = new_kv_cache(model, static=static) if use_cache else None
-    cached = min(idx.shape[1], context_size)  # positions the cache holds
-    with torch.no_grad():
-        logits = model(idx[:, -context_size:], kv_cache=kv_cache)[:, -1, :]
-    step_fn = None
-    for step in range(max_new_tokens):
-        idx_next = sample_next_token(logits, temperature, top_k, top_p)
-        if eos_id is not None and bool((idx_next == eos_id).all()):
-            return
-        idx = torch.cat((idx, idx_next), dim=1)
-        yield idx_next
-        if step + 1 == max_new_tokens:
-            return
-        if kv_cache is not None and cached >= context_size:
-            kv_cache = None  # the window is full: recompute from here on
-        with torch.no_grad():
-            if kv_cache is None:
-                logits = model(idx[:, -context_size:])[:, -1, :]
-                continue
-            if step_fn is None:
-                step_fn = cached_step(model, kv_cache, idx_next)
-            logits = step_fn(idx_next)
-            cached += 1
-
-
-def cached_step(model, kv_cache, token):
-    """A function: one new token per sequence (batch, 1) -> its logits. A CUDA
-    graph for a StaticKVCache on CUDA, else the model's forward with the cache."""
-    if token.device.type == "cuda" and isinstance(kv_cache[0], StaticKVCache):
-        try:
-            return GraphedStep(model, kv_cache, token)
-        except RuntimeError as err:  # an operation that cannot be recorded: go eager
-            print(f"Note: decoding without a CUDA graph ({str(err).splitlines()[0]})",
-                  file=sys.stderr)
-    return lambda new_token: model(new_token, kv_cache=kv_cache)[:, -1, :]
-
-
-class GraphedStep:
-    """Beyond the book: one decoding step recorded once as a CUDA graph, then
-    replayed for every new token. A step of a small model is a few hundred short
-    kernels; launching them one by one from Python takes longer than running
-    them, and a replay launches them all at once. The StaticKVCache keeps every
-    tensor in place and advances its position on the device, so each replay
-    continues where the last one stopped."""
-
-    @torch.no_grad()
-    def __init__(self, model, kv_cache, token):
-        self.token = token.clone()  # the graph's input: new tokens are copied into it
-        lengths = [cache.length.clone() for cache in kv_cache]
-        # Two steps outside the recording first, so that cuBLAS and the attention
-        # kernels set themselves up, on the stream that records (as PyTorch asks);
-        # each step's move of the positions is undone
-        side = torch.cuda.Stream(token.device)
-        side.wait_stream(torch.cuda.current_stream(token.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(self.token, kv_cache=kv_cache)
-                for cache, length in zip(kv_cache, lengths):
-                    cache.length.copy_(length)
-        torch.cuda.current_stream(token.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, stream=side):
-            self.logits = model(self.token, kv_cache=kv_cache)[:, -1, :]
-
-    def __call__(self, token):
-        self.token.copy_(token)
-        self.graph.replay()
-        return self.logits.clone()  # the next replay overwrites self.logits
-
-
-def stream_text(model, idx, tokenizer, max_new_tokens, context_size, out=None, **sampling):
-    """Beyond the book: generate for one prompt (idx: (1, n)), writing the text to
-    `out` as it is produced. Returns the new token ids."""
-    out = out or sys.stdout
-    new_ids, shown = [], ""
-    for token in generate_stream(model, idx, max_new_tokens, context_size, **sampling):
-        new_ids.append(token.item())
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd"):  # wait until a multi-byte character is whole
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
-    return new_ids
 
 
 # ---- 5.4 Loading and saving model weights ----
@@ -454,6 +356,61 @@ def plot_lrs(track_lrs, path="lr-schedule.png"):
     ax.set_ylabel("Learning rate")
     fig.tight_layout()
     save_figure(fig, path)
+
+
+# ---- Beyond the book: streaming generation with the key-value cache ----
+
+def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
+                    eos_id=None, top_p=None, use_cache=True):
+    """Beyond the book: `generate` as a generator that yields each new token
+    (batch, 1) as soon as it is chosen, for printing text as it is produced.
+
+    With use_cache, each block keeps its keys and values (a KV cache), so a new
+    token costs one position's work instead of the whole window's. On CUDA the
+    cache is a StaticKVCache and each step is replayed as a CUDA graph
+    (GraphedStep); use_cache="static" asks for that cache on any device. Once the
+    window is full, positions would shift: then every step recomputes the last
+    context_size tokens, exactly as the uncached loop does.
+    """
+    static = use_cache == "static" or (use_cache and idx.device.type == "cuda")
+    kv_cache = new_kv_cache(model, static=static) if use_cache else None
+    cached = min(idx.shape[1], context_size)  # positions the cache holds
+    with torch.no_grad():
+        logits = model(idx[:, -context_size:], kv_cache=kv_cache)[:, -1, :]
+    step_fn = None
+    for step in range(max_new_tokens):
+        idx_next = sample_next_token(logits, temperature, top_k, top_p)
+        if eos_id is not None and bool((idx_next == eos_id).all()):
+            return
+        idx = torch.cat((idx, idx_next), dim=1)
+        yield idx_next
+        if step + 1 == max_new_tokens:
+            return
+        if kv_cache is not None and cached >= context_size:
+            kv_cache = None  # the window is full: recompute from here on
+        with torch.no_grad():
+            if kv_cache is None:
+                logits = model(idx[:, -context_size:])[:, -1, :]
+                continue
+            if step_fn is None:
+                step_fn = cached_step(model, kv_cache, idx_next)
+            logits = step_fn(idx_next)
+            cached += 1
+
+
+def stream_text(model, idx, tokenizer, max_new_tokens, context_size, out=None, **sampling):
+    """Beyond the book: generate for one prompt (idx: (1, n)), writing the text to
+    `out` as it is produced. Returns the new token ids."""
+    out = out or sys.stdout
+    new_ids, shown = [], ""
+    for token in generate_stream(model, idx, max_new_tokens, context_size, **sampling):
+        new_ids.append(token.item())
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait until a multi-byte character is whole
+            out.write(text[len(shown):])
+            out.flush()
+            shown = text
+    return new_ids
 
 
 # =====================================================================
@@ -733,23 +690,25 @@ def new_state():
             "seconds": 0.0, "first_loss": None, "history": {"log": [], "lrs": []}}
 
 
-def training_checkpoint(model, optimizer, settings, state, device):
+def training_checkpoint(model, cfg, optimizer, settings, state, device):
     """Everything a resume needs; the random states are CPU tensors on every device."""
-    return model_file("pretraining", _unwrap(model).state_dict(), _unwrap(model).cfg, settings,
+    saved = {k: settings[k] for k in SAVED_SETTINGS}
+    return model_file("pretraining", _unwrap(model).state_dict(), cfg, saved,
                       optimizer=optimizer.state_dict(), **state,
                       rng_state=torch.get_rng_state(),
                       cuda_rng_state=(torch.cuda.get_rng_state(device) if device.type == "cuda"
                                       else None))
 
 
-def save_training(path, model, optimizer, settings, state, device, val_loader, stopper,
+def save_training(path, model, cfg, optimizer, settings, state, device, val_loader, stopper,
                   is_main):
     """Every process checks that the weights still work; the first one writes."""
-    check_loss(sound_loss(model, val_loader, device), state, _unwrap(model).cfg["vocab_size"],
+    check_loss(sound_loss(model, val_loader, device), state, cfg["vocab_size"],
                f"the validation loss of the weights to be saved at step {state['step']}")
     if is_main:
         with stopper.deferred():
-            save_checkpoint(path, training_checkpoint(model, optimizer, settings, state, device))
+            save_checkpoint(path, training_checkpoint(model, cfg, optimizer, settings, state,
+                                                      device))
     return state["step"]
 
 
@@ -773,7 +732,7 @@ def stopped_early(err, step, saved_step, path):
                     "with a lower --lr (and --resume), --grad-clip 1.0 or --schedule cosine.")
 
 
-def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir, stopper,
+def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, out_dir, stopper,
           is_main=True):
     """Chapter 5's train_model_simple with appendix D's schedule, made for long runs:
     one optimizer step per pass of the loop, an evaluation log, checkpoints, exact
@@ -825,12 +784,12 @@ def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir
             saving = step == last_step or (step + 1) % (settings["save_every"] or math.inf) == 0
             sync = evaluating or epoch_over or saving or step % 10 == 0  # the only host syncs
             if sync:
-                check_training_loss(losses, state, _unwrap(model).cfg["vocab_size"], device,
-                                    bar)
+                check_training_loss(losses, state, cfg["vocab_size"], device, bar)
                 losses = []
             if evaluating:
                 record_evaluation(model, (train_eval_loader, val_loader), device, settings,
-                                  state, lr, out_dir, stopper, epoch_samples, is_main)
+                                  state, lr, out_dir, stopper, epoch_samples, is_main,
+                                  cfg["vocab_size"])
             if epoch_over:
                 state.update(epoch=state["epoch"] + 1, samples_done=0, epoch_seed=None)
                 batches = None
@@ -839,7 +798,7 @@ def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir
                                               settings["prompt"])
             stop = in_any_process(stopper.signal is not None, device, sync)
             if saving or stop:
-                saved_step = save_training(path, model, optimizer, settings, state, device,
+                saved_step = save_training(path, model, cfg, optimizer, settings, state, device,
                                            val_loader, stopper, is_main)
                 stop = stop or in_any_process(stopper.signal is not None, device)
             if stop:
@@ -854,12 +813,11 @@ def train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir
 
 
 def record_evaluation(model, loaders, device, settings, state, lr, out_dir, stopper,
-                      epoch_samples, is_main):
+                      epoch_samples, is_main, vocab_size):
     """Evaluate (the book's train/val losses), then keep the result once: in the
     history, in log.csv and on the screen."""
     train_loss, val_loss = evaluate_all_ranks(model, *loaders, device, settings["eval_iter"])
-    check_loss(train_loss, state, _unwrap(model).cfg["vocab_size"],
-               f"the evaluation loss at step {state['step']}")
+    check_loss(train_loss, state, vocab_size, f"the evaluation loss at step {state['step']}")
     row = {"step": state["step"], "epoch": state["epoch"] + 1,
            "epochs_seen": round(state["epoch"] + state["samples_done"] / epoch_samples, 4),
            "tokens_seen": state["tokens_seen"], "lr": lr, "train_loss": train_loss,
@@ -971,26 +929,23 @@ def rank0_first(fn, rank):
     return result if rank == 0 else fn()
 
 
-def load_corpus(args, tokenizer, rank, log):
+def load_corpus(settings, tokenizer, rank, log):
     """(train dataset, val dataset): the book's character split of an in-memory
     text, or a token split of a memory-mapped token file for large corpora."""
-    ctx = args.context_length
-    if not args.data:
-        files = None
-        text = rank0_first(lambda: load_the_verdict(None, args.data_dir), rank)
-    else:
-        files = collect_text_files(args.data)
-        big = sum(f.stat().st_size for f in files) > args.memmap_above_mb * 1e6
-    if files is None or not (args.memmap or big):
-        if files is not None:
-            text = EOT.join(read_text(f) for f in files)
-        split_idx = int(args.train_ratio * len(text))  # the book splits characters
+    ctx = settings["context_length"]
+    if not settings["data"]:
+        text = rank0_first(lambda: load_the_verdict(None, settings["data_dir"]), rank)
+    elif not settings["memmap"]:
+        text = EOT.join(read_text(f) for f in collect_text_files(settings["data"]))
+    if not settings["memmap"]:
+        split_idx = int(settings["train_ratio"] * len(text))  # the book splits characters
         parts = text[:split_idx], text[split_idx:]
         return [_windows(lambda: GPTDatasetV1(part, tokenizer, ctx, ctx), name, ctx)
                 for part, name in zip(parts, ("training", "validation"))]
-    tokens = rank0_first(lambda: build_token_file(files, Path(args.out) / "tokens", tokenizer,
-                                                  log=log), rank)
-    split_idx = int(args.train_ratio * len(tokens))
+    files = collect_text_files(settings["data"])
+    tokens = rank0_first(lambda: build_token_file(files, Path(settings["out"]) / "tokens",
+                                                  tokenizer, log=log), rank)
+    split_idx = int(settings["train_ratio"] * len(tokens))
     parts = tokens[:split_idx], tokens[split_idx:]
     return [_windows(lambda: GPTDatasetV1.from_token_ids(part, ctx, ctx), name, ctx)
             for part, name in zip(parts, ("training", "validation"))]
@@ -1004,63 +959,88 @@ def _windows(make_dataset, split_name, ctx):
                          f"{err}") from None
 
 
-def make_loaders(train_set, val_set, args, rank, world_size):
+def make_loaders(train_set, val_set, settings, device, rank, world_size):
     """The training loader (its order resumable), a second one over the training
     set for evaluations (the book evaluates on its shuffled training loader), and
     the validation loader."""
-    need = args.batch_size * world_size * args.grad_accum
+    batch_size, ctx = settings["batch_size"], settings["context_length"]
+    need = batch_size * world_size * settings["grad_accum"]
     if len(train_set) < need:
         raise ValueError(
-            f"The training split has {len(train_set)} windows of {args.context_length} tokens "
-            f"(about {len(train_set) * args.context_length:,} tokens), but one step needs "
-            f"{need} windows ({need * args.context_length + 1:,} tokens). Give more text, "
+            f"The training split has {len(train_set)} windows of {ctx} tokens "
+            f"(about {len(train_set) * ctx:,} tokens), but one step needs "
+            f"{need} windows ({need * ctx + 1:,} tokens). Give more text, "
             "or lower --context-length, --batch-size or --grad-accum.")
-    pin = torch.cuda.is_available()  # page-locked batches copy to a GPU faster
+    pin = device.type == "cuda"  # page-locked batches copy to a GPU faster
     loader = lambda dataset, shuffle: DataLoader(  # noqa: E731
-        dataset, batch_size=args.batch_size, pin_memory=pin,
-        sampler=ResumableSampler(len(dataset), args.batch_size, shuffle, shuffle, rank,
+        dataset, batch_size=batch_size, pin_memory=pin,
+        sampler=ResumableSampler(len(dataset), batch_size, shuffle, shuffle, rank,
                                  world_size))
     return loader(train_set, True), loader(train_set, True), loader(val_set, False)
 
 
-# What a checkpoint keeps of the command line: on --resume, each flag not given
-# again takes the checkpoint's value; a flag given again takes effect.
+# Every flag of the command, in one of three kinds. On --resume, a flag not
+# given again takes the checkpoint's value; given again, a training setting takes
+# effect and a model setting is refused. Run settings are each run's own (the
+# checkpoint keeps --fast and --compile only to say when a resume drops them).
 MODEL_SETTINGS = ("model", "context_length")
 TRAINING_SETTINGS = ("data", "train_ratio", "memmap", "memmap_above_mb", "batch_size",
                      "grad_accum", "lr", "weight_decay", "schedule", "warmup_steps", "initial_lr",
                      "min_lr", "grad_clip", "epochs", "max_steps", "drop_rate", "eval_freq",
                      "eval_iter", "save_every", "prompt", "seed")
-SPEED_SETTINGS = ("fast", "compile")  # kept, but each run chooses them anew
+RUN_SETTINGS = ("data_dir", "out", "overwrite", "resume", "device", "fast", "compile")
+SAVED_SETTINGS = MODEL_SETTINGS + TRAINING_SETTINGS + ("fast", "compile")
 
 
-def apply_saved_settings(args, ckpt, log):
-    """Take the checkpoint's settings for every flag not given again; say which
-    given flags change them; refuse flags that would change the model."""
-    saved = ckpt.get("settings")
-    if saved is None:
-        raise ValueError(f"{args.resume} was written by an older ch05_train.py, which did not "
-                         "save its settings; it cannot be resumed by this version.")
-    given = getattr(args, "given", set(vars(args)))
-    flag = lambda key: "--" + key.replace("_", "-")  # noqa: E731
-    clashes = [f"{flag(k)} {getattr(args, k)}" for k in MODEL_SETTINGS
-               if k in given and getattr(args, k) != saved[k]]
-    if clashes:
-        raise ValueError(f"The checkpoint {args.resume} holds a {saved['model']!r} model with "
-                         f"context length {saved['context_length']}, not {', '.join(clashes)}. "
-                         "Leave out --model and --context-length to resume it.")
-    changed = [f"{flag(k)} {saved[k]} -> {getattr(args, k)}" for k in TRAINING_SETTINGS
-               if k in given and getattr(args, k) != saved[k]]
-    for key in MODEL_SETTINGS + TRAINING_SETTINGS:
-        if key not in given:
-            setattr(args, key, saved[key])
-    if "out" not in given:
-        args.out = str(Path(args.resume).parent)  # continue in the checkpoint's folder
-    if changed:
-        log("Changed on resume: " + ", ".join(changed))
-    dropped = [flag(k) for k in SPEED_SETTINGS if saved.get(k) and not getattr(args, k)]
-    if dropped:
-        log(f"Note: the checkpoint was trained with {' '.join(dropped)}; this run goes without "
-            "(give it again to keep it).")
+def corpus_bytes(data):
+    """The size of --data's text files (0 for the book's story)."""
+    return sum(f.stat().st_size for f in collect_text_files(data)) if data else 0
+
+
+def resolve_settings(args, ckpt=None, data_size=corpus_bytes):
+    """The run's settings, decided here only: the parsed flags (args; args.given
+    names those typed) and, on --resume, the checkpoint's settings for every flag
+    not typed again. Returns (settings, messages: what the run should say about
+    them). Raises ValueError for a flag that would change a resumed model.
+    Nothing else is read (data_size gives the corpus size) and nothing changed."""
+    settings = {k: getattr(args, k) for k in MODEL_SETTINGS + TRAINING_SETTINGS + RUN_SETTINGS}
+    messages, flag = [], lambda key: "--" + key.replace("_", "-")  # noqa: E731
+    if ckpt is not None:
+        saved = ckpt.get("settings")
+        if not saved:
+            raise ValueError(f"{args.resume} was written by an older ch05_train.py, which did "
+                             "not save its settings; it cannot be resumed by this version.")
+        clashes = [f"{flag(k)} {settings[k]}" for k in MODEL_SETTINGS
+                   if k in args.given and settings[k] != saved[k]]
+        if clashes:
+            raise ValueError(f"The checkpoint {args.resume} holds a {saved['model']!r} model "
+                             f"with context length {saved['context_length']}, not "
+                             f"{', '.join(clashes)}. Leave out --model and --context-length "
+                             "to resume it.")
+        changed = [f"{flag(k)} {saved[k]} -> {settings[k]}" for k in TRAINING_SETTINGS
+                   if k in args.given and settings[k] != saved[k]]
+        if changed:
+            messages.append("Changed on resume: " + ", ".join(changed))
+        settings.update({k: saved[k] for k in MODEL_SETTINGS + TRAINING_SETTINGS
+                         if k not in args.given})
+        if "out" not in args.given:
+            settings["out"] = str(Path(args.resume).parent)  # go on in the checkpoint's folder
+        dropped = [flag(k) for k in ("fast", "compile") if saved.get(k) and not settings[k]]
+        if dropped:
+            messages.append(f"Note: the checkpoint was trained with {' '.join(dropped)}; this "
+                            "run goes without (give it again to keep it).")
+    # A large corpus is memory-mapped, and there an evaluation every 200 steps costs
+    # under 2% of training (one costs about 3 steps: 2 x --eval-iter forwards)
+    settings["memmap"] = bool(settings["data"]) and (
+        settings["memmap"] or data_size(settings["data"]) > settings["memmap_above_mb"] * 1e6)
+    if settings["eval_freq"] is None:
+        settings["eval_freq"] = 200 if settings["memmap"] else 5
+    if settings["context_length"] > 1024:
+        messages.append(f"Note: --context-length {settings['context_length']} is beyond "
+                        "GPT-2's 1,024 positions: fine when training from scratch, but "
+                        "OpenAI's weights cannot be loaded into this model, and attention's "
+                        "memory grows with the square of the context.")
+    return settings, messages
 
 
 def resume_into(model, optimizer, ckpt, settings, device):
@@ -1086,6 +1066,7 @@ def resume_into(model, optimizer, ckpt, settings, device):
 
 
 def main(args):
+    """The command, from parse_args()'s (or build_parser()'s) arguments."""
     rank, world_size, device = setup_distributed(
         args.device, log=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
     is_main = rank == 0
@@ -1096,15 +1077,17 @@ def main(args):
             ckpt = load_checkpoint(args.resume, map_location="cpu", kinds=("pretraining",),
                                    hint="--resume continues a checkpoint.pt that "
                                         "ch05_train.py saved.")
-            apply_saved_settings(args, ckpt, log)
-        out_dir = Path(args.out)
+        settings, messages = resolve_settings(args, ckpt)
+        for message in messages:
+            log(message)
+        out_dir = Path(settings["out"])
         with (run_lock(out_dir, RESULTS) if is_main else contextlib.nullcontext()), \
                 StopRequests() as stopper:
             resuming_here = ckpt is not None and (
-                Path(args.resume).resolve() == (out_dir / "checkpoint.pt").resolve())
+                Path(settings["resume"]).resolve() == (out_dir / "checkpoint.pt").resolve())
             if is_main and not resuming_here:
-                claim_out_dir(out_dir, args.overwrite, log)
-            return run(args, ckpt, out_dir, device, rank, world_size, stopper, log)
+                claim_out_dir(out_dir, settings["overwrite"], log)
+            return run(settings, ckpt, out_dir, device, rank, world_size, stopper, log)
     finally:
         if _distributed():
             dist.destroy_process_group()
@@ -1128,36 +1111,32 @@ def claim_out_dir(out_dir, overwrite, log):
         old.unlink()
 
 
-def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
+def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     """Build the data, model and optimizer (from the checkpoint on --resume),
     train, then plot and sample."""
     is_main = rank == 0
     tokenizer = bpe_tokenizer()
-    train_set, val_set = load_corpus(args, tokenizer, rank, log)
-    loaders = make_loaders(train_set, val_set, args, rank, world_size)
-    if args.eval_freq is None:  # an evaluation costs about 3 steps (2 x --eval-iter forwards)
-        args.eval_freq = 200 if isinstance(train_set.token_ids, np.memmap) else 5
+    train_set, val_set = load_corpus(settings, tokenizer, rank, log)
+    loaders = make_loaders(train_set, val_set, settings, device, rank, world_size)
     log(f"Training windows: {len(train_set)}, validation windows: {len(val_set)}; "
-        f"{len(loaders[0]) // args.grad_accum} steps per epoch with {world_size} process(es)")
+        f"{len(loaders[0]) // settings['grad_accum']} steps per epoch with {world_size} "
+        "process(es)")
 
-    plan = speed_plan(args.fast, args.compile, device)
-    log(describe_speed(plan, args.fast, args.compile))
-    if args.context_length > 1024:
-        log(f"Note: --context-length {args.context_length} is beyond GPT-2's 1,024 positions: "
-            "fine when training from scratch, but OpenAI's weights cannot be loaded into "
-            "this model, and attention's memory grows with the square of the context.")
-    cfg = ({**ckpt["config"], "drop_rate": args.drop_rate} if ckpt else
-           gpt_config(args.model, context_length=args.context_length, drop_rate=args.drop_rate))
-    torch.manual_seed(args.seed)
+    plan = speed_plan(settings["fast"], settings["compile"], device)
+    log(describe_speed(plan, settings["fast"], settings["compile"]))
+    cfg = ({**ckpt["config"], "drop_rate": settings["drop_rate"]} if ckpt else
+           gpt_config(settings["model"], context_length=settings["context_length"],
+                      drop_rate=settings["drop_rate"]))
+    torch.manual_seed(settings["seed"])
     model = GPTModel(cfg)
-    model.cfg = cfg  # the architecture, saved with every checkpoint
     model.to(device)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"], log)
-    settings = {k: getattr(args, k) for k in MODEL_SETTINGS + TRAINING_SETTINGS + SPEED_SETTINGS}
+    optimizer = make_optimizer(model, settings["lr"], settings["weight_decay"],
+                               plan["fused_adamw"], log)
     state = new_state()
     if ckpt:
         state = resume_into(model, optimizer, ckpt, settings, device)
-        log(f"Resumed from {args.resume} at step {state['step']}, epoch {state['epoch'] + 1}")
+        log(f"Resumed from {settings['resume']} at step {state['step']}, "
+            f"epoch {state['epoch'] + 1}")
     raw_model = model
     model = speed_up(model, plan, device)
     if world_size > 1:
@@ -1166,7 +1145,7 @@ def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
             broadcast_buffers=False)  # the only buffers are the constant causal masks
 
     start = time.perf_counter()
-    state = train(model, loaders, optimizer, device, tokenizer, settings, state, out_dir,
+    state = train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, out_dir,
                   stopper, is_main=is_main)
     seconds = time.perf_counter() - start
     history = state["history"]
@@ -1178,22 +1157,36 @@ def run(args, ckpt, out_dir, device, rank, world_size, stopper, log):
                         [r["train_loss"] for r in rows], [r["val_loss"] for r in rows],
                         out_dir / "loss-plot.png")
             log(f"Saved {out_dir / 'loss-plot.png'}")
-        if args.schedule == "cosine" and history["lrs"]:
+        if settings["schedule"] == "cosine" and history["lrs"]:
             plot_lrs(history["lrs"], out_dir / "lr-schedule.png")
             log(f"Saved {out_dir / 'lr-schedule.png'}")
         log(f"Saved {out_dir / 'checkpoint.pt'}")
         # 5.3: the trained model with temperature scaling and top-k sampling
         raw_model.eval()
-        torch.manual_seed(args.seed)
-        token_ids = generate(raw_model, text_to_token_ids(args.prompt, tokenizer).to(device),
+        torch.manual_seed(settings["seed"])
+        token_ids = generate(raw_model, text_to_token_ids(settings["prompt"], tokenizer).to(device),
                              max_new_tokens=15, context_size=cfg["context_length"],
                              top_k=25, temperature=1.4)
         log("Sample (top-k 25, temperature 1.4):", token_ids_to_text(token_ids, tokenizer))
     return {"model": raw_model, "history": history, "state": state, "seconds": seconds}
 
 
+class FlagsTypedParser(argparse.ArgumentParser):
+    """An ArgumentParser whose result also holds `given`: the flags the command
+    line names, which win over a checkpoint's settings on --resume."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        if namespace is None:  # parse once more with every default a marker: typed = not it
+            unset = object()
+            probe, _ = super().parse_known_args(
+                args, argparse.Namespace(**{k: unset for k in vars(parsed)}))
+            parsed.given = {k for k, v in vars(probe).items() if v is not unset}
+        return parsed, extras
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = FlagsTypedParser(
         description="Pretrain a GPT model (the book's chapter 5 run by default: GPT-2 124M "
                     "with context 256 on the-verdict, 10 epochs). On --resume, every flag "
                     "not given again keeps the checkpoint's value.",
@@ -1261,8 +1254,7 @@ def build_parser():
                           "stopped by Ctrl-C, SIGTERM or SIGHUP); 0: only then")
     run.add_argument("--resume", default=None, metavar="CHECKPOINT",
                      help="continue training from a checkpoint.pt, exactly where it stopped")
-    run.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                     help="auto picks cuda, then mps, then cpu")
+    add_device_argument(run)
     run.add_argument("--seed", type=int, default=123, help="random seed")
     speed = parser.add_argument_group("speed (beyond the book; same model, same parameters)")
     speed.add_argument("--fast", action="store_true",
@@ -1275,14 +1267,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    """The command line, plus `given`: the flags it names, which win over a
-    checkpoint's settings on --resume."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    unset = object()
-    probe = parser.parse_args(argv, argparse.Namespace(**{k: unset for k in vars(args)}))
-    args.given = {k for k, v in vars(probe).items() if v is not unset}
-    return args
+    return build_parser().parse_args(argv)
 
 
 if __name__ == "__main__":

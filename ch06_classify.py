@@ -33,7 +33,7 @@ from ch02_data import (DownloadError, atomic_path, download_file, interrupted, i
                        plain_warnings, read_text, refuse_overwrite, run_lock, utf8_error,
                        write_text_atomic)
 from ch03_attention import pyplot, save_figure
-from ch04_gpt import GPTModel, get_device, gpt_config
+from ch04_gpt import GPTModel, add_device_argument, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
 from ch05_train import (build_lean, load_checkpoint, make_optimizer, model_file, save_checkpoint,
                         speed_up_finetuning)
@@ -146,6 +146,26 @@ class SpamDataset(Dataset):
 
     def _longest_encoded_length(self):
         return max(len(t) for t in self.encoded_texts)
+
+
+# ---- 6.5 Adding a classification head (and choosing what trains) ----
+
+def prepare_classifier(model, cfg, trainable="last_block", lora_rank=None, lora_alpha=None,
+                       num_classes=2, say=lambda *args: None):
+    """Put a new classification head on `model`, then choose what trains: the
+    head plus `trainable` (6.5), or, with lora_rank, LoRA matrices only (appendix E)."""
+    torch.manual_seed(123)
+    model.out_head = nn.Linear(cfg["emb_dim"], num_classes)
+    if lora_rank:
+        return freeze_and_add_lora(model, lora_rank, lora_alpha, say)
+    for param in model.parameters():
+        param.requires_grad = trainable == "all"
+    unfreeze = [*model.out_head.parameters()]
+    if trainable == "last_block":
+        unfreeze += [*model.trf_blocks[-1].parameters(), *model.final_norm.parameters()]
+    for param in unfreeze:
+        param.requires_grad = True
+    return model
 
 
 # ---- 6.6 Calculating the classification loss and accuracy ----
@@ -301,24 +321,6 @@ def count_trainable(model):
 
 # ---- Beyond the book: building, saving and loading the classifier ----
 
-def prepare_classifier(model, cfg, trainable="last_block", lora_rank=None, lora_alpha=None,
-                       num_classes=2, say=lambda *args: None):
-    """Put a new classification head on `model`, then choose what trains: the
-    head plus `trainable` (6.5), or, with lora_rank, LoRA matrices only (appendix E)."""
-    torch.manual_seed(123)
-    model.out_head = nn.Linear(cfg["emb_dim"], num_classes)
-    if lora_rank:
-        return freeze_and_add_lora(model, lora_rank, lora_alpha, say)
-    for param in model.parameters():
-        param.requires_grad = trainable == "all"
-    unfreeze = [*model.out_head.parameters()]
-    if trainable == "last_block":
-        unfreeze += [*model.trf_blocks[-1].parameters(), *model.final_norm.parameters()]
-    for param in unfreeze:
-        param.requires_grad = True
-    return model
-
-
 def save_classifier(path, model, cfg, settings):
     save_checkpoint(path, model_file("classifier", model.state_dict(), cfg, settings))
 
@@ -392,8 +394,9 @@ def finetune(args, classifier_path, device):
     """The chapter's run: the data, the model with its new head, training, the
     accuracies, and the classifier saved."""
     start = time.perf_counter()
-    data_dir = prepare_spam_data(args)
+    data_dir = prepare_spam_data(args)  # 6.2
     tokenizer = get_gpt2_tokenizer(args.models_dir)
+    # 6.4 Initializing a model with pretrained weights
     model, cfg = base_model(args, "expect far lower accuracy than the book's finetuned GPT-2")
     context_length = cfg["context_length"]
 
@@ -416,6 +419,7 @@ def finetune(args, classifier_path, device):
           f"{len(test_loader)} test batches")
     loaders = {"train": train_loader, "validation": val_loader, "test": test_loader}
 
+    # 6.5 Adding a classification head
     model = prepare_classifier(model, cfg, args.trainable, args.rank if args.lora else None,
                                args.alpha, say=print)
     model.to(device)
@@ -426,6 +430,7 @@ def finetune(args, classifier_path, device):
         print(f"{name} accuracy before finetuning: "
               f"{calc_accuracy_loader(loader, model, device, num_batches=10) * 100:.2f}%")
 
+    # 6.7 Fine-tuning the model on supervised data
     torch.manual_seed(123)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
     train_losses, val_losses, train_accs, val_accs, examples_seen = train_classifier_simple(
@@ -530,8 +535,7 @@ def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
                         help="evaluate every N steps")
     parser.add_argument("--eval-iter", type=positive, default=5, help="batches per evaluation")
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="auto picks cuda, then mps, then cpu")
+    add_device_argument(parser)
     parser.add_argument("--model-size", default=model_size,
                         choices=[*ALLOWED_SIZES, "tiny"],
                         help="GPT-2 size ('tiny' only with --no-pretrained)")

@@ -415,6 +415,7 @@ def finetune(args, model_path, responses_path):
     start = time.perf_counter()
     train_data, test_data, val_data = load_splits(args)
     tokenizer = get_gpt2_tokenizer(args.models_dir)
+    # 7.5 Loading a pretrained LLM
     model, cfg = base_model(args, "its responses will be gibberish. Use it to try the "
                                   "pipeline, not the model")
     if args.lora:  # exercise 7.4: only the LoRA matrices train
@@ -424,6 +425,7 @@ def finetune(args, model_path, responses_path):
     plan = speed_up_finetuning(model, args.fast, device)
     context_size = cfg["context_length"]
 
+    # 7.4 Creating data loaders for an instruction dataset
     collate = partial(custom_collate_fn, device=device, allowed_max_length=context_size)
     make_loader = lambda data, train: DataLoader(  # noqa: E731
         InstructionDataset(data, tokenizer, mask_instructions=args.mask_instructions),
@@ -440,6 +442,7 @@ def finetune(args, model_path, responses_path):
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=5)
     print(f"Training loss before finetuning: {train_loss:.3f}, validation loss: {val_loss:.3f}")
 
+    # 7.6 Fine-tuning the LLM on instruction data
     torch.manual_seed(123)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
     train_losses, val_losses, tokens_seen = train_model_simple(

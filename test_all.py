@@ -1042,15 +1042,37 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, short_text
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5)
 
 
-def test_train_help_explains_every_flag():
-    out = subprocess.run([sys.executable, "ch05_train.py", "--help"], cwd=HERE,
-                         capture_output=True, text=True).stdout
-    for flag in ("--data", "--out", "--epochs", "--max-steps", "--batch-size", "--context-length",
-                 "--lr", "--weight-decay", "--schedule", "--warmup-steps", "--min-lr",
-                 "--grad-clip", "--eval-freq", "--eval-iter", "--model", "--device", "--seed",
-                 "--resume", "--prompt", "--save-every"):
-        assert flag in out
-    assert "(default: 0.0004)" in out
+def test_every_flag_is_classified_once_and_explained():
+    """A flag changes the model, or is a training setting that may change on
+    resume, or belongs to one run: exactly one of them, so a resume treats it right."""
+    parser = ch05.build_parser()
+    flags = sorted(a.dest for a in parser._actions if a.dest != "help")
+    kinds = ch05.MODEL_SETTINGS + ch05.TRAINING_SETTINGS + ch05.RUN_SETTINGS
+    assert sorted(kinds) == flags  # each flag in one kind, none twice, none left out
+    assert all(a.help for a in parser._actions)
+    assert "(default: 0.0004)" in parser.format_help()
+
+
+def test_settings_are_resolved_in_one_function_that_changes_nothing():
+    args = ch05.parse_args(["--resume", "old/checkpoint.pt", "--lr", "1e-3", "--device", "cpu"])
+    before = dict(vars(args))
+    saved = {k: getattr(ch05.parse_args([]), k) for k in ch05.SAVED_SETTINGS}
+    saved.update(epochs=3, eval_freq=2, fast=True)
+    settings, messages = ch05.resolve_settings(args, {"settings": saved},
+                                               data_size=lambda data: 0)
+    assert vars(args) == before  # the parsed flags are read, never changed
+    assert (settings["lr"], settings["epochs"], settings["eval_freq"]) == (1e-3, 3, 2)
+    assert settings["out"] == "old" and settings["device"] == "cpu" and not settings["fast"]
+    assert messages == ["Changed on resume: --lr 0.0004 -> 0.001",
+                        "Note: the checkpoint was trained with --fast; this run goes without "
+                        "(give it again to keep it)."]
+    # the corpus size chooses the memory-mapped route, and with it --eval-freq's default
+    for size, memmap, eval_freq in [(50e6, False, 5), (200e6, True, 200)]:
+        settings, _ = ch05.resolve_settings(ch05.parse_args(["--data", "corpus/"]),
+                                            data_size=lambda data: size)
+        assert (settings["memmap"], settings["eval_freq"]) == (memmap, eval_freq)
+    # the parser itself records the flags typed: build_parser() and parse_args() agree
+    assert ch05.build_parser().parse_args(["--lr", "1e-3", "--data", "a"]).given == {"lr", "data"}
 
 
 # ======================= Chapter 5: loading GPT-2 =======================
@@ -2173,14 +2195,14 @@ def test_fast_kernels_match_the_book_with_the_same_parameters(device):
                             rel_tol=1e-2)
     torch.manual_seed(0)
     mha = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4).eval()
-    sdpa = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="sdpa",
-                                   fused_qkv=True).eval()
+    sdpa = ch03.ExtendedMultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="sdpa",
+                                           fused_qkv=True).eval()
     sdpa.load_state_dict(mha.state_dict())
     x = torch.randn(2, 8, 16)
     assert torch.allclose(sdpa(x), mha(x), atol=1e-6)
     assert_causal(sdpa, x, 4)
     with pytest.raises(ValueError, match="attn_impl must be 'book' or 'sdpa'"):
-        ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="flash")
+        ch03.ExtendedMultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="flash")
 
 
 @pytest.mark.parametrize("device", DEVICES)
