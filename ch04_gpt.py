@@ -1,14 +1,16 @@
 """Chapter 4: Implementing a GPT model from scratch to generate text.
 
-Defines `GPT_CONFIG_124M` and the GPT-2 size configurations, `LayerNorm`,
-`GELU`, `FeedForward`, `TransformerBlock`, `GPTModel`, `generate_text_simple`,
-and the device helper the later chapters use. Beyond the book: a key-value
-cache (`new_kv_cache`, `GPTModel(..., kv_cache=...)`, a static one for CUDA
-graphs) and optional fast kernels (`FAST_KERNELS`, `use_fast_kernels`), all
-with the book's parameters and results.
+Defines `GPT_CONFIG_124M`, `LayerNorm`, `GELU`, `FeedForward`,
+`TransformerBlock`, `GPTModel` and `generate_text_simple` as the book writes
+them. Beyond the book, after them: the GPT-2 sizes (`gpt_config`), the device
+helper the later chapters use, and subclasses of the book's modules with the
+same parameters that GPTModel gives itself (`extend_modules`): a key-value
+cache for decoding (`new_kv_cache`, `GPTModel(..., kv_cache=...)`, a static one
+replayed as a CUDA graph, `GraphedStep`) and, with `FAST_KERNELS` in the
+config, faster kernels with the book's results.
 
 Run:  python ch04_gpt.py [--prompt "Hello, I am"]
-Imports MultiHeadAttention and the caches from ch03_attention.py.
+Imports the attention and the caches from ch03_attention.py.
 """
 import argparse
 import sys
@@ -20,6 +22,8 @@ import torch.nn as nn
 from ch02_data import interrupted, number
 from ch03_attention import ExtendedMultiHeadAttention, KVCache, MultiHeadAttention, StaticKVCache
 
+# ---- 4.1 Coding an LLM architecture ----
+
 GPT_CONFIG_124M = {
     "vocab_size": 50257,     # BPE vocabulary of GPT-2
     "context_length": 1024,  # maximum number of input tokens
@@ -29,57 +33,6 @@ GPT_CONFIG_124M = {
     "drop_rate": 0.1,        # dropout rate
     "qkv_bias": False,       # bias in the query, key and value projections
 }
-
-# Beyond the book, two optional keys choose faster kernels for the same model
-# (same parameters, same results to float tolerance): "attn_impl": "sdpa" and
-# "fused_ops": True (one kernel each for LayerNorm and GELU, one matmul for the
-# query, key and value projections, and an output head computed with its
-# vocabulary padded to a multiple of 128). See FAST_KERNELS.
-FAST_KERNELS = {"attn_impl": "sdpa", "fused_ops": True}
-
-# What changes from GPT_CONFIG_124M for each GPT-2 size; "tiny" is ours, for
-# tests and quick runs on a CPU.
-MODEL_CONFIGS = {
-    "124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
-    "355M": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
-    "774M": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
-    "1558M": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25},
-    "tiny": {"emb_dim": 32, "n_layers": 2, "n_heads": 4},
-}
-
-
-def gpt_config(size="124M", **overrides):
-    """GPT_CONFIG_124M with one size's dimensions and any further overrides."""
-    if size not in MODEL_CONFIGS:
-        raise ValueError(f"Unknown model size {size!r}; choose one of {list(MODEL_CONFIGS)}.")
-    return {**GPT_CONFIG_124M, **MODEL_CONFIGS[size], **overrides}
-
-
-def get_device(name="auto", log=print):
-    """An explicit device name, else the best available: cuda, then mps, then cpu."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    elif name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU "
-                         "(is this a CPU build of torch?). Use --device auto or cpu.")
-    elif name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError("--device mps was asked for, but MPS is not available "
-                         "(it needs Apple silicon and macOS 12.3+). Use --device auto or cpu.")
-    device = torch.device(name)
-    log(f"Using device: {device}")
-    return device
-
-
-def add_device_argument(parser):
-    """The --device flag of every command, for get_device."""
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                        help="auto picks cuda, then mps, then cpu")
-
 
 # ---- 4.2 Normalizing activations with layer normalization ----
 
@@ -224,6 +177,59 @@ def generate_text_simple(model, idx, max_new_tokens, context_size):
         idx_next = torch.argmax(probas, dim=-1, keepdim=True)  # (batch, 1)
         idx = torch.cat((idx, idx_next), dim=1)
     return idx
+
+
+# ---- Beyond the book: GPT-2's sizes, the device, and the fast kernels' keys ----
+
+# Beyond the book, two optional keys choose faster kernels for the same model
+# (same parameters, same results to float tolerance): "attn_impl": "sdpa" and
+# "fused_ops": True (one kernel each for LayerNorm and GELU, one matmul for the
+# query, key and value projections, and an output head computed with its
+# vocabulary padded to a multiple of 128). See FAST_KERNELS.
+FAST_KERNELS = {"attn_impl": "sdpa", "fused_ops": True}
+
+# What changes from GPT_CONFIG_124M for each GPT-2 size; "tiny" is ours, for
+# tests and quick runs on a CPU.
+MODEL_CONFIGS = {
+    "124M": {"emb_dim": 768, "n_layers": 12, "n_heads": 12},
+    "355M": {"emb_dim": 1024, "n_layers": 24, "n_heads": 16},
+    "774M": {"emb_dim": 1280, "n_layers": 36, "n_heads": 20},
+    "1558M": {"emb_dim": 1600, "n_layers": 48, "n_heads": 25},
+    "tiny": {"emb_dim": 32, "n_layers": 2, "n_heads": 4},
+}
+
+
+def gpt_config(size="124M", **overrides):
+    """GPT_CONFIG_124M with one size's dimensions and any further overrides."""
+    if size not in MODEL_CONFIGS:
+        raise ValueError(f"Unknown model size {size!r}; choose one of {list(MODEL_CONFIGS)}.")
+    return {**GPT_CONFIG_124M, **MODEL_CONFIGS[size], **overrides}
+
+
+def get_device(name="auto", log=print):
+    """An explicit device name, else the best available: cuda, then mps, then cpu."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU "
+                         "(is this a CPU build of torch?). Use --device auto or cpu.")
+    elif name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps was asked for, but MPS is not available "
+                         "(it needs Apple silicon and macOS 12.3+). Use --device auto or cpu.")
+    device = torch.device(name)
+    log(f"Using device: {device}")
+    return device
+
+
+def add_device_argument(parser):
+    """The --device flag of every command, for get_device."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="auto picks cuda, then mps, then cpu")
 
 
 # ---- Beyond the book: the same model with a key-value cache and faster kernels ----

@@ -546,9 +546,13 @@ def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
 
 
 def parse_finetuning_args(parser, argv=None):
+    """The arguments of chapter 6's or 7's command (the parser of either)."""
     args = parser.parse_args(argv)
-    if args.model_size == "tiny" and not args.no_pretrained:
-        parser.error("--model-size tiny exists only with --no-pretrained")
+    uses_saved_model = any(getattr(args, flag, None) for flag in
+                           ("classify", "classify_file", "chat", "evaluate"))
+    if args.model_size == "tiny" and not args.no_pretrained and not uses_saved_model:
+        parser.error("--model-size tiny exists only with --no-pretrained (OpenAI has no "
+                     "tiny GPT-2)")
     return args
 
 

@@ -154,7 +154,31 @@ class FileServer(LocalServer):
         super().__init__(Handler)
 
 
-# ======================= Chapter 2 =======================
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def verdict_in_shared():
+    """The chapter-5 runs read the-verdict from ../shared, which the tests never
+    write to: without it, one line says where it is expected."""
+    if not (SHARED / "data" / "the-verdict.txt").exists():
+        pytest.exit(f"The tests need {SHARED / 'data' / 'the-verdict.txt'} (and the other "
+                    "files of ../shared/data); set TEST_SHARED_DIR to a folder laid out like "
+                    "../shared.", returncode=1)
+
+
+def args_of(chapter, argv):
+    """A command's arguments, parsed as its __main__ parses them: the one way
+    the tests build them."""
+    if chapter in (ch06, ch07):
+        return ch06.parse_finetuning_args(chapter.build_parser(), argv)
+    if chapter is ch05:
+        return ch05.parse_args(argv)
+    return chapter.build_parser().parse_args(argv)
+
+
+# ======= Chapter 2: the book's listings =======
+
 
 def test_vocabulary_sizes_are_the_books(verdict):
     assert len(ch02.split_text(verdict)) == 4690
@@ -225,14 +249,12 @@ def test_too_short_text_says_how_many_tokens(tokenizer):
         ch02.GPTDatasetV1("Every effort moves you", tokenizer, max_length=8, stride=1)
 
 
-def test_sinusoidal_position_encoding():
-    pe = ch02.sinusoidal_position_encoding(50, 16)
-    assert pe.shape == (50, 16)
-    assert torch.allclose(pe[0], torch.tensor([0.0, 1.0] * 8))
-    pos, i = 7, 3
-    assert math.isclose(pe[pos, 2 * i], math.sin(pos / 10000 ** (2 * i / 16)), rel_tol=1e-5)
-    assert math.isclose(pe[pos, 2 * i + 1], math.cos(pos / 10000 ** (2 * i / 16)), rel_tol=1e-5)
-    assert ch02.sinusoidal_position_encoding(5, 7).shape == (5, 7)
+def test_chapter2_main(verdict_path):
+    args = args_of(ch02, ["--text", str(verdict_path), "--emb-dim", "64"])
+    assert ch02.main(args).shape == (8, 4, 64)
+
+
+# ---- Chapter 2, beyond the book: files, downloads, token files, fixed positions ----
 
 
 def test_read_text_errors(tmp_path):
@@ -257,6 +279,23 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["out.json"]  # no .tmp left
     ch02.write_text_atomic(target, "new")
     assert target.read_text(encoding="utf-8") == "new"
+
+
+def test_an_unwritable_out_is_named_in_one_line(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x", encoding="utf-8")
+    with pytest.raises(OSError, match=rf"^--out {re.escape(str(tmp_path / 'a_file' / 'x'))}: "
+                                      rf"{re.escape(str(tmp_path / 'a_file'))} is a file, not a "
+                                      r"folder\. Choose another --out\.$"):
+        ch02.check_writable(tmp_path / "a_file" / "x")
+
+    def read_only(self, data):  # as a read-only folder answers (root may write anywhere)
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    for check in (ch02.check_writable, lambda f: ch02.run_lock(f).__enter__()):
+        with pytest.raises(OSError, match=rf"^--out {re.escape(str(tmp_path / 'ro'))} cannot be "
+                                          r"written to \(Permission denied\)\. Choose another "
+                                          r"--out, or make it writable\.$"):
+            check(tmp_path / "ro")
 
 
 def test_download_file_reuses_existing_and_falls_back(serve, tmp_path):
@@ -291,6 +330,24 @@ def test_download_file_resumes_a_cut_download(serve, tmp_path):
     assert server.requests[-1] == ("/f.bin", f"bytes={have}-")  # resumed, not restarted
 
 
+def test_a_part_file_is_resumed_only_when_it_is_the_same_files(serve, tmp_path):
+    data = bytes(range(256)) * 40
+    server = serve(FileServer, {"/f.bin": data})
+    part = tmp_path / "f.bin.part"
+    part.write_bytes(b"bytes of some other file")  # no note: of unknown origin
+    ch02.download_file(server.url + "/f.bin", tmp_path / "f.bin")
+    assert (tmp_path / "f.bin").read_bytes() == data and server.requests[-1][1] is None
+    assert not list(tmp_path.glob("*.part*"))
+    # a part of this URL, but the file changed on the server since: If-Range restarts it
+    part.write_bytes(data[:1000])
+    (tmp_path / "f.bin.part.json").write_text(json.dumps(
+        {"url": server.url + "/f.bin", "validator": '"an-older-etag"'}), encoding="utf-8")
+    (tmp_path / "f.bin").unlink()
+    server.files["/f.bin"] = data[::-1]
+    ch02.download_file(server.url + "/f.bin", tmp_path / "f.bin")
+    assert (tmp_path / "f.bin").read_bytes() == data[::-1]
+
+
 def test_a_part_from_a_server_without_validators_is_fetched_anew(serve, tmp_path):
     """No ETag or Last-Modified: a resumed .part could join bytes of two versions
     of the file, reaching the right size with the wrong bytes."""
@@ -304,28 +361,6 @@ def test_a_part_from_a_server_without_validators_is_fetched_anew(serve, tmp_path
     ch02.download_file(server.url + "/f.bin", tmp_path / "f.bin")
     assert (tmp_path / "f.bin").read_bytes() == new
     assert server.requests[-1] == ("/f.bin", None)  # from byte 0, not resumed
-
-
-def test_an_unwritable_out_is_named_in_one_line(tmp_path, monkeypatch):
-    (tmp_path / "a_file").write_text("x", encoding="utf-8")
-    with pytest.raises(OSError, match=rf"^--out {re.escape(str(tmp_path / 'a_file' / 'x'))}: "
-                                      rf"{re.escape(str(tmp_path / 'a_file'))} is a file, not a "
-                                      r"folder\. Choose another --out\.$"):
-        ch02.check_writable(tmp_path / "a_file" / "x")
-
-    def read_only(self, data):  # as a read-only folder answers (root may write anywhere)
-        raise PermissionError(errno.EACCES, "Permission denied", str(self))
-    monkeypatch.setattr(Path, "write_bytes", read_only)
-    for check in (ch02.check_writable, lambda f: ch02.run_lock(f).__enter__()):
-        with pytest.raises(OSError, match=rf"^--out {re.escape(str(tmp_path / 'ro'))} cannot be "
-                                          r"written to \(Permission denied\)\. Choose another "
-                                          r"--out, or make it writable\.$"):
-            check(tmp_path / "ro")
-
-
-def test_chapter2_main(verdict_path):
-    args = ch02.build_parser().parse_args(["--text", str(verdict_path), "--emb-dim", "64"])
-    assert ch02.main(args).shape == (8, 4, 64)
 
 
 def test_token_file_matches_in_memory_windows(tmp_path, verdict, tokenizer):
@@ -352,7 +387,18 @@ def test_token_file_matches_in_memory_windows(tmp_path, verdict, tokenizer):
     assert "tokens/s" in logs[-1]  # the text changed: tokenized again
 
 
-# ======================= Chapter 3 =======================
+def test_sinusoidal_position_encoding():
+    pe = ch02.sinusoidal_position_encoding(50, 16)
+    assert pe.shape == (50, 16)
+    assert torch.allclose(pe[0], torch.tensor([0.0, 1.0] * 8))
+    pos, i = 7, 3
+    assert math.isclose(pe[pos, 2 * i], math.sin(pos / 10000 ** (2 * i / 16)), rel_tol=1e-5)
+    assert math.isclose(pe[pos, 2 * i + 1], math.cos(pos / 10000 ** (2 * i / 16)), rel_tol=1e-5)
+    assert ch02.sinusoidal_position_encoding(5, 7).shape == (5, 7)
+
+
+# ======= Chapter 3: the book's listings =======
+
 
 def test_simple_attention_matches_book():
     weights, context = ch03.simple_attention(ch03.INPUTS)
@@ -406,12 +452,13 @@ def test_multihead_attention_checks_head_split():
 
 
 def test_chapter3_main_saves_heatmap(tmp_path):
-    ch03.main(ch03.build_parser().parse_args(["--out", str(tmp_path)]))
+    ch03.main(args_of(ch03, ["--out", str(tmp_path)]))
     png = (tmp_path / "causal_attention_weights.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
 
 
-# ======================= Chapter 4 =======================
+# ======= Chapter 4: the book's listings =======
+
 
 @pytest.fixture(scope="module")
 def gpt124m():
@@ -449,12 +496,6 @@ def test_dropout_only_in_training_mode():
     assert not torch.equal(model(idx), model(idx))
 
 
-def test_too_long_input_names_both_lengths():
-    model = tiny_model()
-    with pytest.raises(ValueError, match="has 33 tokens but the model's context_length is 32"):
-        model(torch.zeros(1, 33, dtype=torch.long))
-
-
 def test_layer_norm_statistics():
     torch.manual_seed(0)
     x = torch.randn(4, 7, 32) * 5 + 3
@@ -479,37 +520,97 @@ def test_gpt_config_sizes():
 
 
 def test_chapter4_main_runs_tiny():
-    args = ch04.build_parser().parse_args(["--max-new-tokens", "3", "--model", "tiny"])
+    args = args_of(ch04, ["--max-new-tokens", "3", "--model", "tiny"])
     assert ch04.main(args).shape == (1, 7)  # "Hello, I am" and 3 new tokens
 
 
-# ======================= Chapter 5: training =======================
+# ---- Chapters 3 and 4, beyond the book: the key-value cache and the fast kernels ----
 
 
-HERE = Path(__file__).resolve().parent
+def test_too_long_input_names_both_lengths():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="has 33 tokens but the model's context_length is 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
 
 
-def train_args(tmp_path, *extra):
-    """The command's arguments for a small, fast run on the-verdict (on the CPU
-    unless `extra` names a --device)."""
-    return ch05.parse_args(
-        ["--data", str(SHARED / "data" / "the-verdict.txt"), "--model", "tiny",
-         "--context-length", "32", "--batch-size", "2", "--eval-iter", "2", "--device", "cpu",
-         "--out", str(tmp_path), *extra])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["book", "sdpa"])
+def test_cached_generation_equals_uncached(impl, device):
+    model = tiny_model(0, context_length=16, attn_impl=impl,
+                       vocab_size=SMALL_VOCAB).to(device).eval()
+    idx = torch.randint(0, SMALL_VOCAB, (2, 5), device=device)
+    # 30 new tokens: the 16-token window fills up, and the cache falls back to recomputing.
+    # use_cache=True: a growing KVCache on the CPU, a CUDA graph over a StaticKVCache on
+    # CUDA; "static": that cache without the graph
+    greedy = ch05.generate(model, idx, 30, 16)
+    for use_cache in (True, "static"):
+        assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=use_cache), greedy)
+        for kw in ({"temperature": 1.0, "top_k": 50}, {"temperature": 0.8, "top_p": 0.9}):
+            torch.manual_seed(7)
+            sampled = ch05.generate(model, idx, 30, 16, **kw)
+            torch.manual_seed(7)
+            assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=use_cache, **kw),
+                               sampled)
+    # a cache position beyond the context is refused, not silently wrong
+    cache = ch04.new_kv_cache(model)
+    model(idx.repeat(1, 3)[:, :15], kv_cache=cache)
+    with pytest.raises(ValueError, match="has 17 tokens but the model's context_length is 16"):
+        model(idx[:, :2], kv_cache=cache)
 
 
-def log_rows(path):
-    """log.csv's rows without the wall-clock column."""
-    import csv
-    with open(path, encoding="utf-8") as f:
-        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(f)]
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("impl", ["book", "sdpa"])
+def test_cached_forward_matches_full_forward(impl, static):
+    model = tiny_model(0, vocab_size=SMALL_VOCAB, attn_impl=impl).eval()
+    idx = torch.randint(0, SMALL_VOCAB, (2, 12))
+    cache = ch04.new_kv_cache(model, static=static)
+    with torch.no_grad():
+        parts = [model(idx[:, :5], kv_cache=cache), model(idx[:, 5:9], kv_cache=cache),
+                 model(idx[:, 9:10], kv_cache=cache), model(idx[:, 10:], kv_cache=cache)]
+        assert torch.allclose(torch.cat(parts, dim=1), model(idx), atol=1e-5)
+    if static:  # the buffers keep their shape and place; the position is on the device
+        assert cache[0].keys.shape[2] == 32 and int(cache[0].length) == 12
 
 
-@pytest.fixture(scope="session", autouse=True)
-def verdict_in_shared(verdict_path):
-    # the chapter-5 runs read the-verdict from ../shared (downloaded there if missing)
-    if not (SHARED / "data" / "the-verdict.txt").exists():
-        pytest.fail("../shared/data/the-verdict.txt is needed by the chapter-5 tests")
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_kernels_match_the_book_with_the_same_parameters(device):
+    book = tiny_model(0, qkv_bias=True).to(device).eval()
+    fast = tiny_model(1, qkv_bias=True, **ch04.FAST_KERNELS).to(device).eval()
+    assert list(book.state_dict()) == list(fast.state_dict())
+    fast.load_state_dict(book.state_dict())
+    kernels = lambda model: [(type(m).__name__, getattr(m, "attn_impl", None),  # noqa: E731
+                              getattr(m, "fused", None), getattr(m, "fused_qkv", None),
+                              getattr(m, "padded_head", None)) for m in model.modules()]
+    assert kernels(ch04.use_fast_kernels(tiny_model(2, qkv_bias=True))) == kernels(fast)
+    # 8 x 32 tokens: enough for the padded output head, whose rows are 50,304 apart
+    x, y = (torch.randint(0, 50257, (8, 32), device=device) for _ in range(2))
+    assert fast(x).stride(1) == 50304 and book(x).stride(1) == 50257
+    losses = [ch05.calc_loss_batch(x, y, model, device) for model in (book, fast)]
+    for loss in losses:
+        loss.backward()
+    tol = 1e-5 if device == "cpu" else 1e-4  # TF32 is off here: fp32 against fp32
+    assert torch.isclose(losses[1], losses[0], rtol=tol)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), book(x), atol=tol)
+    for (name, a), b in zip(book.named_parameters(), fast.parameters()):
+        assert torch.allclose(b.grad, a.grad, atol=tol), name
+    # the fast path under bf16 autocast (as --fast trains on CUDA) stays within bf16's precision
+    with torch.autocast(device, dtype=torch.bfloat16), torch.no_grad():
+        assert math.isclose(ch05.calc_loss_batch(x, y, fast, device).item(), losses[0].item(),
+                            rel_tol=1e-2)
+    torch.manual_seed(0)
+    mha = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4).eval()
+    sdpa = ch03.ExtendedMultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="sdpa",
+                                           fused_qkv=True).eval()
+    sdpa.load_state_dict(mha.state_dict())
+    x = torch.randn(2, 8, 16)
+    assert torch.allclose(sdpa(x), mha(x), atol=1e-6)
+    assert_causal(sdpa, x, 4)
+    with pytest.raises(ValueError, match="attn_impl must be 'book' or 'sdpa'"):
+        ch03.ExtendedMultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="flash")
+
+
+# ======= Chapter 5: the book's listings =======
 
 
 def test_untrained_loss_is_near_log_vocab(verdict, tokenizer):
@@ -588,6 +689,102 @@ def test_train_model_appendix_d_clips_after_warmup(verdict, tokenizer, monkeypat
     assert len(clipped_at) == len(lrs) - 3 and set(clipped_at) == {1.0}
 
 
+# ---- Chapter 5, beyond the book: top-p, streaming, lean loading, bf16, fused AdamW ----
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    logits = probs.log()
+    kept = torch.isfinite(ch05.top_p_filter(logits, 0.75))
+    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
+    assert torch.isfinite(ch05.top_p_filter(logits, 0.8)).sum(-1).tolist() == [2, 2]
+    assert torch.isfinite(ch05.top_p_filter(logits, 0.81)).sum(-1).tolist() == [3, 3]
+    assert torch.isfinite(ch05.top_p_filter(logits, 0.01)).sum(-1).tolist() == [1, 1]
+    torch.manual_seed(0)
+    draws = {ch05.sample_next_token(logits[:1], temperature=1.0, top_p=0.75).item()
+             for _ in range(200)}
+    assert draws == {0, 1}
+
+
+def test_stream_text_prints_what_generate_returns(tokenizer):
+    model = tiny_model(0).eval()
+    idx = ch05.text_to_token_ids("Every effort", tokenizer)
+    out = io.StringIO()
+    torch.manual_seed(3)
+    new_ids = ch05.stream_text(model, idx, tokenizer, 10, 32, out, temperature=1.0, top_k=20)
+    torch.manual_seed(3)
+    expected = ch05.generate(model, idx, 10, 32, temperature=1.0, top_k=20)
+    assert new_ids == expected[0, idx.shape[1]:].tolist()
+    assert out.getvalue() == tokenizer.decode(new_ids)
+
+
+def test_lean_loading_gives_the_plain_paths_logits(tmp_path):
+    model = tiny_model(0).eval()
+    torch.save(model.state_dict(), tmp_path / "m.pth")
+    plain = tiny_model(1)
+    plain.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
+    state_dict = torch.load(tmp_path / "m.pth", weights_only=True, mmap=True)
+    lean = ch05.build_lean(tiny_model, state_dict)
+    assert all(p.device.type == "cpu" for p in lean.parameters())
+    assert lean.tok_emb.weight.data_ptr() == state_dict["tok_emb.weight"].data_ptr()  # no copy
+    idx = torch.randint(0, 50257, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(lean.eval()(idx), plain.eval()(idx))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_forward_trains_in_bf16_and_returns_fp32(device):
+    """--fast's bf16 on CUDA: the book's losses and loops get fp32 logits."""
+    model = tiny_model(0, vocab_size=SMALL_VOCAB).to(device)
+    x, y = (torch.randint(0, SMALL_VOCAB, (2, 16), device=device) for _ in range(2))
+    fp32_loss = ch05.calc_loss_batch(x, y, model, device)
+    ch05.autocast_forward(model, torch.device(device))
+    logits = model(x)
+    assert logits.dtype == torch.float32 and torch.is_autocast_enabled(device) is False
+    loss = ch05.calc_loss_batch(x, y, model, device)
+    assert math.isclose(loss.item(), fp32_loss.item(), rel_tol=1e-2) and loss != fp32_loss
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+    assert list(model.state_dict()) == list(tiny_model(0, vocab_size=SMALL_VOCAB).state_dict())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_adamw_takes_the_same_step(device):
+    models = [tiny_model(0, vocab_size=SMALL_VOCAB).to(device),
+              tiny_model(1, vocab_size=SMALL_VOCAB).to(device)]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [ch05.make_optimizer(models[0], 1e-3, 0.1),
+                  ch05.make_optimizer(models[1], 1e-3, 0.1, fused=True)]
+    assert optimizers[1].defaults["fused"] and not optimizers[0].defaults["fused"]
+    x, y = torch.randint(0, SMALL_VOCAB, (2, 8)), torch.randint(0, SMALL_VOCAB, (2, 8))
+    for _ in range(3):
+        for model, opt in zip(models, optimizers):
+            opt.zero_grad()
+            ch05.calc_loss_batch(x, y, model, device).backward()
+            opt.step()
+    for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), k
+
+
+# ======= The ch05_train.py command: a run =======
+
+
+def train_args(tmp_path, *extra):
+    """The command's arguments for a small, fast run on the-verdict (on the CPU
+    unless `extra` names a --device)."""
+    return args_of(ch05, 
+        ["--data", str(SHARED / "data" / "the-verdict.txt"), "--model", "tiny",
+         "--context-length", "32", "--batch-size", "2", "--eval-iter", "2", "--device", "cpu",
+         "--out", str(tmp_path), *extra])
+
+
+def log_rows(path):
+    """log.csv's rows without the wall-clock column."""
+    import csv
+    with open(path, encoding="utf-8") as f:
+        return [{k: v for k, v in row.items() if k != "elapsed_s"} for row in csv.DictReader(f)]
+
+
 def test_command_reproduces_train_model_simple(tmp_path, verdict, tokenizer, capsys):
     """The command's loop draws randomness like the book's loop: same losses."""
     verdict = verdict[:5000]  # a quarter of the story is enough, and 4x faster
@@ -623,7 +820,67 @@ def test_command_reproduces_train_model_simple(tmp_path, verdict, tokenizer, cap
     assert [int(r["step"]) for r in logged] == [r["step"] for r in rows]
 
 
-# ---- Resuming: every interruption continues exactly ----
+def test_memmap_route_trains_and_evaluates_rarely(tmp_path):
+    """A memory-mapped corpus is a large one: evaluations every 200 steps by
+    default, not the book's every 5."""
+    result = ch05.main(train_args(tmp_path / "mapped", "--memmap", "--max-steps", "3"))
+    assert result["state"]["step"] == 2 and [r["step"] for r in result["history"]["log"]] == [0]
+    assert ch05.load_checkpoint(tmp_path / "mapped" / "checkpoint.pt")["settings"]["eval_freq"] == 200
+    assert list((tmp_path / "mapped" / "tokens").glob("*.bin"))
+    in_memory = ch05.main(train_args(tmp_path / "text", "--max-steps", "6"))
+    assert [r["step"] for r in in_memory["history"]["log"]] == [0, 5]
+
+
+def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
+    common = ("--drop-rate", "0", "--max-steps", "4", "--eval-freq", "100")
+    ch05.main(train_args(tmp_path / "big", *common, "--batch-size", "4"))
+    ch05.main(train_args(tmp_path / "accum", *common, "--batch-size", "2", "--grad-accum", "2"))
+    big = ch05.load_checkpoint(tmp_path / "big" / "checkpoint.pt")
+    accum = ch05.load_checkpoint(tmp_path / "accum" / "checkpoint.pt")
+    assert big["step"] == accum["step"] == 3 and big["samples_done"] == accum["samples_done"]
+    for k, v in big["model"].items():
+        assert torch.allclose(v, accum["model"][k], atol=1e-5), k
+
+
+def test_a_cut_or_damaged_token_file_is_never_trained_on(tmp_path, short_text, capsys):
+    args = lambda *extra: train_args(tmp_path, "--data", str(short_text), "--memmap",  # noqa: E731
+                                     "--max-steps", "1", "--overwrite", *extra)
+    ch05.main(args())
+    windows = re.search(r"Training windows: \d+", capsys.readouterr().out).group(0)
+    token_file = next((tmp_path / "tokens").glob("*.bin"))
+    whole = token_file.read_bytes()
+    for damage, said in [(whole[:len(whole) // 3], rf"{len(whole) // 3 // 2 * 2:,} bytes where "
+                                                   rf"{len(whole):,} were written"),
+                         (whole[:100] + bytes(16) + whole[116:],
+                          "its checksum does not match what was written")]:
+        token_file.write_bytes(damage[:len(damage) // 2 * 2])
+        ch05.main(args())
+        out = capsys.readouterr().out
+        assert re.search(rf"The token file .*{token_file.name} is damaged \({said}\); moved "
+                         r"aside to .*\.damaged(\.1)?, tokenizing again", out), out
+        assert windows in out and token_file.read_bytes() == whole
+    ch05.main(args())
+    assert "Reusing the token file" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_tokenizing_names_the_file(tmp_path, short_text, monkeypatch):
+    class FullDisk(io.FileIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = open
+    monkeypatch.setattr(ch02, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode)
+                        if mode == "wb" and str(path).endswith(".bin.tmp")
+                        else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(OSError, match=r"^Could not write the token file .*tokens/\w+\.bin: No "
+                                      r"space left on device; [\d.]+ GB free on its disk\. Free "
+                                      r"some space, or give another --out\.$"):
+        ch05.main(train_args(tmp_path, "--data", str(short_text), "--memmap"))
+    assert not list((tmp_path / "tokens").iterdir())  # nothing half-written is left
+
+
+# ---- The ch05_train.py command: stopping and resuming; nothing lost ----
+
 
 RESUME_ARGS = ("--epochs", "2", "--eval-freq", "2", "--save-every", "3", "--drop-rate", "0.1",
                "--schedule", "cosine", "--warmup-steps", "2", "--context-length", "32",
@@ -710,7 +967,7 @@ def test_any_interruption_resumes_exactly(where, device, reference, short_text, 
     assert not list(tmp_path.glob("*.tmp"))
     first_samples = epoch_samples(capsys.readouterr().out)
     # --resume alone: the checkpoint holds every other setting
-    result = ch05.main(ch05.parse_args(["--resume", str(tmp_path / "checkpoint.pt"),
+    result = ch05.main(args_of(ch05, ["--resume", str(tmp_path / "checkpoint.pt"),
                                         "--device", device]))
     assert result["state"]["step"] == last_step
     assert first_samples + epoch_samples(capsys.readouterr().out) == samples
@@ -745,6 +1002,8 @@ def test_sigterm_from_outside_saves_and_exits_143(tmp_path, short_text):
                                err).group(1))
     assert ch05.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == stopped_at
     assert [int(r["step"]) for r in log_rows(tmp_path / "log.csv")] == list(range(stopped_at + 1))
+
+
     # resuming after a SIGTERM is exact: the "SIGTERM" case of the interruption test
 
 
@@ -752,7 +1011,7 @@ def test_resume_keeps_the_checkpoints_settings_unless_given(tmp_path, capsys):
     ch05.main(train_args(tmp_path, "--max-steps", "2", "--lr", "1e-3", "--eval-freq", "1"))
     checkpoint = str(tmp_path / "checkpoint.pt")
     capsys.readouterr()
-    result = ch05.main(ch05.parse_args(["--resume", checkpoint, "--max-steps", "4",
+    result = ch05.main(args_of(ch05, ["--resume", checkpoint, "--max-steps", "4",
                                         "--weight-decay", "0.5", "--device", "cpu"]))
     assert "Changed on resume: --weight-decay 0.1 -> 0.5, --max-steps 2 -> 4" in capsys.readouterr().out
     assert result["history"]["lrs"] == [1e-3] * 4  # the checkpoint's --lr, not the default
@@ -762,10 +1021,10 @@ def test_resume_keeps_the_checkpoints_settings_unless_given(tmp_path, capsys):
     assert saved["settings"]["max_steps"] == 4
     with pytest.raises(ValueError, match=r"holds a 'tiny' model with context length 32, not "
                                          r"--model 124M, --context-length 16\. Leave out"):
-        ch05.main(ch05.parse_args(["--resume", checkpoint, "--model", "124M",
+        ch05.main(args_of(ch05, ["--resume", checkpoint, "--model", "124M",
                                    "--context-length", "16", "--max-steps", "9"]))
     with pytest.raises(ValueError, match="at step 3, the last of the 4 steps"):
-        ch05.main(ch05.parse_args(["--resume", checkpoint, "--device", "cpu"]))
+        ch05.main(args_of(ch05, ["--resume", checkpoint, "--device", "cpu"]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -773,7 +1032,7 @@ def test_a_checkpoint_resumes_on_the_other_device(device, tmp_path):
     other = "cuda" if device == "cpu" and "cuda" in DEVICES else "cpu"
     ch05.main(train_args(tmp_path, "--max-steps", "2", "--fast", "--device", device))
     # saved with fused AdamW (--fast), resumed with the book's AdamW on the other device
-    result = ch05.main(ch05.parse_args(["--resume", str(tmp_path / "checkpoint.pt"),
+    result = ch05.main(args_of(ch05, ["--resume", str(tmp_path / "checkpoint.pt"),
                                         "--max-steps", "4", "--device", other]))
     assert result["state"]["step"] == 3 and next(result["model"].parameters()).device.type == other
     assert all(math.isfinite(r["train_loss"]) for r in result["history"]["log"])
@@ -786,12 +1045,12 @@ def test_divergence_keeps_the_last_sound_checkpoint(tmp_path, short_text):
     good = ch05.load_checkpoint(checkpoint)
     with pytest.raises(ch05.Diverged, match=r"training loss by step 5 became .*; the checkpoint "
                                             r"of step 3 .* is kept.* a lower --lr \(and --resume"):
-        ch05.main(ch05.parse_args(["--resume", str(checkpoint), "--max-steps", "12",
+        ch05.main(args_of(ch05, ["--resume", str(checkpoint), "--max-steps", "12",
                                    "--lr", "1000"]))
     kept = ch05.load_checkpoint(checkpoint)
     assert kept["step"] == 3 and all(torch.equal(v, good["model"][k])
                                      for k, v in kept["model"].items())
-    result = ch05.main(ch05.parse_args(["--resume", str(checkpoint), "--max-steps", "8",
+    result = ch05.main(args_of(ch05, ["--resume", str(checkpoint), "--max-steps", "8",
                                         "--lr", "1e-4", "--eval-freq", "2"]))
     losses = [r["train_loss"] for r in result["history"]["log"] if r["step"] > 3]
     assert result["state"]["step"] == 7 and len(losses) == 2
@@ -809,7 +1068,7 @@ def test_weights_worse_than_the_runs_start_are_never_kept(tmp_path, short_text):
     with pytest.raises(ch05.Diverged, match=r"validation loss of the weights to be saved at step "
                                             r"3 became 1\d\.\d \(the run started at 1[01]\.\d+\); "
                                             r"the checkpoint of step 2 .* is kept"):
-        ch05.main(ch05.parse_args(["--resume", str(checkpoint), "--max-steps", "12",
+        ch05.main(args_of(ch05, ["--resume", str(checkpoint), "--max-steps", "12",
                                    "--lr", "1", "--save-every", "1"]))
     assert ch05.load_checkpoint(checkpoint)["step"] == 2
 
@@ -875,6 +1134,42 @@ def test_a_second_run_on_the_same_out_is_refused_until_the_first_ends(tmp_path):
     ch05.main(train_args(tmp_path, "--max-steps", "1"))  # the lock died with its process
 
 
+# ---- The ch05_train.py command: its settings, and bad input ----
+
+
+def test_every_flag_is_classified_once_and_explained():
+    """A flag changes the model, or is a training setting that may change on
+    resume, or belongs to one run: exactly one of them, so a resume treats it right."""
+    parser = ch05.build_parser()
+    flags = sorted(a.dest for a in parser._actions if a.dest != "help")
+    kinds = ch05.MODEL_SETTINGS + ch05.TRAINING_SETTINGS + ch05.RUN_SETTINGS
+    assert sorted(kinds) == flags  # each flag in one kind, none twice, none left out
+    assert all(a.help for a in parser._actions)
+    assert "(default: 0.0004)" in parser.format_help()
+
+
+def test_settings_are_resolved_in_one_function_that_changes_nothing():
+    args = args_of(ch05, ["--resume", "old/checkpoint.pt", "--lr", "1e-3", "--device", "cpu"])
+    before = dict(vars(args))
+    saved = {k: getattr(args_of(ch05, []), k) for k in ch05.SAVED_SETTINGS}
+    saved.update(epochs=3, eval_freq=2, fast=True)
+    settings, messages = ch05.resolve_settings(args, {"settings": saved},
+                                               data_size=lambda data: 0)
+    assert vars(args) == before  # the parsed flags are read, never changed
+    assert (settings["lr"], settings["epochs"], settings["eval_freq"]) == (1e-3, 3, 2)
+    assert settings["out"] == "old" and settings["device"] == "cpu" and not settings["fast"]
+    assert messages == ["Changed on resume: --lr 0.0004 -> 0.001",
+                        "Note: the checkpoint was trained with --fast; this run goes without "
+                        "(give it again to keep it)."]
+    # the corpus size chooses the memory-mapped route, and with it --eval-freq's default
+    for size, memmap, eval_freq in [(50e6, False, 5), (200e6, True, 200)]:
+        settings, _ = ch05.resolve_settings(args_of(ch05, ["--data", "corpus/"]),
+                                            data_size=lambda data: size)
+        assert (settings["memmap"], settings["eval_freq"]) == (memmap, eval_freq)
+    # the parser itself records the flags typed: build_parser() and parse_args() agree
+    assert ch05.build_parser().parse_args(["--lr", "1e-3", "--data", "a"]).given == {"lr", "data"}
+
+
 def test_checkpoint_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="Checkpoint not found"):
         ch05.main(train_args(tmp_path, "--resume", str(tmp_path / "none.pt")))
@@ -922,43 +1217,6 @@ def test_bad_data_errors(tmp_path):
         ch05.main(train_args(tmp_path / "e", "--data", str(latin), "--memmap"))
 
 
-def test_a_cut_or_damaged_token_file_is_never_trained_on(tmp_path, short_text, capsys):
-    args = lambda *extra: train_args(tmp_path, "--data", str(short_text), "--memmap",  # noqa: E731
-                                     "--max-steps", "1", "--overwrite", *extra)
-    ch05.main(args())
-    windows = re.search(r"Training windows: \d+", capsys.readouterr().out).group(0)
-    token_file = next((tmp_path / "tokens").glob("*.bin"))
-    whole = token_file.read_bytes()
-    for damage, said in [(whole[:len(whole) // 3], rf"{len(whole) // 3 // 2 * 2:,} bytes where "
-                                                   rf"{len(whole):,} were written"),
-                         (whole[:100] + bytes(16) + whole[116:],
-                          "its checksum does not match what was written")]:
-        token_file.write_bytes(damage[:len(damage) // 2 * 2])
-        ch05.main(args())
-        out = capsys.readouterr().out
-        assert re.search(rf"The token file .*{token_file.name} is damaged \({said}\); moved "
-                         r"aside to .*\.damaged(\.1)?, tokenizing again", out), out
-        assert windows in out and token_file.read_bytes() == whole
-    ch05.main(args())
-    assert "Reusing the token file" in capsys.readouterr().out
-
-
-def test_a_full_disk_while_tokenizing_names_the_file(tmp_path, short_text, monkeypatch):
-    class FullDisk(io.FileIO):
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    real_open = open
-    monkeypatch.setattr(ch02, "open", lambda path, mode="r", *a, **k: FullDisk(path, mode)
-                        if mode == "wb" and str(path).endswith(".bin.tmp")
-                        else real_open(path, mode, *a, **k), raising=False)
-    with pytest.raises(OSError, match=r"^Could not write the token file .*tokens/\w+\.bin: No "
-                                      r"space left on device; [\d.]+ GB free on its disk\. Free "
-                                      r"some space, or give another --out\.$"):
-        ch05.main(train_args(tmp_path, "--data", str(short_text), "--memmap"))
-    assert not list((tmp_path / "tokens").iterdir())  # nothing half-written is left
-
-
 def test_every_model_file_has_one_layout_and_a_wrong_one_says_what_it_holds(tmp_path, capsys):
     ch05.main(train_args(tmp_path / "ch05", "--max-steps", "1"))
     pretrained = tmp_path / "ch05" / "checkpoint.pt"
@@ -970,7 +1228,7 @@ def test_every_model_file_has_one_layout_and_a_wrong_one_says_what_it_holds(tmp_
     with pytest.raises(ValueError, match=r"classifier\.pth holds a ch05_train\.py training "
                                          r"checkpoint, not a classifier finetuned by "
                                          r"ch06_classify\.py"):
-        ch06.main(ch06.parse_finetuning_args(ch06.build_parser(), [
+        ch06.main(args_of(ch06, [
             "--classify", "Free prize!", "--out", str(tmp_path / "ch06"), "--device", "cpu"]))
     # ... and the other way round, for --resume and --chat
     model = tiny_model(0)
@@ -985,7 +1243,7 @@ def test_every_model_file_has_one_layout_and_a_wrong_one_says_what_it_holds(tmp_
     (tmp_path / "ch07" / "gpt2-tiny-sft.pth").write_bytes((tmp_path / "c.pth").read_bytes())
     with pytest.raises(ValueError, match=r"holds a classifier .*, not an instruction-finetuned "
                                          r"model of ch07_instruct\.py"):
-        ch07.main(ch07.build_parser().parse_args(["--chat", "--model-size", "tiny", "--out",
+        ch07.main(args_of(ch07, ["--chat", "--model-size", "tiny", "--out",
                                                   str(tmp_path / "ch07"), "--device", "cpu"]))
     # files in the earlier layouts (the config inside chapter 6's and 7's settings) still load
     old = ch05.load_checkpoint(tmp_path / "c.pth")
@@ -1002,15 +1260,7 @@ def test_every_model_file_has_one_layout_and_a_wrong_one_says_what_it_holds(tmp_
     assert ch07.load_finetuned(tmp_path / "old-sft.pth")[1]["cfg"] == TINY
 
 
-def test_memmap_route_trains_and_evaluates_rarely(tmp_path):
-    """A memory-mapped corpus is a large one: evaluations every 200 steps by
-    default, not the book's every 5."""
-    result = ch05.main(train_args(tmp_path / "mapped", "--memmap", "--max-steps", "3"))
-    assert result["state"]["step"] == 2 and [r["step"] for r in result["history"]["log"]] == [0]
-    assert ch05.load_checkpoint(tmp_path / "mapped" / "checkpoint.pt")["settings"]["eval_freq"] == 200
-    assert list((tmp_path / "mapped" / "tokens").glob("*.bin"))
-    in_memory = ch05.main(train_args(tmp_path / "text", "--max-steps", "6"))
-    assert [r["step"] for r in in_memory["history"]["log"]] == [0, 5]
+# ---- The ch05_train.py command: several processes ----
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, short_text):
@@ -1020,7 +1270,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, short_text
     common = ["--data", str(short_text), "--model", "tiny", "--context-length", "32",
               "--drop-rate", "0", "--epochs", "2", "--eval-freq", "2", "--eval-iter", "2",
               "--grad-accum", "2", "--device", "cpu"]
-    ch05.main(ch05.parse_args([*common, "--batch-size", "2", "--max-steps", "5",
+    ch05.main(args_of(ch05, [*common, "--batch-size", "2", "--max-steps", "5",
                                "--out", str(tmp_path / "one")]))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -1032,7 +1282,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, short_text
     two = log_rows(tmp_path / "two" / "log.csv")
     one = log_rows(tmp_path / "one" / "log.csv")
     assert [r["step"] for r in two] == ["0", "2"]
-    ch05.main(ch05.parse_args(["--resume", str(tmp_path / "two" / "checkpoint.pt"),
+    ch05.main(args_of(ch05, ["--resume", str(tmp_path / "two" / "checkpoint.pt"),
                                "--batch-size", "2", "--max-steps", "5", "--device", "cpu"]))
     switched = log_rows(tmp_path / "two" / "log.csv")
     assert [r["step"] for r in switched] == [r["step"] for r in one]
@@ -1042,40 +1292,59 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, short_text
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5)
 
 
-def test_every_flag_is_classified_once_and_explained():
-    """A flag changes the model, or is a training setting that may change on
-    resume, or belongs to one run: exactly one of them, so a resume treats it right."""
-    parser = ch05.build_parser()
-    flags = sorted(a.dest for a in parser._actions if a.dest != "help")
-    kinds = ch05.MODEL_SETTINGS + ch05.TRAINING_SETTINGS + ch05.RUN_SETTINGS
-    assert sorted(kinds) == flags  # each flag in one kind, none twice, none left out
-    assert all(a.help for a in parser._actions)
-    assert "(default: 0.0004)" in parser.format_help()
+# ---- The ch05_train.py command: speed ----
 
 
-def test_settings_are_resolved_in_one_function_that_changes_nothing():
-    args = ch05.parse_args(["--resume", "old/checkpoint.pt", "--lr", "1e-3", "--device", "cpu"])
-    before = dict(vars(args))
-    saved = {k: getattr(ch05.parse_args([]), k) for k in ch05.SAVED_SETTINGS}
-    saved.update(epochs=3, eval_freq=2, fast=True)
-    settings, messages = ch05.resolve_settings(args, {"settings": saved},
-                                               data_size=lambda data: 0)
-    assert vars(args) == before  # the parsed flags are read, never changed
-    assert (settings["lr"], settings["epochs"], settings["eval_freq"]) == (1e-3, 3, 2)
-    assert settings["out"] == "old" and settings["device"] == "cpu" and not settings["fast"]
-    assert messages == ["Changed on resume: --lr 0.0004 -> 0.001",
-                        "Note: the checkpoint was trained with --fast; this run goes without "
-                        "(give it again to keep it)."]
-    # the corpus size chooses the memory-mapped route, and with it --eval-freq's default
-    for size, memmap, eval_freq in [(50e6, False, 5), (200e6, True, 200)]:
-        settings, _ = ch05.resolve_settings(ch05.parse_args(["--data", "corpus/"]),
-                                            data_size=lambda data: size)
-        assert (settings["memmap"], settings["eval_freq"]) == (memmap, eval_freq)
-    # the parser itself records the flags typed: build_parser() and parse_args() agree
-    assert ch05.build_parser().parse_args(["--lr", "1e-3", "--data", "a"]).given == {"lr", "data"}
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_training_matches_eager(device, tmp_path, monkeypatch):
+    """--compile trains as the eager model does. On the CPU only Dynamo's tracing
+    runs (backend "eager"): Inductor's cold compile takes about a minute here."""
+    if device == "cpu":
+        compile_ = torch.compile
+        monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))
+    common = ("--fast", "--max-steps", "3", "--eval-freq", "1", "--device", device)
+    ch05.main(train_args(tmp_path / "eager", *common))
+    result = ch05.main(train_args(tmp_path / "compiled", "--compile", *common))
+    assert type(result["model"]).__name__ == "GPTModel"  # the compiled wrapper is not saved
+    eager, compiled = (log_rows(tmp_path / run / "log.csv") for run in ("eager", "compiled"))
+    assert [r["step"] for r in compiled] == ["0", "1", "2"]
+    for a, b in zip(eager, compiled):
+        for key in ("train_loss", "val_loss"):
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5 if device == "cpu"
+                                                  else 1e-2)
 
 
-# ======================= Chapter 5: loading GPT-2 =======================
+def test_fast_training_command_runs_and_resumes_into_the_book_path(tmp_path, capsys):
+    result = ch05.main(train_args(tmp_path, "--fast", "--max-steps", "3", "--eval-freq", "1"))
+    assert result["state"]["step"] == 2 and len(result["history"]["log"]) == 3
+    # same parameter names: the book's path continues from a fast checkpoint, and says so
+    ch05.main(train_args(tmp_path, "--max-steps", "5", "--eval-freq", "100",
+                         "--resume", str(tmp_path / "checkpoint.pt")))
+    assert "trained with --fast; this run goes without" in capsys.readouterr().out
+
+
+def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
+    """bench.py --device cuda's children, on the CPU with a tiny model: training
+    through the command's loop, decoding whose cached tokens equal the uncached."""
+    p = {**bench.CUDA, "model": "tiny", "context": 32, "batch": 2, "eval_every": 2,
+         "new_tokens": 6, "device": "cpu", "work_dir": str(tmp_path)}
+    p["corpus"] = bench.prepare_corpus(p, SHARED / "data")
+    runs = [{"name": "train_command", "variant": v, "others_cpu_cores": 0.0,
+             **bench.child_train_command(v, p)} for v in ("book", "fast")]
+    runs.append({**runs[-1], "variant": "fast+compile"})  # compiling takes too long here
+    runs.append({"name": "mm", "variant": "-", "others_cpu_cores": 0.0, "gflops_per_s": 1e3})
+    runs += [{"name": "generate", "variant": v, "others_cpu_cores": 0.0,
+              **bench.child_generate(v, p)} for v in ("uncached", "cached", "fast")]
+    assert all(r["tokens_per_s"] > 0 for r in runs if "tokens_per_s" in r)
+    assert len(runs[-1]["tokens"]) == 6
+    rows, derived, targets, _ = bench.summarise_cuda(runs, p)
+    assert derived["KV cache tokens = uncached (1: yes)"] == 1.0
+    assert math.isclose(derived["fast path MFU (vs bf16 mm)"], runs[1]["gflops_per_s"] / 1e3)
+    bench.print_table(rows, derived, targets, None, False)
+    assert "fast + compile MFU (vs bf16 mm)" in capsys.readouterr().out
+
+
+# ======= Chapter 5, loading GPT-2: the book's listings =======
 
 
 TINY_HPARAMS = {"n_vocab": 50257, "n_ctx": 64, "n_embd": 32, "n_head": 4, "n_layer": 2}
@@ -1180,6 +1449,17 @@ def test_gpt2_loading_matches_a_numpy_forward_pass(gpt2_server, tiny_gpt2_files,
     assert np.abs(swapped - expected).max() > 1e-3
 
 
+def test_gpt2_unknown_size_and_shape_mismatch():
+    with pytest.raises(ValueError, match="the sizes are 124M, 355M, 774M, 1558M"):
+        gpt2.download_and_load_gpt2("125M", "unused")
+    with pytest.raises(ValueError, match=r"trf_blocks.0.att.W_query.weight: our model has "
+                                         r"\(4, 4\), the checkpoint has \(4, 3\)"):
+        gpt2.assign(torch.zeros(4, 4), np.zeros((4, 3)), "trf_blocks.0.att.W_query.weight")
+
+
+# ---- Chapter 5, loading GPT-2, beyond the book: checks, our reader, the command ----
+
+
 def test_gpt2_download_falls_back_and_resumes(gpt2_server, tmp_path):
     data_file = "/mirror/tiny/model.ckpt.data-00000-of-00001"
     for name in gpt2.FILENAMES:
@@ -1219,24 +1499,6 @@ def test_damaged_gpt2_downloads_are_fetched_again(gpt2_server, tiny_gpt2_files, 
                                                  r"downloaded again.*--base-url"):
         gpt2.download_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary"])
     assert not (model_dir / "hparams.json").exists()
-
-
-def test_a_part_file_is_resumed_only_when_it_is_the_same_files(serve, tmp_path):
-    data = bytes(range(256)) * 40
-    server = serve(FileServer, {"/f.bin": data})
-    part = tmp_path / "f.bin.part"
-    part.write_bytes(b"bytes of some other file")  # no note: of unknown origin
-    ch02.download_file(server.url + "/f.bin", tmp_path / "f.bin")
-    assert (tmp_path / "f.bin").read_bytes() == data and server.requests[-1][1] is None
-    assert not list(tmp_path.glob("*.part*"))
-    # a part of this URL, but the file changed on the server since: If-Range restarts it
-    part.write_bytes(data[:1000])
-    (tmp_path / "f.bin.part.json").write_text(json.dumps(
-        {"url": server.url + "/f.bin", "validator": '"an-older-etag"'}), encoding="utf-8")
-    (tmp_path / "f.bin").unlink()
-    server.files["/f.bin"] = data[::-1]
-    ch02.download_file(server.url + "/f.bin", tmp_path / "f.bin")
-    assert (tmp_path / "f.bin").read_bytes() == data[::-1]
 
 
 def test_a_damaged_converted_model_is_converted_again(gpt2_server, tmp_path, capsys):
@@ -1333,14 +1595,6 @@ def test_gpt2_download_that_keeps_failing_says_what_to_do(gpt2_server, tmp_path)
                                            r"mirror/tiny/checkpoint.*place it at"):
         gpt2.download_and_load_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary",
                                                                   gpt2_server.url + "/mirror"])
-
-
-def test_gpt2_unknown_size_and_shape_mismatch():
-    with pytest.raises(ValueError, match="the sizes are 124M, 355M, 774M, 1558M"):
-        gpt2.download_and_load_gpt2("125M", "unused")
-    with pytest.raises(ValueError, match=r"trf_blocks.0.att.W_query.weight: our model has "
-                                         r"\(4, 4\), the checkpoint has \(4, 3\)"):
-        gpt2.assign(torch.zeros(4, 4), np.zeros((4, 3)), "trf_blocks.0.att.W_query.weight")
 
 
 def test_crc32c_is_castagnolis_at_every_length():
@@ -1453,7 +1707,7 @@ def test_local_files_tokenizer_matches_tiktoken(tokenizer, monkeypatch, tmp_path
 
 
 def gpt2_args(server, models_dir, *flags):
-    return gpt2.build_parser().parse_args(
+    return args_of(gpt2, 
         ["--model-size", "tiny", "--models-dir", str(models_dir), "--base-url",
          server.url + "/primary", "--max-new-tokens", "5", "--temperature", "1.4", "--top-k", "25",
          "--device", "cpu", *flags])
@@ -1482,7 +1736,7 @@ def test_gpt2_command_inspect_generate_and_neighbors(gpt2_server, tmp_path, caps
         gpt2.main(gpt2_args(gpt2_server, tmp_path, "--neighbors", "Gisburnesque"))
 
 
-# ======================= Chapter 6: classification =======================
+# ======= Chapter 6: the book's listings (and appendix E) =======
 
 
 @pytest.fixture(scope="session")
@@ -1514,16 +1768,6 @@ def test_balancing_and_split_on_a_small_file(tmp_path):
     assert len(set(balanced)) == 20
     assert balanced == ch06.create_balanced_dataset(ch06.read_spam_data(tsv))  # seeded
     assert [len(p) for p in ch06.random_split(balanced, 0.7, 0.1)] == [14, 2, 4]
-
-
-def test_bad_data_lines_are_named(tmp_path):
-    tsv = tmp_path / "bad.tsv"
-    tsv.write_text("ham\tfine\nspam no tab here\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"bad.tsv, line 2: expected 'label<TAB>text'"):
-        ch06.read_spam_data(tsv)
-    tsv.write_text("ham\tfine\nham\tfine too\neggs\tnot a label\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"line 3: label 'eggs' is neither 'ham' nor 'spam'"):
-        ch06.read_spam_data(tsv)
 
 
 def write_spam_csv(path, rows):
@@ -1633,6 +1877,19 @@ def test_lora_count_for_gpt2_small_is_the_books():
                      "Total trainable LoRA parameters: 2,666,528"]
 
 
+# ---- Chapter 6, beyond the book: the command, its saved classifier, bad input ----
+
+
+def test_bad_data_lines_are_named(tmp_path):
+    tsv = tmp_path / "bad.tsv"
+    tsv.write_text("ham\tfine\nspam no tab here\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.tsv, line 2: expected 'label<TAB>text'"):
+        ch06.read_spam_data(tsv)
+    tsv.write_text("ham\tfine\nham\tfine too\neggs\tnot a label\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"line 3: label 'eggs' is neither 'ham' nor 'spam'"):
+        ch06.read_spam_data(tsv)
+
+
 def test_trainable_choices():
     model = ch06.prepare_classifier(tiny_model(), TINY, trainable="last_block")
     trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("trf") else "")
@@ -1652,7 +1909,7 @@ def test_chapter6_end_to_end_then_classify(tmp_path, capsys, spam_tsv):
     rows = ch06.read_spam_data(spam_tsv)
     few = [r for r in rows if r[0] == "spam"][:150] + [r for r in rows if r[0] == "ham"][:150]
     lines = "".join(f"{label}\t{text}\n" for label, text in few if '"' not in text)
-    args = ch06.parse_finetuning_args(ch06.build_parser(), [
+    args = args_of(ch06, [
         "--data", str(spam_zip(tmp_path / "few.zip", {"SMSSpamCollection": lines})),
         "--data-dir", str(tmp_path / "data"), "--model-size", "tiny", "--no-pretrained",
         "--models-dir", str(tmp_path / "gpt2"), "--lora", "--rank", "2", "--alpha", "4",
@@ -1666,7 +1923,7 @@ def test_chapter6_end_to_end_then_classify(tmp_path, capsys, spam_tsv):
         assert (tmp_path / "out" / name).exists()
     (tmp_path / "texts.txt").write_text("You won a prize, reply now\n\n\u200b\nSee you at 5\n",
                                         encoding="utf-8")  # a zero-width space is no text
-    classify = ch06.parse_finetuning_args(ch06.build_parser(), [
+    classify = args_of(ch06, [
         "--classify", "Free entry!", "--classify-file", str(tmp_path / "texts.txt"),
         "--out", str(tmp_path / "out"), "--device", "cpu"])
     results = ch06.main(classify)["classified"]
@@ -1738,7 +1995,7 @@ def bad_chapter6_input(tmp_path, case):
 def test_chapter6_bad_inputs_get_one_clear_error(case, tmp_path):
     extra, error, message = bad_chapter6_input(tmp_path, case)
     ch05.save_checkpoint(tmp_path / "out" / "classifier.pth", {"model": {}, "step": 3})
-    args = ch06.parse_finetuning_args(ch06.build_parser(), [
+    args = args_of(ch06, [
         "--data-dir", str(tmp_path / "data"), "--model-size", "tiny", "--no-pretrained",
         "--out", str(tmp_path / "out"), "--device", "cpu", "--overwrite", *extra])
     with pytest.raises(error, match=message):
@@ -1759,7 +2016,7 @@ def test_finetuning_runs_on_one_out_are_refused_while_one_runs(tmp_path, serve):
                                (ch07, ["--evaluate"])]:
             with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path))} is in use by "
                                                  rf"another run \(pid {pid} on "):
-                chapter.main(ch06.parse_finetuning_args(chapter.build_parser(), common + extra))
+                chapter.main(args_of(chapter, common + extra))
     assert sorted(p.name for p in tmp_path.iterdir()) == \
         ["instruction-data-with-response.json", "run.lock"]  # nothing was written
 
@@ -1773,7 +2030,7 @@ def test_a_named_zip_is_used_even_when_an_extracted_file_exists(tmp_path):
         assert tsv.read_text(encoding="utf-8") == text
 
 
-# ======================= Chapter 7: instruction finetuning =======================
+# ======= Chapter 7: the book's listings =======
 
 
 class StubOllama(LocalServer):
@@ -1852,6 +2109,27 @@ def test_custom_collate_fn_is_the_books():
     assert inputs.device.type == targets.device.type == "meta"
 
 
+def test_ollama_client_scores_and_averages(serve, instruction_data):
+    answers = iter(["85", "60", "The score is high", "100"])
+    stub = serve(StubOllama, lambda prompt: next(answers))
+    entries = [dict(e, model_response="A reply.") for e in instruction_data[:4]]
+    scores = ch07.generate_model_scores(entries, "model_response", "llama3", stub.url)
+    assert scores == [85, 60, 100]
+    assert "score the model response `A reply.`" in stub.prompts[0]
+    assert stub.bodies[0]["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
+    assert ch07.check_if_running(stub.url)
+
+
+def test_unreachable_judge_gives_a_clear_error():
+    url = "http://127.0.0.1:9/api/chat"  # the discard port: nothing listens
+    with pytest.raises(ch07.JudgeUnavailable, match=r"No Ollama server answered at http://127.0.0.1:9/api/chat"):
+        ch07.query_model("hi", url=url)
+    assert not ch07.check_if_running(url)
+
+
+# ---- Chapter 7, beyond the book: masking, prompts, kept scores, chat, command ----
+
+
 def test_masking_instructions_masks_exactly_the_prompt(instruction_data, tokenizer):
     entries = instruction_data[:4]
     plain = ch07.InstructionDataset(entries, tokenizer)
@@ -1916,17 +2194,6 @@ def test_a_long_answer_keeps_the_whole_prompt_and_stops_at_the_context(tokenizer
     assert not [w for w in recwarn if "prompt" in str(w.message)]
 
 
-def test_ollama_client_scores_and_averages(serve, instruction_data):
-    answers = iter(["85", "60", "The score is high", "100"])
-    stub = serve(StubOllama, lambda prompt: next(answers))
-    entries = [dict(e, model_response="A reply.") for e in instruction_data[:4]]
-    scores = ch07.generate_model_scores(entries, "model_response", "llama3", stub.url)
-    assert scores == [85, 60, 100]
-    assert "score the model response `A reply.`" in stub.prompts[0]
-    assert stub.bodies[0]["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
-    assert ch07.check_if_running(stub.url)
-
-
 def test_judge_failures_keep_the_scores_obtained(serve, instruction_data, tmp_path):
     entries = [{**e, "model_response": "A response."} for e in instruction_data[:5]]
     answers = iter(["80", "70", "60", b"<html>Bad gateway</html>\n", "50"])
@@ -1950,7 +2217,7 @@ def test_judge_failures_keep_the_scores_obtained(serve, instruction_data, tmp_pa
     # too little data for the three splits
     (tmp_path / "few.json").write_text(json.dumps(instruction_data[:5]), encoding="utf-8")
     with pytest.raises(ValueError, match=r"few\.json has 5 entries: too few .* at least 20"):
-        ch07.main(ch07.build_parser().parse_args(
+        ch07.main(args_of(ch07, 
             ["--data", str(tmp_path / "few.json"), "--model-size", "tiny", "--no-pretrained",
              "--out", str(tmp_path / "out"), "--device", "cpu"]))
 
@@ -1961,7 +2228,7 @@ def test_evaluate_goes_on_from_the_saved_scores_and_never_wipes_them(tmp_path, s
                  for i, e in enumerate(instruction_data[:6])]
     ch02.write_text_atomic(tmp_path / "instruction-data-with-response.json", json.dumps(responses))
     scores_path = tmp_path / "scores.json"
-    evaluate = lambda url, *extra: ch07.main(ch07.build_parser().parse_args(  # noqa: E731
+    evaluate = lambda url, *extra: ch07.main(args_of(ch07,   # noqa: E731
         ["--evaluate", "--out", str(tmp_path), "--ollama-url", url, *extra]))
     answers = iter(["80", "80", "80", (503, "busy")])  # an HTML error page: one line all the same
     busy = serve(StubOllama, lambda prompt: next(answers))
@@ -2003,13 +2270,6 @@ def test_evaluate_goes_on_from_the_saved_scores_and_never_wipes_them(tmp_path, s
         evaluate(judge.url)
 
 
-def test_unreachable_judge_gives_a_clear_error():
-    url = "http://127.0.0.1:9/api/chat"  # the discard port: nothing listens
-    with pytest.raises(ch07.JudgeUnavailable, match=r"No Ollama server answered at http://127.0.0.1:9/api/chat"):
-        ch07.query_model("hi", url=url)
-    assert not ch07.check_if_running(url)
-
-
 def test_chat_loop_streams_and_exits_on_empty_line(tokenizer):
     model = tiny_model(0, context_length=256).eval()
     out = io.StringIO()
@@ -2022,7 +2282,7 @@ def test_chat_loop_streams_and_exits_on_empty_line(tokenizer):
 
 def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
     stub = serve(StubOllama, lambda prompt: "50")
-    args = ch07.build_parser().parse_args([
+    args = args_of(ch07, [
         "--data", str(SHARED / "data" / "instruction-data.json"), "--model-size", "tiny",
         "--no-pretrained", "--limit", "16", "--batch-size", "4", "--epochs", "2", "--lr", "1e-3",
         "--eval-freq", "2", "--eval-iter", "2", "--max-new-tokens", "8", "--mask-instructions",
@@ -2038,14 +2298,14 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
                                          r"\.json, scores\.json\)\. Use it with --chat"):
         ch07.main(args)
     # --evaluate alone scores the saved responses
-    evaluated = ch07.main(ch07.build_parser().parse_args(
+    evaluated = ch07.main(args_of(ch07, 
         ["--evaluate", "--out", str(tmp_path), "--model-size", "tiny", "--ollama-url", stub.url]))
     assert evaluated["average"] == 50
     with pytest.raises(ch07.JudgeUnavailable, match="the responses stay in"):
-        ch07.main(ch07.build_parser().parse_args(
+        ch07.main(args_of(ch07, 
             ["--evaluate", "--out", str(tmp_path), "--ollama-url", "http://127.0.0.1:9/api/chat"]))
     # --overwrite: a new model's responses, and no scores of the old ones beside them
-    ch07.main(ch07.build_parser().parse_args([
+    ch07.main(args_of(ch07, [
         "--data", str(SHARED / "data" / "instruction-data.json"), "--model-size", "tiny",
         "--no-pretrained", "--limit", "8", "--batch-size", "4", "--epochs", "1",
         "--max-new-tokens", "2", "--out", str(tmp_path), "--device", "cpu", "--overwrite",
@@ -2074,6 +2334,9 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
     assert "Interrupted. Files already written (the finetuned model, responses) are kept" in err
 
 
+# ======= Every command: flags and bad input on the command line =======
+
+
 @pytest.mark.parametrize("flag,value,words", [
     ("--epochs", "0", "must be at least 1, got 0"), ("--lr", "-0.1", "must be above 0, got -0.1"),
     ("--eval-freq", "0", "must be at least 1"), ("--batch-size", "two", "expected a whole number"),
@@ -2081,7 +2344,7 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
 def test_finetuning_flags_refuse_values_out_of_range(flag, value, words, capsys):
     for chapter in (ch07,) if flag in ("--limit", "--max-new-tokens") else (ch06, ch07):
         with pytest.raises(SystemExit) as exit_:
-            chapter.build_parser().parse_args([flag, value])
+            args_of(chapter, [flag, value])
         assert exit_.value.code == 2 and f"argument {flag}: {words}" in capsys.readouterr().err
 
 
@@ -2112,216 +2375,3 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
         assert proc.returncode == status and "Traceback" not in err, (command, err[-2000:])
         assert "UserWarning" not in err, (command, err[-2000:])  # a warning is its message only
         assert message in err, (command, err[-2000:])
-
-
-# ======================= Speed: KV cache, fast kernels, lean loading =======================
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["book", "sdpa"])
-def test_cached_generation_equals_uncached(impl, device):
-    model = tiny_model(0, context_length=16, attn_impl=impl,
-                       vocab_size=SMALL_VOCAB).to(device).eval()
-    idx = torch.randint(0, SMALL_VOCAB, (2, 5), device=device)
-    # 30 new tokens: the 16-token window fills up, and the cache falls back to recomputing.
-    # use_cache=True: a growing KVCache on the CPU, a CUDA graph over a StaticKVCache on
-    # CUDA; "static": that cache without the graph
-    greedy = ch05.generate(model, idx, 30, 16)
-    for use_cache in (True, "static"):
-        assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=use_cache), greedy)
-        for kw in ({"temperature": 1.0, "top_k": 50}, {"temperature": 0.8, "top_p": 0.9}):
-            torch.manual_seed(7)
-            sampled = ch05.generate(model, idx, 30, 16, **kw)
-            torch.manual_seed(7)
-            assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=use_cache, **kw),
-                               sampled)
-    # a cache position beyond the context is refused, not silently wrong
-    cache = ch04.new_kv_cache(model)
-    model(idx.repeat(1, 3)[:, :15], kv_cache=cache)
-    with pytest.raises(ValueError, match="has 17 tokens but the model's context_length is 16"):
-        model(idx[:, :2], kv_cache=cache)
-
-
-@pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("impl", ["book", "sdpa"])
-def test_cached_forward_matches_full_forward(impl, static):
-    model = tiny_model(0, vocab_size=SMALL_VOCAB, attn_impl=impl).eval()
-    idx = torch.randint(0, SMALL_VOCAB, (2, 12))
-    cache = ch04.new_kv_cache(model, static=static)
-    with torch.no_grad():
-        parts = [model(idx[:, :5], kv_cache=cache), model(idx[:, 5:9], kv_cache=cache),
-                 model(idx[:, 9:10], kv_cache=cache), model(idx[:, 10:], kv_cache=cache)]
-        assert torch.allclose(torch.cat(parts, dim=1), model(idx), atol=1e-5)
-    if static:  # the buffers keep their shape and place; the position is on the device
-        assert cache[0].keys.shape[2] == 32 and int(cache[0].length) == 12
-
-
-def test_stream_text_prints_what_generate_returns(tokenizer):
-    model = tiny_model(0).eval()
-    idx = ch05.text_to_token_ids("Every effort", tokenizer)
-    out = io.StringIO()
-    torch.manual_seed(3)
-    new_ids = ch05.stream_text(model, idx, tokenizer, 10, 32, out, temperature=1.0, top_k=20)
-    torch.manual_seed(3)
-    expected = ch05.generate(model, idx, 10, 32, temperature=1.0, top_k=20)
-    assert new_ids == expected[0, idx.shape[1]:].tolist()
-    assert out.getvalue() == tokenizer.decode(new_ids)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_fast_kernels_match_the_book_with_the_same_parameters(device):
-    book = tiny_model(0, qkv_bias=True).to(device).eval()
-    fast = tiny_model(1, qkv_bias=True, **ch04.FAST_KERNELS).to(device).eval()
-    assert list(book.state_dict()) == list(fast.state_dict())
-    fast.load_state_dict(book.state_dict())
-    kernels = lambda model: [(type(m).__name__, getattr(m, "attn_impl", None),  # noqa: E731
-                              getattr(m, "fused", None), getattr(m, "fused_qkv", None),
-                              getattr(m, "padded_head", None)) for m in model.modules()]
-    assert kernels(ch04.use_fast_kernels(tiny_model(2, qkv_bias=True))) == kernels(fast)
-    # 8 x 32 tokens: enough for the padded output head, whose rows are 50,304 apart
-    x, y = (torch.randint(0, 50257, (8, 32), device=device) for _ in range(2))
-    assert fast(x).stride(1) == 50304 and book(x).stride(1) == 50257
-    losses = [ch05.calc_loss_batch(x, y, model, device) for model in (book, fast)]
-    for loss in losses:
-        loss.backward()
-    tol = 1e-5 if device == "cpu" else 1e-4  # TF32 is off here: fp32 against fp32
-    assert torch.isclose(losses[1], losses[0], rtol=tol)
-    with torch.no_grad():
-        assert torch.allclose(fast(x), book(x), atol=tol)
-    for (name, a), b in zip(book.named_parameters(), fast.parameters()):
-        assert torch.allclose(b.grad, a.grad, atol=tol), name
-    # the fast path under bf16 autocast (as --fast trains on CUDA) stays within bf16's precision
-    with torch.autocast(device, dtype=torch.bfloat16), torch.no_grad():
-        assert math.isclose(ch05.calc_loss_batch(x, y, fast, device).item(), losses[0].item(),
-                            rel_tol=1e-2)
-    torch.manual_seed(0)
-    mha = ch03.MultiHeadAttention(16, 16, 8, 0.0, num_heads=4).eval()
-    sdpa = ch03.ExtendedMultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="sdpa",
-                                           fused_qkv=True).eval()
-    sdpa.load_state_dict(mha.state_dict())
-    x = torch.randn(2, 8, 16)
-    assert torch.allclose(sdpa(x), mha(x), atol=1e-6)
-    assert_causal(sdpa, x, 4)
-    with pytest.raises(ValueError, match="attn_impl must be 'book' or 'sdpa'"):
-        ch03.ExtendedMultiHeadAttention(16, 16, 8, 0.0, num_heads=4, attn_impl="flash")
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_autocast_forward_trains_in_bf16_and_returns_fp32(device):
-    """--fast's bf16 on CUDA: the book's losses and loops get fp32 logits."""
-    model = tiny_model(0, vocab_size=SMALL_VOCAB).to(device)
-    x, y = (torch.randint(0, SMALL_VOCAB, (2, 16), device=device) for _ in range(2))
-    fp32_loss = ch05.calc_loss_batch(x, y, model, device)
-    ch05.autocast_forward(model, torch.device(device))
-    logits = model(x)
-    assert logits.dtype == torch.float32 and torch.is_autocast_enabled(device) is False
-    loss = ch05.calc_loss_batch(x, y, model, device)
-    assert math.isclose(loss.item(), fp32_loss.item(), rel_tol=1e-2) and loss != fp32_loss
-    loss.backward()
-    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
-    assert list(model.state_dict()) == list(tiny_model(0, vocab_size=SMALL_VOCAB).state_dict())
-
-
-def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
-    """bench.py --device cuda's children, on the CPU with a tiny model: training
-    through the command's loop, decoding whose cached tokens equal the uncached."""
-    p = {**bench.CUDA, "model": "tiny", "context": 32, "batch": 2, "eval_every": 2,
-         "new_tokens": 6, "device": "cpu", "work_dir": str(tmp_path)}
-    p["corpus"] = bench.prepare_corpus(p, SHARED / "data")
-    runs = [{"name": "train_command", "variant": v, "others_cpu_cores": 0.0,
-             **bench.child_train_command(v, p)} for v in ("book", "fast")]
-    runs.append({**runs[-1], "variant": "fast+compile"})  # compiling takes too long here
-    runs.append({"name": "mm", "variant": "-", "others_cpu_cores": 0.0, "gflops_per_s": 1e3})
-    runs += [{"name": "generate", "variant": v, "others_cpu_cores": 0.0,
-              **bench.child_generate(v, p)} for v in ("uncached", "cached", "fast")]
-    assert all(r["tokens_per_s"] > 0 for r in runs if "tokens_per_s" in r)
-    assert len(runs[-1]["tokens"]) == 6
-    rows, derived, targets, _ = bench.summarise_cuda(runs, p)
-    assert derived["KV cache tokens = uncached (1: yes)"] == 1.0
-    assert math.isclose(derived["fast path MFU (vs bf16 mm)"], runs[1]["gflops_per_s"] / 1e3)
-    bench.print_table(rows, derived, targets, None, False)
-    assert "fast + compile MFU (vs bf16 mm)" in capsys.readouterr().out
-
-
-def test_top_p_keeps_the_smallest_set_reaching_p():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
-    logits = probs.log()
-    kept = torch.isfinite(ch05.top_p_filter(logits, 0.75))
-    assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
-    assert torch.isfinite(ch05.top_p_filter(logits, 0.8)).sum(-1).tolist() == [2, 2]
-    assert torch.isfinite(ch05.top_p_filter(logits, 0.81)).sum(-1).tolist() == [3, 3]
-    assert torch.isfinite(ch05.top_p_filter(logits, 0.01)).sum(-1).tolist() == [1, 1]
-    torch.manual_seed(0)
-    draws = {ch05.sample_next_token(logits[:1], temperature=1.0, top_p=0.75).item()
-             for _ in range(200)}
-    assert draws == {0, 1}
-
-
-def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
-    common = ("--drop-rate", "0", "--max-steps", "4", "--eval-freq", "100")
-    ch05.main(train_args(tmp_path / "big", *common, "--batch-size", "4"))
-    ch05.main(train_args(tmp_path / "accum", *common, "--batch-size", "2", "--grad-accum", "2"))
-    big = ch05.load_checkpoint(tmp_path / "big" / "checkpoint.pt")
-    accum = ch05.load_checkpoint(tmp_path / "accum" / "checkpoint.pt")
-    assert big["step"] == accum["step"] == 3 and big["samples_done"] == accum["samples_done"]
-    for k, v in big["model"].items():
-        assert torch.allclose(v, accum["model"][k], atol=1e-5), k
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_fused_adamw_takes_the_same_step(device):
-    models = [tiny_model(0, vocab_size=SMALL_VOCAB).to(device),
-              tiny_model(1, vocab_size=SMALL_VOCAB).to(device)]
-    models[1].load_state_dict(models[0].state_dict())
-    optimizers = [ch05.make_optimizer(models[0], 1e-3, 0.1),
-                  ch05.make_optimizer(models[1], 1e-3, 0.1, fused=True)]
-    assert optimizers[1].defaults["fused"] and not optimizers[0].defaults["fused"]
-    x, y = torch.randint(0, SMALL_VOCAB, (2, 8)), torch.randint(0, SMALL_VOCAB, (2, 8))
-    for _ in range(3):
-        for model, opt in zip(models, optimizers):
-            opt.zero_grad()
-            ch05.calc_loss_batch(x, y, model, device).backward()
-            opt.step()
-    for (k, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), k
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_compiled_training_matches_eager(device, tmp_path, monkeypatch):
-    """--compile trains as the eager model does. On the CPU only Dynamo's tracing
-    runs (backend "eager"): Inductor's cold compile takes about a minute here."""
-    if device == "cpu":
-        compile_ = torch.compile
-        monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="eager"))
-    common = ("--fast", "--max-steps", "3", "--eval-freq", "1", "--device", device)
-    ch05.main(train_args(tmp_path / "eager", *common))
-    result = ch05.main(train_args(tmp_path / "compiled", "--compile", *common))
-    assert type(result["model"]).__name__ == "GPTModel"  # the compiled wrapper is not saved
-    eager, compiled = (log_rows(tmp_path / run / "log.csv") for run in ("eager", "compiled"))
-    assert [r["step"] for r in compiled] == ["0", "1", "2"]
-    for a, b in zip(eager, compiled):
-        for key in ("train_loss", "val_loss"):
-            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-5 if device == "cpu"
-                                                  else 1e-2)
-
-
-def test_fast_training_command_runs_and_resumes_into_the_book_path(tmp_path, capsys):
-    result = ch05.main(train_args(tmp_path, "--fast", "--max-steps", "3", "--eval-freq", "1"))
-    assert result["state"]["step"] == 2 and len(result["history"]["log"]) == 3
-    # same parameter names: the book's path continues from a fast checkpoint, and says so
-    ch05.main(train_args(tmp_path, "--max-steps", "5", "--eval-freq", "100",
-                         "--resume", str(tmp_path / "checkpoint.pt")))
-    assert "trained with --fast; this run goes without" in capsys.readouterr().out
-
-
-def test_lean_loading_gives_the_plain_paths_logits(tmp_path):
-    model = tiny_model(0).eval()
-    torch.save(model.state_dict(), tmp_path / "m.pth")
-    plain = tiny_model(1)
-    plain.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
-    state_dict = torch.load(tmp_path / "m.pth", weights_only=True, mmap=True)
-    lean = ch05.build_lean(tiny_model, state_dict)
-    assert all(p.device.type == "cpu" for p in lean.parameters())
-    assert lean.tok_emb.weight.data_ptr() == state_dict["tok_emb.weight"].data_ptr()  # no copy
-    idx = torch.randint(0, 50257, (2, 10))
-    with torch.no_grad():
-        assert torch.equal(lean.eval()(idx), plain.eval()(idx))
