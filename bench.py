@@ -490,11 +490,11 @@ def prepare_corpus(p, data_dir):
 
 
 if __name__ == "__main__":
-    from ch02_data import interrupted, number
+    from ch02_data import HelpFormatter, interrupted, number
     parser = argparse.ArgumentParser(
         description="Measure training speed, generation speed, loading memory and dataset "
                     "cost of the book's paths against the fast ones, on this machine.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="a small model and one repeat: under a minute")
     parser.add_argument("--repeats", type=number(int, at_least=1), default=None,

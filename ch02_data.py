@@ -323,6 +323,18 @@ def plain_warnings():
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"Warning: {message}\n"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default once: not where the help already names it,
+    and not for switches (store_true) or flags without one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) \
+                or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
 def interrupted(kept):
     """Ctrl-C in a command: one line saying what was kept, and exit status 130."""
     print(f"\nInterrupted. {kept}", file=sys.stderr)
@@ -688,7 +700,7 @@ def main(args):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 2 demo: tokenizers, sliding-window dataloader, embeddings.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--text", default=None,
                         help="UTF-8 text file to use; default: download the book's "
                              "the-verdict.txt into --data-dir")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ch02_data import atomic_path, interrupted
+from ch02_data import HelpFormatter, atomic_path, interrupted
 
 # "Your journey starts with one step": the book's 3-d embeddings of 6 tokens
 WORDS = ["Your", "journey", "starts", "with", "one", "step"]
@@ -388,7 +388,7 @@ def main(args):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 3 demo: self-attention, causal attention, multi-head attention.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--out", default="runs/ch03",
                         help="folder for the attention-weights heatmap PNG")
     return parser

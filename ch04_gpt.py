@@ -19,7 +19,7 @@ import tiktoken
 import torch
 import torch.nn as nn
 
-from ch02_data import interrupted, number
+from ch02_data import HelpFormatter, interrupted, number
 from ch03_attention import ExtendedMultiHeadAttention, KVCache, MultiHeadAttention, StaticKVCache
 
 # ---- 4.1 Coding an LLM architecture ----
@@ -437,7 +437,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 4 demo: build GPT-2 124M, count its parameters, and let "
                     "the untrained model continue a prompt.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--prompt", default="Hello, I am", help="text to continue")
     parser.add_argument("--max-new-tokens", type=number(int, at_least=1), default=10,
                         help="tokens to generate")

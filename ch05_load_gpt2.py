@@ -23,11 +23,12 @@ import numpy as np
 import tiktoken
 import torch
 
-from ch02_data import (DownloadError, download_file, interrupted, move_aside, number,
+from ch02_data import (DownloadError, HelpFormatter, download_file, interrupted, move_aside,
                        plain_warnings)
 from ch04_gpt import GPT_CONFIG_124M, GPTModel, add_device_argument, get_device
-from ch05_train import (architecture_of, build_lean, describe_architecture, load_checkpoint,
-                        model_file, save_checkpoint, stream_text, text_to_token_ids)
+from ch05_train import (add_sampling_arguments, architecture_of, build_lean,
+                        describe_architecture, load_checkpoint, model_file, sampling,
+                        save_checkpoint, stream_text, text_to_token_ids)
 
 ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
 BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
@@ -646,8 +647,7 @@ def main(args):
     torch.manual_seed(args.seed)
     print("Output text:\n", args.prompt, sep="", end="")
     new_ids = stream_text(model, text_to_token_ids(args.prompt, tokenizer).to(device), tokenizer,
-                          args.max_new_tokens, cfg["context_length"], top_k=args.top_k,
-                          temperature=args.temperature)
+                          args.max_new_tokens, cfg["context_length"], **sampling(args))
     print()
     results["text"] = args.prompt + tokenizer.decode(new_ids)
     return results
@@ -657,7 +657,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Load OpenAI's GPT-2 weights into our GPTModel and generate text "
                     "(downloads once; later runs work offline).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--model-size", default="124M", choices=ALLOWED_SIZES,
                         help="which GPT-2 checkpoint")
     parser.add_argument("--models-dir", default="gpt2",
@@ -666,12 +666,7 @@ def build_parser():
                         help="a mirror to try before OpenAI's URL and the book's backup; it "
                              "must hold SIZE/FILENAME like the originals")
     parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=number(int, at_least=1), default=25,
-                        help="tokens to generate")
-    parser.add_argument("--temperature", type=number(float, at_least=0), default=1.5,
-                        help="sampling temperature; 0 is greedy decoding")
-    parser.add_argument("--top-k", type=number(int, at_least=1), default=50,
-                        help="sample only among the k most likely tokens")
+    add_sampling_arguments(parser, max_new_tokens=25, temperature=1.5, top_k=50)
     parser.add_argument("--seed", type=int, default=123, help="random seed")
     add_device_argument(parser)
     parser.add_argument("--inspect", action="store_true",

@@ -28,9 +28,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ch02_data import (EOT, DownloadError, GPTDatasetV1, atomic_path, bpe_tokenizer,
-                       build_token_file, collect_text_files, load_the_verdict, move_aside,
-                       number, plain_warnings, read_text, refuse_overwrite, run_lock)
+from ch02_data import (EOT, DownloadError, GPTDatasetV1, HelpFormatter, atomic_path,
+                       bpe_tokenizer, build_token_file, collect_text_files, load_the_verdict,
+                       move_aside, number, plain_warnings, read_text, refuse_overwrite, run_lock)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import (MODEL_CONFIGS, GPTModel, add_device_argument, cached_step,
                       generate_text_simple, get_device, gpt_config, new_kv_cache,
@@ -302,6 +302,43 @@ def build_lean(build, state_dict, source="the checkpoint"):
     check_state_dict(model, state_dict, source)
     model.load_state_dict(state_dict, assign=True)
     return model
+
+
+def merge_lora(state_dict, alpha):
+    """A LoRA-finetuned state dict (appendix E's LinearWithLoRA computes
+    W x + alpha x A B) as the plain model's: each weight W becomes
+    W + alpha (A B)^T, so the book's GPTModel loads it and computes the same."""
+    merged = {}
+    for key, value in state_dict.items():
+        if ".lora." in key:
+            continue
+        if ".linear." in key:
+            prefix, name = key.rsplit(".linear.", 1)
+            if name == "weight":
+                lora_a, lora_b = state_dict[f"{prefix}.lora.A"], state_dict[f"{prefix}.lora.B"]
+                value = value + alpha * (lora_a @ lora_b).T
+            key = f"{prefix}.{name}"
+        merged[key] = value
+    return merged
+
+
+def load_text_model(path, device, kinds=("pretraining", "gpt2", "instruct"), flag="--from"):
+    """(model in eval mode, its config, the file's kind) from any model file of
+    this project that generates text: a ch05_train.py checkpoint, GPT-2's
+    converted model.pth, or a ch07_instruct.py model (its LoRA merged in)."""
+    saved = load_checkpoint(path, mmap=True, kinds=kinds,
+                            hint=f"{flag} takes a checkpoint.pt of ch05_train.py, a converted "
+                                 "gpt2/SIZE/model.pth or a model of ch07_instruct.py (a "
+                                 "classifier does not generate text).")
+    if saved["config"] is None:
+        raise ValueError(f"{path} is GPT-2's model.pth in an earlier layout, without its "
+                         "config: delete it and run `python ch05_load_gpt2.py` once to convert "
+                         "it again.")
+    cfg, state_dict = {**saved["config"], "drop_rate": 0.0}, saved["model"]
+    if saved["settings"].get("lora_rank"):
+        state_dict = merge_lora(state_dict, saved["settings"]["lora_alpha"])
+    model = build_lean(lambda: GPTModel(cfg), state_dict, source=str(path))
+    return model.to(device).eval(), cfg, saved["kind"]
 
 
 # ---- Appendix D: learning-rate warm-up, cosine decay, gradient clipping ----
@@ -988,7 +1025,8 @@ TRAINING_SETTINGS = ("data", "train_ratio", "memmap", "memmap_above_mb", "batch_
                      "grad_accum", "lr", "weight_decay", "schedule", "warmup_steps", "initial_lr",
                      "min_lr", "grad_clip", "epochs", "max_steps", "drop_rate", "eval_freq",
                      "eval_iter", "save_every", "prompt", "seed")
-RUN_SETTINGS = ("data_dir", "out", "overwrite", "resume", "device", "fast", "compile")
+RUN_SETTINGS = ("data_dir", "out", "overwrite", "resume", "device", "fast", "compile",
+                "generate", "from_file", "max_new_tokens", "temperature", "top_k", "top_p")
 SAVED_SETTINGS = MODEL_SETTINGS + TRAINING_SETTINGS + ("fast", "compile")
 
 
@@ -1065,8 +1103,44 @@ def resume_into(model, optimizer, ckpt, settings, device):
     return state
 
 
+def generate_from(args):
+    """--generate: stream a continuation of the prompt from any model file."""
+    device = get_device(args.device)
+    path = Path(args.from_file or Path(args.out) / "checkpoint.pt")
+    model, cfg, kind = load_text_model(path, device)
+    tokenizer = bpe_tokenizer()
+    torch.manual_seed(args.seed)
+    print(f"{path} ({MODEL_FILE_KINDS[kind]}): {sum(p.numel() for p in model.parameters()):,} "
+          "parameters")
+    print(args.generate, end="", flush=True)
+    new_ids = stream_text(model, text_to_token_ids(args.generate, tokenizer).to(device),
+                          tokenizer, args.max_new_tokens or 100, cfg["context_length"],
+                          **sampling(args))
+    print()
+    return {"text": args.generate + tokenizer.decode(new_ids), "model": model}
+
+
+def sampling(args):
+    """The sampling flags as generate()'s keyword arguments."""
+    return sampling_of(vars(args))
+
+
+def sampling_of(settings):
+    return {k: settings[k] for k in ("temperature", "top_k", "top_p")}
+
+
+def describe_sampling(settings):
+    if not settings["temperature"]:
+        return "greedy"
+    parts = [f"top-k {settings['top_k']}"] if settings["top_k"] else []
+    parts += [f"top-p {settings['top_p']}"] if settings["top_p"] else []
+    return ", ".join(parts + [f"temperature {settings['temperature']}"])
+
+
 def main(args):
     """The command, from parse_args()'s (or build_parser()'s) arguments."""
+    if args.generate is not None:
+        return generate_from(args)
     rank, world_size, device = setup_distributed(
         args.device, log=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
     is_main = rank == 0
@@ -1165,10 +1239,25 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
         raw_model.eval()
         torch.manual_seed(settings["seed"])
         token_ids = generate(raw_model, text_to_token_ids(settings["prompt"], tokenizer).to(device),
-                             max_new_tokens=15, context_size=cfg["context_length"],
-                             top_k=25, temperature=1.4)
-        log("Sample (top-k 25, temperature 1.4):", token_ids_to_text(token_ids, tokenizer))
+                             max_new_tokens=settings["max_new_tokens"] or 15,
+                             context_size=cfg["context_length"], **sampling_of(settings))
+        log(f"Sample ({describe_sampling(settings)}):", token_ids_to_text(token_ids, tokenizer))
     return {"model": raw_model, "history": history, "state": state, "seconds": seconds}
+
+
+def add_sampling_arguments(parser, max_new_tokens, temperature, top_k,
+                           max_new_help="tokens to generate"):
+    """--max-new-tokens, --temperature, --top-k and --top-p: the same flags wherever
+    a command generates (chapters 5 and 7), each with that command's defaults."""
+    parser.add_argument("--max-new-tokens", type=number(int, at_least=1),
+                        default=max_new_tokens, help=max_new_help)
+    parser.add_argument("--temperature", type=number(float, at_least=0), default=temperature,
+                        help="sampling temperature; 0 is greedy decoding")
+    parser.add_argument("--top-k", type=number(int, at_least=1), default=top_k,
+                        help="sample only among the k most likely tokens")
+    parser.add_argument("--top-p", type=number(float, above=0, at_most=1), default=None,
+                        help="sample only among the most likely tokens whose probabilities "
+                             "add up to p (nucleus sampling)")
 
 
 class FlagsTypedParser(argparse.ArgumentParser):
@@ -1190,7 +1279,7 @@ def build_parser():
         description="Pretrain a GPT model (the book's chapter 5 run by default: GPT-2 124M "
                     "with context 256 on the-verdict, 10 epochs). On --resume, every flag "
                     "not given again keeps the checkpoint's value.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     positive = number(int, at_least=1)
     data = parser.add_argument_group("data")
     data.add_argument("--data", nargs="+", default=None, metavar="PATH",
@@ -1256,6 +1345,18 @@ def build_parser():
                      help="continue training from a checkpoint.pt, exactly where it stopped")
     add_device_argument(run)
     run.add_argument("--seed", type=int, default=123, help="random seed")
+    gen = parser.add_argument_group("generating (beyond the book; also the sample after "
+                                    "training)")
+    gen.add_argument("--generate", metavar="PROMPT", default=None,
+                     help="continue PROMPT with the model in --from, printing the text as it "
+                          "comes, then stop (no training)")
+    gen.add_argument("--from", dest="from_file", metavar="FILE", default=None,
+                     help="the model for --generate: a checkpoint.pt of this command, a "
+                          "converted gpt2/SIZE/model.pth, or a model of ch07_instruct.py "
+                          "(default: --out's checkpoint.pt)")
+    add_sampling_arguments(gen, max_new_tokens=None, temperature=1.4, top_k=25,
+                           max_new_help="tokens to generate (default: 100 with --generate; "
+                                        "15, the book's, for the sample after training)")
     speed = parser.add_argument_group("speed (beyond the book; same model, same parameters)")
     speed.add_argument("--fast", action="store_true",
                        help="PyTorch's fused attention (SDPA), LayerNorm, GELU and AdamW; on "

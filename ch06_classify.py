@@ -29,14 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ch05_train
-from ch02_data import (DownloadError, atomic_path, download_file, interrupted, is_blank, number,
-                       plain_warnings, read_text, refuse_overwrite, run_lock, utf8_error,
-                       write_text_atomic)
+from ch02_data import (DownloadError, HelpFormatter, atomic_path, download_file, interrupted,
+                       is_blank, number, plain_warnings, read_text, refuse_overwrite, run_lock,
+                       utf8_error, write_text_atomic)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, add_device_argument, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
-from ch05_train import (build_lean, load_checkpoint, make_optimizer, model_file, save_checkpoint,
-                        speed_up_finetuning)
+from ch05_train import (build_lean, load_checkpoint, load_text_model, make_optimizer, model_file,
+                        save_checkpoint, speed_up_finetuning)
 
 SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SPAM_BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"
@@ -450,7 +450,7 @@ def finetune(args, classifier_path, device):
     settings = {"model_size": args.model_size, "max_length": max_length,
                 "trainable": args.trainable, "lora_rank": args.rank if args.lora else None,
                 "lora_alpha": args.alpha, "pretrained": not args.no_pretrained,
-                "models_dir": str(args.models_dir)}
+                "models_dir": str(args.models_dir), "init_from": args.init_from}
     save_classifier(classifier_path, model, cfg, settings)
     write_text_atomic(out_dir / "accuracy.json", json.dumps(accuracies, indent=2))
     seconds = time.perf_counter() - start
@@ -487,8 +487,15 @@ def prepare_spam_data(args):
 
 
 def base_model(args, without_weights):
-    """(model, cfg): GPT-2 of --model-size with OpenAI's weights, or with
+    """(model, cfg): GPT-2 of --model-size with OpenAI's weights, the model of
+    --init-from (a model you pretrained with ch05_train.py, say), or with
     --no-pretrained the same architecture from random weights (chapters 6, 7)."""
+    if args.init_from:
+        model, cfg, kind = load_text_model(args.init_from, "cpu", flag="--init-from")
+        print(f"Starting from {args.init_from} ({ch05_train.MODEL_FILE_KINDS[kind]}): "
+              f"{cfg['n_layers']} layers, embedding size {cfg['emb_dim']}, context "
+              f"{cfg['context_length']}; --model-size is not used.")
+        return model, cfg
     if not args.no_pretrained:
         return load_gpt2_model(args.model_size, args.models_dir)
     print(f"Note: --no-pretrained, so the model starts from random weights; {without_weights}.")
@@ -517,6 +524,11 @@ def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
     parser.add_argument("--models-dir", default="gpt2", help="folder for GPT-2's weights")
     parser.add_argument("--no-pretrained", action="store_true",
                         help="start from random weights instead of GPT-2's (no download)")
+    parser.add_argument("--init-from", metavar="FILE", default=None,
+                        help="start from this model instead of OpenAI's GPT-2: a checkpoint.pt "
+                             "of ch05_train.py (your own pretrained model), a converted "
+                             "gpt2/SIZE/model.pth, or a model of ch07_instruct.py; its config "
+                             "comes from the file")
     parser.add_argument("--lora", action="store_true",
                         help="freeze the model and train LoRA matrices only (appendix E)")
     positive = number(int, at_least=1)
@@ -560,7 +572,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Finetune GPT-2 as an SMS spam classifier (the book's chapter 6, with "
                     "appendix E's LoRA), or classify texts with the saved classifier.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--data", default=None, metavar="ZIP",
                         help="a local sms_spam_collection.zip; default: download it")
     parser.add_argument("--data-dir", default="data/spam",

@@ -27,13 +27,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ch02_data import (DownloadError, download_file, interrupted, number, plain_warnings,
-                       read_json, refuse_overwrite, run_lock, write_text_atomic)
+from ch02_data import (DownloadError, HelpFormatter, download_file, interrupted, number,
+                       plain_warnings, read_json, refuse_overwrite, run_lock, write_text_atomic)
 from ch04_gpt import GPTModel, get_device
 from ch05_load_gpt2 import get_gpt2_tokenizer
-from ch05_train import (build_lean, calc_loss_loader, generate, load_checkpoint, make_optimizer,
-                        model_file, plot_losses, save_checkpoint, speed_up_finetuning,
-                        stream_text, train_model_simple)
+from ch05_train import (add_sampling_arguments, build_lean, calc_loss_loader, generate,
+                        load_checkpoint, make_optimizer, model_file, plot_losses, sampling,
+                        save_checkpoint, speed_up_finetuning, stream_text, train_model_simple)
 from ch06_classify import (add_finetuning_arguments, base_model, freeze_and_add_lora,
                            parse_finetuning_args)
 
@@ -159,11 +159,12 @@ def answer_room(idx, context_size, max_new_tokens):
     return min(max_new_tokens, context_size - idx.shape[1])
 
 
-def generate_response(model, entry, tokenizer, device, context_size, max_new_tokens=256):
+def generate_response(model, entry, tokenizer, device, context_size, max_new_tokens=256,
+                      **sampling):
     input_text = format_input(entry)
     idx = encode_prompt(input_text, tokenizer, context_size).to(device)
     token_ids = generate(model, idx, max_new_tokens=answer_room(idx, context_size, max_new_tokens),
-                         context_size=context_size, eos_id=EOT_ID, use_cache=True)
+                         context_size=context_size, eos_id=EOT_ID, use_cache=True, **sampling)
     new_text = tokenizer.decode(token_ids[0, idx.shape[1]:].tolist())
     return new_text.replace("### Response:", "").strip()
 
@@ -327,7 +328,7 @@ def load_finetuned(path, device="cpu"):
 
 
 def chat(model, tokenizer, device, context_size, max_new_tokens=256, temperature=0.0,
-         top_k=None, stdin=None, out=None):
+         top_k=None, stdin=None, out=None, top_p=None):
     """Read instructions line by line; stream each response. An empty line or
     end of input (Ctrl-D) ends the chat. Returns the responses."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
@@ -343,7 +344,7 @@ def chat(model, tokenizer, device, context_size, max_new_tokens=256, temperature
         idx = encode_prompt(prompt, tokenizer, context_size).to(device)
         new_ids = stream_text(model, idx, tokenizer,
                               answer_room(idx, context_size, max_new_tokens), context_size, out,
-                              temperature=temperature, top_k=top_k, eos_id=EOT_ID)
+                              temperature=temperature, top_k=top_k, top_p=top_p, eos_id=EOT_ID)
         out.write("\n")
         responses.append(tokenizer.decode(new_ids).strip())
 
@@ -387,17 +388,17 @@ RESULTS = ("*.pth", "*.json", "*.png")
 
 def main(args):
     out_dir = Path(args.out)
-    model_path = out_dir / f"gpt2-{args.model_size}-sft.pth"
     responses_path = out_dir / "instruction-data-with-response.json"
     if args.evaluate:
         return evaluate_saved(responses_path, args)
     if args.chat:
         device = get_device(args.device)
-        model, settings = load_finetuned(model_path, device)
+        model, settings = load_finetuned(saved_model_path(args), device)
         tokenizer = get_gpt2_tokenizer(settings["models_dir"])
         print("Chat with the finetuned model; an empty line or Ctrl-D ends it.")
         return {"responses": chat(model, tokenizer, device, settings["cfg"]["context_length"],
-                                  args.max_new_tokens)}
+                                  args.max_new_tokens, **sampling(args))}
+    model_path = out_dir / model_name(args)
 
     with run_lock(out_dir, RESULTS):
         # the earlier responses and scores go too: they would not be this model's
@@ -406,6 +407,27 @@ def main(args):
                                                     "into another --out. "):
             old.unlink()
         return finetune(args, model_path, responses_path)
+
+
+def model_name(args):
+    """gpt2-SIZE-sft.pth for GPT-2 (or its random twin), NAME-sft.pth for --init-from NAME.pt."""
+    return f"{Path(args.init_from).stem if args.init_from else 'gpt2-' + args.model_size}-sft.pth"
+
+
+def saved_model_path(args):
+    """The finetuned model that --chat talks to: this --model-size's, or else the one
+    model a finetuning run saved in --out; several are named, to choose one."""
+    out_dir = Path(args.out)
+    path = out_dir / model_name(args)
+    found = sorted(out_dir.glob("*-sft.pth"))
+    if path.exists() or not found:
+        return path
+    if len(found) == 1:
+        print(f"Using {found[0]}, the model finetuned in {out_dir}.")
+        return found[0]
+    raise FileNotFoundError(f"No {path.name} in {out_dir}, which holds "
+                            f"{', '.join(p.name for p in found)}: give the --model-size (or "
+                            "--init-from) it was finetuned with.")
 
 
 def finetune(args, model_path, responses_path):
@@ -456,13 +478,14 @@ def finetune(args, model_path, responses_path):
                     train_losses, val_losses, out_dir / "loss-plot.png")
 
     settings = {"model_size": args.model_size, "models_dir": str(args.models_dir),
+                "init_from": args.init_from,
                 "lora_rank": args.rank if args.lora else None, "lora_alpha": args.alpha,
                 "mask_instructions": args.mask_instructions}
     save_checkpoint(model_path, model_file("instruct", model.state_dict(), cfg, settings))
     print(f"Model saved as {model_path}")
 
     write_responses(model, test_data, tokenizer, device, context_size, args.max_new_tokens,
-                    responses_path)
+                    responses_path, **sampling(args))
 
     result = {"model": model, "train_losses": train_losses, "val_losses": val_losses,
               "test_data": test_data}
@@ -494,12 +517,14 @@ def load_splits(args):
     return train_data, test_data, val_data
 
 
-def write_responses(model, test_data, tokenizer, device, context_size, max_new_tokens, path):
-    """The finetuned model's response to each test entry, saved with the entries."""
+def write_responses(model, test_data, tokenizer, device, context_size, max_new_tokens, path,
+                    **sampling):
+    """The finetuned model's response to each test entry, saved with the entries
+    (greedy, as the book's, unless --temperature says otherwise)."""
     model.eval()
     for entry in tqdm(test_data, desc="Generating test responses"):
         entry["model_response"] = generate_response(model, entry, tokenizer, device,
-                                                    context_size, max_new_tokens)
+                                                    context_size, max_new_tokens, **sampling)
     write_text_atomic(path, json.dumps(test_data, indent=4))
     print(f"Responses saved as {path}")
     for entry in test_data[:3]:
@@ -511,7 +536,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Instruction-finetune GPT-2 (the book's chapter 7), write responses for "
                     "the test set, score them with a judge model, or chat with the result.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--data", default=None, metavar="JSON",
                         help="a local instruction-data.json; default: download it")
     parser.add_argument("--data-dir", default="data", help="folder for downloaded data")
@@ -524,8 +549,9 @@ def build_parser():
                              overwrite_help="replace the model, responses and scores an earlier "
                                             "run saved in --out; with --evaluate, score the "
                                             "responses anew")
-    parser.add_argument("--max-new-tokens", type=number(int, at_least=1), default=256,
-                        help="longest response to generate")
+    add_sampling_arguments(parser, max_new_tokens=256, temperature=0.0, top_k=None,
+                           max_new_help="longest response to generate (responses also stop "
+                                        "at the model's context)")
     parser.add_argument("--out", default="runs/ch07",
                         help="folder for the finetuned model, responses and plots")
     parser.add_argument("--evaluate", action="store_true",

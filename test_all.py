@@ -842,6 +842,47 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
         assert torch.allclose(v, accum["model"][k], atol=1e-5), k
 
 
+def test_generate_streams_text_from_every_kind_of_model_file(tmp_path, gpt2_server, tokenizer,
+                                                             capsys):
+    """--generate --from: a checkpoint of this command, GPT-2's converted model.pth
+    and a LoRA-finetuned chapter-7 model, each giving the tokens its own model gives."""
+    ch05.main(train_args(tmp_path / "run", "--max-steps", "1"))
+    gpt2.load_gpt2_model("tiny", tmp_path / "gpt2", base_urls=[gpt2_server.url + "/primary"])
+    lora = ch07.build_model(TINY, lora_rank=2, lora_alpha=4.0).eval()
+    torch.manual_seed(5)
+    for name, param in lora.named_parameters():
+        if name.endswith("lora.B"):
+            param.data.normal_(0, 0.5)  # a LoRA that changes the model
+    ch05.save_checkpoint(tmp_path / "sft.pth", ch05.model_file(
+        "instruct", lora.state_dict(), TINY, {"lora_rank": 2, "lora_alpha": 4.0,
+                                             "models_dir": "gpt2", "mask_instructions": False}))
+    prompt = tokenizer.encode("Every effort moves you")
+    for path, reference in [(tmp_path / "run" / "checkpoint.pt", None),
+                            (tmp_path / "gpt2" / "tiny" / "model.pth", None),
+                            (tmp_path / "sft.pth", lora)]:
+        result = ch05.main(args_of(ch05, ["--generate", "Every effort moves you", "--from",
+                                          str(path), "--max-new-tokens", "6", "--temperature",
+                                          "0", "--device", "cpu"]))
+        shown = capsys.readouterr().out
+        assert result["text"] in shown and len(tokenizer.encode(result["text"])) == len(prompt) + 6
+        if reference is None:  # the file's own model, built from its config
+            saved = ch05.load_checkpoint(path)
+            reference = ch04.GPTModel({**saved["config"], "drop_rate": 0.0}).eval()
+            reference.load_state_dict(saved["model"])
+        expected = ch05.generate(reference, torch.tensor([prompt]), 6,
+                                 reference.pos_emb.num_embeddings)
+        assert tokenizer.encode(result["text"]) == expected[0].tolist(), path
+    x = torch.tensor([prompt])
+    with torch.no_grad():  # the merged LoRA computes what the LoRA model computes
+        assert torch.allclose(result["model"](x), lora(x), rtol=1e-5, atol=1e-4)  # logits ~30
+    # a classifier does not generate: one line that says what it holds and what to give
+    ch06.save_classifier(tmp_path / "c.pth", ch06.prepare_classifier(tiny_model(0), TINY), TINY,
+                         {"trainable": "head", "lora_rank": None, "lora_alpha": 16})
+    with pytest.raises(ValueError, match=r"c\.pth holds a classifier finetuned by ch06_classify\.py"
+                                         r", not .*--from takes a checkpoint\.pt"):
+        ch05.main(args_of(ch05, ["--generate", "Hi", "--from", str(tmp_path / "c.pth")]))
+
+
 def test_a_cut_or_damaged_token_file_is_never_trained_on(tmp_path, short_text, capsys):
     args = lambda *extra: train_args(tmp_path, "--data", str(short_text), "--memmap",  # noqa: E731
                                      "--max-steps", "1", "--overwrite", *extra)
@@ -2268,6 +2309,42 @@ def test_evaluate_goes_on_from_the_saved_scores_and_never_wipes_them(tmp_path, s
                                          r"\(line 2, column 2: Unterminated string.*\)\. It is "
                                          r"written by a finetuning run"):
         evaluate(judge.url)
+
+
+def test_your_own_pretrained_model_is_finetuned_in_chapters_6_and_7(tmp_path, spam_tsv,
+                                                                   monkeypatch, capsys):
+    """--init-from: a checkpoint of ch05_train.py, with its own config, as the start
+    of both finetunings; --chat then finds the model that run saved."""
+    ch05.main(train_args(tmp_path / "pre", "--max-steps", "1", "--context-length", "64"))
+    pretrained = tmp_path / "pre" / "checkpoint.pt"
+    start = ch05.load_checkpoint(pretrained)["model"]
+    rows = ch06.read_spam_data(spam_tsv)
+    few = [r for r in rows if r[0] == "spam"][:40] + [r for r in rows if r[0] == "ham"][:40]
+    data = spam_zip(tmp_path / "few.zip", {"SMSSpamCollection": "".join(
+        f"{label}\t{text}\n" for label, text in few if '"' not in text)})
+    result = ch06.main(args_of(ch06, [
+        "--init-from", str(pretrained), "--data", str(data), "--data-dir", str(tmp_path / "d"),
+        "--epochs", "1", "--trainable", "head", "--out", str(tmp_path / "c6"),
+        "--device", "cpu"]))
+    model, settings = ch06.load_classifier(tmp_path / "c6" / "classifier.pth")
+    assert settings["init_from"] == str(pretrained) and "Starting from" in capsys.readouterr().out
+    assert model.pos_emb.num_embeddings == 64  # the config came from the checkpoint
+    assert torch.equal(model.trf_blocks[0].att.W_query.weight, start["trf_blocks.0.att.W_query.weight"])
+    assert set(result["accuracies"]) == {"train", "validation", "test"}
+    ch07.main(args_of(ch07, [
+        "--init-from", str(pretrained), "--data", str(SHARED / "data" / "instruction-data.json"),
+        "--limit", "8", "--batch-size", "4", "--epochs", "1", "--lora", "--rank", "2",
+        "--max-new-tokens", "2", "--out", str(tmp_path / "c7"), "--device", "cpu",
+        "--ollama-url", "http://127.0.0.1:9/api/chat"]))
+    saved = ch05.load_checkpoint(tmp_path / "c7" / "checkpoint-sft.pth")
+    assert saved["settings"]["init_from"] == str(pretrained) and saved["config"]["context_length"] == 64
+    assert torch.equal(saved["model"]["tok_emb.weight"], start["tok_emb.weight"])  # LoRA: frozen
+    # --chat with no --model-size finds the one model finetuned in --out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name a color.\n\n"))
+    chatted = ch07.main(args_of(ch07, ["--chat", "--out", str(tmp_path / "c7"),
+                                       "--max-new-tokens", "3", "--device", "cpu"]))
+    assert len(chatted["responses"]) == 1
+    assert "Using " in capsys.readouterr().out
 
 
 def test_chat_loop_streams_and_exits_on_empty_line(tokenizer):
