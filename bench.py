@@ -258,7 +258,7 @@ def child_train_command(variant, p):
     flags = {"book": [], "fast": ["--fast"], "fast+compile": ["--fast", "--compile"]}[variant]
     every = p["eval_every"]
     result = ch05.main(ch05.parse_args([
-        "--data", p["corpus"], "--memmap", "--model", p["model"], "--context-length",
+        "--data", p["corpus"], "--memmap", "--model-size", p["model"], "--context-length",
         str(p["context"]), "--batch-size", str(p["batch"]), "--max-steps", str(2 * every + 1),
         "--eval-freq", str(every), "--save-every", "0", "--device", p["device"],
         "--out", str(out), *flags]))
@@ -415,18 +415,21 @@ def print_table(rows, derived, targets, bound, quick):
         if target:
             op, limit = target
             met = {">=": value >= limit, "<=": value <= limit, "<": value < limit}[op]
-            verdict = f"{op} {limit:g}  {'met' if met else 'MISSED'}"
-            if quick:
-                verdict += " (targets are for the full run)"
+            verdict = f"{op} {limit:g}  " + ("(a target of the full run)" if quick
+                                            else "met" if met else "MISSED")
         print(f"{key:<40}{value:>10.3f}  {verdict}")
 
 
 def main(args):
     from ch02_data import check_writable
+    sys.stdout.reconfigure(line_buffering=True)  # each line as it comes, also into a pipe
     if args.json:  # before minutes of measuring, not after
         check_writable(Path(args.json).resolve().parent, flag="--json's folder")
         if Path(args.json).is_dir():
             raise IsADirectoryError(f"--json {args.json} is a folder; name a file.")
+    if args.device == "auto":
+        import torch
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = args.device == "cuda"
     p = dict(CUDA if cuda else QUICK if args.quick else FULL, device=args.device)
     if args.repeats:
@@ -489,20 +492,22 @@ def prepare_corpus(p, data_dir):
     return str(corpus)
 
 
-if __name__ == "__main__":
-    from ch02_data import HelpFormatter, interrupted, number
+def build_parser():
+    from ch02_data import HelpFormatter, number
     parser = argparse.ArgumentParser(
         description="Measure training speed, generation speed, loading memory and dataset "
                     "cost of the book's paths against the fast ones, on this machine.",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter,
+        epilog='example: python bench.py --quick --json bench.json')
     parser.add_argument("--quick", action="store_true",
                         help="a small model and one repeat: under a minute")
     parser.add_argument("--repeats", type=number(int, at_least=1), default=None,
                         help="runs of each variant (default: 3; 1 with --quick or --device cuda)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="cpu: the measurements above; cuda: the GPU configuration "
-                             "(124M, context 1024, batch 16, through ch05_train.py's loop)")
+                             "(124M, context 1024, batch 16, through ch05_train.py's loop); "
+                             "auto: cuda where PyTorch sees a GPU, else cpu")
     parser.add_argument("--data-dir", default="data",
                         help="where the-verdict.txt is (or is downloaded to) for --device cuda")
     parser.add_argument("--passive", action="store_true",
@@ -511,7 +516,12 @@ if __name__ == "__main__":
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--params", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    from ch02_data import interrupted
+    args = build_parser().parse_args()
     if args.child:
         sys.path.insert(0, str(HERE))
         print(json.dumps(CHILDREN[args.child](args.variant, json.loads(args.params))))

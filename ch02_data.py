@@ -85,7 +85,13 @@ class SimpleTokenizerV2(SimpleTokenizerV1):
 
 def bpe_tokenizer():
     """GPT-2's BPE tokenizer (tiktoken downloads its vocabulary once, then caches it)."""
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except requests.RequestException as err:  # beyond the book: offline, without the cache
+        raise DownloadError(
+            f"tiktoken could not download GPT-2's vocabulary ({type(err).__name__}; it fetches "
+            "vocab.bpe and encoder.json once, then caches them). Connect once, or set "
+            "TIKTOKEN_CACHE_DIR to a folder that holds tiktoken's cache.") from None
 
 
 # ---- 2.6 Data sampling with a sliding window ----
@@ -111,10 +117,7 @@ class GPTDatasetV1(Dataset):
 
     def _set_windows(self, token_ids, max_length, stride):
         if len(token_ids) < max_length + 1:
-            raise ValueError(
-                f"the text has {len(token_ids)} tokens, but one window of max_length="
-                f"{max_length} needs {max_length + 1} (inputs plus the shifted target): "
-                "use more text or a smaller max_length.")
+            raise TextTooShort(len(token_ids), max_length)
         self.token_ids, self.max_length, self.stride = token_ids, max_length, stride
         # The book's loop: for i in range(0, len(token_ids) - max_length, stride)
         self.num_windows = len(range(0, len(token_ids) - max_length, stride))
@@ -139,11 +142,30 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
                       drop_last=drop_last, num_workers=num_workers)
 
 
+class TextTooShort(ValueError):
+    """Fewer tokens than one window needs; the commands say it in their flags' words."""
+
+    def __init__(self, n_tokens, max_length):
+        super().__init__(f"the text has {n_tokens} tokens, but one window of max_length="
+                         f"{max_length} needs {max_length + 1} (inputs plus the shifted "
+                         "target): use more text or a smaller max_length.")
+        self.n_tokens, self.max_length = n_tokens, max_length
+
+
 # ---- Beyond the book: reading and downloading files ----
 
 def utf8_error(path, err):
     """The ValueError for a file that is not UTF-8 (err: the UnicodeDecodeError),
-    naming the file and the first line that does not decode."""
+    naming the file and the first line that does not decode; a file that is no
+    text at all (an archive, say) is named as such."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            start = f.read(4096)
+        kind = next((name for magic, name in BINARY_MAGIC if start.startswith(magic)),
+                    "binary" if b"\0" in start else None)
+        if kind:
+            return ValueError(f"{path} is not a text file (it is {kind} data): give UTF-8 text "
+                              "files, and unpack an archive first.")
     line, byte = None, err.object[err.start:err.start + 1]
     with contextlib.suppress(OSError):
         with open(path, "rb") as f:  # err.start counts from the decoder's chunk, not the file
@@ -157,6 +179,10 @@ def utf8_error(path, err):
     return ValueError(f"{path}{where} is not UTF-8 text (byte 0x{byte.hex()}: {err.reason}). "
                       "Save it as UTF-8 first, e.g. `iconv -f latin1 -t utf-8 FILE > "
                       "FILE.utf8`.")
+
+
+BINARY_MAGIC = ((b"PK\x03\x04", "a zip archive's"), (b"\x1f\x8b", "gzip"),
+                (b"%PDF", "a PDF's"), (b"\x89PNG", "a PNG image's"))
 
 
 def read_text(path):
@@ -613,9 +639,9 @@ def count_tokens_cl100k(text):
 # ---- The chapter's demo ----
 
 def main(args):
-    raw_text = load_the_verdict(args.text, args.data_dir)
+    raw_text = load_the_verdict(args.data, args.data_dir)
     # Beyond the book: the demo's batches need this many tokens of the user's text
-    needed = max(8 * 4, args.batch_size * args.max_length) + 1
+    needed = max(8 * 4, args.batch_size * args.context_length) + 1
     n_tokens = len(bpe_tokenizer().encode(raw_text, allowed_special={"<|endoftext|>"}))
     if n_tokens < needed:
         raise ValueError(f"The text has {n_tokens} tokens, but the demo's batches need "
@@ -679,11 +705,11 @@ def main(args):
     print("Embedding weights:\n", embedding_layer.weight)
     print("Embedding of ids [2, 3, 5, 1]:\n", embedding_layer(torch.tensor([2, 3, 5, 1])))
 
-    vocab_size, output_dim, context_length = 50257, args.emb_dim, args.max_length
+    vocab_size, output_dim, context_length = 50257, args.emb_dim, args.context_length
     token_embedding_layer = torch.nn.Embedding(vocab_size, output_dim)
     pos_embedding_layer = torch.nn.Embedding(context_length, output_dim)
     dataloader = create_dataloader_v1(raw_text, batch_size=args.batch_size,
-                                      max_length=args.max_length, stride=args.max_length,
+                                      max_length=args.context_length, stride=args.context_length,
                                       shuffle=False)
     inputs, targets = next(iter(dataloader))
     token_embeddings = token_embedding_layer(inputs)
@@ -700,16 +726,21 @@ def main(args):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 2 demo: tokenizers, sliding-window dataloader, embeddings.",
-        formatter_class=HelpFormatter)
-    parser.add_argument("--text", default=None,
+        formatter_class=HelpFormatter,
+        epilog='example: python ch02_data.py --data my_text.txt --context-length 8')
+    parser.add_argument("--data", default=None, metavar="FILE",
                         help="UTF-8 text file to use; default: download the book's "
                              "the-verdict.txt into --data-dir")
+    parser.add_argument("--text", dest="data", default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # the earlier name, still accepted
     parser.add_argument("--data-dir", default="data",
                         help="folder for downloaded data")
     parser.add_argument("--batch-size", type=number(int, at_least=1), default=8,
                         help="batch size of the embedding demo")
-    parser.add_argument("--max-length", type=number(int, at_least=1), default=4,
-                        help="tokens per window (and context length) in the embedding demo")
+    parser.add_argument("--context-length", type=number(int, at_least=1), default=4,
+                        help="tokens per window (the book's max_length) in the embedding demo")
+    parser.add_argument("--max-length", dest="context_length", type=number(int, at_least=1),
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--emb-dim", type=number(int, at_least=1), default=256,
                         help="embedding size in the embedding demo")
     return parser

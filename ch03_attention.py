@@ -388,7 +388,8 @@ def main(args):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 3 demo: self-attention, causal attention, multi-head attention.",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter,
+        epilog='example: python ch03_attention.py --out runs/ch03')
     parser.add_argument("--out", default="runs/ch03",
                         help="folder for the attention-weights heatmap PNG")
     return parser

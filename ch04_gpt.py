@@ -216,8 +216,12 @@ def get_device(name="auto", log=print):
         else:
             name = "cpu"
     elif name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU "
-                         "(is this a CPU build of torch?). Use --device auto or cpu.")
+        why = ("this PyTorch is a CPU build: install a CUDA build (see pytorch.org)"
+               if torch.version.cuda is None else
+               f"this PyTorch is built for CUDA {torch.version.cuda}, but no GPU answers: check "
+               "the driver (nvidia-smi) and CUDA_VISIBLE_DEVICES")
+        raise ValueError(f"--device cuda was asked for, but PyTorch sees no CUDA GPU ({why}). "
+                         "Or use --device auto or cpu.")
     elif name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps was asked for, but MPS is not available "
                          "(it needs Apple silicon and macOS 12.3+). Use --device auto or cpu.")
@@ -390,7 +394,7 @@ class GraphedStep:
 def main(args):
     torch.set_printoptions(precision=4, sci_mode=False)
     tokenizer = tiktoken.get_encoding("gpt2")
-    cfg = gpt_config(args.model)
+    cfg = gpt_config(args.model_size)
 
     # 4.1: a batch of two texts
     batch = torch.stack([torch.tensor(tokenizer.encode(t))
@@ -398,7 +402,7 @@ def main(args):
     print("Input batch:\n", batch)
 
     # 4.2: layer normalization
-    torch.manual_seed(123)
+    torch.manual_seed(args.seed)
     batch_example = torch.randn(2, 5)
     layer = nn.Sequential(nn.Linear(5, 6), nn.ReLU())
     out = LayerNorm(emb_dim=6)(layer(batch_example))
@@ -409,11 +413,11 @@ def main(args):
     layer_sizes, sample_input = [3, 3, 3, 3, 3, 1], torch.tensor([[1., 0., -1.]])
     for use_shortcut in (False, True):
         print(f"Gradients, use_shortcut={use_shortcut}:")
-        torch.manual_seed(123)
+        torch.manual_seed(args.seed)
         print_gradients(ExampleDeepNeuralNetwork(layer_sizes, use_shortcut), sample_input)
 
     # 4.6: the full model
-    torch.manual_seed(123)
+    torch.manual_seed(args.seed)
     model = GPTModel(cfg)
     out = model(batch)
     print("Output shape:", tuple(out.shape))
@@ -437,12 +441,16 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 4 demo: build GPT-2 124M, count its parameters, and let "
                     "the untrained model continue a prompt.",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter,
+        epilog='example: python ch04_gpt.py --model-size tiny --prompt "Hello, I am"')
     parser.add_argument("--prompt", default="Hello, I am", help="text to continue")
     parser.add_argument("--max-new-tokens", type=number(int, at_least=1), default=10,
                         help="tokens to generate")
-    parser.add_argument("--model", default="124M", choices=list(MODEL_CONFIGS),
+    parser.add_argument("--model-size", default="124M", choices=list(MODEL_CONFIGS),
                         help="model size (the book uses 124M)")
+    parser.add_argument("--model", dest="model_size", choices=list(MODEL_CONFIGS),
+                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the earlier name
+    parser.add_argument("--seed", type=int, default=123, help="random seed")
     return parser
 
 

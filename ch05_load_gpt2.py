@@ -63,7 +63,15 @@ def download_gpt2(model_size, models_dir, base_urls=BASE_URLS):
                          f"the sizes are {', '.join(ALLOWED_SIZES)}.")
     model_dir = Path(models_dir) / model_size
     for filename in FILENAMES:
-        fetch_gpt2_file(model_dir / filename, model_size, base_urls)
+        try:
+            fetch_gpt2_file(model_dir / filename, model_size, base_urls)
+        except DownloadError as err:  # offline, say: every file still needed, and a way around
+            missing = [n for n in FILENAMES if not (model_dir / n).exists()]
+            raise DownloadError(
+                f"{err}\nGPT-2 {model_size} needs these {len(missing)} files of OpenAI's release "
+                f"in {model_dir}: {', '.join(missing)}. Without them, ch06_classify.py and "
+                "ch07_instruct.py run with --no-pretrained (random weights) or --init-from "
+                "(a model of yours).") from None
     # Beyond the book: a file is used only if it is whole. A damaged one (an error
     # page saved as JSON, a cut download) is moved aside and fetched once more.
     for filename in CHECKED_IN_ORDER:
@@ -657,7 +665,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Load OpenAI's GPT-2 weights into our GPTModel and generate text "
                     "(downloads once; later runs work offline).",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter,
+        epilog=('example: python ch05_load_gpt2.py --model-size 355M --prompt "Every '
+                'effort moves you"'))
     parser.add_argument("--model-size", default="124M", choices=ALLOWED_SIZES,
                         help="which GPT-2 checkpoint")
     parser.add_argument("--models-dir", default="gpt2",

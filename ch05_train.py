@@ -28,9 +28,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ch02_data import (EOT, DownloadError, GPTDatasetV1, HelpFormatter, atomic_path,
-                       bpe_tokenizer, build_token_file, collect_text_files, load_the_verdict,
-                       move_aside, number, plain_warnings, read_text, refuse_overwrite, run_lock)
+from ch02_data import (EOT, DownloadError, GPTDatasetV1, HelpFormatter, TextTooShort,
+                       atomic_path, bpe_tokenizer, build_token_file, collect_text_files,
+                       load_the_verdict, move_aside, number, plain_warnings, read_text,
+                       refuse_overwrite, run_lock)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import (MODEL_CONFIGS, GPTModel, add_device_argument, cached_step,
                       generate_text_simple, get_device, gpt_config, new_kv_cache,
@@ -784,13 +785,9 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
     sampler, accum = train_loader.sampler, settings["grad_accum"]
     step_samples = accum * sampler.global_batch
     epoch_samples = len(train_loader) // accum * step_samples
-    total_steps = len(train_loader) // accum * settings["epochs"]
-    last_step = min(total_steps, settings["max_steps"] or total_steps) - 1
+    total_steps, last_step = step_counts(train_loader, settings)
     path = Path(out_dir) / "checkpoint.pt"
-    if state["step"] >= last_step:
-        raise ValueError(f"The checkpoint is at step {state['step']}, the last of the "
-                         f"{last_step + 1} steps asked for: give a larger --max-steps or "
-                         "--epochs to go on.")
+    refuse_finished(state["step"], last_step)
     saved_step = state["step"] if path.exists() and state["step"] >= 0 else None
     started = time.perf_counter() - state["seconds"]
     if is_main:
@@ -830,9 +827,10 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
             if epoch_over:
                 state.update(epoch=state["epoch"] + 1, samples_done=0, epoch_seed=None)
                 batches = None
-                if is_main:
-                    generate_and_print_sample(_unwrap(model), tokenizer, device,
-                                              settings["prompt"])
+                if is_main:  # printed above the progress bar, which is drawn again below
+                    with tqdm.external_write_mode():
+                        generate_and_print_sample(_unwrap(model), tokenizer, device,
+                                                  settings["prompt"])
             stop = in_any_process(stopper.signal is not None, device, sync)
             if saving or stop:
                 saved_step = save_training(path, model, cfg, optimizer, settings, state, device,
@@ -847,6 +845,18 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
     finally:
         bar.close()
     return state
+
+
+def step_counts(train_loader, settings):
+    """(the schedule's steps over all --epochs, the last step this run takes)."""
+    total_steps = len(train_loader) // settings["grad_accum"] * settings["epochs"]
+    return total_steps, min(total_steps, settings["max_steps"] or total_steps) - 1
+
+
+def refuse_finished(step, last_step):
+    if step >= last_step:
+        raise ValueError(f"The checkpoint is at step {step}, the last of the {last_step + 1} "
+                         "steps asked for: give a larger --max-steps or --epochs to go on.")
 
 
 def record_evaluation(model, loaders, device, settings, state, lr, out_dir, stopper,
@@ -991,9 +1001,11 @@ def load_corpus(settings, tokenizer, rank, log):
 def _windows(make_dataset, split_name, ctx):
     try:
         return make_dataset()
-    except ValueError as err:
-        raise ValueError(f"The {split_name} split is too short for --context-length {ctx}: "
-                         f"{err}") from None
+    except TextTooShort as err:
+        raise ValueError(f"The {split_name} split is too short for --context-length {ctx}: it "
+                         f"has {err.n_tokens} tokens, and one window needs {ctx + 1} (inputs "
+                         "plus the shifted target). Give more text, or a smaller "
+                         "--context-length.") from None
 
 
 def make_loaders(train_set, val_set, settings, device, rank, world_size):
@@ -1020,7 +1032,7 @@ def make_loaders(train_set, val_set, settings, device, rank, world_size):
 # given again takes the checkpoint's value; given again, a training setting takes
 # effect and a model setting is refused. Run settings are each run's own (the
 # checkpoint keeps --fast and --compile only to say when a resume drops them).
-MODEL_SETTINGS = ("model", "context_length")
+MODEL_SETTINGS = ("model_size", "context_length")
 TRAINING_SETTINGS = ("data", "train_ratio", "memmap", "memmap_above_mb", "batch_size",
                      "grad_accum", "lr", "weight_decay", "schedule", "warmup_steps", "initial_lr",
                      "min_lr", "grad_clip", "epochs", "max_steps", "drop_rate", "eval_freq",
@@ -1044,17 +1056,19 @@ def resolve_settings(args, ckpt=None, data_size=corpus_bytes):
     settings = {k: getattr(args, k) for k in MODEL_SETTINGS + TRAINING_SETTINGS + RUN_SETTINGS}
     messages, flag = [], lambda key: "--" + key.replace("_", "-")  # noqa: E731
     if ckpt is not None:
-        saved = ckpt.get("settings")
+        saved = dict(ckpt.get("settings") or {})
+        if "model" in saved:  # the name of --model-size in earlier checkpoints
+            saved.setdefault("model_size", saved.pop("model"))
         if not saved:
             raise ValueError(f"{args.resume} was written by an older ch05_train.py, which did "
                              "not save its settings; it cannot be resumed by this version.")
         clashes = [f"{flag(k)} {settings[k]}" for k in MODEL_SETTINGS
                    if k in args.given and settings[k] != saved[k]]
         if clashes:
-            raise ValueError(f"The checkpoint {args.resume} holds a {saved['model']!r} model "
-                             f"with context length {saved['context_length']}, not "
-                             f"{', '.join(clashes)}. Leave out --model and --context-length "
-                             "to resume it.")
+            raise ValueError(f"The checkpoint {args.resume} holds a {saved['model_size']!r} "
+                             f"model with context length {saved['context_length']}, not "
+                             f"{', '.join(clashes)}. Leave out --model-size and "
+                             "--context-length to resume it.")
         changed = [f"{flag(k)} {saved[k]} -> {settings[k]}" for k in TRAINING_SETTINGS
                    if k in args.given and settings[k] != saved[k]]
         if changed:
@@ -1192,6 +1206,8 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     tokenizer = bpe_tokenizer()
     train_set, val_set = load_corpus(settings, tokenizer, rank, log)
     loaders = make_loaders(train_set, val_set, settings, device, rank, world_size)
+    if ckpt:  # before building anything: a finished run has nothing to resume
+        refuse_finished(ckpt["step"], step_counts(loaders[0], settings)[1])
     log(f"Training windows: {len(train_set)}, validation windows: {len(val_set)}; "
         f"{len(loaders[0]) // settings['grad_accum']} steps per epoch with {world_size} "
         "process(es)")
@@ -1199,7 +1215,7 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     plan = speed_plan(settings["fast"], settings["compile"], device)
     log(describe_speed(plan, settings["fast"], settings["compile"]))
     cfg = ({**ckpt["config"], "drop_rate": settings["drop_rate"]} if ckpt else
-           gpt_config(settings["model"], context_length=settings["context_length"],
+           gpt_config(settings["model_size"], context_length=settings["context_length"],
                       drop_rate=settings["drop_rate"]))
     torch.manual_seed(settings["seed"])
     model = GPTModel(cfg)
@@ -1218,22 +1234,23 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # the only buffers are the constant causal masks
 
+    log(f"Model: {settings['model_size']}, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters, context {cfg['context_length']}; data: "
+        f"{', '.join(map(str, settings['data'] or ['the-verdict.txt']))}, "
+        f"{len(train_set.token_ids) + len(val_set.token_ids):,} tokens; output: {out_dir}")
     start = time.perf_counter()
-    state = train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, out_dir,
-                  stopper, is_main=is_main)
+    try:
+        state = train(model, cfg, loaders, optimizer, device, tokenizer, settings, state,
+                      out_dir, stopper, is_main=is_main)
+    except (Stopped, Diverged):
+        if is_main:  # the curves so far, drawn from the history train() keeps in place
+            plot_history(state["history"], settings, out_dir, log)
+        raise
     seconds = time.perf_counter() - start
     history = state["history"]
     if is_main:
         log(f"Training took {seconds / 60:.2f} min; {state['tokens_seen']:,} tokens seen")
-        if history["log"]:
-            rows = history["log"]
-            plot_losses([r["epochs_seen"] for r in rows], [r["tokens_seen"] for r in rows],
-                        [r["train_loss"] for r in rows], [r["val_loss"] for r in rows],
-                        out_dir / "loss-plot.png")
-            log(f"Saved {out_dir / 'loss-plot.png'}")
-        if settings["schedule"] == "cosine" and history["lrs"]:
-            plot_lrs(history["lrs"], out_dir / "lr-schedule.png")
-            log(f"Saved {out_dir / 'lr-schedule.png'}")
+        plot_history(history, settings, out_dir, log)
         log(f"Saved {out_dir / 'checkpoint.pt'}")
         # 5.3: the trained model with temperature scaling and top-k sampling
         raw_model.eval()
@@ -1274,12 +1291,28 @@ class FlagsTypedParser(argparse.ArgumentParser):
         return parsed, extras
 
 
+def plot_history(history, settings, out_dir, log):
+    """loss-plot.png from the evaluations so far, and lr-schedule.png for cosine."""
+    if history["log"]:
+        rows = history["log"]
+        plot_losses([r["epochs_seen"] for r in rows], [r["tokens_seen"] for r in rows],
+                    [r["train_loss"] for r in rows], [r["val_loss"] for r in rows],
+                    out_dir / "loss-plot.png")
+        log(f"Saved {out_dir / 'loss-plot.png'}")
+    if settings["schedule"] == "cosine" and history["lrs"]:
+        plot_lrs(history["lrs"], out_dir / "lr-schedule.png")
+        log(f"Saved {out_dir / 'lr-schedule.png'}")
+
+
 def build_parser():
     parser = FlagsTypedParser(
         description="Pretrain a GPT model (the book's chapter 5 run by default: GPT-2 124M "
                     "with context 256 on the-verdict, 10 epochs). On --resume, every flag "
                     "not given again keeps the checkpoint's value.",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter,
+        epilog=('examples: python ch05_train.py --data my_texts/ --epochs 1 --out '
+                'runs/mine;  python ch05_train.py --generate "Every effort moves you" '
+                '--from runs/mine/checkpoint.pt'))
     positive = number(int, at_least=1)
     data = parser.add_argument_group("data")
     data.add_argument("--data", nargs="+", default=None, metavar="PATH",
@@ -1294,8 +1327,10 @@ def build_parser():
     data.add_argument("--memmap-above-mb", type=number(float, at_least=0), default=100.0,
                       help="corpus size above which the token file is used")
     model = parser.add_argument_group("model (on --resume, the checkpoint's)")
-    model.add_argument("--model", default="124M", choices=list(MODEL_CONFIGS),
+    model.add_argument("--model-size", default="124M", choices=list(MODEL_CONFIGS),
                        help="GPT-2 size, or 'tiny' for quick tests")
+    model.add_argument("--model", dest="model_size", choices=list(MODEL_CONFIGS),
+                       default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the earlier name
     model.add_argument("--context-length", type=positive, default=256,
                        help="tokens per training window (GPT-2 itself uses 1024)")
     model.add_argument("--drop-rate", type=number(float, at_least=0, below=1), default=0.1,

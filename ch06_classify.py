@@ -46,7 +46,8 @@ LABELS = {"ham": 0, "spam": 1}
 # ---- 6.2 Preparing the dataset ----
 
 def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path,
-                                 backup_urls=(SPAM_BACKUP_URL,), reuse_extracted=True):
+                                 backup_urls=(SPAM_BACKUP_URL,), reuse_extracted=True,
+                                 named=False):
     data_file_path = Path(data_file_path)
     if reuse_extracted and data_file_path.exists():  # beyond the book: a named zip is used
         print(f"{data_file_path} already exists. Skipping download and extraction.")
@@ -60,9 +61,10 @@ def download_and_unzip_spam_data(url, zip_path, extracted_path, data_file_path,
                                  f"{', '.join(names[:5]) or 'nothing'}); give the UCI SMS Spam "
                                  "Collection zip.")
             zip_ref.extractall(extracted_path)
-    except zipfile.BadZipFile as err:
-        raise ValueError(f"{zip_path} is not a whole zip file ({err}): delete it to download "
-                         "it again, or name another with --data.") from None
+    except zipfile.BadZipFile as err:  # a file the user named is theirs: never advise deleting it
+        fix = ("give the UCI SMS Spam Collection zip with --data" if named else
+               "delete it to download it again, or name another with --data")
+        raise ValueError(f"{zip_path} is not a whole zip file ({err}): {fix}.") from None
     # Add a .tsv extension: the file is tab-separated
     (Path(extracted_path) / "SMSSpamCollection").replace(data_file_path)
     print(f"Extracted {zip_path} to {data_file_path}")
@@ -151,10 +153,10 @@ class SpamDataset(Dataset):
 # ---- 6.5 Adding a classification head (and choosing what trains) ----
 
 def prepare_classifier(model, cfg, trainable="last_block", lora_rank=None, lora_alpha=None,
-                       num_classes=2, say=lambda *args: None):
+                       num_classes=2, say=lambda *args: None, seed=123):
     """Put a new classification head on `model`, then choose what trains: the
     head plus `trainable` (6.5), or, with lora_rank, LoRA matrices only (appendix E)."""
-    torch.manual_seed(123)
+    torch.manual_seed(seed)
     model.out_head = nn.Linear(cfg["emb_dim"], num_classes)
     if lora_rank:
         return freeze_and_add_lora(model, lora_rank, lora_alpha, say)
@@ -410,7 +412,7 @@ def finetune(args, classifier_path, device):
     test_dataset = SpamDataset(data_dir / "test.csv", tokenizer, max_length=max_length)
     print("Longest training text (tokens):", max_length)
 
-    torch.manual_seed(123)
+    torch.manual_seed(args.seed)
     train_loader = DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True,
                               drop_last=True)
     val_loader = DataLoader(val_dataset, batch_size=args.batch_size)
@@ -421,17 +423,17 @@ def finetune(args, classifier_path, device):
 
     # 6.5 Adding a classification head
     model = prepare_classifier(model, cfg, args.trainable, args.rank if args.lora else None,
-                               args.alpha, say=print)
+                               args.alpha, say=print, seed=args.seed)
     model.to(device)
     plan = speed_up_finetuning(model, args.fast, device)
     print(f"Trainable parameters: {count_trainable(model):,}")
-    torch.manual_seed(123)  # the book seeds before the first accuracies (dropout-free)
+    torch.manual_seed(args.seed)  # the book seeds before the first accuracies (dropout-free)
     for name, loader in zip(("Training", "Validation", "Test"), loaders.values()):
         print(f"{name} accuracy before finetuning: "
               f"{calc_accuracy_loader(loader, model, device, num_batches=10) * 100:.2f}%")
 
     # 6.7 Fine-tuning the model on supervised data
-    torch.manual_seed(123)
+    torch.manual_seed(args.seed)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
     train_losses, val_losses, train_accs, val_accs, examples_seen = train_classifier_simple(
         model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
@@ -469,7 +471,7 @@ def prepare_spam_data(args):
     data_file = download_and_unzip_spam_data(
         SPAM_URL, args.data or data_dir / "sms_spam_collection.zip",
         data_dir / "sms_spam_collection", data_dir / "SMSSpamCollection.tsv",
-        reuse_extracted=not args.data)
+        reuse_extracted=not args.data, named=bool(args.data))
     rows = read_spam_data(data_file)
     counts = {label: sum(r[0] == label for r in rows) for label in LABELS}
     if min(counts.values()) < 10:  # fewer leave a split empty
@@ -500,7 +502,7 @@ def base_model(args, without_weights):
         return load_gpt2_model(args.model_size, args.models_dir)
     print(f"Note: --no-pretrained, so the model starts from random weights; {without_weights}.")
     cfg = gpt_config(args.model_size, context_length=1024, drop_rate=0.0, qkv_bias=True)
-    torch.manual_seed(123)
+    torch.manual_seed(args.seed)
     return GPTModel(cfg), cfg
 
 
@@ -548,6 +550,9 @@ def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
     parser.add_argument("--eval-iter", type=positive, default=5, help="batches per evaluation")
     parser.add_argument("--overwrite", action="store_true", help=overwrite_help)
     add_device_argument(parser)
+    parser.add_argument("--seed", type=int, default=123,
+                        help="random seed of the new weights, the batch order and dropout (the "
+                             "data splits keep the book's)")
     parser.add_argument("--model-size", default=model_size,
                         choices=[*ALLOWED_SIZES, "tiny"],
                         help="GPT-2 size ('tiny' only with --no-pretrained)")
@@ -572,7 +577,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Finetune GPT-2 as an SMS spam classifier (the book's chapter 6, with "
                     "appendix E's LoRA), or classify texts with the saved classifier.",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter,
+        epilog=('examples: python ch06_classify.py --lora --rank 16 --alpha 16;  python '
+                'ch06_classify.py --classify "You won a prize, reply now"'))
     parser.add_argument("--data", default=None, metavar="ZIP",
                         help="a local sms_spam_collection.zip; default: download it")
     parser.add_argument("--data-dir", default="data/spam",

@@ -441,7 +441,7 @@ def finetune(args, model_path, responses_path):
     model, cfg = base_model(args, "its responses will be gibberish. Use it to try the "
                                   "pipeline, not the model")
     if args.lora:  # exercise 7.4: only the LoRA matrices train
-        torch.manual_seed(123)
+        torch.manual_seed(args.seed)
         freeze_and_add_lora(model, args.rank, args.alpha, say=print)
     model.to(device)
     plan = speed_up_finetuning(model, args.fast, device)
@@ -452,20 +452,20 @@ def finetune(args, model_path, responses_path):
     make_loader = lambda data, train: DataLoader(  # noqa: E731
         InstructionDataset(data, tokenizer, mask_instructions=args.mask_instructions),
         batch_size=args.batch_size, collate_fn=collate, shuffle=train, drop_last=train)
-    torch.manual_seed(123)
+    torch.manual_seed(args.seed)
     train_loader, val_loader = make_loader(train_data, True), make_loader(val_data, False)
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_data)} training entries do not fill one batch of "
                          f"{args.batch_size}; lower --batch-size or raise --limit.")
 
-    torch.manual_seed(123)
+    torch.manual_seed(args.seed)
     with torch.no_grad():
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=5)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=5)
     print(f"Training loss before finetuning: {train_loss:.3f}, validation loss: {val_loss:.3f}")
 
     # 7.6 Fine-tuning the LLM on instruction data
-    torch.manual_seed(123)
+    torch.manual_seed(args.seed)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
     train_losses, val_losses, tokens_seen = train_model_simple(
         model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
@@ -536,7 +536,10 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Instruction-finetune GPT-2 (the book's chapter 7), write responses for "
                     "the test set, score them with a judge model, or chat with the result.",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter,
+        epilog=('examples: python ch07_instruct.py --model-size tiny --no-pretrained '
+                '--limit 40 --max-new-tokens 20 (about a minute);  python '
+                'ch07_instruct.py --chat'))
     parser.add_argument("--data", default=None, metavar="JSON",
                         help="a local instruction-data.json; default: download it")
     parser.add_argument("--data-dir", default="data", help="folder for downloaded data")

@@ -250,11 +250,26 @@ def test_too_short_text_says_how_many_tokens(tokenizer):
 
 
 def test_chapter2_main(verdict_path):
-    args = args_of(ch02, ["--text", str(verdict_path), "--emb-dim", "64"])
+    args = args_of(ch02, ["--data", str(verdict_path), "--emb-dim", "64"])
     assert ch02.main(args).shape == (8, 4, 64)
 
 
 # ---- Chapter 2, beyond the book: files, downloads, token files, fixed positions ----
+
+
+def test_offline_tokenizer_and_missing_gpu_errors_say_what_to_do(monkeypatch):
+    def offline(name):
+        raise ch02.requests.ConnectionError("HTTPSConnectionPool(host='openaipublic...')")
+    monkeypatch.setattr(ch02.tiktoken, "get_encoding", offline)
+    with pytest.raises(ch02.DownloadError, match=r"tiktoken could not download GPT-2's "
+                                                 r"vocabulary .*set TIKTOKEN_CACHE_DIR"):
+        ch02.bpe_tokenizer()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for build, words in [(None, "this PyTorch is a CPU build"),
+                         ("12.4", "this PyTorch is built for CUDA 12.4, but no GPU answers")]:
+        monkeypatch.setattr(torch.version, "cuda", build)
+        with pytest.raises(ValueError, match=rf"--device cuda was asked for.*\({words}"):
+            ch04.get_device("cuda", log=lambda *a: None)
 
 
 def test_read_text_errors(tmp_path):
@@ -520,7 +535,7 @@ def test_gpt_config_sizes():
 
 
 def test_chapter4_main_runs_tiny():
-    args = args_of(ch04, ["--max-new-tokens", "3", "--model", "tiny"])
+    args = args_of(ch04, ["--max-new-tokens", "3", "--model-size", "tiny"])
     assert ch04.main(args).shape == (1, 7)  # "Hello, I am" and 3 new tokens
 
 
@@ -773,7 +788,7 @@ def train_args(tmp_path, *extra):
     """The command's arguments for a small, fast run on the-verdict (on the CPU
     unless `extra` names a --device)."""
     return args_of(ch05, 
-        ["--data", str(SHARED / "data" / "the-verdict.txt"), "--model", "tiny",
+        ["--data", str(SHARED / "data" / "the-verdict.txt"), "--model-size", "tiny",
          "--context-length", "32", "--batch-size", "2", "--eval-iter", "2", "--device", "cpu",
          "--out", str(tmp_path), *extra])
 
@@ -1026,7 +1041,7 @@ def test_any_interruption_resumes_exactly(where, device, reference, short_text, 
 
 
 def test_sigterm_from_outside_saves_and_exits_143(tmp_path, short_text):
-    args = ["ch05_train.py", "--data", str(short_text), "--model", "tiny", "--context-length",
+    args = ["ch05_train.py", "--data", str(short_text), "--model-size", "tiny", "--context-length",
             "32", "--batch-size", "4", "--eval-iter", "1", "--eval-freq", "1", "--epochs", "500",
             "--device", "cpu", "--out", str(tmp_path)]
     proc = subprocess.Popen([sys.executable, *args], cwd=HERE, stdout=subprocess.PIPE,
@@ -1043,6 +1058,10 @@ def test_sigterm_from_outside_saves_and_exits_143(tmp_path, short_text):
                                err).group(1))
     assert ch05.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == stopped_at
     assert [int(r["step"]) for r in log_rows(tmp_path / "log.csv")] == list(range(stopped_at + 1))
+    assert (tmp_path / "loss-plot.png").stat().st_size > 0  # the curves so far, also when stopped
+    assert f"Saved {tmp_path / 'loss-plot.png'}" in out
+    assert re.search(r"Model: tiny, [\d,]+ parameters, context 32; data: .*short\.txt, [\d,]+ "
+                     r"tokens; output: ", out)  # the run's header
 
 
     # resuming after a SIGTERM is exact: the "SIGTERM" case of the interruption test
@@ -1061,11 +1080,16 @@ def test_resume_keeps_the_checkpoints_settings_unless_given(tmp_path, capsys):
     assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.5
     assert saved["settings"]["max_steps"] == 4
     with pytest.raises(ValueError, match=r"holds a 'tiny' model with context length 32, not "
-                                         r"--model 124M, --context-length 16\. Leave out"):
-        ch05.main(args_of(ch05, ["--resume", checkpoint, "--model", "124M",
+                                         r"--model-size 124M, --context-length 16\. Leave out"):
+        ch05.main(args_of(ch05, ["--resume", checkpoint, "--model-size", "124M",
                                    "--context-length", "16", "--max-steps", "9"]))
+    capsys.readouterr()
     with pytest.raises(ValueError, match="at step 3, the last of the 4 steps"):
         ch05.main(args_of(ch05, ["--resume", checkpoint, "--device", "cpu"]))
+    assert "Resumed" not in capsys.readouterr().out  # refused before it claims to resume
+    # inputs are checked before outputs: a missing --data is named, not the run already there
+    with pytest.raises(FileNotFoundError, match=r"--data path not found: .*missing\.txt"):
+        ch05.main(train_args(tmp_path, "--data", str(tmp_path / "missing.txt")))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1182,7 +1206,7 @@ def test_every_flag_is_classified_once_and_explained():
     """A flag changes the model, or is a training setting that may change on
     resume, or belongs to one run: exactly one of them, so a resume treats it right."""
     parser = ch05.build_parser()
-    flags = sorted(a.dest for a in parser._actions if a.dest != "help")
+    flags = sorted({a.dest for a in parser._actions if a.dest != "help"})  # aliases: one dest
     kinds = ch05.MODEL_SETTINGS + ch05.TRAINING_SETTINGS + ch05.RUN_SETTINGS
     assert sorted(kinds) == flags  # each flag in one kind, none twice, none left out
     assert all(a.help for a in parser._actions)
@@ -1241,8 +1265,13 @@ def test_bad_data_errors(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Just a few words here. " * 5, encoding="utf-8")
     with pytest.raises(ValueError, match=r"training split is too short for --context-length "
-                                         r"32: the text has \d+ tokens, but .* needs 33"):
+                                         r"32: it has \d+ tokens, and one window needs 33 .*"
+                                         r"or a smaller --context-length\.$"):
         ch05.main(train_args(tmp_path / "a", "--data", str(short)))
+    archive = spam_zip(tmp_path / "texts.zip", {"a.txt": "Some text. " * 2000})
+    with pytest.raises(ValueError, match=r"texts\.zip is not a text file \(it is a zip archive's "
+                                         r"data\): give UTF-8 text files, and unpack"):
+        ch05.main(train_args(tmp_path / "z", "--data", str(archive)))
     short.write_text("Just a few words here. " * 40, encoding="utf-8")
     with pytest.raises(ValueError, match=r"training split has \d+ windows .* one step needs 64 "
                                          r"windows.*--context-length"):
@@ -1308,7 +1337,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, short_text
     """2 processes x micro-batch 1 x --grad-accum 2 see the same windows per step
     as 1 process x micro-batch 2 x --grad-accum 2; a 2-process checkpoint then
     resumes in 1 process."""
-    common = ["--data", str(short_text), "--model", "tiny", "--context-length", "32",
+    common = ["--data", str(short_text), "--model-size", "tiny", "--context-length", "32",
               "--drop-rate", "0", "--epochs", "2", "--eval-freq", "2", "--eval-iter", "2",
               "--grad-accum", "2", "--device", "cpu"]
     ch05.main(args_of(ch05, [*common, "--batch-size", "2", "--max-steps", "5",
@@ -1633,7 +1662,9 @@ def test_a_model_pth_of_another_size_or_kind_is_converted_again(gpt2_server, tmp
 def test_gpt2_download_that_keeps_failing_says_what_to_do(gpt2_server, tmp_path):
     gpt2_server.missing.update(f"/{b}/tiny/checkpoint" for b in ("primary", "mirror"))
     with pytest.raises(ch02.DownloadError, match=r"(?s)checkpoint.*primary/tiny/checkpoint.*"
-                                           r"mirror/tiny/checkpoint.*place it at"):
+                                           r"mirror/tiny/checkpoint.*place it at.*GPT-2 tiny needs "
+                                           r"these 7 files .*: checkpoint, encoder\.json, .*"
+                                           r"vocab\.bpe\. Without them, .*--no-pretrained"):
         gpt2.download_and_load_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary",
                                                                   gpt2_server.url + "/mirror"])
 
@@ -1997,8 +2028,9 @@ def bad_chapter6_input(tmp_path, case):
     (tmp_path / "latin.txt").write_bytes("Gagnez un café".encode("latin-1"))
     (tmp_path / "folder").mkdir()
     return {
-        "not a zip": (["--data", str(tmp_path / "page.zip")], ValueError,
-                      r"page\.zip is not a whole zip file .*delete it"),
+        "not a zip": (["--data", str(tmp_path / "page.zip")], ValueError,  # the user's file:
+                      r"page\.zip is not a whole zip file \((?!.*delete).*give the UCI SMS Spam "
+                      r"Collection zip with --data\.$"),  # never advise deleting it
         "cut zip": (["--data", str(tmp_path / "cut.zip")], ValueError, r"cut\.zip is not a whole"),
         "no data in the zip": (["--data", str(spam_zip(tmp_path / "other.zip",
                                                        {"readme.txt": "hi"}))],
@@ -2425,6 +2457,38 @@ def test_finetuning_flags_refuse_values_out_of_range(flag, value, words, capsys)
         assert exit_.value.code == 2 and f"argument {flag}: {words}" in capsys.readouterr().err
 
 
+def test_each_shared_idea_has_one_flag_name_in_every_script():
+    """The model size, the input data, the context length, the seed and the device
+    have one name wherever a script has them; the earlier names still parse."""
+    parsers = {"ch02_data.py": ch02.build_parser(), "ch03_attention.py": ch03.build_parser(),
+               "ch04_gpt.py": ch04.build_parser(), "ch05_train.py": ch05.build_parser(),
+               "ch05_load_gpt2.py": gpt2.build_parser(), "ch06_classify.py": ch06.build_parser(),
+               "ch07_instruct.py": ch07.build_parser(), "bench.py": bench.build_parser()}
+    shown = {name: {flag for a in parser._actions if a.help != argparse.SUPPRESS
+                    for flag in a.option_strings} for name, parser in parsers.items()}
+    expected = {"--model-size": ["ch04_gpt.py", "ch05_train.py", "ch05_load_gpt2.py",
+                                 "ch06_classify.py", "ch07_instruct.py"],
+                "--data": ["ch02_data.py", "ch05_train.py", "ch06_classify.py",
+                           "ch07_instruct.py"],
+                "--context-length": ["ch02_data.py", "ch05_train.py"],
+                "--seed": ["ch04_gpt.py", "ch05_train.py", "ch05_load_gpt2.py",
+                           "ch06_classify.py", "ch07_instruct.py"],
+                "--device": ["ch05_train.py", "ch05_load_gpt2.py", "ch06_classify.py",
+                             "ch07_instruct.py", "bench.py"]}
+    for flag, scripts in expected.items():
+        assert [n for n in parsers if flag in shown[n]] == scripts, flag
+    for old in ("--model", "--text", "--max-length"):
+        assert not [n for n in parsers if old in shown[n]], old  # shown nowhere
+    for name in expected["--device"]:
+        device = next(a for a in parsers[name]._actions if a.dest == "device")
+        assert device.default == "auto", name
+    # the earlier spellings still run
+    assert args_of(ch05, ["--model", "tiny"]).model_size == "tiny"
+    assert args_of(ch04, ["--model", "tiny"]).model_size == "tiny"
+    assert args_of(ch02, ["--text", "a.txt", "--max-length", "8"]).data == "a.txt"
+    assert args_of(ch02, ["--max-length", "8"]).context_length == 8
+
+
 def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
     """Each script run as a user runs it: argparse's exit 2 for a flag out of
     range, exit 1 and one line naming the file for the rest."""
@@ -2432,7 +2496,7 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
     (tmp_path / "short.txt").write_text("Hi there.", encoding="utf-8")
     cases = [  # (command, exit status, what stderr says)
         (["ch05_load_gpt2.py", "--top-k", "0"], 2, "argument --top-k: must be at least 1, got 0"),
-        (["ch05_train.py", "--model", "tiny", "--out", str(tmp_path / "a_file")], 1,
+        (["ch05_train.py", "--model-size", "tiny", "--out", str(tmp_path / "a_file")], 1,
          f"error: --out {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a folder. "
          "Choose another --out."),
         (["ch06_classify.py", "--out", str(tmp_path / "a_file" / "sub"), "--no-pretrained"], 1,
@@ -2440,7 +2504,7 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
         (["-c", "import ch02_data, warnings; ch02_data.plain_warnings(); "
                 "warnings.warn('the prompt was cut')"], 0, "Warning: the prompt was cut\n"),
         (["bench.py", "--json", str(tmp_path)], 1, "is a folder; name a file"),
-        (["ch02_data.py", "--text", str(tmp_path / "short.txt")], 1,
+        (["ch02_data.py", "--data", str(tmp_path / "short.txt")], 1,
          "error: The text has 3 tokens, but the demo's batches need 33"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
