@@ -13,7 +13,9 @@ Imports from ch02_data.py, ch04_gpt.py, ch05_train.py, ch05_load_gpt2.py and
 ch06_classify.py (LoRA).
 """
 import argparse
+import contextlib
 import hashlib
+import importlib
 import json
 import re
 import sys
@@ -329,24 +331,62 @@ def load_finetuned(path, device="cpu"):
 
 def chat(model, tokenizer, device, context_size, max_new_tokens=256, temperature=0.0,
          top_k=None, stdin=None, out=None, top_p=None):
-    """Read instructions line by line; stream each response. An empty line or
-    end of input (Ctrl-D) ends the chat. Returns the responses."""
+    """Read instructions line by line and stream each response. Earlier turns stay
+    in the prompt while they fit the context (/reset forgets them). Ctrl-C stops
+    a response and returns to the prompt; an empty line, end of input (Ctrl-D)
+    or Ctrl-C at the prompt ends the chat. Returns the responses."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    responses = []
+    interactive = stdin is sys.stdin and sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # where the platform has it, input() then
+            importlib.import_module("readline")  # edits lines and keeps a history
+    responses, turns = [], []
     while True:
-        out.write(">>> ")
-        out.flush()
-        line = stdin.readline()
+        try:
+            line = input(">>> ") if interactive else read_line(stdin, out)
+        except (KeyboardInterrupt, EOFError):
+            line = ""
         if not line.strip():  # "" at end of input, "\n" for an empty line
             out.write("\n")
             return responses
-        prompt = format_input({"instruction": line.strip(), "input": ""}) + "\n\n### Response:\n"
-        idx = encode_prompt(prompt, tokenizer, context_size).to(device)
-        new_ids = stream_text(model, idx, tokenizer,
-                              answer_room(idx, context_size, max_new_tokens), context_size, out,
-                              temperature=temperature, top_k=top_k, top_p=top_p, eos_id=EOT_ID)
+        if line.strip() == "/reset":
+            turns = []
+            out.write("(earlier turns forgotten)\n")
+            continue
+        idx = chat_prompt(turns, line.strip(), tokenizer, context_size, max_new_tokens)
+        try:
+            new_ids = stream_text(model, idx.to(device), tokenizer,
+                                  answer_room(idx, context_size, max_new_tokens), context_size,
+                                  out, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  eos_id=EOT_ID)
+        except KeyboardInterrupt:
+            out.write(" [stopped]\n")
+            continue
         out.write("\n")
         responses.append(tokenizer.decode(new_ids).strip())
+        turns.append((line.strip(), responses[-1]))
+
+
+def read_line(stdin, out):
+    out.write(">>> ")
+    out.flush()
+    return stdin.readline()
+
+
+def chat_prompt(turns, instruction, tokenizer, context_size, max_new_tokens):
+    """The prompt for a new instruction after the earlier turns that fit the
+    context with room for an answer (at most half the context); the oldest go first."""
+    def text(kept):
+        asked = [format_input({"instruction": i, "input": ""}) + "\n\n### Response:\n"
+                 for i, _ in kept]
+        earlier = "".join(q + r + "\n\n" for q, (_, r) in zip(asked, kept))
+        return earlier + format_input({"instruction": instruction, "input": ""}) + \
+            "\n\n### Response:\n"
+    room = context_size - min(max_new_tokens, context_size // 2)
+    kept = list(turns)
+    while kept and len(tokenizer.encode(text(kept), disallowed_special=())) > room:
+        kept.pop(0)
+    return encode_prompt(text(kept), tokenizer, context_size)
 
 
 # ---- The chapter's run ----
@@ -395,7 +435,9 @@ def main(args):
         device = get_device(args.device)
         model, settings = load_finetuned(saved_model_path(args), device)
         tokenizer = get_gpt2_tokenizer(settings["models_dir"])
-        print("Chat with the finetuned model; an empty line or Ctrl-D ends it.")
+        print("Chat with the finetuned model. Earlier turns stay while they fit (/reset "
+              "forgets them); Ctrl-C stops an answer; an empty line, Ctrl-D or Ctrl-C at the "
+              "prompt ends the chat.")
         return {"responses": chat(model, tokenizer, device, settings["cfg"]["context_length"],
                                   args.max_new_tokens, **sampling(args))}
     model_path = out_dir / model_name(args)

@@ -2379,6 +2379,35 @@ def test_your_own_pretrained_model_is_finetuned_in_chapters_6_and_7(tmp_path, sp
     assert "Using " in capsys.readouterr().out
 
 
+def test_chat_keeps_earlier_turns_forgets_them_on_reset_and_ctrl_c_stops_an_answer(
+        tokenizer, monkeypatch):
+    model, prompts, calls = tiny_model(0, context_length=256).eval(), [], iter(range(100))
+    real_stream = ch07.stream_text
+
+    def stream(model, idx, *args, **kwargs):
+        prompts.append(tokenizer.decode(idx[0].tolist()))
+        if next(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C during the second answer
+        return real_stream(model, idx, *args, **kwargs)
+    monkeypatch.setattr(ch07, "stream_text", stream)
+    out = io.StringIO()
+    responses = ch07.chat(model, tokenizer, "cpu", 256, max_new_tokens=4, out=out,
+                          stdin=io.StringIO("Name a color.\nName a fruit.\nName a tree.\n"
+                                            "/reset\nName a bird.\n\n"))
+    assert len(responses) == 3 and " [stopped]" in out.getvalue()  # the chat went on
+    assert prompts[0].count("### Instruction:") == 1
+    assert "Name a color." in prompts[2] and responses[0] in prompts[2]  # the first turn stays
+    assert "Name a fruit." not in prompts[2]  # a stopped answer is not a turn
+    assert prompts[3].count("### Instruction:") == 1 and "Name a color." not in prompts[3]
+    assert "(earlier turns forgotten)" in out.getvalue()
+    # turns that no longer fit the context go, the oldest first
+    long_turns = [(f"Question {i} " + "word " * 40, "answer " * 20) for i in range(5)]
+    idx = ch07.chat_prompt(long_turns, "Last question.", tokenizer, 256, max_new_tokens=64)
+    text = tokenizer.decode(idx[0].tolist())
+    assert idx.shape[1] <= 256 - 64 and "Last question." in text and "Question 4" in text
+    assert "Question 0" not in text
+
+
 def test_chat_loop_streams_and_exits_on_empty_line(tokenizer):
     model = tiny_model(0, context_length=256).eval()
     out = io.StringIO()
@@ -2436,11 +2465,11 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
         assert char, chat.stderr.read()[-2000:]
         shown += char
     assert shown.split(">>> ")[1].strip()  # a response was printed
-    chat.send_signal(signal.SIGINT)
+    chat.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: the chat ends, as a chat does
     chat.wait(timeout=60)  # before stdin closes: an end of input would end the chat too
     err = chat.stderr.read()
-    assert chat.returncode == 130 and "Traceback" not in err, err[-2000:]
-    assert "Interrupted. Files already written (the finetuned model, responses) are kept" in err
+    assert chat.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert "Interrupted" not in err and "files" not in err  # no word of training files
 
 
 # ======= Every command: flags and bad input on the command line =======
