@@ -1234,10 +1234,9 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # the only buffers are the constant causal masks
 
-    log(f"Model: {settings['model_size']}, {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters, context {cfg['context_length']}; data: "
-        f"{', '.join(map(str, settings['data'] or ['the-verdict.txt']))}, "
-        f"{len(train_set.token_ids) + len(val_set.token_ids):,} tokens; output: {out_dir}")
+    log(run_header(settings["model_size"], model, cfg,
+                   f"{', '.join(map(str, settings['data'] or ['the-verdict.txt']))}, "
+                   f"{len(train_set.token_ids) + len(val_set.token_ids):,} tokens", out_dir))
     start = time.perf_counter()
     try:
         state = train(model, cfg, loaders, optimizer, device, tokenizer, settings, state,
@@ -1289,6 +1288,13 @@ class FlagsTypedParser(argparse.ArgumentParser):
                 args, argparse.Namespace(**{k: unset for k in vars(parsed)}))
             parsed.given = {k for k, v in vars(probe).items() if v is not unset}
         return parsed, extras
+
+
+def run_header(model_name, model, cfg, data, out_dir):
+    """One line at a run's start: the model, its size, the data and where results go
+    (chapters 5 to 7; the device and the speed plan have their own lines)."""
+    return (f"Model: {model_name}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"context {cfg['context_length']}; data: {data}; output: {out_dir}")
 
 
 def plot_history(history, settings, out_dir, log):

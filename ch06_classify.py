@@ -420,6 +420,9 @@ def finetune(args, classifier_path, device):
     print(f"{len(train_loader)} training batches, {len(val_loader)} validation batches, "
           f"{len(test_loader)} test batches")
     loaders = {"train": train_loader, "validation": val_loader, "test": test_loader}
+    print(ch05_train.run_header(base_model_name(args), model, cfg,
+                                f"{len(train_dataset)} / {len(val_dataset)} / "
+                                f"{len(test_dataset)} messages", args.out))
 
     # 6.5 Adding a classification head
     model = prepare_classifier(model, cfg, args.trainable, args.rank if args.lora else None,
@@ -504,6 +507,13 @@ def base_model(args, without_weights):
     cfg = gpt_config(args.model_size, context_length=1024, drop_rate=0.0, qkv_bias=True)
     torch.manual_seed(args.seed)
     return GPTModel(cfg), cfg
+
+
+def base_model_name(args):
+    """What base_model() starts from, in the run's header."""
+    if args.init_from:
+        return args.init_from
+    return f"GPT-2 {args.model_size}" + (" (random weights)" if args.no_pretrained else "")
 
 
 def report(accuracies, seconds, classifier_path, model, tokenizer, device, max_length):

@@ -34,10 +34,11 @@ from ch02_data import (DownloadError, HelpFormatter, download_file, interrupted,
 from ch04_gpt import GPTModel, get_device
 from ch05_load_gpt2 import get_gpt2_tokenizer
 from ch05_train import (add_sampling_arguments, build_lean, calc_loss_loader, generate,
-                        load_checkpoint, make_optimizer, model_file, plot_losses, sampling,
-                        save_checkpoint, speed_up_finetuning, stream_text, train_model_simple)
-from ch06_classify import (add_finetuning_arguments, base_model, freeze_and_add_lora,
-                           parse_finetuning_args)
+                        load_checkpoint, make_optimizer, model_file, plot_losses, run_header,
+                        sampling, save_checkpoint, speed_up_finetuning, stream_text,
+                        train_model_simple)
+from ch06_classify import (add_finetuning_arguments, base_model, base_model_name,
+                           freeze_and_add_lora, parse_finetuning_args)
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
             "ch07/01_main-chapter-code/instruction-data.json")
@@ -499,6 +500,8 @@ def finetune(args, model_path, responses_path):
     if len(train_loader) == 0:
         raise ValueError(f"{len(train_data)} training entries do not fill one batch of "
                          f"{args.batch_size}; lower --batch-size or raise --limit.")
+    print(run_header(base_model_name(args), model, cfg,
+                     f"{len(train_data)} / {len(val_data)} / {len(test_data)} entries", out_dir))
 
     torch.manual_seed(args.seed)
     with torch.no_grad():

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -2343,40 +2344,54 @@ def test_evaluate_goes_on_from_the_saved_scores_and_never_wipes_them(tmp_path, s
         evaluate(judge.url)
 
 
-def test_your_own_pretrained_model_is_finetuned_in_chapters_6_and_7(tmp_path, spam_tsv,
-                                                                   monkeypatch, capsys):
-    """--init-from: a checkpoint of ch05_train.py, with its own config, as the start
-    of both finetunings; --chat then finds the model that run saved."""
-    ch05.main(train_args(tmp_path / "pre", "--max-steps", "1", "--context-length", "64"))
-    pretrained = tmp_path / "pre" / "checkpoint.pt"
-    start = ch05.load_checkpoint(pretrained)["model"]
+def readme_tour():
+    """The commands of README.md's one-minute path, in its order, as argument lists."""
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    block = text.split("## Your own model, from pretraining to chat")[1]
+    block = block.split("```bash")[1].split("```")[0]
+    return [shlex.split(line.split("  #")[0]) for line in block.strip().splitlines()]
+
+
+def test_the_readmes_path_from_pretraining_to_chat_runs_in_its_order(tmp_path, spam_tsv,
+                                                                     monkeypatch, capsys):
+    """Each command as README.md gives it, run in order in a fresh folder through
+    the command's entry point. Offline, the data come from ../shared (added flags),
+    and smaller sizes keep the test short; the README's timings are measured by hand."""
     rows = ch06.read_spam_data(spam_tsv)
     few = [r for r in rows if r[0] == "spam"][:40] + [r for r in rows if r[0] == "ham"][:40]
-    data = spam_zip(tmp_path / "few.zip", {"SMSSpamCollection": "".join(
+    small_zip = spam_zip(tmp_path / "few.zip", {"SMSSpamCollection": "".join(
         f"{label}\t{text}\n" for label, text in few if '"' not in text)})
-    result = ch06.main(args_of(ch06, [
-        "--init-from", str(pretrained), "--data", str(data), "--data-dir", str(tmp_path / "d"),
-        "--epochs", "1", "--trainable", "head", "--out", str(tmp_path / "c6"),
-        "--device", "cpu"]))
-    model, settings = ch06.load_classifier(tmp_path / "c6" / "classifier.pth")
-    assert settings["init_from"] == str(pretrained) and "Starting from" in capsys.readouterr().out
-    assert model.pos_emb.num_embeddings == 64  # the config came from the checkpoint
-    assert torch.equal(model.trf_blocks[0].att.W_query.weight, start["trf_blocks.0.att.W_query.weight"])
-    assert set(result["accuracies"]) == {"train", "validation", "test"}
-    ch07.main(args_of(ch07, [
-        "--init-from", str(pretrained), "--data", str(SHARED / "data" / "instruction-data.json"),
-        "--limit", "8", "--batch-size", "4", "--epochs", "1", "--lora", "--rank", "2",
-        "--max-new-tokens", "2", "--out", str(tmp_path / "c7"), "--device", "cpu",
-        "--ollama-url", "http://127.0.0.1:9/api/chat"]))
-    saved = ch05.load_checkpoint(tmp_path / "c7" / "checkpoint-sft.pth")
-    assert saved["settings"]["init_from"] == str(pretrained) and saved["config"]["context_length"] == 64
-    assert torch.equal(saved["model"]["tok_emb.weight"], start["tok_emb.weight"])  # LoRA: frozen
-    # --chat with no --model-size finds the one model finetuned in --out
+    offline = {"ch05_train.py": ["--data", str(SHARED / "data" / "the-verdict.txt"),
+                                 "--max-steps", "6"],
+               "ch06_classify.py": ["--data", str(small_zip), "--data-dir", "data/spam"],
+               "ch07_instruct.py": ["--data", str(SHARED / "data" / "instruction-data.json"),
+                                    "--limit", "8", "--ollama-url", "http://127.0.0.1:9/api/chat"]}
+    chapters = {"ch05_train.py": ch05, "ch06_classify.py": ch06, "ch07_instruct.py": ch07}
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Name a color.\n\n"))
-    chatted = ch07.main(args_of(ch07, ["--chat", "--out", str(tmp_path / "c7"),
-                                       "--max-new-tokens", "3", "--device", "cpu"]))
-    assert len(chatted["responses"]) == 1
-    assert "Using " in capsys.readouterr().out
+    results = []
+    for command in readme_tour():
+        assert command[0] == "python" and command[1] in chapters, command
+        uses_saved = {"--generate", "--classify", "--chat"} & set(command)
+        argv = command[2:] + ([] if uses_saved else offline[command[1]]) + ["--device", "cpu"]
+        results.append(chapters[command[1]].main(args_of(chapters[command[1]], argv)))
+    pretrained, text, classifier, classified, sft, chatted = results
+    start = ch05.load_checkpoint("runs/tiny/checkpoint.pt")
+    assert start["kind"] == "pretraining" and start["config"]["emb_dim"] == TINY["emb_dim"]
+    assert text["text"].startswith("Every effort moves you")
+    model, settings = ch06.load_classifier("runs/ch06-tiny/classifier.pth")
+    assert settings["init_from"] == "runs/tiny/checkpoint.pt"
+    assert torch.equal(model.tok_emb.weight, start["model"]["tok_emb.weight"])  # frozen: yours
+    assert len(classified["classified"]) == 1
+    saved = ch05.load_checkpoint("runs/ch07-tiny/checkpoint-sft.pth")
+    assert saved["kind"] == "instruct" and saved["settings"]["init_from"] == "runs/tiny/checkpoint.pt"
+    assert len(chatted["responses"]) == 1  # --chat found the model that run saved
+    out = capsys.readouterr().out
+    assert "Using runs/ch07-tiny/checkpoint-sft.pth" in out
+    for data, folder in [(r"\d+ / \d+ / \d+ messages", "runs/ch06-tiny"),
+                         (r"8 / \d+ / \d+ entries", "runs/ch07-tiny")]:  # each run's header
+        assert re.search(rf"Model: runs/tiny/checkpoint\.pt, [\d,]+ parameters, context 256; "
+                         rf"data: {data}; output: {folder}", out), folder
 
 
 def test_chat_keeps_earlier_turns_forgets_them_on_reset_and_ctrl_c_stops_an_answer(
@@ -2532,6 +2547,12 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
          f"error: --out {tmp_path / 'a_file' / 'sub'}: {tmp_path / 'a_file'} is a file"),
         (["-c", "import ch02_data, warnings; ch02_data.plain_warnings(); "
                 "warnings.warn('the prompt was cut')"], 0, "Warning: the prompt was cut\n"),
+        # the tests themselves, without ../shared: one line that says where the data go
+        (["-c", "import os, sys, pytest; sys.stdout = sys.stderr; os.environ['TEST_SHARED_DIR']"
+                f" = {str(tmp_path / 'no-shared')!r}; sys.exit(pytest.main(['test_all.py', '-q', "
+                "'-p', 'no:cacheprovider', '-k', 'test_vocabulary_sizes_are_the_books']))"], 1,
+         f"The tests need {tmp_path / 'no-shared' / 'data' / 'the-verdict.txt'} (and the other "
+         "files of ../shared/data); set TEST_SHARED_DIR"),
         (["bench.py", "--json", str(tmp_path)], 1, "is a folder; name a file"),
         (["ch02_data.py", "--data", str(tmp_path / "short.txt")], 1,
          "error: The text has 3 tokens, but the demo's batches need 33"),
