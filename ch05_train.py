@@ -305,43 +305,6 @@ def build_lean(build, state_dict, source="the checkpoint"):
     return model
 
 
-def merge_lora(state_dict, alpha):
-    """A LoRA-finetuned state dict (appendix E's LinearWithLoRA computes
-    W x + alpha x A B) as the plain model's: each weight W becomes
-    W + alpha (A B)^T, so the book's GPTModel loads it and computes the same."""
-    merged = {}
-    for key, value in state_dict.items():
-        if ".lora." in key:
-            continue
-        if ".linear." in key:
-            prefix, name = key.rsplit(".linear.", 1)
-            if name == "weight":
-                lora_a, lora_b = state_dict[f"{prefix}.lora.A"], state_dict[f"{prefix}.lora.B"]
-                value = value + alpha * (lora_a @ lora_b).T
-            key = f"{prefix}.{name}"
-        merged[key] = value
-    return merged
-
-
-def load_text_model(path, device, kinds=("pretraining", "gpt2", "instruct"), flag="--from"):
-    """(model in eval mode, its config, the file's kind) from any model file of
-    this project that generates text: a ch05_train.py checkpoint, GPT-2's
-    converted model.pth, or a ch07_instruct.py model (its LoRA merged in)."""
-    saved = load_checkpoint(path, mmap=True, kinds=kinds,
-                            hint=f"{flag} takes a checkpoint.pt of ch05_train.py, a converted "
-                                 "gpt2/SIZE/model.pth or a model of ch07_instruct.py (a "
-                                 "classifier does not generate text).")
-    if saved["config"] is None:
-        raise ValueError(f"{path} is GPT-2's model.pth in an earlier layout, without its "
-                         "config: delete it and run `python ch05_load_gpt2.py` once to convert "
-                         "it again.")
-    cfg, state_dict = {**saved["config"], "drop_rate": 0.0}, saved["model"]
-    if saved["settings"].get("lora_rank"):
-        state_dict = merge_lora(state_dict, saved["settings"]["lora_alpha"])
-    model = build_lean(lambda: GPTModel(cfg), state_dict, source=str(path))
-    return model.to(device).eval(), cfg, saved["kind"]
-
-
 # ---- Appendix D: learning-rate warm-up, cosine decay, gradient clipping ----
 
 def lr_at_step(step, total_steps, peak_lr, warmup_steps, initial_lr, min_lr):
@@ -396,7 +359,44 @@ def plot_lrs(track_lrs, path="lr-schedule.png"):
     save_figure(fig, path)
 
 
-# ---- Beyond the book: streaming generation with the key-value cache ----
+# ---- Beyond the book: generating from any model file, text streamed as it comes ----
+
+def merge_lora(state_dict, alpha):
+    """A LoRA-finetuned state dict (appendix E's LinearWithLoRA computes
+    W x + alpha x A B) as the plain model's: each weight W becomes
+    W + alpha (A B)^T, so the book's GPTModel loads it and computes the same."""
+    merged = {}
+    for key, value in state_dict.items():
+        if ".lora." in key:
+            continue
+        if ".linear." in key:
+            prefix, name = key.rsplit(".linear.", 1)
+            if name == "weight":
+                lora_a, lora_b = state_dict[f"{prefix}.lora.A"], state_dict[f"{prefix}.lora.B"]
+                value = value + alpha * (lora_a @ lora_b).T
+            key = f"{prefix}.{name}"
+        merged[key] = value
+    return merged
+
+
+def load_text_model(path, device, kinds=("pretraining", "gpt2", "instruct"), flag="--from"):
+    """(model in eval mode, its config, the file's kind) from any model file of
+    this project that generates text: a ch05_train.py checkpoint, GPT-2's
+    converted model.pth, or a ch07_instruct.py model (its LoRA merged in)."""
+    saved = load_checkpoint(path, mmap=True, kinds=kinds,
+                            hint=f"{flag} takes a checkpoint.pt of ch05_train.py, a converted "
+                                 "gpt2/SIZE/model.pth or a model of ch07_instruct.py (a "
+                                 "classifier does not generate text).")
+    if saved["config"] is None:
+        raise ValueError(f"{path} is GPT-2's model.pth in an earlier layout, without its "
+                         "config: delete it and run `python ch05_load_gpt2.py` once to convert "
+                         "it again.")
+    cfg, state_dict = {**saved["config"], "drop_rate": 0.0}, saved["model"]
+    if saved["settings"].get("lora_rank"):
+        state_dict = merge_lora(state_dict, saved["settings"]["lora_alpha"])
+    model = build_lean(lambda: GPTModel(cfg), state_dict, source=str(path))
+    return model.to(device).eval(), cfg, saved["kind"]
+
 
 def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
                     eos_id=None, top_p=None, use_cache=True):
