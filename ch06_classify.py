@@ -576,7 +576,7 @@ def parse_finetuning_args(parser, argv=None):
     """The arguments of chapter 6's or 7's command (the parser of either)."""
     args = parser.parse_args(argv)
     uses_saved_model = any(getattr(args, flag, None) for flag in
-                           ("classify", "classify_file", "chat", "evaluate"))
+                           ("classify", "classify_file", "chat", "evaluate", "dpo"))
     if args.model_size == "tiny" and not args.no_pretrained and not uses_saved_model:
         parser.error("--model-size tiny exists only with --no-pretrained (OpenAI has no "
                      "tiny GPT-2)")

@@ -12,8 +12,8 @@ Run:  python ch07_instruct.py                 (finetune GPT-2 355M, write test r
 Imports from ch02_data.py, ch04_gpt.py, ch05_train.py, ch05_load_gpt2.py and
 ch06_classify.py (LoRA).
 """
-import argparse
 import contextlib
+import copy
 import hashlib
 import importlib
 import json
@@ -29,16 +29,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ch02_data import (DownloadError, HelpFormatter, download_file, interrupted, number,
-                       plain_warnings, read_json, refuse_overwrite, run_lock, write_text_atomic)
+from ch02_data import (DownloadError, HelpFormatter, download_file, interrupted, move_aside,
+                       number, plain_warnings, read_json, refuse_overwrite, run_lock,
+                       write_text_atomic)
 from ch04_gpt import GPTModel, get_device
 from ch05_load_gpt2 import get_gpt2_tokenizer
-from ch05_train import (add_sampling_arguments, build_lean, calc_loss_loader, generate,
-                        load_checkpoint, make_optimizer, model_file, plot_losses, run_header,
-                        sampling, save_checkpoint, speed_up_finetuning, stream_text,
-                        train_model_simple)
+from ch05_train import (FlagsTypedParser, add_sampling_arguments, build_lean, calc_loss_loader,
+                        generate, load_checkpoint, make_optimizer, model_file, plot_losses,
+                        run_header, sampling, save_checkpoint, speed_up, speed_up_finetuning,
+                        stream_text, train_model_simple)
 from ch06_classify import (add_finetuning_arguments, base_model, base_model_name,
-                           freeze_and_add_lora, parse_finetuning_args)
+                           freeze_and_add_lora, parse_finetuning_args, plot_values)
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
             "ch07/01_main-chapter-code/instruction-data.json")
@@ -390,6 +391,174 @@ def chat_prompt(turns, instruction, tokenizer, context_size, max_new_tokens):
     return encode_prompt(text(kept), tokenizer, context_size)
 
 
+# ---- Beyond the book: preference tuning with DPO (the chapter's bonus material) ----
+# Direct Preference Optimization (Rafailov et al., 2023) makes the finetuned model
+# (the policy) prefer each entry's chosen response over its rejected one, more
+# than a frozen copy of it (the reference) does.
+
+PREFERENCE_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/"
+                  "04_preference-tuning-with-dpo/instruction-data-with-preference.json")
+PREFERENCE_SHA256 = "305315abf14f65fa42c01a0877572f832606571c2a7d49f152ac1d758b16756e"
+
+
+def load_preference_data(path=None, data_dir="data", url=PREFERENCE_URL):
+    """The bonus's 1,100 preference entries, downloaded once into data_dir and
+    checked against the published file's SHA-256; or a file of your own (path)."""
+    if path is None:
+        path = download_file(url, Path(data_dir) / "instruction-data-with-preference.json")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != PREFERENCE_SHA256:
+            kept = move_aside(path)
+            raise DownloadError(f"{path} is not the published preference file (SHA-256 "
+                                f"{digest[:12]}..., not {PREFERENCE_SHA256[:12]}...); moved "
+                                f"aside to {kept.name}. Run again to download it anew, or give "
+                                "a file of your own.")
+    data = read_json(path, "Fix it, or give another preference file.")
+    check_preference_entries(data, path)
+    return data
+
+
+def check_preference_entries(data, source):
+    """Every entry needs instruction, chosen and rejected texts ('input' may be empty)."""
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{source} must hold a non-empty JSON list of entries.")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise ValueError(f"Entry {i} of {source} is not an object with instruction, "
+                             "chosen and rejected texts.")
+        for key in ("instruction", "chosen", "rejected", "input"):
+            if key == "input" and key not in entry:
+                continue
+            if not isinstance(entry.get(key), str):
+                what = "no" if key not in entry else "a non-text"
+                raise ValueError(f"Entry {i} of {source} has {what} {key!r} "
+                                 f"(it is {json.dumps(entry)[:120]}).")
+
+
+class PreferenceDataset(Dataset):
+    """Each entry as token ids: the prompt (format_input and the response header),
+    and the prompt followed by the chosen and by the rejected response."""
+
+    def __init__(self, data, tokenizer):
+        self.items = []
+        for entry in data:
+            prompt = tokenizer.encode(format_input(entry) + "\n\n### Response:\n",
+                                      disallowed_special=())
+            self.items.append({key: prompt + tokenizer.encode(entry[key], disallowed_special=())
+                               for key in ("chosen", "rejected")} | {"prompt": prompt})
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+    def __len__(self):
+        return len(self.items)
+
+
+def preference_collate_fn(batch, pad_token_id=EOT_ID, allowed_max_length=None, device="cpu"):
+    """The batch's chosen and rejected sequences padded with pad_token_id to its
+    longest + 1 and cut at allowed_max_length, each with a mask that is True at
+    the response's tokens only: not the prompt's, not the padding."""
+    longest = max(len(item[key]) for item in batch for key in ("chosen", "rejected")) + 1
+    out = {}
+    for key in ("chosen", "rejected"):
+        ids, masks = [], []
+        for item in batch:
+            n, start = len(item[key]), len(item["prompt"])
+            ids.append(item[key] + [pad_token_id] * (longest - n))
+            masks.append([False] * start + [True] * (n - start) + [False] * (longest - n))
+        ids, masks = torch.tensor(ids), torch.tensor(masks)
+        if allowed_max_length is not None:
+            ids, masks = ids[:, :allowed_max_length], masks[:, :allowed_max_length]
+        out[key], out[f"{key}_mask"] = ids.to(device), masks.to(device)
+    return out
+
+
+def token_logprobs(model, ids):
+    """log p(token t+1 | tokens up to t) for each position: (batch, num_tokens - 1)."""
+    log_probs = torch.log_softmax(model(ids[:, :-1]), dim=-1)
+    return log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprob(logprobs, mask):
+    """The mean log-probability of each sequence's response tokens (mask: True
+    there; logprobs[:, t] belongs to token t + 1)."""
+    selected = mask[:, 1:].to(logprobs.dtype)
+    return (logprobs * selected).sum(-1) / selected.sum(-1).clamp(min=1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=0.1):
+    """-log sigmoid(beta ((pi_c - pi_r) - (ref_c - ref_r))), averaged over the batch,
+    with the mean rewards (policy - reference, detached) of the chosen and the
+    rejected responses and the reward accuracy: the share of pairs whose chosen
+    response has the higher reward."""
+    logits = (policy_chosen - policy_rejected) - (reference_chosen - reference_rejected)
+    loss = -torch.nn.functional.logsigmoid(beta * logits).mean()
+    chosen_rewards = (policy_chosen - reference_chosen).detach()
+    rejected_rewards = (policy_rejected - reference_rejected).detach()
+    accuracy = (chosen_rewards > rejected_rewards).float().mean()
+    return loss, chosen_rewards.mean(), rejected_rewards.mean(), accuracy
+
+
+def dpo_loss_batch(batch, policy_model, reference_model, beta):
+    policy = [sequence_logprob(token_logprobs(policy_model, batch[key]), batch[f"{key}_mask"])
+              for key in ("chosen", "rejected")]
+    with torch.no_grad():  # the reference only scores
+        reference = [sequence_logprob(token_logprobs(reference_model, batch[key]),
+                                      batch[f"{key}_mask"]) for key in ("chosen", "rejected")]
+    return dpo_loss(*policy, *reference, beta=beta)
+
+
+def evaluate_dpo_loss_loader(policy_model, reference_model, loader, beta, num_batches=None):
+    """(loss, reward margin, reward accuracy), averaged over the first num_batches."""
+    policy_model.eval()
+    totals, n = [0.0, 0.0, 0.0], 0
+    with torch.no_grad():
+        for i, batch in enumerate(loader):
+            if num_batches is not None and i >= num_batches:
+                break
+            loss, chosen, rejected, accuracy = dpo_loss_batch(batch, policy_model,
+                                                              reference_model, beta)
+            for j, value in enumerate((loss, chosen - rejected, accuracy)):
+                totals[j] += value.item()
+            n += 1
+    policy_model.train()
+    return tuple(total / max(n, 1) for total in totals)
+
+
+def train_model_dpo_simple(policy_model, reference_model, train_loader, val_loader, optimizer,
+                           num_epochs, beta, eval_freq, eval_iter):
+    """The bonus's loop: one optimizer step per batch, an evaluation of the loss,
+    the reward margin and (beyond the bonus) the reward accuracy every eval_freq
+    steps. Returns what it tracked."""
+    tracking = {k: [] for k in ("train_losses", "val_losses", "train_margins", "val_margins",
+                                "train_accuracies", "val_accuracies", "tokens_seen")}
+    tokens_seen, global_step = 0, -1
+    for epoch in range(num_epochs):
+        policy_model.train()
+        for batch in tqdm(train_loader, desc=f"DPO epoch {epoch + 1}", leave=False):
+            optimizer.zero_grad()
+            loss, _, _, _ = dpo_loss_batch(batch, policy_model, reference_model, beta)
+            loss.backward()
+            optimizer.step()
+            tokens_seen += batch["chosen"].numel()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train = evaluate_dpo_loss_loader(policy_model, reference_model, train_loader,
+                                                 beta, eval_iter)
+                val = evaluate_dpo_loss_loader(policy_model, reference_model, val_loader, beta,
+                                               eval_iter)
+                for split, (split_loss, margin, accuracy) in (("train", train), ("val", val)):
+                    tracking[f"{split}_losses"].append(split_loss)
+                    tracking[f"{split}_margins"].append(margin)
+                    tracking[f"{split}_accuracies"].append(accuracy)
+                tracking["tokens_seen"].append(tokens_seen)
+                tqdm.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train[0]:.3f}, "
+                           f"Val loss {val[0]:.3f}, Train reward margins {train[1]:.3f}, Val "
+                           f"reward margins {val[1]:.3f}, reward accuracy {train[2]:.2f} / "
+                           f"{val[2]:.2f}")
+    return tracking
+
+
 # ---- The chapter's run ----
 
 def evaluate_saved(responses_path, args):
@@ -415,7 +584,7 @@ def score_responses(responses_path, args):
             f"No Ollama server answered at {args.ollama_url}. Start one with `ollama serve` "
             f"and `ollama pull {args.judge_model}`; the responses stay in {responses_path}.")
     scores = generate_model_scores(test_data, "model_response", args.judge_model,
-                                   args.ollama_url, responses_path.with_name("scores.json"),
+                                   args.ollama_url, scores_of(responses_path),
                                    overwrite=args.overwrite)
     average = sum(scores) / len(scores) if scores else float("nan")
     print(f"Number of scores: {len(scores)} of {len(test_data)}")
@@ -427,14 +596,117 @@ def score_responses(responses_path, args):
 RESULTS = ("*.pth", "*.json", "*.png")
 
 
+def responses_of(model_path):
+    """The test responses a model file's run wrote: the chapter's file for a
+    finetuned model, instruction-data-with-dpo-response.json for a DPO one."""
+    model_path = Path(model_path)
+    dpo = model_path.name.endswith("-dpo.pth")
+    return model_path.with_name(f"instruction-data-with-{'dpo-' if dpo else ''}response.json")
+
+
+def scores_of(responses_path):
+    """scores.json beside the chapter's responses; scores-dpo.json beside the DPO ones."""
+    return responses_path.with_name("scores-dpo.json" if "-dpo-" in responses_path.name
+                                    else "scores.json")
+
+
+def run_dpo(args):
+    """--dpo: tune the finetuned model with the preference data, save it beside
+    the finetuned one as NAME-dpo.pth, and write its responses to the test set
+    (the preference file's entries are the chapter's, in the same order)."""
+    out_dir = Path(args.out)
+    sft_path = Path(args.model_file) if args.model_file else saved_model_path(args)
+    if not sft_path.exists():
+        raise FileNotFoundError(f"--dpo tunes a model this command finetuned, and there is none "
+                                f"at {sft_path}: finetune one first (`python ch07_instruct.py "
+                                f"--out {out_dir}`), or name it with --model-file.")
+    dpo_path = sft_path.with_name(sft_path.name.removesuffix("-sft.pth").removesuffix(".pth") +
+                                  "-dpo.pth")
+    with run_lock(out_dir, RESULTS):
+        for old in refuse_overwrite([dpo_path, responses_of(dpo_path), scores_of(
+                responses_of(dpo_path))], args.overwrite,
+                f"Chat with it with --chat --model-file {dpo_path}, or keep it and tune into "
+                "another --out. "):
+            old.unlink()
+        return tune_with_dpo(args, sft_path, dpo_path)
+
+
+# The bonus's settings, where the chapter's flags were not given
+DPO_DEFAULTS = {"lr": 5e-6, "weight_decay": 0.01, "epochs": 1}
+
+
+def tune_with_dpo(args, sft_path, dpo_path):
+    device = get_device(args.device)
+    given = getattr(args, "given", set())
+    hp = {k: getattr(args, k) if k in given else v for k, v in DPO_DEFAULTS.items()}
+    policy, settings = load_finetuned(sft_path, device)
+    cfg = settings.pop("cfg")
+    if args.lora and not settings["lora_rank"]:
+        torch.manual_seed(args.seed)
+        freeze_and_add_lora(policy, args.rank, args.alpha, say=print)
+        settings.update(lora_rank=args.rank, lora_alpha=args.alpha)
+    reference = copy.deepcopy(policy).eval()  # frozen: DPO measures against it
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    plan = speed_up_finetuning(policy, args.fast, device)
+    speed_up(reference, plan, device)
+    data = load_preference_data(args.preference_data, args.data_dir)
+    train_data, test_data, val_data = [split[:args.limit] if args.limit else split
+                                       for split in split_data(data)]
+    tokenizer = get_gpt2_tokenizer(settings["models_dir"])
+    collate = partial(preference_collate_fn, allowed_max_length=cfg["context_length"],
+                      device=device)
+    torch.manual_seed(args.seed)
+    train_loader = DataLoader(PreferenceDataset(train_data, tokenizer), batch_size=args.batch_size,
+                              collate_fn=collate, shuffle=True, drop_last=True)
+    val_loader = DataLoader(PreferenceDataset(val_data, tokenizer), batch_size=args.batch_size,
+                            collate_fn=collate)
+    if len(train_loader) == 0 or len(val_loader) == 0:
+        raise ValueError(f"{len(train_data)} training and {len(val_data)} validation pairs do "
+                         f"not fill a batch of {args.batch_size}; lower --batch-size or raise "
+                         "--limit.")
+    print(run_header(sft_path, policy, cfg, f"{len(train_data)} / {len(val_data)} / "
+                     f"{len(test_data)} preference pairs", args.out))
+    policy.train()
+    for name, loader in (("Training", train_loader), ("Validation", val_loader)):
+        loss, margin, accuracy = evaluate_dpo_loss_loader(policy, reference, loader, args.beta,
+                                                          args.eval_iter)
+        print(f"{name} before DPO: loss {loss:.3f}, reward margin {margin:.3f}, reward "
+              f"accuracy {accuracy:.2f}")
+    torch.manual_seed(args.seed)
+    optimizer = make_optimizer(policy, hp["lr"], hp["weight_decay"], plan["fused_adamw"])
+    start = time.perf_counter()
+    tracking = train_model_dpo_simple(policy, reference, train_loader, val_loader, optimizer,
+                                      hp["epochs"], args.beta, args.eval_freq, args.eval_iter)
+    print(f"DPO took {(time.perf_counter() - start) / 60:.2f} minutes.")
+    if tracking["train_losses"]:
+        steps = torch.linspace(0, hp["epochs"], len(tracking["train_losses"]))
+        for label, key, name in (("DPO loss", "losses", "dpo-loss-plot.png"),
+                                 ("reward margin", "margins", "dpo-margins-plot.png")):
+            plot_values(steps, tracking["tokens_seen"], tracking[f"train_{key}"],
+                        tracking[f"val_{key}"], label, Path(args.out) / name)
+    settings["dpo"] = {"from": str(sft_path), "beta": args.beta, **hp,
+                       "preference_data": str(args.preference_data or "the bonus's file")}
+    save_checkpoint(dpo_path, model_file("instruct", policy.state_dict(), cfg, settings))
+    print(f"Model saved as {dpo_path}")
+    write_responses(policy, test_data, tokenizer, device, cfg["context_length"],
+                    args.max_new_tokens, responses_of(dpo_path), **sampling(args))
+    print(f"Score them with `python ch07_instruct.py --evaluate --model-file {dpo_path}`, as "
+          "the finetuned model's: the same test entries, the same judge.")
+    return {"model": policy, "reference": reference, "tracking": tracking, "path": dpo_path}
+
+
 def main(args):
     out_dir = Path(args.out)
     responses_path = out_dir / "instruction-data-with-response.json"
     if args.evaluate:
-        return evaluate_saved(responses_path, args)
+        return evaluate_saved(responses_of(args.model_file) if args.model_file
+                              else responses_path, args)
+    if args.dpo:
+        return run_dpo(args)
     if args.chat:
         device = get_device(args.device)
-        model, settings = load_finetuned(saved_model_path(args), device)
+        model, settings = load_finetuned(args.model_file or saved_model_path(args), device)
         tokenizer = get_gpt2_tokenizer(settings["models_dir"])
         print("Chat with the finetuned model. Earlier turns stay while they fit (/reset "
               "forgets them); Ctrl-C stops an answer; an empty line, Ctrl-D or Ctrl-C at the "
@@ -578,7 +850,7 @@ def write_responses(model, test_data, tokenizer, device, context_size, max_new_t
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = FlagsTypedParser(
         description="Instruction-finetune GPT-2 (the book's chapter 7), write responses for "
                     "the test set, score them with a judge model, or chat with the result.",
         formatter_class=HelpFormatter,
@@ -608,6 +880,21 @@ def build_parser():
     parser.add_argument("--ollama-url", default=OLLAMA_URL, help="Ollama's chat endpoint")
     parser.add_argument("--chat", action="store_true",
                         help="chat with the saved finetuned model (empty line or Ctrl-D ends)")
+    parser.add_argument("--model-file", metavar="FILE", default=None,
+                        help="the model --chat talks to, --evaluate scores the responses of, or "
+                             "--dpo tunes (default: the one finetuned in --out)")
+    dpo = parser.add_argument_group("preference tuning with DPO (beyond the book: the "
+                                    "chapter's bonus)")
+    dpo.add_argument("--dpo", action="store_true",
+                     help="tune the finetuned model with Direct Preference Optimization, save "
+                          "it as NAME-dpo.pth and write its test responses; the bonus's "
+                          "settings unless given: --lr 5e-6, --weight-decay 0.01, --epochs 1")
+    dpo.add_argument("--beta", type=number(float, above=0), default=0.1,
+                     help="how far the tuned model may move from the reference")
+    dpo.add_argument("--preference-data", metavar="JSON", default=None,
+                     help="entries with instruction, input, chosen and rejected; default: the "
+                          "bonus's instruction-data-with-preference.json, downloaded into "
+                          "--data-dir")
     return parser
 
 

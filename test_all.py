@@ -2487,6 +2487,155 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
     assert "Interrupted" not in err and "files" not in err  # no word of training files
 
 
+# ---- Chapter 7, beyond the book: preference tuning with DPO (the bonus) ----
+
+
+PREFERENCES = [
+    {"instruction": "Name a color.", "input": "", "output": "Red.", "chosen": "Red.",
+     "rejected": "I will not tell you, go away."},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "chosen": "5",
+     "rejected": "Numbers bore me."},
+    {"instruction": "Greet politely.", "input": "", "output": "Hello!", "chosen": "Hello!",
+     "rejected": "What do you want?"},
+    {"instruction": "Say yes.", "input": "", "output": "Yes.", "chosen": "Yes.",
+     "rejected": "No, never, not today."}]
+
+
+def preference_batch(tokenizer, entries=PREFERENCES, **options):
+    dataset = ch07.PreferenceDataset(entries, tokenizer)
+    return dataset, ch07.preference_collate_fn([dataset[i] for i in range(len(dataset))],
+                                               **options)
+
+
+def test_dpo_batches_pad_and_mask_exactly_the_response_tokens(tokenizer):
+    dataset, batch = preference_batch(tokenizer)
+    longest = max(len(item[k]) for item in dataset.items for k in ("chosen", "rejected"))
+    for key in ("chosen", "rejected"):
+        assert batch[key].shape == batch[f"{key}_mask"].shape == (4, longest + 1)
+        for row, item in enumerate(dataset.items):
+            n, start = len(item[key]), len(item["prompt"])
+            assert batch[key][row, :n].tolist() == item[key]
+            assert batch[key][row, n:].eq(50256).all()  # padding: <|endoftext|>
+            assert batch[f"{key}_mask"][row].nonzero().flatten().tolist() == list(range(start, n))
+            response = tokenizer.decode(batch[key][row][batch[f"{key}_mask"][row]].tolist())
+            assert response == PREFERENCES[row][key]
+    cut = ch07.preference_collate_fn(dataset.items, allowed_max_length=20)
+    assert cut["chosen"].shape == cut["chosen_mask"].shape == (4, 20)
+    # the masks decide what counts: padding and the prompt's positions change nothing
+    model = tiny_model(0, context_length=256).eval()
+    with torch.no_grad():
+        logprobs = ch07.token_logprobs(model, batch["chosen"])
+        base = ch07.sequence_logprob(logprobs, batch["chosen_mask"])
+        padded = batch["chosen"].clone()
+        padded[0, -1] = 123  # a padding token
+        assert torch.equal(ch07.sequence_logprob(ch07.token_logprobs(model, padded),
+                                                 batch["chosen_mask"])[0], base[0])
+        changed = logprobs.clone()
+        for row, item in enumerate(dataset.items):  # the log-probabilities of the prompt's tokens
+            changed[row, :len(item["prompt"]) - 1] -= 5.0
+        assert torch.equal(ch07.sequence_logprob(changed, batch["chosen_mask"]), base)
+        prompt_len = len(dataset.items[0]["prompt"])
+        response = batch["chosen"].clone()
+        response[0, prompt_len] = 123  # the response's first token
+        assert not torch.equal(ch07.sequence_logprob(ch07.token_logprobs(model, response),
+                                                     batch["chosen_mask"])[0], base[0])
+
+
+def test_dpo_starts_at_ln_2_and_training_raises_the_margin(tokenizer):
+    import copy
+    policy = tiny_model(0, context_length=256)
+    reference = copy.deepcopy(policy).eval()
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in reference.state_dict().items()}
+    _, batch = preference_batch(tokenizer)
+    loss, chosen, rejected, accuracy = ch07.dpo_loss_batch(batch, policy.eval(), reference, 0.1)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)  # policy = reference
+    assert chosen.item() == rejected.item() == accuracy.item() == 0.0
+    loader = DataLoader(ch07.PreferenceDataset(PREFERENCES, tokenizer), batch_size=2,
+                        collate_fn=ch07.preference_collate_fn)
+    before = ch07.evaluate_dpo_loss_loader(policy, reference, loader, 0.1)
+    torch.manual_seed(123)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-3, weight_decay=0.01)
+    tracking = ch07.train_model_dpo_simple(policy, reference, loader, loader, optimizer,
+                                           num_epochs=4, beta=0.1, eval_freq=2, eval_iter=2)
+    after = ch07.evaluate_dpo_loss_loader(policy, reference, loader, 0.1)
+    assert after[0] < before[0] and after[1] > before[1] + 0.1 and after[2] > before[2]
+    assert len(tracking["train_losses"]) == 4 and tracking["train_margins"][-1] > 0
+    assert all(torch.equal(v, frozen[k]) for k, v in reference.state_dict().items())
+
+
+def test_a_bad_preference_file_gets_one_line_naming_the_entry(tmp_path, serve):
+    cases = [([{**PREFERENCES[0]}, {k: v for k, v in PREFERENCES[1].items() if k != "chosen"}],
+              r"Entry 1 of .*p\.json has no 'chosen'"),
+             ([PREFERENCES[0], {**PREFERENCES[1], "rejected": 5}],
+              r"Entry 1 of .*p\.json has a non-text 'rejected'"),
+             ([], r"p\.json must hold a non-empty JSON list"), ("{not json", r"not valid JSON")]
+    for content, message in cases:
+        (tmp_path / "p.json").write_text(content if isinstance(content, str)
+                                         else json.dumps(content), encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            ch07.load_preference_data(tmp_path / "p.json")
+    # the published file is checked against its SHA-256 when downloaded
+    real = (SHARED / "data" / "instruction-data-with-preference.json").read_bytes()
+    server = serve(FileServer, {"/p.json": real[:-2] + b"]\n"})
+    with pytest.raises(ch02.DownloadError, match=r"not the published preference file .*moved "
+                                                 r"aside"):
+        ch07.load_preference_data(data_dir=tmp_path / "d", url=server.url + "/p.json")
+    assert list((tmp_path / "d").glob("*.damaged"))
+    server.files["/p.json"] = real
+    assert len(ch07.load_preference_data(data_dir=tmp_path / "d",
+                                         url=server.url + "/p.json")) == 1100
+
+
+
+def test_dpo_command_end_to_end_then_chat_and_evaluate_with_its_model(tmp_path, serve, capsys,
+                                                                      monkeypatch):
+    common = ["--model-size", "tiny", "--out", str(tmp_path), "--device", "cpu"]
+    with pytest.raises(FileNotFoundError, match=r"--dpo tunes a model this command finetuned, "
+                                                r"and there is none at .*finetune one first"):
+        ch07.main(args_of(ch07, ["--dpo", *common]))
+    ch07.main(args_of(ch07, [*common, "--no-pretrained", "--data",
+                             str(SHARED / "data" / "instruction-data.json"), "--limit", "8",
+                             "--batch-size", "4", "--epochs", "1", "--max-new-tokens", "2",
+                             "--ollama-url", "http://127.0.0.1:9/api/chat"]))
+    sft = ch05.load_checkpoint(tmp_path / "gpt2-tiny-sft.pth")["model"]
+    capsys.readouterr()
+    dpo_args = ["--dpo", *common, "--preference-data",
+                str(SHARED / "data" / "instruction-data-with-preference.json"), "--limit", "8",
+                "--batch-size", "4", "--eval-freq", "1", "--eval-iter", "1", "--lr", "1e-4",
+                "--max-new-tokens", "2"]
+    result = ch07.main(args_of(ch07, dpo_args))
+    out = capsys.readouterr().out
+    assert "Training before DPO: loss 0.693, reward margin 0.000, reward accuracy 0.00" in out
+    lines = re.findall(r"Ep 1 \(Step (\d+)\): Train loss [\d.]+, Val loss [\d.]+, Train reward "
+                       r"margins -?[\d.]+, Val reward margins -?[\d.]+, reward accuracy", out)
+    assert lines == ["000000", "000001"]  # 8 pairs, batches of 4: two steps
+    path = tmp_path / "gpt2-tiny-dpo.pth"
+    saved = ch05.load_checkpoint(path)
+    assert saved["kind"] == "instruct" and saved["settings"]["dpo"]["beta"] == 0.1
+    assert saved["settings"]["dpo"]["lr"] == 1e-4 and saved["settings"]["dpo"]["epochs"] == 1
+    assert any(not torch.equal(v, sft[k]) for k, v in saved["model"].items())  # it was tuned
+    assert all(torch.equal(v, sft[k]) for k, v in result["reference"].state_dict().items())
+    for name in ("dpo-loss-plot.png", "dpo-margins-plot.png",
+                 "instruction-data-with-dpo-response.json"):
+        assert (tmp_path / name).exists(), name
+    with pytest.raises(ValueError, match=r"already holds an earlier run's results \(gpt2-tiny-"
+                                         r"dpo\.pth, instruction-data-with-dpo-response\.json\)"):
+        ch07.main(args_of(ch07, dpo_args))
+    # its model in the chat, its responses to the judge, its scores beside them
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name a color.\n\n"))
+    chatted = ch07.main(args_of(ch07, ["--chat", *common, "--model-file", str(path),
+                                       "--max-new-tokens", "3"]))
+    assert len(chatted["responses"]) == 1
+    judge = serve(StubOllama, lambda prompt: "40")
+    scored = ch07.main(args_of(ch07, ["--evaluate", "--out", str(tmp_path), "--model-file",
+                                      str(path), "--ollama-url", judge.url]))
+    assert scored["average"] == 40 and (tmp_path / "scores-dpo.json").exists()
+    assert not (tmp_path / "scores.json").exists()  # the finetuned model's stay apart
+
+
+
 # ======= Every command: flags and bad input on the command line =======
 
 
