@@ -142,6 +142,8 @@ def create_dataloader_v1(txt, batch_size=4, max_length=256, stride=128, shuffle=
                       drop_last=drop_last, num_workers=num_workers)
 
 
+# ---- Beyond the book: reading and downloading files ----
+
 class TextTooShort(ValueError):
     """Fewer tokens than one window needs; the commands say it in their flags' words."""
 
@@ -152,29 +154,25 @@ class TextTooShort(ValueError):
         self.n_tokens, self.max_length = n_tokens, max_length
 
 
-# ---- Beyond the book: reading and downloading files ----
-
 def utf8_error(path, err):
     """The ValueError for a file that is not UTF-8 (err: the UnicodeDecodeError),
     naming the file and the first line that does not decode; a file that is no
     text at all (an archive, say) is named as such."""
-    with contextlib.suppress(OSError):
-        with open(path, "rb") as f:
-            start = f.read(4096)
+    line, byte = None, err.object[err.start:err.start + 1]
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        start = f.read(4096)
         kind = next((name for magic, name in BINARY_MAGIC if start.startswith(magic)),
                     "binary" if b"\0" in start else None)
         if kind:
             return ValueError(f"{path} is not a text file (it is {kind} data): give UTF-8 text "
                               "files, and unpack an archive first.")
-    line, byte = None, err.object[err.start:err.start + 1]
-    with contextlib.suppress(OSError):
-        with open(path, "rb") as f:  # err.start counts from the decoder's chunk, not the file
-            for line, raw in enumerate(f, 1):
-                try:
-                    raw.decode("utf-8")
-                except UnicodeDecodeError as bad:
-                    byte = raw[bad.start:bad.start + 1]
-                    break
+        f.seek(0)  # err.start counts from the decoder's chunk, not the file: find the line
+        for line, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                byte = raw[bad.start:bad.start + 1]
+                break
     where = f", line {line}," if line else ""
     return ValueError(f"{path}{where} is not UTF-8 text (byte 0x{byte.hex()}: {err.reason}). "
                       "Save it as UTF-8 first, e.g. `iconv -f latin1 -t utf-8 FILE > "
@@ -530,15 +528,16 @@ def corpus_fingerprint(files):
     return h.hexdigest()[:16]
 
 
-def build_token_file(files, cache_dir, tokenizer, num_threads=None, log=print):
+def build_token_file(files, cache_dir, tokenizer, num_threads=None, log=print, check=True):
     """Tokenize `files` once into cache_dir/<fingerprint>.bin (uint16, an
     <|endoftext|> after each document) and return it memory-mapped. Beside it,
     <fingerprint>.json records its length and CRC-32: a file that is cut or
-    damaged is never trained on, but moved aside and tokenized again."""
+    damaged is never trained on, but moved aside and tokenized again. check=False
+    trusts an existing file (one another process has just checked or written)."""
     path = Path(cache_dir) / f"{corpus_fingerprint(files)}.bin"
     record = path.with_suffix(".json")
     if path.exists():
-        problem = token_file_problem(path, record)
+        problem = token_file_problem(path, record) if check else None
         if problem is None:
             log(f"Reusing the token file {path} (length and checksum verified)")
             return np.memmap(path, dtype=np.uint16, mode="r")

@@ -247,8 +247,8 @@ class ExtendedMultiHeadAttention(MultiHeadAttention):
         if kv_cache is not None:  # add to, and attend over, earlier tokens
             hidden = self.hidden_keys(kv_cache.length, num_tokens)
             keys, values = kv_cache.update(keys, values, capacity=self.mask.shape[0])
-        elif self.attn_impl == "book":
-            hidden = self.mask.bool()[:num_tokens, :num_tokens]
+        elif self.attn_impl == "book":  # slice, then convert: only what is used
+            hidden = self.mask[:num_tokens, :num_tokens].bool()
         if self.attn_impl == "sdpa":
             return self.out_proj(self._sdpa(queries, keys, values, hidden, kv_cache is None))
 

@@ -26,9 +26,9 @@ import torch
 from ch02_data import (DownloadError, HelpFormatter, download_file, interrupted, move_aside,
                        plain_warnings)
 from ch04_gpt import GPT_CONFIG_124M, GPTModel, add_device_argument, get_device
-from ch05_train import (add_sampling_arguments, architecture_of, build_lean,
-                        describe_architecture, load_checkpoint, model_file, sampling,
-                        save_checkpoint, stream_text, text_to_token_ids)
+from ch05_train import (add_sampling_arguments, architecture_difference, architecture_of,
+                        build_lean, load_checkpoint, model_file, sampling, save_checkpoint,
+                        stream_text, text_to_token_ids)
 
 ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
 BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
@@ -474,9 +474,8 @@ def load_gpt2_model(model_size="124M", models_dir="gpt2", drop_rate=0.0, base_ur
     pth, hparams = model_dir / "model.pth", model_dir / "hparams.json"
     if pth.exists() and hparams.exists() and gpt2_file_problem(hparams) is None:
         cfg = config_from_settings(json.loads(hparams.read_text(encoding="utf-8")), drop_rate)
-        problem = converted_model_problem(pth, cfg)
+        state_dict, problem = read_converted_model(pth, cfg)
         if problem is None:
-            state_dict = load_checkpoint(pth, mmap=True)["model"]
             return build_lean(lambda: GPTModel(cfg), state_dict, source=str(pth)).eval(), cfg
         print(f"{pth} {problem}; moved aside to {move_aside(pth).name}, converting again.")
     settings, params = download_and_load_gpt2(model_size, models_dir, base_urls)
@@ -489,25 +488,21 @@ def load_gpt2_model(model_size="124M", models_dir="gpt2", drop_rate=0.0, base_ur
     return model.eval(), cfg
 
 
-def converted_model_problem(pth, cfg):
-    """What keeps model.pth from being GPT-2 as hparams.json describes it, or None."""
+def read_converted_model(pth, cfg):
+    """(model.pth's state dict, None), or (None, what keeps it from being GPT-2 as
+    hparams.json describes it)."""
     try:
         saved = load_checkpoint(pth, mmap=True, kinds=("gpt2",))
     except ValueError as err:
         if str(err).startswith("Could not read"):
-            return "is damaged (not a whole PyTorch file)"
-        return f"is not GPT-2's converted weights ({str(err)[len(str(pth)) + 1:].rstrip('.')})"
-    held, wanted = architecture_of(saved["model"]), architecture_of_config(cfg)
-    differ = [k for k in wanted if held.get(k) != wanted[k]]
-    if differ:
-        return (f"holds a model with {describe_architecture(held, differ)}, where "
-                f"hparams.json says {describe_architecture(wanted, differ)}")
-    return None
-
-
-def architecture_of_config(cfg):
-    return {"n_layers": cfg["n_layers"], "vocab_size": cfg["vocab_size"],
-            "emb_dim": cfg["emb_dim"], "context_length": cfg["context_length"]}
+            return None, "is damaged (not a whole PyTorch file)"
+        what = str(err)[len(str(pth)) + 1:].rstrip(".")  # the message less the path
+        return None, f"is not GPT-2's converted weights ({what})"
+    wanted = {k: cfg[k] for k in ("n_layers", "vocab_size", "emb_dim", "context_length")}
+    difference = architecture_difference(architecture_of(saved["model"]), wanted)
+    if difference:
+        return None, f"holds a model with {difference[0]}, where hparams.json says {difference[1]}"
+    return saved["model"], None
 
 
 def gpt2_byte_symbols():

@@ -217,8 +217,10 @@ def _in_current_layout(saved):
     """Files of earlier versions in today's layout (None: not a model file):
     chapters 6 and 7 kept the config in their settings, and GPT-2's model.pth
     was a bare state dict."""
-    if not isinstance(saved, dict) or "kind" in saved:
-        return saved if isinstance(saved, dict) and "model" in saved else None
+    if not isinstance(saved, dict):
+        return None
+    if "kind" in saved:
+        return saved if "model" in saved else None
     if "tok_emb.weight" in saved:
         return model_file("gpt2", saved, None)
     if "model" not in saved:
@@ -266,21 +268,24 @@ def architecture_of(state_dict):
     return found
 
 
-def describe_architecture(arch, keys):
+def architecture_difference(held, wanted):
+    """(what `held` has, what `wanted` has) in words, for the keys where two
+    architectures differ; None when they agree."""
     words = {"n_layers": "layers", "emb_dim": "embedding size", "vocab_size": "vocabulary",
              "context_length": "context length"}
-    return ", ".join(f"{words[k]} {arch.get(k)}" for k in keys)
+    differ = [k for k in wanted if held.get(k) != wanted[k]]
+    describe = lambda arch: ", ".join(f"{words[k]} {arch.get(k)}" for k in differ)  # noqa: E731
+    return (describe(held), describe(wanted)) if differ else None
 
 
 def check_state_dict(model, state_dict, source="the checkpoint"):
     """Raise an error naming how the file's model differs (layers, sizes), or else
     every missing, unexpected or differently shaped tensor."""
     expected = model.state_dict()
-    ours, theirs = architecture_of(expected), architecture_of(state_dict)
-    differ = [k for k in ours if theirs.get(k) != ours[k]]
-    if differ:
-        raise ValueError(f"{source} holds a model with {describe_architecture(theirs, differ)}; "
-                         f"the model built for it has {describe_architecture(ours, differ)}.")
+    difference = architecture_difference(architecture_of(state_dict), architecture_of(expected))
+    if difference:
+        raise ValueError(f"{source} holds a model with {difference[0]}; the model built for it "
+                         f"has {difference[1]}.")
     problems = [f"missing: {k}" for k in expected if k not in state_dict]
     problems += [f"unexpected: {k}" for k in state_dict if k not in expected]
     problems += [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(v.shape)} in the model"
@@ -980,18 +985,19 @@ def load_corpus(settings, tokenizer, rank, log):
     """(train dataset, val dataset): the book's character split of an in-memory
     text, or a token split of a memory-mapped token file for large corpora."""
     ctx = settings["context_length"]
-    if not settings["data"]:
+    files = collect_text_files(settings["data"]) if settings["data"] else None
+    if files is None:
         text = rank0_first(lambda: load_the_verdict(None, settings["data_dir"]), rank)
     elif not settings["memmap"]:
-        text = EOT.join(read_text(f) for f in collect_text_files(settings["data"]))
+        text = EOT.join(read_text(f) for f in files)
     if not settings["memmap"]:
         split_idx = int(settings["train_ratio"] * len(text))  # the book splits characters
         parts = text[:split_idx], text[split_idx:]
         return [_windows(lambda: GPTDatasetV1(part, tokenizer, ctx, ctx), name, ctx)
                 for part, name in zip(parts, ("training", "validation"))]
-    files = collect_text_files(settings["data"])
+    # rank 0 checks (or writes) the token file; the others then find it whole
     tokens = rank0_first(lambda: build_token_file(files, Path(settings["out"]) / "tokens",
-                                                  tokenizer, log=log), rank)
+                                                  tokenizer, log=log, check=rank == 0), rank)
     split_idx = int(settings["train_ratio"] * len(tokens))
     parts = tokens[:split_idx], tokens[split_idx:]
     return [_windows(lambda: GPTDatasetV1.from_token_ids(part, ctx, ctx), name, ctx)

@@ -78,6 +78,12 @@ def format_input(entry):
     return instruction_text + input_text
 
 
+def prompt_of(entry):
+    """Beyond the book: format_input with the response header after it, the text a
+    finetuned model continues with its response."""
+    return format_input(entry) + "\n\n### Response:\n"
+
+
 def split_data(data):
     """The book's split: 85% training, 10% test, the remaining 5% validation."""
     train_portion = int(len(data) * 0.85)
@@ -238,8 +244,8 @@ def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, s
     and left out. Beyond the book: with scores_path, each entry's score (None where
     the answer was no number) is saved as it comes, and a later call goes on where
     this one stopped: entries already scored are not asked again, failed ones are."""
-    by_entry = saved_scores(scores_path, json_data, json_key, model, overwrite)
     fingerprint = responses_fingerprint(json_data, json_key)
+    by_entry = saved_scores(scores_path, fingerprint, model, overwrite)
     todo = [i for i in range(len(json_data)) if by_entry.get(str(i)) is None]
     if len(todo) < len(json_data):
         print(f"{len(json_data) - len(todo)} entries were scored by an earlier run "
@@ -271,7 +277,7 @@ def responses_fingerprint(json_data, json_key):
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def saved_scores(scores_path, json_data, json_key, model, overwrite):
+def saved_scores(scores_path, fingerprint, model, overwrite):
     """The scores an earlier call saved for these responses with this judge ({}
     for none). Scores by another judge, or of other responses, are refused
     unless `overwrite`: they are an earlier run's results."""
@@ -284,8 +290,7 @@ def saved_scores(scores_path, json_data, json_key, model, overwrite):
         raise ValueError(f"{scores_path} holds scores by the judge {saved.get('model')!r}, not "
                          f"{model!r}: give --judge-model {saved.get('model')} to go on with "
                          "them, or --overwrite to score anew.")
-    if saved.get("responses", responses_fingerprint(json_data, json_key)) != \
-            responses_fingerprint(json_data, json_key):
+    if saved.get("responses", fingerprint) != fingerprint:  # files before it had none
         raise ValueError(f"{scores_path} holds scores of other responses than those beside it "
                          "(they changed since): give --overwrite to score these anew.")
     return {k: v for k, v in saved["scores"].items() if isinstance(v, int) or v is None}
@@ -379,11 +384,8 @@ def chat_prompt(turns, instruction, tokenizer, context_size, max_new_tokens):
     """The prompt for a new instruction after the earlier turns that fit the
     context with room for an answer (at most half the context); the oldest go first."""
     def text(kept):
-        asked = [format_input({"instruction": i, "input": ""}) + "\n\n### Response:\n"
-                 for i, _ in kept]
-        earlier = "".join(q + r + "\n\n" for q, (_, r) in zip(asked, kept))
-        return earlier + format_input({"instruction": instruction, "input": ""}) + \
-            "\n\n### Response:\n"
+        earlier = "".join(prompt_of({"instruction": i}) + r + "\n\n" for i, r in kept)
+        return earlier + prompt_of({"instruction": instruction})
     room = context_size - min(max_new_tokens, context_size // 2)
     kept = list(turns)
     while kept and len(tokenizer.encode(text(kept), disallowed_special=())) > room:
@@ -442,8 +444,7 @@ class PreferenceDataset(Dataset):
     def __init__(self, data, tokenizer):
         self.items = []
         for entry in data:
-            prompt = tokenizer.encode(format_input(entry) + "\n\n### Response:\n",
-                                      disallowed_special=())
+            prompt = tokenizer.encode(prompt_of(entry), disallowed_special=())
             self.items.append({key: prompt + tokenizer.encode(entry[key], disallowed_special=())
                                for key in ("chosen", "rejected")} | {"prompt": prompt})
 
