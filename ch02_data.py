@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import unicodedata
 import warnings
@@ -229,6 +230,28 @@ def atomic_path(path):
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """atomic_path for a folder: the block fills a temporary folder beside `path`,
+    which then takes its place. A folder already there is replaced only once the
+    new one is whole; a failed block leaves it as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's private 0o700
+    try:
+        yield tmp
+        old = move_aside(path, ".old.tmp") if path.exists() else None
+        tmp.replace(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def unwritable(folder, err, flag="--out"):

@@ -16,19 +16,23 @@ Imports from ch02_data.py, ch04_gpt.py and ch05_train.py.
 import argparse
 import functools
 import json
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import tiktoken
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from ch02_data import (DownloadError, HelpFormatter, download_file, interrupted, move_aside,
-                       plain_warnings)
-from ch04_gpt import GPT_CONFIG_124M, GPTModel, add_device_argument, get_device
+from ch02_data import (EOT, DownloadError, HelpFormatter, atomic_folder, download_file,
+                       interrupted, move_aside, plain_warnings)
+from ch04_gpt import (GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, add_device_argument,
+                     get_device)
 from ch05_train import (add_sampling_arguments, architecture_difference, architecture_of,
-                        build_lean, load_checkpoint, model_file, sampling, save_checkpoint,
-                        stream_text, text_to_token_ids)
+                        build_lean, load_checkpoint, load_text_model, model_file, sampling,
+                        save_checkpoint, stream_text, text_to_token_ids)
 
 ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
 BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
@@ -48,11 +52,13 @@ def download_and_load_gpt2(model_size, models_dir, base_urls=BASE_URLS):
     try:
         params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
     except DamagedCheckpoint as err:  # beyond the book: bytes that fail their checksum
-        fetch_again(model_dir / DATA_FILE, str(err), model_size, base_urls)
+        data_file = model_dir / DATA_FILE
+        fetch_again(data_file, str(err),
+                    lambda: fetch_gpt2_file(data_file, model_size, base_urls), gpt2_file_problem)
         try:
             params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
         except DamagedCheckpoint as again:
-            raise damaged_again(model_dir / DATA_FILE, str(again)) from None
+            raise damaged_again(data_file, str(again)) from None
     return settings, params
 
 
@@ -77,7 +83,9 @@ def download_gpt2(model_size, models_dir, base_urls=BASE_URLS):
     for filename in CHECKED_IN_ORDER:
         problem = gpt2_file_problem(model_dir / filename)
         if problem:
-            fetch_again(model_dir / filename, problem, model_size, base_urls)
+            path = model_dir / filename
+            fetch_again(path, problem, lambda: fetch_gpt2_file(path, model_size, base_urls),
+                        gpt2_file_problem)
     return model_dir
 
 
@@ -86,13 +94,13 @@ def fetch_gpt2_file(path, model_size, base_urls):
     download_file(urls[0], path, backup_urls=urls[1:])
 
 
-def fetch_again(path, problem, model_size, base_urls):
-    """Move a damaged GPT-2 file aside and download it once more; damaged again,
+def fetch_again(path, problem, fetch, file_problem):
+    """Move a damaged GPT-2 file aside and fetch() it once more; damaged again,
     it is an error that says what to do."""
     print(f"{path} is damaged ({problem}); moved aside to {move_aside(path).name} and "
           "downloading it again.")
-    fetch_gpt2_file(path, model_size, base_urls)
-    problem = gpt2_file_problem(path)
+    fetch()
+    problem = file_problem(path)
     if problem:
         raise damaged_again(path, problem)
 
@@ -161,7 +169,7 @@ def hparams_problem(hparams, path):
 def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
     """{'wte': ..., 'wpe': ..., 'g': ..., 'b': ..., 'blocks': [{'attn': {...}, ...}]}"""
     # Beyond the book: TensorFlow's functions, or the same from our own reader
-    list_variables, load_variable = checkpoint_functions()
+    list_variables, load_variable = checkpoint_functions(ckpt_path)
     params = {"blocks": [{} for _ in range(settings["n_layer"])]}
     for name, _ in list_variables(ckpt_path):
         # squeeze: OpenAI stores linear weights as 1x1 convolutions, (1, in, out)
@@ -230,8 +238,10 @@ def load_weights_into_gpt(gpt, params, free_params=False):
 
     gpt.final_norm.scale = assign(gpt.final_norm.scale, params["g"], "final_norm.scale")
     gpt.final_norm.shift = assign(gpt.final_norm.shift, params["b"], "final_norm.shift")
-    # GPT-2 ties the output layer to the token embedding
-    gpt.out_head.weight = assign(gpt.out_head.weight, params["wte"], "out_head.weight")
+    # GPT-2 ties the output layer to the token embedding (beyond the book: a model
+    # exported by --export-hf with a head of its own brings it as lm_head)
+    gpt.out_head.weight = assign(gpt.out_head.weight, params.get("lm_head", params["wte"]),
+                                 "out_head.weight")
 
 
 # ---- Beyond the book: reading OpenAI's checkpoint without TensorFlow ----
@@ -249,10 +259,14 @@ class DamagedCheckpoint(ValueError):
     """A tensor of the checkpoint fails its checksum, or its bytes are missing."""
 
 
-def checkpoint_functions():
+def checkpoint_functions(ckpt_path=None):
     """(list_variables, load_variable): TensorFlow's where it is installed, else
     this file's reader, which returns the same arrays, bit for bit. Both verify
-    every tensor's checksum, and both report damage as DamagedCheckpoint."""
+    every tensor's checksum, and both report damage as DamagedCheckpoint. For
+    Hugging Face's model.safetensors: a reader that gives the same arrays under
+    OpenAI's names."""
+    if str(ckpt_path).endswith(".safetensors"):
+        return list_hf_variables, load_hf_variable
     try:
         import tensorflow as tf
     except ImportError:
@@ -463,28 +477,66 @@ def config_from_settings(settings, drop_rate=GPT_CONFIG_124M["drop_rate"]):
             "n_layers": settings["n_layer"], "drop_rate": drop_rate, "qkv_bias": True}
 
 
-def load_gpt2_model(model_size="124M", models_dir="gpt2", drop_rate=0.0, base_urls=BASE_URLS):
+def load_gpt2_model(model_size="124M", models_dir="gpt2", drop_rate=0.0, base_urls=BASE_URLS,
+                    source=None, hf_file=None):
     """(GPTModel with GPT-2's weights in eval mode, its config).
 
-    The first call downloads and converts OpenAI's checkpoint and saves the
-    result as models_dir/model_size/model.pth; later calls load that file and
-    need neither TensorFlow nor the network.
+    source "openai": OpenAI's checkpoint, from base_urls in turn. The first call
+    downloads and converts it and saves the result as models_dir/model_size/model.pth;
+    later calls load that file and need neither TensorFlow nor the network.
+    source "hf": Hugging Face's model.safetensors (hf_file, else downloaded into
+    models_dir/model_size), read as it is. source None: the weights already there,
+    else OpenAI's files, else Hugging Face's. One line says which served.
     """
-    model_dir = Path(models_dir) / model_size
+    model_dir, openai_failed = Path(models_dir) / model_size, None
+    if hf_file is None and source != "hf":
+        found = converted_gpt2(model_dir, drop_rate)
+        if found:
+            print(f"GPT-2 {model_size}: OpenAI's weights as converted earlier "
+                  f"({model_dir / 'model.pth'}).")
+            return found
+        if source == "openai" or not (model_dir / HF_FILE).is_file():
+            try:
+                return convert_gpt2(model_size, models_dir, drop_rate, base_urls)
+            except DownloadError as err:
+                if source == "openai":
+                    raise
+                openai_failed = err
+                print(f"GPT-2 {model_size}: OpenAI's server and the book's backup did not serve "
+                      "it; trying Hugging Face.")
+    try:
+        return load_hf_gpt2(model_size, models_dir, drop_rate, hf_file)
+    except DownloadError as err:
+        if openai_failed:
+            raise DownloadError(f"{openai_failed}\nNor from Hugging Face: {err}") from None
+        raise
+
+
+def converted_gpt2(model_dir, drop_rate):
+    """(model, cfg) from model_dir/model.pth converted earlier, or None; one that
+    does not fit its hparams.json is moved aside."""
     pth, hparams = model_dir / "model.pth", model_dir / "hparams.json"
-    if pth.exists() and hparams.exists() and gpt2_file_problem(hparams) is None:
-        cfg = config_from_settings(json.loads(hparams.read_text(encoding="utf-8")), drop_rate)
-        state_dict, problem = read_converted_model(pth, cfg)
-        if problem is None:
-            return build_lean(lambda: GPTModel(cfg), state_dict, source=str(pth)).eval(), cfg
-        print(f"{pth} {problem}; moved aside to {move_aside(pth).name}, converting again.")
+    if not (pth.exists() and hparams.exists() and gpt2_file_problem(hparams) is None):
+        return None
+    cfg = config_from_settings(json.loads(hparams.read_text(encoding="utf-8")), drop_rate)
+    state_dict, problem = read_converted_model(pth, cfg)
+    if problem is None:
+        return build_lean(lambda: GPTModel(cfg), state_dict, source=str(pth)).eval(), cfg
+    print(f"{pth} {problem}; moved aside to {move_aside(pth).name}, converting again.")
+    return None
+
+
+def convert_gpt2(model_size, models_dir, drop_rate, base_urls):
+    """OpenAI's checkpoint downloaded, loaded as the book does, and saved as model.pth."""
     settings, params = download_and_load_gpt2(model_size, models_dir, base_urls)
     cfg = config_from_settings(settings, drop_rate)
     model = GPTModel(cfg)
     load_weights_into_gpt(model, params, free_params=True)
+    pth = Path(models_dir) / model_size / "model.pth"
     save_checkpoint(pth, model_file("gpt2", model.state_dict(), {**cfg, "drop_rate": 0.0},
                                     {"model_size": model_size}))
-    print(f"Saved the converted weights to {pth}; later runs load them offline.")
+    print(f"GPT-2 {model_size}: OpenAI's checkpoint, converted and saved to {pth}; later runs "
+          "load it offline.")
     return model.eval(), cfg
 
 
@@ -557,6 +609,279 @@ def get_gpt2_tokenizer(models_dir=None):
             "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache.") from None
 
 
+# ---- Beyond the book: Hugging Face's safetensors, both ways ----
+# Hugging Face's GPT-2 (openai-community/gpt2 and its larger siblings) holds
+# OpenAI's arrays under other names, in one safetensors file: a JSON header of
+# names, dtypes, shapes and byte ranges, then the raw bytes. Its Conv1D layers
+# keep OpenAI's (in, out) weights, so a rename is the whole mapping; the book's
+# load_weights_into_gpt does the rest (splitting c_attn, transposing).
+
+HF_URL = "https://huggingface.co"  # or the mirror in $HF_ENDPOINT, as huggingface_hub reads it
+HF_NAMES = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+HF_FILE = "model.safetensors"
+# hparams.json of each of OpenAI's releases (Hugging Face's file comes without one)
+GPT2_HPARAMS = {size: {"n_vocab": 50257, "n_ctx": 1024, "n_embd": MODEL_CONFIGS[size]["emb_dim"],
+                       "n_head": MODEL_CONFIGS[size]["n_heads"],
+                       "n_layer": MODEL_CONFIGS[size]["n_layers"]} for size in ALLOWED_SIZES}
+HF_DTYPES = {"F32", "F16", "BF16"}
+
+
+def gpt2_variable_names(n_layer):
+    """[(OpenAI's name, Hugging Face's name)] of GPT-2's variables, in OpenAI's order
+    within a block. The one mapping both ways: loading and --export-hf."""
+    blocks = [(f"model/h{i}/{layer}/{leaf}",
+               f"h.{i}.{layer.replace('/', '.')}.{'bias' if leaf == 'b' else 'weight'}")
+              for i in range(n_layer)
+              for layer in ("ln_1", "attn/c_attn", "attn/c_proj", "ln_2", "mlp/c_fc", "mlp/c_proj")
+              for leaf in ("gb" if layer.startswith("ln") else "wb")]
+    return [("model/wte", "wte.weight"), ("model/wpe", "wpe.weight"), *blocks,
+            ("model/ln_f/g", "ln_f.weight"), ("model/ln_f/b", "ln_f.bias")]
+
+
+def hf_shapes(settings):
+    """{Hugging Face name: shape} of GPT-2 as hparams.json's numbers describe it."""
+    d, v = settings["n_embd"], settings["n_vocab"]
+    by_ending = {"wte.weight": (v, d), "wpe.weight": (settings["n_ctx"], d),
+                 "c_attn.weight": (d, 3 * d), "c_attn.bias": (3 * d,),
+                 "attn.c_proj.weight": (d, d), "c_fc.weight": (d, 4 * d), "c_fc.bias": (4 * d,),
+                 "mlp.c_proj.weight": (4 * d, d)}  # the rest: layer norms and biases, (d,)
+    return {hf: next((shape for end, shape in by_ending.items() if hf.endswith(end)), (d,))
+            for _, hf in gpt2_variable_names(settings["n_layer"])}
+
+
+def safetensors_header(path):
+    """{name: {"dtype", "shape", "data_offsets"}} of a safetensors file ("transformer."
+    dropped from names, as GPT2LMHeadModel.save_pretrained writes them), checked
+    to describe exactly the bytes the file holds; ValueError says what is wrong."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or not 2 <= n <= min(size - 8, 100_000_000):
+            raise ValueError("not a safetensors file")
+        try:
+            header = json.loads(f.read(n))
+            tensors = {k.removeprefix("transformer."): {**v, "key": k} for k, v in header.items()
+                       if k != "__metadata__"}
+            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+            shapes_ok = all(isinstance(v["shape"], list) for v in tensors.values())
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError("not a safetensors file (its header is not one)") from None
+    if size != 8 + n + end or not shapes_ok:
+        raise ValueError(f"{size:,} bytes where its header says {8 + n + end:,} (a cut "
+                         "download?)")
+    return tensors
+
+
+def hf_file_problem(path, settings):
+    """What keeps `path` from being Hugging Face's GPT-2 as `settings` (hparams.json's
+    numbers) describe it, or None when it is whole and fits."""
+    try:
+        header = safetensors_header(path)
+    except ValueError as err:
+        return str(err)
+    shapes = {name: tuple(v["shape"]) for name, v in header.items()}
+    held = {"n_layers": len({n.split(".")[1] for n in shapes if re.match(r"h\.\d+\.", n)}),
+            "vocab_size": shapes.get("wte.weight", (None, None))[0],
+            "emb_dim": shapes.get("wte.weight", (None, None))[-1]}
+    wanted = config_from_settings(settings)
+    difference = architecture_difference(held, {k: wanted[k] for k in held})
+    if difference:
+        same = [size for size, h in GPT2_HPARAMS.items()
+                if (h["n_embd"], h["n_layer"]) == (held["emb_dim"], held["n_layers"])]
+        return (f"holds a model with {difference[0]}, not {difference[1]}"
+                + (f": GPT-2 {same[0]}, pass --model-size {same[0]}" if same else ""))
+    for name, shape in hf_shapes(settings).items():
+        if name not in shapes:
+            return f"has no tensor {name}"
+        if shapes[name] != shape:
+            return f"has {name} of shape {list(shapes[name])} where GPT-2 has {list(shape)}"
+        if header[name]["dtype"] not in HF_DTYPES:
+            return f"holds {name} as {header[name]['dtype']}, not as floating-point numbers"
+    if "lm_head.weight" in shapes and shapes["lm_head.weight"] != shapes["wte.weight"]:
+        return f"has lm_head.weight of shape {list(shapes['lm_head.weight'])}, not wte's"
+    return None
+
+
+@functools.cache
+def _hf_variables(path, mtime_ns):
+    header = safetensors_header(Path(path))
+    n_layer = len({n.split(".")[1] for n in header if re.match(r"h\.\d+\.", n)})
+    names = [*gpt2_variable_names(n_layer), ("model/lm_head", "lm_head.weight")]
+    return {tf: header[hf] for tf, hf in names if hf in header}
+
+
+def hf_variables(path):
+    """{OpenAI's name: its entry in the header} of a Hugging Face GPT-2 file; its own
+    output layer, if any, as model/lm_head. Read again only when the file changes."""
+    return _hf_variables(str(path), Path(path).stat().st_mtime_ns)
+
+
+def list_hf_variables(path):
+    """[(OpenAI's name, shape)], as list_tf_variables gives them."""
+    return [(name, entry["shape"]) for name, entry in sorted(hf_variables(path).items())]
+
+
+def load_hf_variable(path, name):
+    """One of OpenAI's variables from Hugging Face's file (memory-mapped), as float32."""
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor(hf_variables(path)[name]["key"]).float().numpy()
+
+
+def hf_url(model_size):
+    base = os.environ.get("HF_ENDPOINT") or HF_URL
+    return f"{base.rstrip('/')}/openai-community/{HF_NAMES[model_size]}/resolve/main/{HF_FILE}"
+
+
+def find_hf_file(path):
+    """--hf-file: a model.safetensors, a folder holding one, or a Hugging Face cache
+    folder (models--openai-community--gpt2) whose newest snapshot holds one."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = sorted(path.glob(f"snapshots/*/{HF_FILE}"), key=lambda p: p.stat().st_mtime)
+        found = [path / HF_FILE] if (path / HF_FILE).is_file() else found[-1:]
+        if not found:
+            raise FileNotFoundError(f"--hf-file {path}: no {HF_FILE} there, nor in its "
+                                    "snapshots/*/ (as in a Hugging Face cache folder).")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"--hf-file {path}: no such file.")
+    return path
+
+
+def load_hf_gpt2(model_size="124M", models_dir="gpt2", drop_rate=0.0, hf_file=None):
+    """(GPTModel in eval mode, its config) from Hugging Face's model.safetensors:
+    hf_file, or the file downloaded (once) into models_dir/model_size."""
+    settings = GPT2_HPARAMS[model_size]
+    if hf_file is not None:
+        path = find_hf_file(hf_file)
+        problem = hf_file_problem(path, settings)
+        if problem:
+            raise ValueError(f"--hf-file {path} is not GPT-2 {model_size}'s safetensors file: "
+                             f"{problem}.")
+        print(f"GPT-2 {model_size}: Hugging Face's weights from {path}.")
+    else:
+        path = Path(models_dir) / model_size / HF_FILE
+        download_file(hf_url(model_size), path)
+        problem = hf_file_problem(path, settings)
+        if problem:  # an error page, a cut file: as with OpenAI's files, once more
+            fetch_again(path, problem, lambda: download_file(hf_url(model_size), path),
+                        lambda p: hf_file_problem(p, settings))
+        print(f"GPT-2 {model_size}: Hugging Face's model.safetensors ({path}).")
+    cfg = config_from_settings(settings, drop_rate)
+    model = GPTModel(cfg)
+    load_weights_into_gpt(model, load_gpt2_params_from_tf_ckpt(path, settings), free_params=True)
+    return model.eval(), cfg
+
+
+def openai_variables_of(state_dict, n_layers):
+    """load_weights_into_gpt undone: OpenAI's variables {name: float32 tensor},
+    weights as (in, out), from a GPTModel state dict. A model built with
+    qkv_bias false gets zero query, key and value biases (GPT-2 always has them)."""
+    sd = {k: v.detach().float() for k, v in state_dict.items()}
+    d = sd["tok_emb.weight"].shape[1]
+    out = {"model/wte": sd["tok_emb.weight"], "model/wpe": sd["pos_emb.weight"],
+           "model/ln_f/g": sd["final_norm.scale"], "model/ln_f/b": sd["final_norm.shift"]}
+    for i in range(n_layers):
+        ours, theirs = f"trf_blocks.{i}.", f"model/h{i}/"
+        qkv = [f"{ours}att.W_{n}" for n in ("query", "key", "value")]
+        out[theirs + "attn/c_attn/w"] = torch.cat([sd[n + ".weight"] for n in qkv]).T
+        out[theirs + "attn/c_attn/b"] = torch.cat([sd.get(n + ".bias", torch.zeros(d))
+                                                   for n in qkv])
+        for layer, linear in (("attn/c_proj", "att.out_proj"), ("mlp/c_fc", "ff.layers.0"),
+                              ("mlp/c_proj", "ff.layers.2")):
+            out[f"{theirs}{layer}/w"] = sd[f"{ours}{linear}.weight"].T
+            out[f"{theirs}{layer}/b"] = sd[f"{ours}{linear}.bias"]
+        for layer, norm in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[f"{theirs}{layer}/g"] = sd[f"{ours}{norm}.scale"]
+            out[f"{theirs}{layer}/b"] = sd[f"{ours}{norm}.shift"]
+    return out
+
+
+def hf_config(cfg, tied):
+    """config.json of a Hugging Face GPT-2 with our model's dimensions."""
+    drop = GPT_CONFIG_124M["drop_rate"]  # GPT-2's, for finetuning there
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+            "vocab_size": cfg["vocab_size"], "n_positions": cfg["context_length"],
+            "n_ctx": cfg["context_length"],  # llama.cpp's converter reads n_ctx
+            "n_embd": cfg["emb_dim"], "n_layer": cfg["n_layers"], "n_head": cfg["n_heads"],
+            "n_inner": None, "activation_function": "gelu_new",  # the book's tanh GELU
+            "layer_norm_epsilon": 1e-5, "resid_pdrop": drop, "embd_pdrop": drop,
+            "attn_pdrop": drop, "initializer_range": 0.02, "scale_attn_weights": True,
+            "use_cache": True, "bos_token_id": 50256, "eos_token_id": 50256,
+            "tie_word_embeddings": tied, "torch_dtype": "float32"}
+
+
+def bpe_merges(ranks):
+    """GPT-2's merges (vocab.bpe, Hugging Face's merges.txt) in rank order, from
+    tiktoken's ranks alone: byte-level BPE run on a token's bytes with only the
+    merges ranked below it ends at the two parts whose merge the token is."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"The tokenizer's token {token!r} is no merge of two earlier "
+                             "tokens: it is not a byte-level BPE vocabulary.")
+        merges.append(tuple(parts))
+    return merges
+
+
+@functools.cache
+def hf_tokenizer_files(tokenizer, context_length):
+    """{filename: text} of Hugging Face's GPT-2 tokenizer for tiktoken's encoding:
+    the same vocabulary, each token's bytes spelled in GPT-2's byte symbols."""
+    symbol = {b: ch for ch, b in gpt2_byte_symbols().items()}
+    spell = lambda token: "".join(symbol[b] for b in token)  # noqa: E731
+    ranks = {t: tokenizer.encode_single_token(t) for t in tokenizer.token_byte_values()}
+    vocab = {spell(t): r for t, r in sorted(ranks.items(), key=lambda item: item[1])}
+    vocab[EOT] = tokenizer.eot_token
+    merges = "".join(f"{spell(a)} {spell(b)}\n" for a, b in bpe_merges(ranks))
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length,
+              "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "add_prefix_space": False}
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt":
+            "#version: 0.2\n" + merges, "tokenizer_config.json": json.dumps(config, indent=2)}
+
+
+def export_hf(checkpoint, out_dir, overwrite=False, models_dir="gpt2"):
+    """Write a text model of chapters 5 and 7 (a checkpoint.pt, GPT-2's model.pth, an
+    instruction or DPO model, LoRA merged in) as a Hugging Face GPT-2 folder, which
+    GPT2LMHeadModel.from_pretrained loads; returns its config.json."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"--export-hf {out_dir} already exists. Replace it with "
+                              "--overwrite, or name another folder.")
+    model, cfg, _ = load_text_model(
+        checkpoint, "cpu", flag="--from", not_a_classifier="Hugging Face's GPT-2 layout, "
+        "GPT2LMHeadModel, has no place for a classifier's head")
+    if cfg["vocab_size"] < 50257:
+        raise ValueError(f"{checkpoint} holds a model with a vocabulary of {cfg['vocab_size']:,} "
+                         "tokens; the export carries GPT-2's tokenizer, which needs 50,257.")
+    state_dict = model.state_dict()
+    variables = openai_variables_of(state_dict, cfg["n_layers"])
+    tensors = {f"transformer.{hf}": variables[tf].contiguous()
+               for tf, hf in gpt2_variable_names(cfg["n_layers"])}
+    tied = torch.equal(state_dict["out_head.weight"], state_dict["tok_emb.weight"])
+    if not tied:  # the book's models have their own output layer
+        tensors["lm_head.weight"] = state_dict["out_head.weight"].float().contiguous()
+    config = hf_config(cfg, tied)
+    files = {"config.json": json.dumps(config, indent=2),
+             "generation_config.json": json.dumps({"bos_token_id": 50256,
+                                                   "eos_token_id": 50256}, indent=2),
+             **hf_tokenizer_files(get_gpt2_tokenizer(models_dir), cfg["context_length"])}
+    with atomic_folder(out_dir) as tmp:
+        save_file(tensors, tmp / HF_FILE, metadata={"format": "pt"})
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return config
+
+
 # ---- Beyond the book: a look inside ----
 
 # Where each of OpenAI's variables goes in our model ("#" is the block number)
@@ -585,7 +910,7 @@ def inspect_checkpoint(model_dir):
         raise FileNotFoundError(f"No TensorFlow checkpoint in {model_dir}; run once without "
                                 "--inspect to download it.")
     rows = []
-    list_variables, _ = checkpoint_functions()
+    list_variables, _ = checkpoint_functions(ckpt)
     for name, shape in list_variables(ckpt):
         short = name.split("/", 1)[1]
         block = short.split("/")[0][1:] if short.startswith("h") else None
@@ -618,6 +943,15 @@ def word_token(word, tokenizer):
 def main(args):
     torch.set_printoptions(precision=4, sci_mode=False)
     base_urls = ([args.base_url] if args.base_url else []) + list(BASE_URLS)
+    if args.export_hf:
+        config = export_hf(args.from_file, args.export_hf, args.overwrite, args.models_dir)
+        files = sorted(p.name for p in Path(args.export_hf).iterdir())
+        print(f"Exported {args.from_file} to {args.export_hf}: {', '.join(files)} "
+              f"({config['n_layer']} layers, embedding size {config['n_embd']}, context "
+              f"{config['n_positions']}, {'tied' if config['tie_word_embeddings'] else 'own'} "
+              f"output layer).\nLoad it with transformers: GPT2LMHeadModel.from_pretrained("
+              f"{str(args.export_hf)!r})")
+        return config
     if args.inspect:
         rows, hparams = inspect_checkpoint(download_gpt2(args.model_size, args.models_dir,
                                                          base_urls))
@@ -629,7 +963,8 @@ def main(args):
         return rows
 
     device = get_device(args.device)
-    model, cfg = load_gpt2_model(args.model_size, args.models_dir, base_urls=base_urls)
+    model, cfg = load_gpt2_model(args.model_size, args.models_dir, base_urls=base_urls,
+                                 source=args.source, hf_file=args.hf_file)
     model.to(device)
     tokenizer = get_gpt2_tokenizer(args.models_dir)
     results = {}
@@ -670,6 +1005,17 @@ def build_parser():
     parser.add_argument("--base-url", default=None,
                         help="a mirror to try before OpenAI's URL and the book's backup; it "
                              "must hold SIZE/FILENAME like the originals")
+    parser.add_argument("--source", choices=("openai", "hf"), default=None,
+                        help="where GPT-2's weights come from: OpenAI's TensorFlow checkpoint "
+                             "(its server, then the book's backup) or Hugging Face's "
+                             "model.safetensors (openai-community/gpt2...; $HF_ENDPOINT names a "
+                             "mirror). Default: the weights already in --models-dir, else "
+                             "OpenAI's, else Hugging Face's")
+    parser.add_argument("--hf-file", metavar="PATH", default=None,
+                        help="a model.safetensors of GPT-2 you already have, or a folder "
+                             "holding one (a Hugging Face cache folder such as "
+                             "~/.cache/huggingface/hub/models--openai-community--gpt2 too); "
+                             "--model-size must match it")
     parser.add_argument("--prompt", default="Every effort moves you", help="text to continue")
     add_sampling_arguments(parser, max_new_tokens=25, temperature=1.5, top_k=50)
     parser.add_argument("--seed", type=int, default=123, help="random seed")
@@ -681,13 +1027,35 @@ def build_parser():
                         help="print the tokens nearest to WORD in GPT-2's embedding space")
     parser.add_argument("--analogy", nargs=3, metavar=("A", "B", "C"), default=None,
                         help="print the tokens nearest to A - B + C, e.g. king man woman")
+    export = parser.add_argument_group("export to Hugging Face")
+    export.add_argument("--export-hf", metavar="DIR", default=None,
+                        help="write the model of --from as a Hugging Face GPT-2 folder "
+                             "(config.json, model.safetensors, generation_config.json, "
+                             "vocab.json, merges.txt, tokenizer_config.json), then stop")
+    export.add_argument("--from", dest="from_file", metavar="FILE", default=None,
+                        help="the model to export: a checkpoint.pt of ch05_train.py, "
+                             "gpt2/SIZE/model.pth, or a model of ch07_instruct.py (finetuned, "
+                             "LoRA or DPO)")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --export-hf folder")
     return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.export_hf) != bool(args.from_file):
+        parser.error("--export-hf DIR and --from FILE go together: the folder to write and "
+                     "the model to write there")
+    if args.hf_file and args.source == "openai":
+        parser.error("--hf-file names Hugging Face's file: drop --source openai")
+    return args
 
 
 if __name__ == "__main__":
     plain_warnings()
     try:
-        main(build_parser().parse_args())
+        main(parse_args())
     except KeyboardInterrupt:
         interrupted("Files downloaded so far are kept; a cut download's .part file resumes "
                     "next time.")

@@ -384,14 +384,15 @@ def merge_lora(state_dict, alpha):
     return merged
 
 
-def load_text_model(path, device, kinds=("pretraining", "gpt2", "instruct"), flag="--from"):
+def load_text_model(path, device, kinds=("pretraining", "gpt2", "instruct"), flag="--from",
+                    not_a_classifier="a classifier does not generate text"):
     """(model in eval mode, its config, the file's kind) from any model file of
     this project that generates text: a ch05_train.py checkpoint, GPT-2's
     converted model.pth, or a ch07_instruct.py model (its LoRA merged in)."""
     saved = load_checkpoint(path, mmap=True, kinds=kinds,
                             hint=f"{flag} takes a checkpoint.pt of ch05_train.py, a converted "
-                                 "gpt2/SIZE/model.pth or a model of ch07_instruct.py (a "
-                                 "classifier does not generate text).")
+                                 "gpt2/SIZE/model.pth or a model of ch07_instruct.py "
+                                 f"({not_a_classifier}).")
     if saved["config"] is None:
         raise ValueError(f"{path} is GPT-2's model.pth in an earlier layout, without its "
                          "config: delete it and run `python ch05_load_gpt2.py` once to convert "

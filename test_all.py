@@ -173,8 +173,8 @@ def args_of(chapter, argv):
     the tests build them."""
     if chapter in (ch06, ch07):
         return ch06.parse_finetuning_args(chapter.build_parser(), argv)
-    if chapter is ch05:
-        return ch05.parse_args(argv)
+    if chapter in (ch05, gpt2):
+        return chapter.parse_args(argv)
     return chapter.build_parser().parse_args(argv)
 
 
@@ -891,6 +891,13 @@ def test_generate_streams_text_from_every_kind_of_model_file(tmp_path, gpt2_serv
     x = torch.tensor([prompt])
     with torch.no_grad():  # the merged LoRA computes what the LoRA model computes
         assert torch.allclose(result["model"](x), lora(x), rtol=1e-5, atol=1e-4)  # logits ~30
+    # --export-hf takes the same files: the LoRA merged in, GPT-2's head tied as GPT-2's is
+    for path, tied in ((tmp_path / "sft.pth", False), (tmp_path / "gpt2" / "tiny" / "model.pth",
+                                                         True)):
+        assert gpt2.export_hf(path, tmp_path / "hf" / path.stem)["tie_word_embeddings"] is tied
+    with torch.no_grad():
+        assert torch.allclose(exported_model(tmp_path / "hf" / "sft")(x), lora(x), rtol=1e-5,
+                              atol=1e-4)
     # a classifier does not generate: one line that says what it holds and what to give
     ch06.save_classifier(tmp_path / "c.pth", ch06.prepare_classifier(tiny_model(0), TINY), TINY,
                          {"trainable": "head", "lora_rank": None, "lora_alpha": 16})
@@ -1464,11 +1471,22 @@ def tiny_gpt2_files(tmp_path_factory):
 
 
 @pytest.fixture
-def gpt2_server(serve, tiny_gpt2_files, monkeypatch):
-    files, _ = tiny_gpt2_files
+def hf_tiny(monkeypatch):
+    """"tiny" as a fifth GPT-2 size, as OpenAI and Hugging Face would serve it."""
     monkeypatch.setattr(gpt2, "ALLOWED_SIZES", (*gpt2.ALLOWED_SIZES, "tiny"))
-    return serve(FileServer, {f"/{base}/tiny/{name}": data for base in ("primary", "mirror")
-                              for name, data in files.items()})
+    monkeypatch.setitem(gpt2.GPT2_HPARAMS, "tiny", TINY_HPARAMS)
+    monkeypatch.setitem(gpt2.HF_NAMES, "tiny", "gpt2-tiny")
+
+
+@pytest.fixture
+def gpt2_server(serve, tiny_gpt2_files, hf_tiny, monkeypatch):
+    """OpenAI's files of GPT-2 "tiny" under /primary and /mirror; /hf, Hugging Face
+    (no file until a test puts one there)."""
+    files, _ = tiny_gpt2_files
+    server = serve(FileServer, {f"/{base}/tiny/{name}": data for base in ("primary", "mirror")
+                                for name, data in files.items()})
+    monkeypatch.setenv("HF_ENDPOINT", server.url + "/hf")
+    return server
 
 
 def numpy_gpt2_logits(v, ids, n_head):
@@ -1807,6 +1825,245 @@ def test_gpt2_command_inspect_generate_and_neighbors(gpt2_server, tmp_path, caps
     assert len(result["neighbors"]) == 10 and "king" not in [t.strip() for t, _ in result["neighbors"]]
     with pytest.raises(ValueError, match=r"is 4 GPT-2 tokens \[. G., .is., .burn., .esque.\]"):
         gpt2.main(gpt2_args(gpt2_server, tmp_path, "--neighbors", "Gisburnesque"))
+
+
+# ---- Chapter 5, loading GPT-2, beyond the book: Hugging Face's safetensors, both ways ----
+
+
+def hub_safetensors(variables, path, n_layer=TINY_HPARAMS["n_layer"]):
+    """OpenAI's variables as Hugging Face's hub file holds them: no prefix, Conv1D
+    weights (in, out), and each block's causal-mask buffer (attn.bias) besides."""
+    from safetensors.torch import save_file
+    tensors = {hf: torch.from_numpy(np.squeeze(variables[tf]).copy())
+               for tf, hf in gpt2.gpt2_variable_names(n_layer)}
+    n_ctx = variables["model/wpe"].shape[0]
+    for i in range(n_layer):
+        tensors[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n_ctx, n_ctx)).view(1, 1, n_ctx, n_ctx)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return Path(path).read_bytes()
+
+
+def test_the_name_mapping_covers_gpt2_124m():
+    names = gpt2.gpt2_variable_names(12)
+    assert len(names) == 148 == len(dict(names)) == len(set(hf for _, hf in names))
+    shapes = gpt2.hf_shapes(gpt2.GPT2_HPARAMS["124M"])
+    assert shapes["h.11.attn.c_attn.weight"] == (768, 2304) and shapes["wte.weight"] == (50257, 768)
+    assert shapes["h.0.mlp.c_proj.weight"] == (3072, 768)
+    assert shapes["h.3.attn.c_proj.weight"] == (768, 768)
+    # every OpenAI variable that --inspect maps into our model has its Hugging Face name
+    assert {re.sub(r"h\d+", "h#", tf)[6:] for tf, _ in names} == set(gpt2.TF_TO_OURS)
+
+
+def test_hugging_faces_file_loads_bit_for_bit_as_openais_checkpoint(
+        gpt2_server, tiny_gpt2_files, hf_tiny, tmp_path, capsys):
+    files, variables = tiny_gpt2_files
+    from_openai, _ = gpt2.load_gpt2_model("tiny", tmp_path / "a",
+                                          base_urls=[gpt2_server.url + "/primary"])
+    hub = tmp_path / "hub" / "models--openai-community--gpt2"
+    hub_safetensors(variables, hub / "snapshots" / "abc123" / "model.safetensors")
+    assert len(gpt2.safetensors_header(hub / "snapshots" / "abc123" / "model.safetensors")) == 30
+    assert len(gpt2.list_hf_variables(hub / "snapshots" / "abc123" / "model.safetensors")) == 28
+    from_hf, cfg = gpt2.load_gpt2_model("tiny", tmp_path / "b", hf_file=hub)  # the cache folder
+    ours, theirs = from_openai.state_dict(), from_hf.state_dict()
+    assert sorted(ours) == sorted(theirs) and cfg["qkv_bias"] and cfg["context_length"] == 64
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    out = capsys.readouterr().out
+    assert "GPT-2 tiny: OpenAI's checkpoint, converted and saved to" in out
+    assert f"GPT-2 tiny: Hugging Face's weights from {hub / 'snapshots' / 'abc123'}" in out
+    assert not (tmp_path / "b").exists()  # read where it is: nothing copied, nothing converted
+
+
+def test_hugging_face_serves_when_openai_does_not_and_damage_is_fetched_again(
+        gpt2_server, tiny_gpt2_files, hf_tiny, tmp_path, monkeypatch, capsys):
+    files, variables = tiny_gpt2_files
+    good = hub_safetensors(variables, tmp_path / "src" / "model.safetensors")
+    url_path = "/hf/openai-community/gpt2-tiny/resolve/main/model.safetensors"
+    gpt2_server.files[url_path] = good
+    gpt2_server.missing.update(f"/primary/tiny/{n}" for n in gpt2.FILENAMES)
+    primary = [gpt2_server.url + "/primary"]
+    model, _ = gpt2.load_gpt2_model("tiny", tmp_path / "m", base_urls=primary)
+    out = capsys.readouterr().out
+    assert "OpenAI's server and the book's backup did not serve it; trying Hugging Face" in out
+    assert "GPT-2 tiny: Hugging Face's model.safetensors" in out
+    n = len(gpt2_server.requests)
+    again, _ = gpt2.load_gpt2_model("tiny", tmp_path / "m", base_urls=primary)
+    assert len(gpt2_server.requests) == n  # the file already there serves, offline
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                  again.state_dict().values()))
+    # an error page with status 200, then a cut file: each moved aside and fetched again
+    for bad, words in ((b"<html>503 Service Unavailable</html>", "not a safetensors file"),
+                       (good[:-100], "bytes where its header says")):
+        folder = tmp_path / f"again-{len(bad)}"
+        gpt2_server.wrong_once[url_path] = bad
+        gpt2.load_gpt2_model("tiny", folder, source="hf")
+        out = capsys.readouterr().out
+        assert re.search(rf"model\.safetensors is damaged \([^)]*{words}.*downloading it again",
+                         out), out
+        assert (folder / "tiny" / "model.safetensors").read_bytes() == good
+        assert (folder / "tiny" / "model.safetensors.damaged").read_bytes() == bad
+    # nowhere to be had: one error that names both attempts
+    gpt2_server.missing.add(url_path)
+    with pytest.raises(ch02.DownloadError, match=r"(?s)GPT-2 tiny needs these 7 files.*"
+                                                 r"Nor from Hugging Face: Could not download "
+                                                 r"model\.safetensors.*gpt2-tiny/resolve"):
+        gpt2.load_gpt2_model("tiny", tmp_path / "none", base_urls=[gpt2_server.url + "/primary"])
+    with pytest.raises(ch02.DownloadError, match="Could not download checkpoint"):
+        gpt2.load_gpt2_model("tiny", tmp_path / "none", source="openai",
+                             base_urls=[gpt2_server.url + "/primary"])
+
+
+def test_a_wrong_hf_file_gets_one_line_naming_it(tiny_gpt2_files, hf_tiny, tmp_path):
+    _, variables = tiny_gpt2_files
+    good = tmp_path / "good.safetensors"
+    data = hub_safetensors(variables, good)
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(good)
+
+    def written(name, change):
+        t = dict(tensors)
+        change(t)
+        save_file(t, tmp_path / name)
+        return tmp_path / name
+
+    cases = [
+        (tmp_path / "cut.safetensors", data[: len(data) // 2], "bytes where its header says"),
+        (tmp_path / "page.safetensors", b"<!DOCTYPE html><html>Not found</html>",
+         "not a safetensors file"),
+        (written("missing.safetensors", lambda t: t.pop("h.1.mlp.c_fc.weight")), None,
+         "has no tensor h.1.mlp.c_fc.weight"),
+        (written("shape.safetensors", lambda t: t.update({"h.0.attn.c_attn.weight":
+                                                          torch.zeros(32, 32)})), None,
+         "has h.0.attn.c_attn.weight of shape [32, 32] where GPT-2 has [32, 96]"),
+    ]
+    for path, content, words in cases:
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"^--hf-file {re.escape(str(path))} is not GPT-2 "
+                                             f"tiny's safetensors file: .*{re.escape(words)}"):
+            gpt2.load_hf_gpt2("tiny", hf_file=path)
+        assert path.exists()  # the user's own file stays where it is
+    with pytest.raises(ValueError, match=r"is not GPT-2 124M's safetensors file: holds a model "
+                                         r"with layers 2, embedding size 32, not layers 12, "
+                                         r"embedding size 768: GPT-2 tiny, pass --model-size tiny"):
+        gpt2.main(args_of(gpt2, ["--hf-file", str(good), "--model-size", "124M"]))
+    with pytest.raises(FileNotFoundError, match="no model.safetensors there, nor in its snapshots"):
+        gpt2.load_hf_gpt2("tiny", hf_file=tmp_path)
+
+
+def exported_model(folder):
+    """An --export-hf folder read back through the safetensors loader."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    settings = {"n_vocab": config["vocab_size"], "n_ctx": config["n_positions"],
+                **{k: config[k] for k in ("n_embd", "n_head", "n_layer")}}
+    model = ch04.GPTModel(gpt2.config_from_settings(settings))
+    gpt2.load_weights_into_gpt(model, gpt2.load_gpt2_params_from_tf_ckpt(
+        folder / "model.safetensors", settings))
+    return model.eval()
+
+
+def tiny_text_model_file(path, seed=0, **overrides):
+    model = tiny_model(seed, **overrides)
+    cfg = {**TINY, **overrides}
+    ch05.save_checkpoint(path, ch05.model_file("pretraining", model.state_dict(), cfg, {}))
+    return model.eval(), cfg
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_export_loads_back_and_in_transformers_with_the_same_logits(qkv_bias, tmp_path,
+                                                                    tokenizer):
+    from transformers import GPT2LMHeadModel, GPT2Tokenizer
+    model, cfg = tiny_text_model_file(tmp_path / "checkpoint.pt", qkv_bias=qkv_bias)
+    config = gpt2.main(args_of(gpt2, ["--export-hf", str(tmp_path / "hf"),
+                                      "--from", str(tmp_path / "checkpoint.pt")]))
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "config.json", "generation_config.json", "merges.txt", "model.safetensors",
+        "tokenizer_config.json", "vocab.json"]
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()) == config
+    assert (config["n_positions"], config["n_embd"], config["n_layer"], config["n_head"]) == (
+        TINY["context_length"], TINY["emb_dim"], TINY["n_layers"], TINY["n_heads"])
+    assert config["tie_word_embeddings"] is False and config["activation_function"] == "gelu_new"
+    # back through our safetensors loader: every parameter equal (zero biases without qkv_bias)
+    ours, theirs = model.state_dict(), exported_model(tmp_path / "hf").state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(not theirs[k].any() for k in set(theirs) - set(ours))
+    assert len(set(theirs) - set(ours)) == (0 if qkv_bias else 3 * TINY["n_layers"])
+    # transformers: the same logits and the same greedy tokens
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([tokenizer.encode("Every effort moves you")])
+    with torch.no_grad():
+        assert torch.allclose(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+        greedy = hf.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=50256)
+    assert greedy[0].tolist() == ch04.generate_text_simple(model, ids, 10, 32)[0].tolist()
+    hf_tokenizer = GPT2Tokenizer.from_pretrained(tmp_path / "hf")
+    text = "It's the last he painted,  you know\n\n Mrs. Gisburn said 123."
+    assert hf_tokenizer.encode(text) == tokenizer.encode(text)
+
+
+def test_exported_tokenizer_files_are_gpt2s_own(tokenizer):
+    files = gpt2.hf_tokenizer_files(tokenizer, 1024)
+    assert json.loads(files["vocab.json"]) == json.loads(
+        (SHARED / "gpt2_vocab" / "encoder.json").read_text(encoding="utf-8"))
+    lines = lambda text: [line for line in text.split("\n") if line.strip()]  # noqa: E731
+    assert lines(files["merges.txt"]) == lines(
+        (SHARED / "gpt2_vocab" / "vocab.bpe").read_text(encoding="utf-8"))
+
+
+def test_a_124m_export_gives_transformers_the_same_logits(tmp_path, tokenizer):
+    from transformers import GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = ch04.gpt_config("124M", drop_rate=0.0)  # the book's: no qkv bias, own output layer
+    model = ch04.GPTModel(cfg).eval()
+    ch05.save_checkpoint(tmp_path / "model.pth", ch05.model_file("pretraining",
+                                                                 model.state_dict(), cfg, {}))
+    gpt2.export_hf(tmp_path / "model.pth", tmp_path / "hf")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([tokenizer.encode("Every effort moves you")])
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), (ours - theirs).abs().max()
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_a_file_saved_by_transformers_loads_into_gptmodel(hf_tiny, tmp_path, monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(1)
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                    vocab_size=50257)).eval()
+    hf.save_pretrained(tmp_path / "saved")
+    model, _ = gpt2.load_gpt2_model("tiny", tmp_path / "unused", hf_file=tmp_path / "saved")
+    ids = torch.tensor([[464, 3290, 1807, 345, 2651, 13]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_export_refuses_a_classifier_and_an_existing_folder(tmp_path, capsys):
+    model, cfg = tiny_text_model_file(tmp_path / "checkpoint.pt")
+    classifier = tiny_model()
+    ch06.prepare_classifier(classifier, cfg)
+    ch06.save_classifier(tmp_path / "classifier.pth", classifier, cfg, {})
+    with pytest.raises(ValueError, match="has no place for a classifier's head"):
+        gpt2.export_hf(tmp_path / "classifier.pth", tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="out already exists. Replace it with --overwrite"):
+        gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "out")
+    # interrupted while writing: the earlier folder is as it was, no temporary one is left
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpt2, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "out", overwrite=True)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "classifier.pth", "out"]
+    gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "out", overwrite=True)
+    assert "mine.txt" not in [p.name for p in (tmp_path / "out").iterdir()]
+    (tmp_path / "plain").mkdir()  # the folder's permissions are a plain folder's
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    small = {**TINY, "vocab_size": SMALL_VOCAB}
+    ch05.save_checkpoint(tmp_path / "small.pt", ch05.model_file(
+        "pretraining", ch04.GPTModel(small).state_dict(), small, {}))
+    with pytest.raises(ValueError, match="vocabulary of 1,000 tokens; the export carries GPT-2's"):
+        gpt2.export_hf(tmp_path / "small.pt", tmp_path / "small")
 
 
 # ======= Chapter 6: the book's listings (and appendix E) =======
@@ -2689,6 +2946,11 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
     (tmp_path / "short.txt").write_text("Hi there.", encoding="utf-8")
     cases = [  # (command, exit status, what stderr says)
         (["ch05_load_gpt2.py", "--top-k", "0"], 2, "argument --top-k: must be at least 1, got 0"),
+        (["ch05_load_gpt2.py", "--hf-file", str(tmp_path / "a_file")], 1,
+         f"error: --hf-file {tmp_path / 'a_file'} is not GPT-2 124M's safetensors file: not a "
+         "safetensors file.\n"),
+        (["ch05_load_gpt2.py", "--export-hf", str(tmp_path / "hf")], 2,
+         "error: --export-hf DIR and --from FILE go together"),
         (["ch05_train.py", "--model-size", "tiny", "--out", str(tmp_path / "a_file")], 1,
          f"error: --out {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a folder. "
          "Choose another --out."),
