@@ -819,6 +819,11 @@ def bpe_merges(ranks):
     for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
         if len(token) < 2:
             continue
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))
+                  if ranks.get(token[:i], rank) < rank and ranks.get(token[i:], rank) < rank]
+        if len(splits) == 1:  # the only way to make it from two earlier tokens
+            merges.append(splits[0])
+            continue
         parts = [token[i:i + 1] for i in range(len(token))]
         while len(parts) > 2:
             pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
@@ -863,7 +868,12 @@ def export_hf(checkpoint, out_dir, overwrite=False, models_dir="gpt2"):
     if cfg["vocab_size"] < 50257:
         raise ValueError(f"{checkpoint} holds a model with a vocabulary of {cfg['vocab_size']:,} "
                          "tokens; the export carries GPT-2's tokenizer, which needs 50,257.")
-    state_dict = model.state_dict()
+    return write_hf_folder(model.state_dict(), cfg, out_dir, models_dir)
+
+
+def write_hf_folder(state_dict, cfg, out_dir, models_dir="gpt2"):
+    """A GPTModel's state dict and config as a Hugging Face GPT-2 folder, written
+    whole or not at all; returns its config.json."""
     variables = openai_variables_of(state_dict, cfg["n_layers"])
     tensors = {f"transformer.{hf}": variables[tf].contiguous()
                for tf, hf in gpt2_variable_names(cfg["n_layers"])}

@@ -5,18 +5,24 @@ Defines the book's `download_and_unzip_spam_data`, `create_balanced_dataset`,
 `calc_loss_loader`, `evaluate_model`, `train_classifier_simple`, `plot_values`
 and `classify_review`; appendix E's `LoRALayer`, `LinearWithLoRA` and
 `replace_linear_with_lora`. Beyond the book: the finetuned classifier is saved
-and used again with --classify.
+and used again with --classify (and --classify-file, in batches); data of your
+own (a .csv, .tsv or .jsonl of texts and labels, any number of classes), the
+token that feeds the head (--token), per-class accuracy and a confusion matrix.
 
 Run:  python ch06_classify.py                       (finetune GPT-2 124M, as the book)
       python ch06_classify.py --lora --rank 16 --alpha 16
       python ch06_classify.py --classify "You won a prize, reply now"
+      python ch06_classify.py --data reviews.csv --out runs/reviews
 Imports from ch02_data.py, ch03_attention.py (plots), ch04_gpt.py, ch05_train.py and
 ch05_load_gpt2.py.
 """
 import argparse
 import csv
+import functools
+import io
 import json
 import math
+import re
 import time
 import warnings
 import zipfile
@@ -97,11 +103,18 @@ def read_spam_data(data_file_path):
 
 
 def create_balanced_dataset(rows):
-    """All spam messages and as many ham ones, sampled as pandas' sample(random_state=123)."""
-    spam = [r for r in rows if r[0] == "spam"]
-    ham = [r for r in rows if r[0] == "ham"]
-    chosen = np.random.RandomState(123).choice(len(ham), size=len(spam), replace=False)
-    return [ham[i] for i in chosen] + spam
+    """All spam messages and as many ham ones, sampled as pandas' sample(random_state=123).
+    Beyond the book: any labels, each class cut to the rarest one's count, in
+    class order (ham, then spam: the book's rows, in the book's order)."""
+    by_class = {c: [r for r in rows if r[0] == c] for c in class_names(r[0] for r in rows)}
+    fewest = min(len(members) for members in by_class.values())
+    balanced = []
+    for members in by_class.values():
+        if len(members) > fewest:
+            chosen = np.random.RandomState(123).choice(len(members), size=fewest, replace=False)
+            members = [members[i] for i in chosen]
+        balanced += members
+    return balanced
 
 
 def random_split(rows, train_frac, validation_frac):
@@ -125,8 +138,11 @@ def write_csv(rows, path):
 
 class SpamDataset(Dataset):
     def __init__(self, csv_file, tokenizer, max_length=None, pad_token_id=50256):
-        with open(csv_file, encoding="utf-8", newline="") as f:
-            self.data = [(int(row["Label"]), row["Text"]) for row in csv.DictReader(f)]
+        if isinstance(csv_file, list):  # beyond the book: [(class id, text)] of your own data
+            self.data = csv_file
+        else:
+            with open(csv_file, encoding="utf-8", newline="") as f:
+                self.data = [(int(row["Label"]), row["Text"]) for row in csv.DictReader(f)]
         # disallowed_special=(): a literal "<|endoftext|>" in a message is just text
         self.encoded_texts = [tokenizer.encode(text, disallowed_special=())
                               for _, text in self.data]
@@ -155,7 +171,8 @@ class SpamDataset(Dataset):
 def prepare_classifier(model, cfg, trainable="last_block", lora_rank=None, lora_alpha=None,
                        num_classes=2, say=lambda *args: None, seed=123):
     """Put a new classification head on `model`, then choose what trains: the
-    head plus `trainable` (6.5), or, with lora_rank, LoRA matrices only (appendix E)."""
+    head plus `trainable` (6.5; beyond the book, last_two_blocks), or, with
+    lora_rank, LoRA matrices only (appendix E)."""
     torch.manual_seed(seed)
     model.out_head = nn.Linear(cfg["emb_dim"], num_classes)
     if lora_rank:
@@ -163,8 +180,9 @@ def prepare_classifier(model, cfg, trainable="last_block", lora_rank=None, lora_
     for param in model.parameters():
         param.requires_grad = trainable == "all"
     unfreeze = [*model.out_head.parameters()]
-    if trainable == "last_block":
-        unfreeze += [*model.trf_blocks[-1].parameters(), *model.final_norm.parameters()]
+    if trainable in ("last_block", "last_two_blocks"):
+        blocks = model.trf_blocks[-1 if trainable == "last_block" else -2:]
+        unfreeze += [*blocks.parameters(), *model.final_norm.parameters()]
     for param in unfreeze:
         param.requires_grad = True
     return model
@@ -172,7 +190,7 @@ def prepare_classifier(model, cfg, trainable="last_block", lora_rank=None, lora_
 
 # ---- 6.6 Calculating the classification loss and accuracy ----
 
-def calc_accuracy_loader(data_loader, model, device, num_batches=None):
+def calc_accuracy_loader(data_loader, model, device, num_batches=None, token="last"):
     model.eval()
     correct_predictions, num_examples = 0, 0
     num_batches = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
@@ -181,33 +199,36 @@ def calc_accuracy_loader(data_loader, model, device, num_batches=None):
             break
         input_batch, target_batch = input_batch.to(device), target_batch.to(device)
         with torch.no_grad():
-            logits = model(input_batch)[:, -1, :]  # the last token has seen the whole text
+            # the last token has seen the whole text (beyond the book: --token)
+            logits = select_logits(model(input_batch), input_batch, token)
         predicted_labels = torch.argmax(logits, dim=-1)
         num_examples += predicted_labels.shape[0]
         correct_predictions += (predicted_labels == target_batch).sum().item()
     return correct_predictions / num_examples
 
 
-def calc_loss_batch(input_batch, target_batch, model, device):
+def calc_loss_batch(input_batch, target_batch, model, device, token="last"):
     input_batch, target_batch = input_batch.to(device), target_batch.to(device)
-    logits = model(input_batch)[:, -1, :]  # logits of the last output token
+    # logits of the last output token (beyond the book: or of the one --token names)
+    logits = select_logits(model(input_batch), input_batch, token)
     return torch.nn.functional.cross_entropy(logits, target_batch)
 
 
-def calc_loss_loader(data_loader, model, device, num_batches=None):
+def calc_loss_loader(data_loader, model, device, num_batches=None, token="last"):
     # chapter 5's loop, with this chapter's calc_loss_batch
-    return ch05_train.calc_loss_loader(data_loader, model, device, num_batches, calc_loss_batch)
+    return ch05_train.calc_loss_loader(data_loader, model, device, num_batches,
+                                       functools.partial(calc_loss_batch, token=token))
 
 
 # ---- 6.7 Fine-tuning the model on supervised data ----
 
-def evaluate_model(model, train_loader, val_loader, device, eval_iter):
+def evaluate_model(model, train_loader, val_loader, device, eval_iter, token="last"):
     return ch05_train.evaluate_model(model, train_loader, val_loader, device, eval_iter,
-                                     calc_loss_batch)
+                                     functools.partial(calc_loss_batch, token=token))
 
 
 def train_classifier_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
-                            eval_freq, eval_iter):
+                            eval_freq, eval_iter, token="last"):
     train_losses, val_losses, train_accs, val_accs = [], [], [], []
     examples_seen, global_step = 0, -1
     for epoch in range(num_epochs):
@@ -216,20 +237,20 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
         for input_batch, target_batch in tqdm(train_loader, desc=f"Epoch {epoch + 1}",
                                               leave=False, dynamic_ncols=True):
             optimizer.zero_grad()
-            loss = calc_loss_batch(input_batch, target_batch, model, device)
+            loss = calc_loss_batch(input_batch, target_batch, model, device, token)
             loss.backward()
             optimizer.step()
             examples_seen += input_batch.shape[0]  # examples, not tokens
             global_step += 1
             if global_step % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(
-                    model, train_loader, val_loader, device, eval_iter)
+                    model, train_loader, val_loader, device, eval_iter, token)
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 tqdm.write(f"Ep {epoch + 1} (Step {global_step:06d}): "
                            f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        train_accuracy = calc_accuracy_loader(train_loader, model, device, num_batches=eval_iter)
-        val_accuracy = calc_accuracy_loader(val_loader, model, device, num_batches=eval_iter)
+        train_accuracy = calc_accuracy_loader(train_loader, model, device, eval_iter, token)
+        val_accuracy = calc_accuracy_loader(val_loader, model, device, eval_iter, token)
         print(f"Training accuracy: {train_accuracy * 100:.2f}% | "
               f"Validation accuracy: {val_accuracy * 100:.2f}%")
         train_accs.append(train_accuracy)
@@ -254,7 +275,8 @@ def plot_values(epochs_seen, examples_seen, train_values, val_values, label="los
 
 # ---- 6.8 Using the LLM as a spam classifier ----
 
-def classify_review(text, model, tokenizer, device, max_length=None, pad_token_id=50256):
+def classify_review(text, model, tokenizer, device, max_length=None, pad_token_id=50256,
+                    token="last"):
     """('spam' or 'not spam', the probability of that label)."""
     model.eval()
     input_ids = tokenizer.encode(text, disallowed_special=())
@@ -267,7 +289,7 @@ def classify_review(text, model, tokenizer, device, max_length=None, pad_token_i
     input_ids += [pad_token_id] * (max_length - len(input_ids))
     input_tensor = torch.tensor(input_ids, device=device).unsqueeze(0)  # add batch dimension
     with torch.no_grad():
-        logits = model(input_tensor)[:, -1, :]
+        logits = select_logits(model(input_tensor), input_tensor, token)
     probas = torch.softmax(logits, dim=-1)[0]
     predicted_label = torch.argmax(probas).item()
     return ("spam" if predicted_label == 1 else "not spam"), probas[predicted_label].item()
@@ -321,6 +343,188 @@ def count_trainable(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+# ---- Beyond the book: which token feeds the head, and data of your own ----
+
+TOKENS = ("last", "first", "mean")
+
+
+def select_logits(logits, input_batch, token="last", pad_token_id=50256):
+    """(batch, classes) from the model's (batch, positions, classes): the last
+    position's (the book's), the first one's, or the mean over the real tokens
+    (padding left out). The head is linear, so the mean of its outputs is its
+    output for the mean of the hidden states."""
+    if token == "last":
+        return logits[:, -1, :]
+    if token == "first":
+        return logits[:, 0, :]
+    real = (input_batch != pad_token_id).unsqueeze(-1).to(logits.dtype)
+    return (logits * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+
+
+OWN_FORMATS = (".csv", ".tsv", ".jsonl")
+
+
+def class_names(labels):
+    """The distinct labels in order: by value when all are whole numbers, else
+    alphabetically (ham before spam)."""
+    distinct = set(labels)
+    whole = all(re.fullmatch(r"-?\d+", label) for label in distinct)
+    return sorted(distinct, key=int if whole else None)
+
+
+def read_labeled_file(path, text_column="text", label_column="label"):
+    """[(label, text, where)] of a .csv, .tsv or .jsonl file ("where": file and
+    line, for errors); a missing column, an empty text or label is named."""
+    path = Path(path)
+    if path.suffix.lower() not in OWN_FORMATS:
+        raise ValueError(f"{path}: give a .csv, .tsv or .jsonl file of texts and labels (or the "
+                         "SMS Spam Collection's .zip).")
+    content = read_text(path)
+    if path.suffix.lower() == ".jsonl":
+        records = jsonl_records(path, content, text_column, label_column)
+    else:
+        records = table_records(path, content, text_column, label_column)
+    rows = []
+    for line, text, label in records:
+        if not isinstance(label, (str, int)) or isinstance(label, bool) or is_blank(str(label)):
+            raise ValueError(f"{path}, line {line}: the label {label!r} is no class name; labels "
+                             "are strings or whole numbers.")
+        if not isinstance(text, str) or is_blank(text):
+            raise ValueError(f"{path}, line {line}: the text is empty; remove the row or give "
+                             "it a text.")
+        rows.append((str(label).strip(), text, f"{path}, line {line}"))
+    if not rows:
+        raise ValueError(f"{path} holds no rows.")
+    return rows
+
+
+def table_records(path, content, text_column, label_column):
+    reader = csv.DictReader(io.StringIO(content, newline=""),
+                            delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+    columns = reader.fieldnames or []
+    for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+        if column is not None and column not in columns:
+            raise ValueError(f"{path} has no column {column!r} (its columns: "
+                             f"{', '.join(map(repr, columns)) or 'none'}); name yours with "
+                             f"{flag}.")
+    for row in reader:
+        if any(v is not None and v.strip() for v in row.values()):  # skip blank lines
+            yield reader.line_num, row[text_column], row.get(label_column)
+
+
+def jsonl_records(path, content, text_column, label_column):
+    for line, record in enumerate(content.splitlines(), start=1):
+        if is_blank(record):
+            continue
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {line}: not a JSON object ({err.msg}).") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {line}: not a JSON object.")
+        for key, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+            if key is not None and key not in record:
+                raise ValueError(f"{path}, line {line} has no key {key!r} (its keys: "
+                                 f"{', '.join(map(repr, record)) or 'none'}); name yours with "
+                                 f"{flag}.")
+        yield line, record[text_column], record.get(label_column)
+
+
+def own_data(args):
+    """(train, validation, test) rows and the class names, from --data (split
+    70/10/20 as the book splits the spam data) or --train, --val and --test;
+    every check is made before anything is written."""
+    given = [args.train, args.val, args.test]
+    if any(given) and (not all(given) or args.data):
+        raise ValueError("--train, --val and --test go together, without --data: name all "
+                         "three files (or one --data file, which is split 70/10/20).")
+    read = lambda path: read_labeled_file(path, args.text_column, args.label_column)  # noqa: E731
+    balance = args.balance and create_balanced_dataset
+    if args.data:
+        rows = read(args.data)
+        parts = random_split(balance(rows) if balance else rows, 0.7, 0.1)
+    else:
+        parts = [balance(read(p)) if balance else read(p) for p in given]
+    classes = class_names(r[0] for r in parts[0])
+    if len(classes) < 2:
+        raise ValueError(f"The training split holds {len(classes)} class "
+                         f"({', '.join(classes)}); a classifier needs at least 2.")
+    for part, name in zip(parts[1:], ("validation", "test")):
+        if not part:
+            raise ValueError(f"The {name} split is empty: give more rows (a {name} split of "
+                             f"one file is {'10' if name == 'validation' else '20'}% of it).")
+        stray = next((r for r in part if r[0] not in classes), None)
+        if stray:
+            raise ValueError(f"{stray[2]}: the label {stray[0]!r} ({name} split) is not one of "
+                             f"the training split's classes ({', '.join(classes)}); give the "
+                             "training data examples of it, or remove it.")
+    if len(parts[0]) < args.batch_size:
+        raise ValueError(f"The training split has {len(parts[0])} texts, fewer than one batch "
+                         f"of {args.batch_size}: give more data, or a smaller --batch-size.")
+    return parts, classes
+
+
+def as_examples(rows, classes):
+    """[(class id, text)], what SpamDataset takes in place of its CSV file."""
+    return [(classes.index(r[0]), r[1]) for r in rows]
+
+
+# ---- Beyond the book: per-class accuracy, and classifying many texts ----
+
+def confusion_matrix(data_loader, model, device, num_classes, token="last"):
+    """counts[true class][predicted class] over a loader."""
+    counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    model.eval()
+    for input_batch, target_batch in data_loader:
+        with torch.no_grad():
+            logits = select_logits(model(input_batch.to(device)), input_batch.to(device), token)
+        for true, predicted in zip(target_batch.tolist(), logits.argmax(-1).tolist()):
+            counts[true, predicted] += 1
+    return counts
+
+
+def confusion_table(counts, classes):
+    """The matrix as text: a row per true class, a column per predicted one,
+    and each class's accuracy (the share of its texts predicted right)."""
+    corner = "true \\ predicted"
+    first, width = max(len(corner), *(len(c) for c in classes)) + 2, max(6, *map(len, classes)) + 2
+    lines = [f"{corner:<{first}}" + "".join(f"{c:>{width}}" for c in classes) + "  accuracy"]
+    for i, name in enumerate(classes):
+        total = int(counts[i].sum())
+        accuracy = f"{counts[i, i] / total * 100:.2f}%" if total else "-"
+        lines.append(f"{name:<{first}}" + "".join(f"{int(n):>{width}}" for n in counts[i])
+                     + f"{accuracy:>10}")
+    return "\n".join(lines)
+
+
+def plot_confusion_matrix(counts, classes, path):
+    fig, ax = pyplot().subplots(figsize=(2 + 0.6 * len(classes), 1.6 + 0.6 * len(classes)))
+    counts = counts.numpy()
+    ax.imshow(counts, cmap="Blues")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("Predicted")
+    ax.set_ylabel("True")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, int(counts[i, j]), ha="center", va="center",
+                    color="white" if counts[i, j] > counts.max() / 2 else "black")
+    ax.set_title("Test split")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def classify_batch(ids, model, device, max_length, token="last", top=1, pad_token_id=50256):
+    """[(class id, probability)] of the `top` likeliest classes for each text's
+    token ids, cut or padded to max_length as classify_review does."""
+    batch = torch.tensor([t[:max_length] + [pad_token_id] * (max_length - len(t[:max_length]))
+                          for t in ids], device=device)
+    with torch.no_grad():
+        probas = torch.softmax(select_logits(model(batch), batch, token).float(), dim=-1)
+    values, indices = probas.topk(min(top, probas.shape[-1]), dim=-1)
+    return [list(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
+
+
 # ---- Beyond the book: building, saving and loading the classifier ----
 
 def save_classifier(path, model, cfg, settings):
@@ -339,31 +543,73 @@ def load_classifier(path, device="cpu"):
                             hint=f"Train a classifier with `python ch06_classify.py --out "
                                  f"{path.parent}`, or name another --out.")
     settings, cfg = saved["settings"], saved["config"]
+    settings = {"classes": list(LABELS), "token": "last", **settings}  # earlier files: spam
     model = build_lean(lambda: prepare_classifier(
         GPTModel(cfg), cfg, settings["trainable"], settings["lora_rank"],
-        settings["lora_alpha"]), saved["model"], source=str(path))
+        settings["lora_alpha"], num_classes=len(settings["classes"])), saved["model"],
+        source=str(path))
     return model.to(device).eval(), settings
 
 
-def texts_of_file(path):
-    """The non-empty lines of a UTF-8 text file, or an error naming the file."""
-    texts = [line for line in read_text(path).splitlines() if not is_blank(line)]
+def texts_of_file(path, text_column="text"):
+    """The texts of --classify-file: the non-empty lines of a text file, or the
+    text column of a .csv, .tsv or .jsonl file; an error names the file."""
+    path = Path(path)
+    if path.suffix.lower() in OWN_FORMATS:
+        content, read = read_text(path), {".jsonl": jsonl_records}.get(path.suffix.lower(),
+                                                                       table_records)
+        texts = []
+        for line, text, _ in read(path, content, text_column, None):
+            if not isinstance(text, str) or is_blank(text):
+                raise ValueError(f"{path}, line {line}: the text is empty; remove the row or "
+                                 "give it a text.")
+            texts.append(text)
+    else:
+        texts = [line for line in read_text(path).splitlines() if not is_blank(line)]
     if not texts:
         raise ValueError(f"--classify-file {path} has no text to classify (every line is empty "
                          "or invisible characters only).")
     return texts
 
 
-def classify_texts(texts, path, device):
+def classify_texts(texts, path, device, batch_size=8, out_csv=None):
+    """[(label, probability)] for each text, by the classifier saved at `path`, in
+    batches; printed, or with out_csv written there (text, label, probability,
+    and the top 3 when there are more than 3 classes)."""
     model, settings = load_classifier(path, device)
     tokenizer = get_gpt2_tokenizer(settings["models_dir"])
-    results = []
-    for text in texts:
-        label, probability = classify_review(text, model, tokenizer, device,
-                                             max_length=settings["max_length"])
-        results.append((label, probability))
-        print(f"{label:>8}  {probability:6.1%}  {text}")
-    return results
+    classes, max_length = settings["classes"], settings["max_length"]
+    ids = [tokenizer.encode(text, disallowed_special=()) for text in texts]
+    cut = sum(len(t) > max_length for t in ids)
+    if cut:
+        warnings.warn(f"{cut} of the {len(texts)} texts have more than {max_length} tokens; "
+                      f"only their first {max_length} are classified.")
+    top = 3 if len(classes) > 3 else 1
+    ranked = []
+    for i in tqdm(range(0, len(ids), batch_size), desc="Classifying", leave=False,
+                  disable=len(ids) <= batch_size, dynamic_ncols=True):
+        ranked += classify_batch(ids[i:i + batch_size], model, device, max_length,
+                                 settings["token"], top)
+    named = [[(classes[c], p) for c, p in choices] for choices in ranked]
+    width = max(len(c) for c in classes)
+    def also(choices):
+        return "  (top 3: " + ", ".join(f"{c} {p:.1%}" for c, p in choices) + ")" if top > 1 \
+            else ""
+    if out_csv:
+        with atomic_path(out_csv) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label", "probability"] + (["top3"] if top > 1 else []))
+            for text, choices in zip(texts, named):
+                writer.writerow([text, choices[0][0], f"{choices[0][1]:.4f}"] +
+                                (["; ".join(f"{c} {p:.4f}" for c, p in choices)] if top > 1
+                                 else []))
+        counts = {c: sum(choices[0][0] == c for choices in named) for c in classes}
+        print(f"Classified {len(texts)} texts into {out_csv}: "
+              + ", ".join(f"{c} {n}" for c, n in counts.items()))
+    else:
+        for text, choices in zip(texts, named):
+            print(f"{choices[0][0]:>{width}}  {choices[0][1]:6.1%}  {text}{also(choices)}")
+    return [choices[0] for choices in named]
 
 
 # ---- The chapter's run ----
@@ -377,40 +623,67 @@ def main(args):
             raise ValueError("--classify got an empty text (or one of invisible characters "
                              "only): give each message in quotes.")
         if args.classify_file:
-            texts += texts_of_file(Path(args.classify_file))
-        return {"classified": classify_texts(texts, classifier_path, device)}
+            texts += texts_of_file(Path(args.classify_file), args.text_column)
+        if args.classify_out and Path(args.classify_out).exists() and not args.overwrite:
+            raise FileExistsError(f"--classify-out {args.classify_out} already exists. Replace "
+                                  "it with --overwrite, or name another file.")
+        return {"classified": classify_texts(texts, classifier_path, device, args.batch_size,
+                                             args.classify_out)}
+    if args.classify_out:
+        raise ValueError("--classify-out writes what --classify-file classifies: give both.")
 
+    # Data of your own is read and checked whole before anything is written
+    data = own_data(args) if args.train or (args.data and not is_spam_zip(args.data)) else None
     with run_lock(args.out, RESULTS):
-        for old in refuse_overwrite([classifier_path, Path(args.out) / "accuracy.json"],
+        out_dir = Path(args.out)
+        for old in refuse_overwrite([classifier_path, out_dir / "accuracy.json",
+                                     out_dir / "confusion.json"],
                                     args.overwrite, "Use it with --classify, or keep it and "
                                                     "train into another --out. "):
             old.unlink()
-        return finetune(args, classifier_path, device)
+        return finetune(args, classifier_path, device, data)
 
 
 # What a run writes in --out (a killed run's temporary files of these are removed)
-RESULTS = ("classifier.pth", "accuracy.json", "*.png")
+RESULTS = ("classifier.pth", "accuracy.json", "confusion.json", "*.png")
 
 
-def finetune(args, classifier_path, device):
-    """The chapter's run: the data, the model with its new head, training, the
-    accuracies, and the classifier saved."""
+def is_spam_zip(path):
+    return Path(path).suffix.lower() == ".zip"
+
+
+def finetune(args, classifier_path, device, data=None):
+    """The chapter's run: the data (the book's spam data, or `data`: own_data's
+    splits and classes), the model with its new head, training, the accuracies
+    (overall and per class), and the classifier saved."""
     start = time.perf_counter()
-    data_dir = prepare_spam_data(args)  # 6.2
+    if data is None:
+        data_dir = prepare_spam_data(args)  # 6.2
+        splits = [data_dir / f"{name}.csv" for name in ("train", "validation", "test")]
+        classes = list(LABELS)
+    else:
+        parts, classes = data
+        splits = [as_examples(part, classes) for part in parts]
+        print("Train / validation / test:", " / ".join(str(len(p)) for p in parts))
+    print(f"{len(classes)} classes: {', '.join(classes)}")
     tokenizer = get_gpt2_tokenizer(args.models_dir)
     # 6.4 Initializing a model with pretrained weights
     model, cfg = base_model(args, "expect far lower accuracy than the book's finetuned GPT-2")
     context_length = cfg["context_length"]
+    if args.max_length and args.max_length > context_length:
+        raise ValueError(f"--max-length {args.max_length} is longer than the model's context "
+                         f"of {context_length} tokens; give at most {context_length}.")
 
-    train_dataset = SpamDataset(data_dir / "train.csv", tokenizer)
+    train_dataset = SpamDataset(splits[0], tokenizer, max_length=args.max_length)
     if train_dataset.max_length > context_length:
         warnings.warn(f"The longest training text has {train_dataset.max_length} tokens; "
                       f"texts are truncated to the model's context of {context_length}.")
-        train_dataset = SpamDataset(data_dir / "train.csv", tokenizer, max_length=context_length)
+        train_dataset = SpamDataset(splits[0], tokenizer, max_length=context_length)
     max_length = train_dataset.max_length
-    val_dataset = SpamDataset(data_dir / "validation.csv", tokenizer, max_length=max_length)
-    test_dataset = SpamDataset(data_dir / "test.csv", tokenizer, max_length=max_length)
-    print("Longest training text (tokens):", max_length)
+    val_dataset = SpamDataset(splits[1], tokenizer, max_length=max_length)
+    test_dataset = SpamDataset(splits[2], tokenizer, max_length=max_length)
+    print("Longest training text (tokens):" if args.max_length is None else
+          "Texts cut or padded to (tokens):", max_length)
 
     torch.manual_seed(args.seed)
     train_loader = DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True,
@@ -422,25 +695,26 @@ def finetune(args, classifier_path, device):
     loaders = {"train": train_loader, "validation": val_loader, "test": test_loader}
     print(ch05_train.run_header(base_model_name(args), model, cfg,
                                 f"{len(train_dataset)} / {len(val_dataset)} / "
-                                f"{len(test_dataset)} messages", args.out))
+                                f"{len(test_dataset)} {'messages' if data is None else 'texts'}",
+                                args.out))
 
     # 6.5 Adding a classification head
     model = prepare_classifier(model, cfg, args.trainable, args.rank if args.lora else None,
-                               args.alpha, say=print, seed=args.seed)
+                               args.alpha, num_classes=len(classes), say=print, seed=args.seed)
     model.to(device)
     plan = speed_up_finetuning(model, args.fast, device)
     print(f"Trainable parameters: {count_trainable(model):,}")
     torch.manual_seed(args.seed)  # the book seeds before the first accuracies (dropout-free)
     for name, loader in zip(("Training", "Validation", "Test"), loaders.values()):
         print(f"{name} accuracy before finetuning: "
-              f"{calc_accuracy_loader(loader, model, device, num_batches=10) * 100:.2f}%")
+              f"{calc_accuracy_loader(loader, model, device, 10, args.token) * 100:.2f}%")
 
     # 6.7 Fine-tuning the model on supervised data
     torch.manual_seed(args.seed)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
     train_losses, val_losses, train_accs, val_accs, examples_seen = train_classifier_simple(
         model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
-        eval_freq=args.eval_freq, eval_iter=args.eval_iter)
+        eval_freq=args.eval_freq, eval_iter=args.eval_iter, token=args.token)
     out_dir = Path(args.out)
     if train_losses:
         plot_values(torch.linspace(0, args.epochs, len(train_losses)),
@@ -450,18 +724,32 @@ def finetune(args, classifier_path, device):
                 torch.linspace(0, examples_seen, len(train_accs)),
                 train_accs, val_accs, "accuracy", out_dir / "accuracy-plot.png")
 
-    accuracies = {name: calc_accuracy_loader(loader, model, device)
+    accuracies = {name: calc_accuracy_loader(loader, model, device, token=args.token)
                   for name, loader in loaders.items()}
+    counts = confusion_matrix(test_loader, model, device, len(classes), args.token)
+    plot_confusion_matrix(counts, classes, out_dir / "confusion-matrix.png")
     settings = {"model_size": args.model_size, "max_length": max_length,
                 "trainable": args.trainable, "lora_rank": args.rank if args.lora else None,
                 "lora_alpha": args.alpha, "pretrained": not args.no_pretrained,
-                "models_dir": str(args.models_dir), "init_from": args.init_from}
+                "models_dir": str(args.models_dir), "init_from": args.init_from,
+                "classes": classes, "token": args.token}
     save_classifier(classifier_path, model, cfg, settings)
     write_text_atomic(out_dir / "accuracy.json", json.dumps(accuracies, indent=2))
+    per_class = {c: counts[i, i].item() / max(1, counts[i].sum().item())
+                 for i, c in enumerate(classes)}
+    write_text_atomic(out_dir / "confusion.json", json.dumps(
+        {"split": "test", "classes": classes, "counts": counts.tolist(),
+         "accuracy": per_class}, indent=2))
     seconds = time.perf_counter() - start
-    report(accuracies, seconds, classifier_path, model, tokenizer, device, max_length)
+    report(accuracies, seconds, classifier_path, counts, classes)
+    if data is None:  # the book's two messages
+        for text in BOOK_EXAMPLES:
+            label, probability = classify_review(text, model, tokenizer, device, max_length,
+                                                 token=args.token)
+            print(f"{label} ({probability:.1%}): {text}")
     return {"model": model, "accuracies": accuracies, "train_losses": train_losses,
-            "train_accs": train_accs, "seconds": seconds}
+            "train_accs": train_accs, "seconds": seconds, "confusion": counts,
+            "classes": classes, "per_class": per_class}
 
 
 def prepare_spam_data(args):
@@ -481,9 +769,9 @@ def prepare_spam_data(args):
         raise ValueError(f"{data_file} has {counts['ham']} ham and {counts['spam']} spam "
                          "messages; the balanced splits need at least 10 of each (the book's "
                          "file has 4,825 and 747).")
-    balanced = create_balanced_dataset(rows)
-    print(f"Messages: {len(rows)}; balanced: {len(balanced)} "
-          f"({sum(r[0] == 'spam' for r in balanced)} spam)")
+    balanced = rows if args.balance is False else create_balanced_dataset(rows)
+    print(f"Messages: {len(rows)}; {'balanced' if balanced is not rows else 'kept'}: "
+          f"{len(balanced)} ({sum(r[0] == 'spam' for r in balanced)} spam)")
     parts = random_split(balanced, 0.7, 0.1)
     for part, name in zip(parts, ("train", "validation", "test")):
         write_csv(part, data_dir / f"{name}.csv")
@@ -516,18 +804,20 @@ def base_model_name(args):
     return f"GPT-2 {args.model_size}" + (" (random weights)" if args.no_pretrained else "")
 
 
-def report(accuracies, seconds, classifier_path, model, tokenizer, device, max_length):
-    """The final accuracies, and the book's two example messages classified."""
+BOOK_EXAMPLES = ("You are a winner you have been specially selected to receive $1000 cash "
+                 "or a $2000 award.",
+                 "Hey, just wanted to check if we're still on for dinner tonight? Let me know!")
+
+
+def report(accuracies, seconds, classifier_path, counts, classes):
+    """The final accuracies, overall and per class of the test split."""
     print(f"\n{'split':<12}{'accuracy':>10}")
     for name, acc in accuracies.items():
         print(f"{name:<12}{acc * 100:>9.2f}%")
-    print(f"Run time: {seconds / 60:.2f} min. Saved {classifier_path}, loss and accuracy "
-          f"plots in {classifier_path.parent}.")
-    for text in ("You are a winner you have been specially selected to receive $1000 cash "
-                 "or a $2000 award.",
-                 "Hey, just wanted to check if we're still on for dinner tonight? Let me know!"):
-        label, probability = classify_review(text, model, tokenizer, device, max_length)
-        print(f"{label} ({probability:.1%}): {text}")
+    print("\nTest split, per class:\n" + confusion_table(counts, classes))
+    print(f"Run time: {seconds / 60:.2f} min. Saved {classifier_path}, accuracy.json, "
+          f"confusion.json, and the loss, accuracy and confusion-matrix plots in "
+          f"{classifier_path.parent}.")
 
 
 def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
@@ -585,19 +875,47 @@ def parse_finetuning_args(parser, argv=None):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description="Finetune GPT-2 as an SMS spam classifier (the book's chapter 6, with "
-                    "appendix E's LoRA), or classify texts with the saved classifier.",
+        description="Finetune GPT-2 as a classifier: of SMS spam, as the book's chapter 6 "
+                    "(with appendix E's LoRA), or of your own texts and labels; or classify "
+                    "texts with the saved classifier.",
         formatter_class=HelpFormatter,
         epilog=('examples: python ch06_classify.py --lora --rank 16 --alpha 16;  python '
-                'ch06_classify.py --classify "You won a prize, reply now"'))
-    parser.add_argument("--data", default=None, metavar="ZIP",
-                        help="a local sms_spam_collection.zip; default: download it")
-    parser.add_argument("--data-dir", default="data/spam",
-                        help="folder for the data file and train/validation/test.csv")
-    parser.add_argument("--trainable", choices=["head", "last_block", "all"],
+                'ch06_classify.py --classify "You won a prize, reply now";  python '
+                'ch06_classify.py --data reviews.csv --text-column review --label-column '
+                'sentiment --out runs/reviews'))
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=None, metavar="FILE",
+                      help="the SMS Spam Collection's .zip (default: download it), or a .csv, "
+                           ".tsv or .jsonl file of your own texts and labels, split 70/10/20 "
+                           "(seed 123) as the book splits the spam data")
+    data.add_argument("--train", metavar="FILE", default=None,
+                      help="with --val and --test: your own data, already split in three "
+                           "files (.csv, .tsv or .jsonl)")
+    data.add_argument("--val", metavar="FILE", default=None, help="the validation file")
+    data.add_argument("--test", metavar="FILE", default=None, help="the test file")
+    data.add_argument("--text-column", default="text",
+                      help="the column (for JSONL: the key) that holds the texts; also read "
+                           "by --classify-file from a .csv, .tsv or .jsonl")
+    data.add_argument("--label-column", default="label",
+                      help="the column (key) of the labels: any strings or whole numbers; the "
+                           "classes are the training split's distinct labels, in order")
+    data.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
+                      help="undersample every class to the rarest one's count, as the book "
+                           "does (default: on for the spam data, off for yours)")
+    data.add_argument("--data-dir", default="data/spam",
+                      help="folder for the spam data file and its train/validation/test.csv")
+    parser.add_argument("--trainable", choices=["head", "last_block", "last_two_blocks", "all"],
                         default="last_block",
                         help="what is trained besides the new head: last_block also trains "
-                             "the last transformer block and the final LayerNorm")
+                             "the last transformer block and the final LayerNorm, "
+                             "last_two_blocks the last two blocks and the final LayerNorm")
+    parser.add_argument("--token", choices=TOKENS, default="last",
+                        help="whose output feeds the head: the last position's (the book's), "
+                             "the first one's, or the mean over the text's real tokens "
+                             "(padding left out)")
+    parser.add_argument("--max-length", type=number(int, at_least=1), default=None,
+                        help="texts are cut or padded to N tokens (default: the longest "
+                             "training text, as the book; at most the model's context)")
     add_finetuning_arguments(parser, model_size="124M", epochs=5, batch_size=8, eval_freq=50,
                              batch_unit="messages",
                              overwrite_help="replace the classifier and accuracies an earlier "
@@ -607,7 +925,13 @@ def build_parser():
     parser.add_argument("--classify", nargs="+", metavar="TEXT", default=None,
                         help="classify these texts with the saved classifier, then stop")
     parser.add_argument("--classify-file", metavar="FILE", default=None,
-                        help="classify each non-empty line of FILE with the saved classifier")
+                        help="classify each non-empty line of FILE (or the --text-column of a "
+                             ".csv, .tsv or .jsonl) with the saved classifier, --batch-size "
+                             "texts at a time")
+    parser.add_argument("--classify-out", metavar="CSV", default=None,
+                        help="write --classify-file's results to this CSV (text, label, "
+                             "probability; the top 3 with more than 3 classes) instead of "
+                             "printing them; replaced only with --overwrite")
     return parser
 
 

@@ -6,6 +6,7 @@ started by the tests themselves.
 """
 import argparse
 import contextlib
+import csv
 import errno
 import http.server
 import io
@@ -83,7 +84,9 @@ class LocalServer:
         handler.log_message = lambda *args: None  # no request lines in the test output
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # a short poll: shutdown() waits for it, at every test's end
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02},
+                         daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -1021,6 +1024,8 @@ INTERRUPTIONS = {
 @pytest.mark.parametrize("where", INTERRUPTIONS)
 def test_any_interruption_resumes_exactly(where, device, reference, short_text, tmp_path,
                                           monkeypatch, capsys):
+    # the plots are other tests' subject: here they only cost time, twice a run
+    monkeypatch.setattr(ch05, "plot_history", lambda *args: None)
     rows, weights, samples, last_step = reference(device)
     name, nth, signals, training, message = INTERRUPTIONS[where]
     signal_on_call(monkeypatch, name, nth, [getattr(signal, s) for s in signals], training)
@@ -1028,6 +1033,7 @@ def test_any_interruption_resumes_exactly(where, device, reference, short_text, 
         ch05.main(resume_args(tmp_path, device, short_text))
     assert stop.value.code == 128 + getattr(signal, signals[-1])
     monkeypatch.undo()
+    monkeypatch.setattr(ch05, "plot_history", lambda *args: None)
     assert not list(tmp_path.glob("*.tmp"))
     first_samples = epoch_samples(capsys.readouterr().out)
     # --resume alone: the checkpoint holds every other setting
@@ -1951,6 +1957,14 @@ def test_a_wrong_hf_file_gets_one_line_naming_it(tiny_gpt2_files, hf_tiny, tmp_p
         gpt2.load_hf_gpt2("tiny", hf_file=tmp_path)
 
 
+def test_export_flags_go_together(capsys):
+    for argv in (["--export-hf", "x"], ["--from", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            args_of(gpt2, argv)
+        assert exit_.value.code == 2
+        assert "error: --export-hf DIR and --from FILE go together" in capsys.readouterr().err
+
+
 def exported_model(folder):
     """An --export-hf folder read back through the safetensors loader."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -2014,9 +2028,7 @@ def test_a_124m_export_gives_transformers_the_same_logits(tmp_path, tokenizer):
     torch.manual_seed(0)
     cfg = ch04.gpt_config("124M", drop_rate=0.0)  # the book's: no qkv bias, own output layer
     model = ch04.GPTModel(cfg).eval()
-    ch05.save_checkpoint(tmp_path / "model.pth", ch05.model_file("pretraining",
-                                                                 model.state_dict(), cfg, {}))
-    gpt2.export_hf(tmp_path / "model.pth", tmp_path / "hf")
+    gpt2.write_hf_folder(model.state_dict(), cfg, tmp_path / "hf")  # what --export-hf writes
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     ids = torch.tensor([tokenizer.encode("Every effort moves you")])
     with torch.no_grad():
@@ -2084,6 +2096,10 @@ def test_balancing_and_split_sizes_on_the_real_file(spam_tsv):
     assert sum(r[0] == "spam" for r in rows) == 747
     balanced = ch06.create_balanced_dataset(rows)
     assert sum(r[0] == "spam" for r in balanced) == 747 == sum(r[0] == "ham" for r in balanced)
+    # the book's rows in the book's order: pandas' ham.sample(747, random_state=123), then spam
+    ham, spam = ([r for r in rows if r[0] == label] for label in ("ham", "spam"))
+    book = [ham[i] for i in np.random.RandomState(123).choice(len(ham), 747, replace=False)]
+    assert balanced == book + spam
     parts = ch06.random_split(balanced, 0.7, 0.1)
     assert [len(p) for p in parts] == [1045, 149, 300]
     assert sorted(r for p in parts for r in p) == sorted(balanced)  # a partition
@@ -2225,8 +2241,16 @@ def test_trainable_choices():
     trainable = {n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("trf") else "")
                  for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"out_head", "final_norm", f"trf_blocks.{TINY['n_layers'] - 1}"}
-    head = ch06.prepare_classifier(tiny_model(), TINY, trainable="head")
-    assert ch06.count_trainable(head) == TINY["emb_dim"] * 2 + 2
+    # the counts of each choice, for 5 classes
+    d = TINY["emb_dim"]
+    size = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    base = tiny_model()
+    block, norm, head = size(base.trf_blocks[0]), size(base.final_norm), d * 5 + 5
+    everything = size(base) - size(base.out_head) + head
+    for choice, expected in [("head", head), ("last_block", head + block + norm),
+                             ("last_two_blocks", head + 2 * block + norm), ("all", everything)]:
+        model = ch06.prepare_classifier(tiny_model(), TINY, trainable=choice, num_classes=5)
+        assert ch06.count_trainable(model) == expected, choice
 
 
 def test_classify_without_a_saved_model_says_how_to_train(tmp_path):
@@ -2257,15 +2281,15 @@ def test_chapter6_end_to_end_then_classify(tmp_path, capsys, spam_tsv):
         "--classify", "Free entry!", "--classify-file", str(tmp_path / "texts.txt"),
         "--out", str(tmp_path / "out"), "--device", "cpu"])
     results = ch06.main(classify)["classified"]
-    assert len(results) == 3 and all(label in ("spam", "not spam") for label, _ in results)
+    assert len(results) == 3 and all(label in ("ham", "spam") for label, _ in results)
     model, settings = ch06.load_classifier(tmp_path / "out" / "classifier.pth")
     with torch.no_grad():
         assert torch.equal(model(torch.tensor([[1, 2, 3]])), result["model"].eval()(torch.tensor([[1, 2, 3]])))
     longest = int(re.search(r"Longest training text \(tokens\): (\d+)", out).group(1))
     assert settings["lora_rank"] == 2 and settings["max_length"] == longest
     with pytest.raises(ValueError, match=r"already holds an earlier run's results \(classifier"
-                                         r"\.pth, accuracy\.json\)\. Use it with --classify.*"
-                                         r"--overwrite"):
+                                         r"\.pth, accuracy\.json, confusion\.json\)\. Use it "
+                                         r"with --classify.*--overwrite"):
         ch06.main(args)
 
 
@@ -2359,6 +2383,187 @@ def test_a_named_zip_is_used_even_when_an_extracted_file_exists(tmp_path):
             "http://127.0.0.1:9/unused", spam_zip(tmp_path / "d.zip", {"SMSSpamCollection": text}),
             tmp_path / "x", tsv, reuse_extracted=False)
         assert tsv.read_text(encoding="utf-8") == text
+
+
+# ---- Chapter 6, beyond the book: data of your own, any number of classes ----
+
+
+TOPICS = {"food": ["pizza", "pasta", "bread", "soup", "salad"],
+          "sports": ["goal", "match", "team", "score", "coach"],
+          "tech": ["laptop", "phone", "chip", "code", "server"]}
+
+
+def topic_rows(n, seed=0):
+    """n separable texts: four words of one topic each, the topics in turn."""
+    rng = np.random.default_rng(seed)
+    topics = list(TOPICS)
+    return [(" ".join(rng.choice(TOPICS[topics[i % 3]], 4)), topics[i % 3]) for i in range(n)]
+
+
+def write_table(path, rows, header=("text", "label"), delimiter=","):
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+def own_data_args(tmp_path, *flags):
+    return args_of(ch06, ["--model-size", "tiny", "--no-pretrained", "--out",
+                          str(tmp_path / "out"), "--device", "cpu", *flags])
+
+
+def test_a_three_class_csv_trains_and_its_classes_are_kept(tmp_path, capsys):
+    data = write_table(tmp_path / "reviews.csv", [(t, c) for t, c in topic_rows(150)],
+                       header=("review", "topic"))
+    result = ch06.main(own_data_args(
+        tmp_path, "--data", str(data), "--text-column", "review", "--label-column", "topic",
+        "--trainable", "all", "--lr", "1e-3", "--epochs", "3", "--eval-freq", "20"))
+    out = capsys.readouterr().out
+    assert "3 classes: food, sports, tech" in out
+    assert "Train / validation / test: 105 / 15 / 30" in out
+    assert result["accuracies"]["train"] >= 0.9 and result["classes"] == ["food", "sports", "tech"]
+    counts = result["confusion"]
+    assert counts.sum() == 30 and counts.shape == (3, 3)  # the test split, true x predicted
+    table = out[out.index("true \\ predicted"):]
+    for i, name in enumerate(result["classes"]):  # each row: its counts and its accuracy
+        row = re.search(rf"^{name} +(.*)$", table, re.M).group(1).split()
+        assert row == [str(int(n)) for n in counts[i]] + [f"{result['per_class'][name]:.2%}"]
+    saved = json.loads((tmp_path / "out" / "confusion.json").read_text())
+    assert saved["counts"] == counts.tolist()
+    assert (tmp_path / "out" / "confusion-matrix.png").exists()
+    model, settings = ch06.load_classifier(tmp_path / "out" / "classifier.pth")
+    assert settings["classes"] == ["food", "sports", "tech"] and model.out_head.out_features == 3
+    classified = ch06.main(own_data_args(tmp_path, "--classify", "pizza soup bread pasta",
+                                         "laptop code chip server"))["classified"]
+    assert [label for label, _ in classified] == ["food", "tech"]
+    # many texts, in batches, to a CSV: the same labels as one at a time
+    texts = [t for t, _ in topic_rows(40, seed=1)]
+    write_table(tmp_path / "many.csv", [(t,) for t in texts], header=("review",))
+    batched = ch06.main(own_data_args(tmp_path, "--classify-file", str(tmp_path / "many.csv"),
+                                      "--text-column", "review", "--classify-out",
+                                      str(tmp_path / "labels.csv"), "--batch-size", "16"))
+    with open(tmp_path / "labels.csv", encoding="utf-8", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert [r["text"] for r in written] == texts
+    assert [r["label"] for r in written] == [label for label, _ in batched["classified"]]
+    one_by_one = [ch06.classify_batch([tokenizer_ids], model, "cpu", settings["max_length"])[0][0]
+                  for tokenizer_ids in (gpt2.get_gpt2_tokenizer().encode(t) for t in texts)]
+    assert [settings["classes"][c] for c, _ in one_by_one] == [r["label"] for r in written]
+    assert sum(r["label"] == c for r, (_, c) in zip(written, topic_rows(40, seed=1))) >= 32
+    with pytest.raises(FileExistsError, match="labels.csv already exists. Replace it with"):
+        ch06.main(own_data_args(tmp_path, "--classify-file", str(tmp_path / "many.csv"),
+                                "--text-column", "review", "--classify-out",
+                                str(tmp_path / "labels.csv")))
+
+
+def test_more_than_three_classes_show_the_top_three(tmp_path, capsys):
+    classes = ["a", "b", "c", "d", "e"]
+    model = ch06.prepare_classifier(tiny_model(), TINY, num_classes=5)
+    ch06.save_classifier(tmp_path / "out" / "classifier.pth", model, TINY, {
+        "trainable": "last_block", "lora_rank": None, "lora_alpha": 16, "max_length": 8,
+        "models_dir": "gpt2", "classes": classes, "token": "mean"})
+    result = ch06.main(own_data_args(tmp_path, "--classify", "Hi there"))
+    [(label, probability)] = result["classified"]
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    top = re.search(r"\(top 3: (\w) ([\d.]+)%, (\w) ([\d.]+)%, (\w) ([\d.]+)%\)$", line).groups()
+    assert top[0] == label and float(top[1]) == pytest.approx(probability * 100, abs=0.06)
+    assert float(top[1]) >= float(top[3]) >= float(top[5]) and len(set(top[::2])) == 3
+
+
+def test_the_token_that_feeds_the_head():
+    model = ch06.prepare_classifier(tiny_model(), TINY, num_classes=3).eval()
+    ids = torch.tensor([[464, 3290, 1807, 345]])
+    padded = torch.cat([ids, torch.full((1, 5), 50256)], dim=1)
+    with torch.no_grad():
+        logits, logits_padded = model(ids), model(padded)
+    # mean: over the real tokens only, so padding changes nothing
+    mean = ch06.select_logits(logits, ids, "mean")
+    assert torch.allclose(ch06.select_logits(logits_padded, padded, "mean"), mean, atol=1e-6)
+    assert torch.allclose(mean, logits[0].mean(dim=0, keepdim=True), atol=1e-6)
+    assert not torch.allclose(logits_padded[0].mean(dim=0), mean[0], atol=1e-3)  # padding counted
+    assert torch.equal(ch06.select_logits(logits_padded, padded, "first"), logits_padded[:, 0])
+    assert torch.equal(ch06.select_logits(logits_padded, padded, "last"), logits_padded[:, -1])
+    batch = torch.cat([padded, torch.tensor([[11, 12, 13, 14, 15, 16, 17, 18, 19]])])
+    with torch.no_grad():  # each text of a batch pools its own real tokens
+        pooled = ch06.select_logits(model(batch), batch, "mean")
+    assert torch.allclose(pooled[0], mean[0], atol=1e-6)
+
+
+def test_own_files_labels_and_class_order(tmp_path):
+    jsonl = tmp_path / "intents.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in [
+        {"utterance": "play a song", "intent": 10}, {"utterance": "stop", "intent": 9},
+        {"utterance": "weather?", "intent": 10}]) + "\n\n", encoding="utf-8")
+    rows = ch06.read_labeled_file(jsonl, "utterance", "intent")
+    assert [r[:2] for r in rows] == [("10", "play a song"), ("9", "stop"), ("10", "weather?")]
+    assert rows[1][2] == f"{jsonl}, line 2"
+    assert ch06.class_names(r[0] for r in rows) == ["9", "10"]  # numbers by value
+    assert ch06.class_names(["spam", "ham", "Ham"]) == ["Ham", "ham", "spam"]
+    tsv = write_table(tmp_path / "t.tsv", [("x\ty", "a")], delimiter="\t")
+    assert ch06.read_labeled_file(tsv)[0][:2] == ("a", "x\ty")
+    # balancing any number of classes: each cut to the rarest one's count
+    rows = [("a", str(i)) for i in range(9)] + [("b", "x"), ("b", "y")] + \
+        [("c", str(i)) for i in range(4)]
+    balanced = ch06.create_balanced_dataset(rows)
+    assert [r[0] for r in balanced] == ["a", "a", "b", "b", "c", "c"]
+    assert set(balanced) <= set(rows)
+
+
+def bad_own_data(tmp_path, case):
+    rows = topic_rows(40)
+    files = {  # each written only for its case
+        "missing column": lambda: write_table(tmp_path / "d.csv", rows, header=("body", "label")),
+        "empty text": lambda: write_table(tmp_path / "d.csv",
+                                          rows[:7] + [("  ", "food")] + rows[8:]),
+        "one class": lambda: write_table(tmp_path / "d.csv", [(t, "food") for t, _ in rows]),
+        "too small": lambda: write_table(tmp_path / "d.csv", rows[:10]),
+        "not UTF-8": lambda: tmp_path / "d.csv",
+        "JSONL key": lambda: tmp_path / "d.jsonl",
+        "other format": lambda: tmp_path / "d.xlsx",
+    }
+    files = {case: files[case]()} if case in files else {}
+    if case == "not UTF-8":
+        files[case].write_bytes("text,label\ncafé au lait,food\n".encode("latin-1"))
+    if case == "JSONL key":
+        files[case].write_text('{"text": "hi", "label": "a"}\n{"text": "ho"}\n', encoding="utf-8")
+    if case == "other format":
+        files[case].write_bytes(b"PK\x03\x04")
+    messages = {
+        "missing column": r"d\.csv has no column 'text' \(its columns: 'body', 'label'\); name "
+                          r"yours with --text-column\.",
+        "empty text": r"d\.csv, line 9: the text is empty",
+        "one class": r"The training split holds 1 class \(food\); a classifier needs at least 2",
+        "too small": r"The training split has 7 texts, fewer than one batch of 8: give more "
+                     r"data, or a smaller --batch-size",
+        "not UTF-8": r"d\.csv, line 2, is not UTF-8 text",
+        "JSONL key": r"d\.jsonl, line 2 has no key 'label' \(its keys: 'text'\); name yours "
+                     r"with --label-column",
+        "other format": r"d\.xlsx: give a \.csv, \.tsv or \.jsonl file",
+        "label only in test": r"test\.csv, line 2: the label 'music' \(test split\) is not one "
+                              r"of the training split's classes \(food, sports, tech\)",
+        "half of three files": r"--train, --val and --test go together",
+    }
+    if case == "label only in test":
+        flags = ["--train", str(write_table(tmp_path / "train.csv", rows)),
+                 "--val", str(write_table(tmp_path / "val.csv", rows[:5])),
+                 "--test", str(write_table(tmp_path / "test.csv", [("drums", "music")]))]
+    elif case == "half of three files":
+        flags = ["--train", str(write_table(tmp_path / "train.csv", rows))]
+    else:
+        flags = ["--data", str(files[case])]
+    return flags, messages[case]
+
+
+@pytest.mark.parametrize("case", ["missing column", "empty text", "one class", "too small",
+                                  "not UTF-8", "JSONL key", "other format", "label only in test",
+                                  "half of three files"])
+def test_bad_own_data_gets_one_line_and_writes_nothing(case, tmp_path):
+    flags, message = bad_own_data(tmp_path, case)
+    with pytest.raises(ValueError, match=message) as err:
+        ch06.main(own_data_args(tmp_path, *flags))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()  # nothing written: not even the folder
 
 
 # ======= Chapter 7: the book's listings =======
@@ -2927,8 +3132,11 @@ def test_each_shared_idea_has_one_flag_name_in_every_script():
                              "ch07_instruct.py", "bench.py"]}
     for flag, scripts in expected.items():
         assert [n for n in parsers if flag in shown[n]] == scripts, flag
-    for old in ("--model", "--text", "--max-length"):
+    for old in ("--model", "--text"):
         assert not [n for n in parsers if old in shown[n]], old  # shown nowhere
+    # ch02's earlier name of --context-length is hidden; chapter 6's --max-length (the
+    # book's max_length of the texts, not a context) is its own
+    assert [n for n in parsers if "--max-length" in shown[n]] == ["ch06_classify.py"]
     for name in expected["--device"]:
         device = next(a for a in parsers[name]._actions if a.dest == "device")
         assert device.default == "auto", name
@@ -2939,23 +3147,31 @@ def test_each_shared_idea_has_one_flag_name_in_every_script():
     assert args_of(ch02, ["--max-length", "8"]).context_length == 8
 
 
+def test_a_flag_out_of_range_exits_2_and_an_unwritable_out_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        args_of(gpt2, ["--top-k", "0"])
+    assert exit_.value.code == 2
+    assert "argument --top-k: must be at least 1, got 0" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x", encoding="utf-8")
+    with pytest.raises(OSError, match=re.escape(f"--out {tmp_path / 'a_file' / 'sub'}: "
+                                                f"{tmp_path / 'a_file'} is a file")):
+        ch06.main(args_of(ch06, ["--out", str(tmp_path / "a_file" / "sub"), "--no-pretrained",
+                                 "--model-size", "tiny", "--device", "cpu"]))
+
+
 def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
-    """Each script run as a user runs it: argparse's exit 2 for a flag out of
-    range, exit 1 and one line naming the file for the rest."""
+    """Each script run as a user runs it: exit 1 and one line naming the file
+    (argparse's exit 2 for a flag out of range: test_a_flag_out_of_range_exits_2)."""
     (tmp_path / "a_file").write_text("x", encoding="utf-8")
     (tmp_path / "short.txt").write_text("Hi there.", encoding="utf-8")
+    (tmp_path / "reviews.csv").write_text("review,label\nGreat film,good\n", encoding="utf-8")
     cases = [  # (command, exit status, what stderr says)
-        (["ch05_load_gpt2.py", "--top-k", "0"], 2, "argument --top-k: must be at least 1, got 0"),
         (["ch05_load_gpt2.py", "--hf-file", str(tmp_path / "a_file")], 1,
          f"error: --hf-file {tmp_path / 'a_file'} is not GPT-2 124M's safetensors file: not a "
          "safetensors file.\n"),
-        (["ch05_load_gpt2.py", "--export-hf", str(tmp_path / "hf")], 2,
-         "error: --export-hf DIR and --from FILE go together"),
         (["ch05_train.py", "--model-size", "tiny", "--out", str(tmp_path / "a_file")], 1,
          f"error: --out {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a folder. "
          "Choose another --out."),
-        (["ch06_classify.py", "--out", str(tmp_path / "a_file" / "sub"), "--no-pretrained"], 1,
-         f"error: --out {tmp_path / 'a_file' / 'sub'}: {tmp_path / 'a_file'} is a file"),
         (["-c", "import ch02_data, warnings; ch02_data.plain_warnings(); "
                 "warnings.warn('the prompt was cut')"], 0, "Warning: the prompt was cut\n"),
         # the tests themselves, without ../shared: one line that says where the data go
@@ -2967,6 +3183,10 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
         (["bench.py", "--json", str(tmp_path)], 1, "is a folder; name a file"),
         (["ch02_data.py", "--data", str(tmp_path / "short.txt")], 1,
          "error: The text has 3 tokens, but the demo's batches need 33"),
+        (["ch06_classify.py", "--data", str(tmp_path / "reviews.csv"), "--no-pretrained",
+          "--model-size", "tiny", "--out", str(tmp_path / "own-out")], 1,
+         f"error: {tmp_path / 'reviews.csv'} has no column 'text' (its columns: 'review', "
+         "'label'); name yours with --text-column.\n"),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, *command], cwd=HERE, env=env, text=True,
@@ -2977,3 +3197,4 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
         assert proc.returncode == status and "Traceback" not in err, (command, err[-2000:])
         assert "UserWarning" not in err, (command, err[-2000:])  # a warning is its message only
         assert message in err, (command, err[-2000:])
+    assert not (tmp_path / "own-out").exists()  # bad data: no output folder
