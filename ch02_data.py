@@ -467,6 +467,8 @@ def download_file(url, destination, backup_urls=(), retries=3, backoff=1.0, time
                 _fetch_into(u, part, timeout, desc=destination.name)
                 part.replace(destination)
                 part.with_name(part.name + ".json").unlink(missing_ok=True)
+                if u != url:  # which server served, when it was not the first
+                    print(f"{destination.name}: downloaded from {u}")
                 return destination
             except requests.HTTPError as err:
                 failures.append(f"{u}: {err}")

@@ -1555,7 +1555,7 @@ def test_gpt2_unknown_size_and_shape_mismatch():
 # ---- Chapter 5, loading GPT-2, beyond the book: checks, our reader, the command ----
 
 
-def test_gpt2_download_falls_back_and_resumes(gpt2_server, tmp_path):
+def test_gpt2_download_falls_back_and_resumes(gpt2_server, tmp_path, capsys):
     data_file = "/mirror/tiny/model.ckpt.data-00000-of-00001"
     for name in gpt2.FILENAMES:
         gpt2_server.missing.add(f"/primary/tiny/{name}")
@@ -1567,6 +1567,9 @@ def test_gpt2_download_falls_back_and_resumes(gpt2_server, tmp_path):
                for n in gpt2.FILENAMES)
     ranges = [r for p, r in gpt2_server.requests if p == data_file]
     assert ranges[0] is None and ranges[1].startswith("bytes=")  # resumed, not restarted
+    # which server served each file is said
+    assert f"hparams.json: downloaded from {gpt2_server.url}/mirror/tiny/hparams.json" in \
+        capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == sorted(gpt2.FILENAMES)
     n = len(gpt2_server.requests)
     gpt2.download_and_load_gpt2("tiny", tmp_path, base_urls=[gpt2_server.url + "/primary"])
