@@ -245,6 +245,8 @@ def atomic_folder(path):
     tmp.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's private 0o700
     try:
         yield tmp
+        for file in tmp.iterdir():  # as open() makes files (some writers make theirs private)
+            file.chmod(0o666 & ~umask)
         old = move_aside(path, ".old.tmp") if path.exists() else None
         tmp.replace(path)
     except BaseException:

@@ -2072,8 +2072,11 @@ def test_export_refuses_a_classifier_and_an_existing_folder(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "classifier.pth", "out"]
     gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "out", overwrite=True)
     assert "mine.txt" not in [p.name for p in (tmp_path / "out").iterdir()]
-    (tmp_path / "plain").mkdir()  # the folder's permissions are a plain folder's
+    (tmp_path / "plain").mkdir()  # the folder's permissions are a plain folder's, and so
     assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain" / "file").write_text("")  # are its files' (safetensors' too)
+    assert {p.stat().st_mode for p in (tmp_path / "out").iterdir()} == \
+        {(tmp_path / "plain" / "file").stat().st_mode}
     small = {**TINY, "vocab_size": SMALL_VOCAB}
     ch05.save_checkpoint(tmp_path / "small.pt", ch05.model_file(
         "pretraining", ch04.GPTModel(small).state_dict(), small, {}))
