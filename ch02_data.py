@@ -233,10 +233,10 @@ def atomic_path(path):
 
 
 @contextlib.contextmanager
-def atomic_folder(path):
+def atomic_folder(path, replace=False):
     """atomic_path for a folder: the block fills a temporary folder beside `path`,
-    which then takes its place. A folder already there is replaced only once the
-    new one is whole; a failed block leaves it as it was."""
+    which then takes its place. A folder already there (with `replace`, or empty)
+    is replaced only once the new one is whole; a failed block leaves it as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -247,6 +247,9 @@ def atomic_folder(path):
         yield tmp
         for file in tmp.iterdir():  # as open() makes files (some writers make theirs private)
             file.chmod(0o666 & ~umask)
+        if not replace and path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise FileExistsError(f"{path} appeared while it was being written (another run?); "
+                                  "it is kept as it is.")
         old = move_aside(path, ".old.tmp") if path.exists() else None
         tmp.replace(path)
     except BaseException:

@@ -259,7 +259,7 @@ class DamagedCheckpoint(ValueError):
     """A tensor of the checkpoint fails its checksum, or its bytes are missing."""
 
 
-def checkpoint_functions(ckpt_path=None):
+def checkpoint_functions(ckpt_path):
     """(list_variables, load_variable): TensorFlow's where it is installed, else
     this file's reader, which returns the same arrays, bit for bit. Both verify
     every tensor's checksum, and both report damage as DamagedCheckpoint. For
@@ -663,10 +663,11 @@ def safetensors_header(path):
             tensors = {k.removeprefix("transformer."): {**v, "key": k} for k, v in header.items()
                        if k != "__metadata__"}
             end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-            shapes_ok = all(isinstance(v["shape"], list) for v in tensors.values())
+            if not all(isinstance(v["shape"], list) for v in tensors.values()):
+                raise TypeError("a shape that is no list")
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             raise ValueError("not a safetensors file (its header is not one)") from None
-    if size != 8 + n + end or not shapes_ok:
+    if size != 8 + n + end:
         raise ValueError(f"{size:,} bytes where its header says {8 + n + end:,} (a cut "
                          "download?)")
     return tensors
@@ -680,7 +681,7 @@ def hf_file_problem(path, settings):
     except ValueError as err:
         return str(err)
     shapes = {name: tuple(v["shape"]) for name, v in header.items()}
-    held = {"n_layers": len({n.split(".")[1] for n in shapes if re.match(r"h\.\d+\.", n)}),
+    held = {"n_layers": hf_layer_count(shapes),
             "vocab_size": shapes.get("wte.weight", (None, None))[0],
             "emb_dim": shapes.get("wte.weight", (None, None))[-1]}
     wanted = config_from_settings(settings)
@@ -702,11 +703,15 @@ def hf_file_problem(path, settings):
     return None
 
 
+def hf_layer_count(names):
+    """How many transformer blocks (h.0. to h.N.) Hugging Face's names hold."""
+    return len({n.split(".")[1] for n in names if re.match(r"h\.\d+\.", n)})
+
+
 @functools.cache
 def _hf_variables(path, mtime_ns):
     header = safetensors_header(Path(path))
-    n_layer = len({n.split(".")[1] for n in header if re.match(r"h\.\d+\.", n)})
-    names = [*gpt2_variable_names(n_layer), ("model/lm_head", "lm_head.weight")]
+    names = [*gpt2_variable_names(hf_layer_count(header)), ("model/lm_head", "lm_head.weight")]
     return {tf: header[hf] for tf, hf in names if hf in header}
 
 
@@ -839,19 +844,17 @@ def bpe_merges(ranks):
 
 
 @functools.cache
-def hf_tokenizer_files(tokenizer, context_length):
-    """{filename: text} of Hugging Face's GPT-2 tokenizer for tiktoken's encoding:
-    the same vocabulary, each token's bytes spelled in GPT-2's byte symbols."""
+def hf_vocabulary_files(tokenizer):
+    """vocab.json and merges.txt of Hugging Face's GPT-2 tokenizer for tiktoken's
+    encoding: the same vocabulary, each token's bytes spelled in GPT-2's byte symbols."""
     symbol = {b: ch for ch, b in gpt2_byte_symbols().items()}
     spell = lambda token: "".join(symbol[b] for b in token)  # noqa: E731
     ranks = {t: tokenizer.encode_single_token(t) for t in tokenizer.token_byte_values()}
     vocab = {spell(t): r for t, r in sorted(ranks.items(), key=lambda item: item[1])}
     vocab[EOT] = tokenizer.eot_token
     merges = "".join(f"{spell(a)} {spell(b)}\n" for a, b in bpe_merges(ranks))
-    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length,
-              "bos_token": EOT, "eos_token": EOT, "unk_token": EOT, "add_prefix_space": False}
-    return {"vocab.json": json.dumps(vocab, ensure_ascii=False), "merges.txt":
-            "#version: 0.2\n" + merges, "tokenizer_config.json": json.dumps(config, indent=2)}
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + merges}
 
 
 def export_hf(checkpoint, out_dir, overwrite=False, models_dir="gpt2"):
@@ -868,10 +871,10 @@ def export_hf(checkpoint, out_dir, overwrite=False, models_dir="gpt2"):
     if cfg["vocab_size"] < 50257:
         raise ValueError(f"{checkpoint} holds a model with a vocabulary of {cfg['vocab_size']:,} "
                          "tokens; the export carries GPT-2's tokenizer, which needs 50,257.")
-    return write_hf_folder(model.state_dict(), cfg, out_dir, models_dir)
+    return write_hf_folder(model.state_dict(), cfg, out_dir, models_dir, overwrite)
 
 
-def write_hf_folder(state_dict, cfg, out_dir, models_dir="gpt2"):
+def write_hf_folder(state_dict, cfg, out_dir, models_dir="gpt2", overwrite=False):
     """A GPTModel's state dict and config as a Hugging Face GPT-2 folder, written
     whole or not at all; returns its config.json."""
     variables = openai_variables_of(state_dict, cfg["n_layers"])
@@ -881,11 +884,15 @@ def write_hf_folder(state_dict, cfg, out_dir, models_dir="gpt2"):
     if not tied:  # the book's models have their own output layer
         tensors["lm_head.weight"] = state_dict["out_head.weight"].float().contiguous()
     config = hf_config(cfg, tied)
+    tokenizer_config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": EOT, "eos_token": EOT,
+                        "unk_token": EOT, "model_max_length": cfg["context_length"],
+                        "add_prefix_space": False}
     files = {"config.json": json.dumps(config, indent=2),
              "generation_config.json": json.dumps({"bos_token_id": 50256,
                                                    "eos_token_id": 50256}, indent=2),
-             **hf_tokenizer_files(get_gpt2_tokenizer(models_dir), cfg["context_length"])}
-    with atomic_folder(out_dir) as tmp:
+             "tokenizer_config.json": json.dumps(tokenizer_config, indent=2),
+             **hf_vocabulary_files(get_gpt2_tokenizer(models_dir))}
+    with atomic_folder(out_dir, replace=overwrite) as tmp:
         save_file(tensors, tmp / HF_FILE, metadata={"format": "pt"})
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")

@@ -379,23 +379,26 @@ def read_labeled_file(path, text_column="text", label_column="label"):
     if path.suffix.lower() not in OWN_FORMATS:
         raise ValueError(f"{path}: give a .csv, .tsv or .jsonl file of texts and labels (or the "
                          "SMS Spam Collection's .zip).")
-    content = read_text(path)
-    if path.suffix.lower() == ".jsonl":
-        records = jsonl_records(path, content, text_column, label_column)
-    else:
-        records = table_records(path, content, text_column, label_column)
     rows = []
-    for line, text, label in records:
+    for line, text, label in records_of(path, text_column, label_column):
         if not isinstance(label, (str, int)) or isinstance(label, bool) or is_blank(str(label)):
             raise ValueError(f"{path}, line {line}: the label {label!r} is no class name; labels "
                              "are strings or whole numbers.")
-        if not isinstance(text, str) or is_blank(text):
-            raise ValueError(f"{path}, line {line}: the text is empty; remove the row or give "
-                             "it a text.")
         rows.append((str(label).strip(), text, f"{path}, line {line}"))
     if not rows:
         raise ValueError(f"{path} holds no rows.")
     return rows
+
+
+def records_of(path, text_column, label_column=None):
+    """(line, text, label) of each row of a .csv, .tsv or .jsonl file (label None
+    without label_column); an empty text is named."""
+    read = jsonl_records if path.suffix.lower() == ".jsonl" else table_records
+    for line, text, label in read(path, read_text(path), text_column, label_column):
+        if not isinstance(text, str) or is_blank(text):
+            raise ValueError(f"{path}, line {line}: the text is empty; remove the row or give "
+                             "it a text.")
+        yield line, text, label
 
 
 def table_records(path, content, text_column, label_column):
@@ -473,14 +476,21 @@ def as_examples(rows, classes):
 
 def confusion_matrix(data_loader, model, device, num_classes, token="last"):
     """counts[true class][predicted class] over a loader."""
-    counts = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
     model.eval()
     for input_batch, target_batch in data_loader:
+        input_batch = input_batch.to(device)
         with torch.no_grad():
-            logits = select_logits(model(input_batch.to(device)), input_batch.to(device), token)
-        for true, predicted in zip(target_batch.tolist(), logits.argmax(-1).tolist()):
-            counts[true, predicted] += 1
-    return counts
+            predicted = select_logits(model(input_batch), input_batch, token).argmax(-1).cpu()
+        counts += torch.bincount(target_batch * num_classes + predicted,
+                                 minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes)
+
+
+def class_accuracies(counts, classes):
+    """{class: the share of its texts predicted right} (None for a class with none)."""
+    return {c: counts[i, i].item() / counts[i].sum().item() if counts[i].sum() else None
+            for i, c in enumerate(classes)}
 
 
 def confusion_table(counts, classes):
@@ -489,9 +499,8 @@ def confusion_table(counts, classes):
     corner = "true \\ predicted"
     first, width = max(len(corner), *(len(c) for c in classes)) + 2, max(6, *map(len, classes)) + 2
     lines = [f"{corner:<{first}}" + "".join(f"{c:>{width}}" for c in classes) + "  accuracy"]
-    for i, name in enumerate(classes):
-        total = int(counts[i].sum())
-        accuracy = f"{counts[i, i] / total * 100:.2f}%" if total else "-"
+    for i, (name, accuracy) in enumerate(class_accuracies(counts, classes).items()):
+        accuracy = "-" if accuracy is None else f"{accuracy * 100:.2f}%"
         lines.append(f"{name:<{first}}" + "".join(f"{int(n):>{width}}" for n in counts[i])
                      + f"{accuracy:>10}")
     return "\n".join(lines)
@@ -556,14 +565,7 @@ def texts_of_file(path, text_column="text"):
     text column of a .csv, .tsv or .jsonl file; an error names the file."""
     path = Path(path)
     if path.suffix.lower() in OWN_FORMATS:
-        content, read = read_text(path), {".jsonl": jsonl_records}.get(path.suffix.lower(),
-                                                                       table_records)
-        texts = []
-        for line, text, _ in read(path, content, text_column, None):
-            if not isinstance(text, str) or is_blank(text):
-                raise ValueError(f"{path}, line {line}: the text is empty; remove the row or "
-                                 "give it a text.")
-            texts.append(text)
+        texts = [text for _, text, _ in records_of(path, text_column)]
     else:
         texts = [line for line in read_text(path).splitlines() if not is_blank(line)]
     if not texts:
@@ -725,8 +727,9 @@ def finetune(args, classifier_path, device, data=None):
                 train_accs, val_accs, "accuracy", out_dir / "accuracy-plot.png")
 
     accuracies = {name: calc_accuracy_loader(loader, model, device, token=args.token)
-                  for name, loader in loaders.items()}
+                  for name, loader in loaders.items() if name != "test"}
     counts = confusion_matrix(test_loader, model, device, len(classes), args.token)
+    accuracies["test"] = counts.trace().item() / counts.sum().item()  # one pass over the test set
     plot_confusion_matrix(counts, classes, out_dir / "confusion-matrix.png")
     settings = {"model_size": args.model_size, "max_length": max_length,
                 "trainable": args.trainable, "lora_rank": args.rank if args.lora else None,
@@ -735,8 +738,7 @@ def finetune(args, classifier_path, device, data=None):
                 "classes": classes, "token": args.token}
     save_classifier(classifier_path, model, cfg, settings)
     write_text_atomic(out_dir / "accuracy.json", json.dumps(accuracies, indent=2))
-    per_class = {c: counts[i, i].item() / max(1, counts[i].sum().item())
-                 for i, c in enumerate(classes)}
+    per_class = class_accuracies(counts, classes)
     write_text_atomic(out_dir / "confusion.json", json.dumps(
         {"split": "test", "classes": classes, "counts": counts.tolist(),
          "accuracy": per_class}, indent=2))

@@ -2018,7 +2018,7 @@ def test_export_loads_back_and_in_transformers_with_the_same_logits(qkv_bias, tm
 
 
 def test_exported_tokenizer_files_are_gpt2s_own(tokenizer):
-    files = gpt2.hf_tokenizer_files(tokenizer, 1024)
+    files = gpt2.hf_vocabulary_files(tokenizer)
     assert json.loads(files["vocab.json"]) == json.loads(
         (SHARED / "gpt2_vocab" / "encoder.json").read_text(encoding="utf-8"))
     lines = lambda text: [line for line in text.split("\n") if line.strip()]  # noqa: E731
@@ -2070,6 +2070,19 @@ def test_export_refuses_a_classifier_and_an_existing_folder(tmp_path, capsys):
             gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "out", overwrite=True)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "classifier.pth", "out"]
+    # another export into the same new folder, finished while this one wrote: kept
+    real_save = gpt2.save_file
+
+    def other_run_meanwhile(*args, **kwargs):
+        (tmp_path / "race").mkdir()
+        (tmp_path / "race" / "theirs.txt").write_text("theirs")
+        real_save(*args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gpt2, "save_file", other_run_meanwhile)
+        with pytest.raises(FileExistsError, match="race appeared while it was being written"):
+            gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "race")
+    assert [p.name for p in (tmp_path / "race").iterdir()] == ["theirs.txt"]
+    assert not list(tmp_path.glob(".race*"))  # no temporary folder left
     gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "out", overwrite=True)
     assert "mine.txt" not in [p.name for p in (tmp_path / "out").iterdir()]
     (tmp_path / "plain").mkdir()  # the folder's permissions are a plain folder's, and so
@@ -2077,9 +2090,7 @@ def test_export_refuses_a_classifier_and_an_existing_folder(tmp_path, capsys):
     (tmp_path / "plain" / "file").write_text("")  # are its files' (safetensors' too)
     assert {p.stat().st_mode for p in (tmp_path / "out").iterdir()} == \
         {(tmp_path / "plain" / "file").stat().st_mode}
-    small = {**TINY, "vocab_size": SMALL_VOCAB}
-    ch05.save_checkpoint(tmp_path / "small.pt", ch05.model_file(
-        "pretraining", ch04.GPTModel(small).state_dict(), small, {}))
+    tiny_text_model_file(tmp_path / "small.pt", vocab_size=SMALL_VOCAB)
     with pytest.raises(ValueError, match="vocabulary of 1,000 tokens; the export carries GPT-2's"):
         gpt2.export_hf(tmp_path / "small.pt", tmp_path / "small")
 
