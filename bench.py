@@ -520,15 +520,10 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    from ch02_data import interrupted
     args = build_parser().parse_args()
     if args.child:
         sys.path.insert(0, str(HERE))
         print(json.dumps(CHILDREN[args.child](args.variant, json.loads(args.params))))
     else:
-        try:
-            main(args)
-        except KeyboardInterrupt:
-            interrupted("No results were written.")
-        except (OSError, ValueError) as err:
-            sys.exit(f"error: {err}")
+        from ch02_data import run_command
+        run_command(main, args, "No results were written.")

@@ -2,20 +2,25 @@
 
 Defines the book's simple tokenizers, BPE through tiktoken, the sliding-window
 dataset `GPTDatasetV1` with `create_dataloader_v1`, and beyond the book: the
-download helper every later chapter uses, and memory-mapped token files for
-corpora larger than memory (`build_token_file`).
+download helper every later chapter uses, how every command writes its files
+and stops (whole files only, run locks, `--overwrite` that keeps the earlier
+results until new ones exist, `run_command`'s one-line errors and signals),
+and memory-mapped token files for corpora larger than memory
+(`build_token_file`).
 
 Run:  python ch02_data.py [--text the-verdict.txt]
 Imports no earlier chapter file.
 """
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -24,6 +29,11 @@ import unicodedata
 import warnings
 import zlib
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\nInterrupted while starting; nothing "
+                                                   "was done.", file=sys.stderr),
+                                             os._exit(130)))
 
 import numpy as np
 import requests
@@ -185,13 +195,14 @@ BINARY_MAGIC = ((b"PK\x03\x04", "a zip archive's"), (b"\x1f\x8b", "gzip"),
 
 
 def read_text(path):
-    """Read a UTF-8 text file, failing with a message that names the file."""
+    """Read a UTF-8 text file, failing with a message that names the file. A
+    byte-order mark (Excel's "CSV UTF-8", Notepad's UTF-8) is not part of the text."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Text file not found: {path}"
                                 f"{' (it is a folder)' if path.is_dir() else ''}. Check the path.")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise utf8_error(path, err) from None
 
@@ -233,13 +244,16 @@ def atomic_path(path):
 
 
 @contextlib.contextmanager
-def atomic_folder(path, replace=False):
+def atomic_folder(path, replaces=()):
     """atomic_path for a folder: the block fills a temporary folder beside `path`,
-    which then takes its place. A folder already there (with `replace`, or empty)
-    is replaced only once the new one is whole; a failed block leaves it as it was."""
+    which then takes its place. A folder already there is replaced only when it is
+    empty or holds nothing but files named in `replaces` (an earlier run's output),
+    and only once the new one is whole; a failed block leaves it as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_abandoned_folders(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
+                                dir=path.parent))
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's private 0o700
@@ -247,9 +261,10 @@ def atomic_folder(path, replace=False):
         yield tmp
         for file in tmp.iterdir():  # as open() makes files (some writers make theirs private)
             file.chmod(0o666 & ~umask)
-        if not replace and path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise FileExistsError(f"{path} appeared while it was being written (another run?); "
-                                  "it is kept as it is.")
+        problem = folder_in_the_way(path, replaces)
+        if problem:
+            raise FileExistsError(f"{path} appeared while it was being written (another run?) "
+                                  f"and {problem}; it is kept as it is.")
         old = move_aside(path, ".old.tmp") if path.exists() else None
         tmp.replace(path)
     except BaseException:
@@ -257,6 +272,45 @@ def atomic_folder(path, replace=False):
         raise
     if old is not None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def folder_in_the_way(path, replaces=()):
+    """Why `path` may not be replaced by a folder (None: it is absent, empty, or
+    holds only files named in `replaces`): a file, or what else the folder holds."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return "is a file, not a folder"
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                    if not (p.name in replaces and p.is_file()))
+    if not others:
+        return None
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return f"holds files this command did not write ({shown})"
+
+
+def remove_abandoned_folders(path):
+    """Remove temporary folders of `path` (atomic_folder's) whose writer is gone: a
+    killed run's leftovers. A writer still running keeps its own."""
+    for tmp in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*-*.tmp"):
+        pid = tmp.name[len(Path(path).name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not process_running(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_running(pid):
+    """Whether a process `pid` runs on this machine (on Windows, where no signal
+    asks it without harm, every process counts as running)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def unwritable(folder, err, flag="--out"):
@@ -283,15 +337,47 @@ def check_writable(folder, flag="--out"):
         raise unwritable(folder, err, flag) from None
 
 
-def refuse_overwrite(paths, overwrite, resume_hint=""):
+def refuse_overwrite(paths, overwrite, resume_hint="", also=()):
     """Stop before a run writes over an earlier run's results, unless --overwrite
-    was given; returns the earlier files found (the caller removes them)."""
+    was given; returns those earlier files, with the files of `also` there (plots,
+    say, which alone block nothing), as EarlierResults."""
     found = [Path(p) for p in paths if Path(p).exists()]
     if found and not overwrite:
         raise ValueError(f"{found[0].parent} already holds an earlier run's results "
                          f"({', '.join(p.name for p in found)}). {resume_hint}Start over with "
                          "--overwrite, or choose another --out.")
-    return found
+    return EarlierResults(found + [Path(p) for p in also if Path(p).is_file()])
+
+
+class EarlierResults:
+    """An earlier run's files that --overwrite lets a new run replace. None is
+    deleted up front: a typo, a cut download or Ctrl-C in the new run leaves them
+    as they were. Each new file takes its old one's place once it is written whole
+    (atomic_path); retire() removes old ones that the new run did not write again."""
+
+    def __init__(self, paths=()):
+        self.files = {Path(p): file_identity(p) for p in paths}
+
+    def retire(self, *paths):
+        """Remove `paths` (all, when none are named) of the earlier files that are
+        still the earlier run's: at the new run's successful end, or as soon as a
+        new file makes them wrong (an old model's responses beside a new model)."""
+        for path in [Path(p) for p in paths] if paths else list(self.files):
+            if path not in self.files:
+                continue
+            earlier = self.files.pop(path)
+            if earlier is not None and file_identity(path) == earlier:
+                path.unlink()
+
+
+def file_identity(path):
+    """What tells a file from one put in its place since (a rename brings another
+    inode), or None when there is none."""
+    try:
+        stat = Path(path).stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 @contextlib.contextmanager
@@ -387,10 +473,58 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def interrupted(kept):
-    """Ctrl-C in a command: one line saying what was kept, and exit status 130."""
-    print(f"\nInterrupted. {kept}", file=sys.stderr)
-    sys.exit(130)
+class Stopped(Exception):
+    """A run that stopped on request once its work was saved (ch05_train.py's
+    checkpoint); `code` is the exit status, 128 + the signal's number."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Ctrl-C raises KeyboardInterrupt: a command
+    stops on them as on Ctrl-C, its files written whole or not at all."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def run_command(main, args, kept, errors=(OSError, ValueError)):
+    """Every command's __main__: main(args), and however it stops, one line and an
+    exit status. An error of `errors` (or a download's) is "error: ..." (1); Ctrl-C,
+    SIGTERM and SIGHUP say what was kept, in the command's words (`kept`, or
+    kept(args)), and exit with 128 + the signal's number (130, 143, 129)."""
+    plain_warnings()
+    signals = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+               if hasattr(signal, name)]  # Windows has no SIGHUP
+    for sig in signals:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else
+                      _raise_interrupted)
+    # Python drops an exception raised in a finalizer with a traceback-like note: a
+    # Ctrl-C that lands there was too late to stop the work, which ends as usual
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: None if isinstance(u.exc_value, KeyboardInterrupt) else hook(u)
+    try:
+        return main(args)
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.code)
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"\nInterrupted ({signal.Signals(signum).name}). "
+              f"{kept(args) if callable(kept) else kept}", file=sys.stderr)
+        sys.exit(128 + signum)
+    except (*errors, DownloadError) as err:
+        sys.exit(f"error: {err}")
+    finally:  # the work is over: a signal now would only break Python's own exit
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class IncompleteDownload(IOError):
@@ -776,10 +910,5 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    plain_warnings()
-    try:
-        main(build_parser().parse_args())
-    except KeyboardInterrupt:
-        interrupted("A cut download's .part file is kept and resumes next time.")
-    except (OSError, ValueError, DownloadError) as err:
-        raise SystemExit(f"error: {err}")
+    run_command(main, build_parser().parse_args(),
+                "A cut download's .part file is kept and resumes next time.")

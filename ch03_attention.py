@@ -12,15 +12,23 @@ the later chapters use.
 
 Run:  python ch03_attention.py [--out runs/ch03]   (prints the book's numbers,
       saves a heatmap of the causal attention weights)
-Imports atomic_path and interrupted from ch02_data.py, for saving the plot and Ctrl-C.
+Imports atomic_path and run_command from ch02_data.py, for saving the plot and stopping cleanly.
 """
 import argparse
+import os
+import signal
+import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\nInterrupted while starting; nothing "
+                                                   "was done.", file=sys.stderr),
+                                             os._exit(130)))
 
 import torch
 import torch.nn as nn
 
-from ch02_data import HelpFormatter, atomic_path, interrupted
+from ch02_data import HelpFormatter, atomic_path, run_command
 
 # "Your journey starts with one step": the book's 3-d embeddings of 6 tokens
 WORDS = ["Your", "journey", "starts", "with", "one", "step"]
@@ -396,9 +404,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except KeyboardInterrupt:
-        interrupted("A heatmap is written whole or not at all.")
-    except OSError as err:  # e.g. --out is not writable
-        raise SystemExit(f"error: {err}")
+    run_command(main, build_parser().parse_args(), "A heatmap is written whole or not at all.")

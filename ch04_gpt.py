@@ -13,13 +13,20 @@ Run:  python ch04_gpt.py [--prompt "Hello, I am"]
 Imports the attention and the caches from ch03_attention.py.
 """
 import argparse
+import os
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\nInterrupted while starting; nothing "
+                                                   "was done.", file=sys.stderr),
+                                             os._exit(130)))
 
 import tiktoken
 import torch
 import torch.nn as nn
 
-from ch02_data import HelpFormatter, interrupted, number
+from ch02_data import HelpFormatter, number, run_command
 from ch03_attention import ExtendedMultiHeadAttention, KVCache, MultiHeadAttention, StaticKVCache
 
 # ---- 4.1 Coding an LLM architecture ----
@@ -455,7 +462,4 @@ def build_parser():
 
 
 if __name__ == "__main__":
-    try:
-        main(build_parser().parse_args())
-    except KeyboardInterrupt:
-        interrupted("The demo writes no files.")
+    run_command(main, build_parser().parse_args(), "The demo writes no files.")

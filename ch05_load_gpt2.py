@@ -16,9 +16,17 @@ Imports from ch02_data.py, ch04_gpt.py and ch05_train.py.
 import argparse
 import functools
 import json
+import math
 import os
 import re
+import signal
+import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\nInterrupted while starting; nothing "
+                                                   "was done.", file=sys.stderr),
+                                             os._exit(130)))
 
 import numpy as np
 import tiktoken
@@ -26,8 +34,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ch02_data import (EOT, DownloadError, HelpFormatter, atomic_folder, download_file,
-                       interrupted, move_aside, plain_warnings)
+from ch02_data import (EOT, DownloadError, HelpFormatter, atomic_folder, check_writable,
+                       download_file, folder_in_the_way, move_aside, run_command)
 from ch04_gpt import (GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, add_device_argument,
                      get_device)
 from ch05_train import (add_sampling_arguments, architecture_difference, architecture_of,
@@ -53,12 +61,13 @@ def download_and_load_gpt2(model_size, models_dir, base_urls=BASE_URLS):
         params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
     except DamagedCheckpoint as err:  # beyond the book: bytes that fail their checksum
         data_file = model_dir / DATA_FILE
-        fetch_again(data_file, str(err),
-                    lambda: fetch_gpt2_file(data_file, model_size, base_urls), gpt2_file_problem)
+        aside = fetch_again(data_file, str(err),
+                            lambda: fetch_gpt2_file(data_file, model_size, base_urls),
+                            gpt2_file_problem)
         try:
             params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
         except DamagedCheckpoint as again:
-            raise damaged_again(data_file, str(again)) from None
+            raise damaged_again(data_file, str(again), aside) from None
     return settings, params
 
 
@@ -96,19 +105,23 @@ def fetch_gpt2_file(path, model_size, base_urls):
 
 def fetch_again(path, problem, fetch, file_problem):
     """Move a damaged GPT-2 file aside and fetch() it once more; damaged again,
-    it is an error that says what to do."""
-    print(f"{path} is damaged ({problem}); moved aside to {move_aside(path).name} and "
-          "downloading it again.")
+    it is an error that says what to do. Returns where the damaged file went."""
+    aside = move_aside(path)
+    print(f"{path} is damaged ({problem}); moved aside to {aside.name} and downloading it "
+          "again.")
     fetch()
     problem = file_problem(path)
     if problem:
-        raise damaged_again(path, problem)
+        raise damaged_again(path, problem, aside)
+    return aside
 
 
-def damaged_again(path, problem):
-    move_aside(path)
+def damaged_again(path, problem, aside):
+    """The error for a file damaged when fetched again; it takes the place of the
+    first damaged copy (`aside`), so one is kept, not two of a download's size."""
+    path.replace(aside)
     return DownloadError(f"{path} is damaged ({problem}), also when downloaded again (kept as "
-                         ".damaged): the server may be sending an error page. Try later, "
+                         f"{aside.name}): the server may be sending an error page. Try later, "
                          f"another --base-url, or delete {path.parent} and download again.")
 
 
@@ -623,7 +636,11 @@ HF_FILE = "model.safetensors"
 GPT2_HPARAMS = {size: {"n_vocab": 50257, "n_ctx": 1024, "n_embd": MODEL_CONFIGS[size]["emb_dim"],
                        "n_head": MODEL_CONFIGS[size]["n_heads"],
                        "n_layer": MODEL_CONFIGS[size]["n_layers"]} for size in ALLOWED_SIZES}
-HF_DTYPES = {"F32", "F16", "BF16"}
+HF_DTYPES = {"F64", "F32", "F16", "BF16"}  # floats, read as float32
+# Bytes per element of each dtype the safetensors format names
+SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2,
+                     "U8": 1, "BOOL": 1}
 
 
 def gpt2_variable_names(n_layer):
@@ -662,14 +679,25 @@ def safetensors_header(path):
             header = json.loads(f.read(n))
             tensors = {k.removeprefix("transformer."): {**v, "key": k} for k, v in header.items()
                        if k != "__metadata__"}
-            end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
-            if not all(isinstance(v["shape"], list) for v in tensors.values()):
-                raise TypeError("a shape that is no list")
+            for v in tensors.values():
+                v["data_offsets"] = [int(x) for x in v["data_offsets"]]
+                if not all(isinstance(d, int) and d >= 0 for d in v["shape"]):
+                    raise TypeError("a shape that is no list of sizes")
+            end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             raise ValueError("not a safetensors file (its header is not one)") from None
     if size != 8 + n + end:
         raise ValueError(f"{size:,} bytes where its header says {8 + n + end:,} (a cut "
                          "download?)")
+    for name, v in tensors.items():
+        if v["dtype"] not in SAFETENSORS_SIZES:
+            raise ValueError(f"not a safetensors file (its {name} has the unknown dtype "
+                             f"{v['dtype']!r})")
+        begin, stop = v["data_offsets"]
+        needed = math.prod(v["shape"]) * SAFETENSORS_SIZES[v["dtype"]]
+        if stop - begin != needed:
+            raise ValueError(f"damaged: its header gives {name} {stop - begin:,} bytes, where "
+                             f"its shape {v['shape']} of {v['dtype']} needs {needed:,}")
     return tensors
 
 
@@ -862,9 +890,7 @@ def export_hf(checkpoint, out_dir, overwrite=False, models_dir="gpt2"):
     instruction or DPO model, LoRA merged in) as a Hugging Face GPT-2 folder, which
     GPT2LMHeadModel.from_pretrained loads; returns its config.json."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"--export-hf {out_dir} already exists. Replace it with "
-                              "--overwrite, or name another folder.")
+    check_export_folder(out_dir, overwrite)
     model, cfg, _ = load_text_model(
         checkpoint, "cpu", flag="--from", not_a_classifier="Hugging Face's GPT-2 layout, "
         "GPT2LMHeadModel, has no place for a classifier's head")
@@ -872,6 +898,25 @@ def export_hf(checkpoint, out_dir, overwrite=False, models_dir="gpt2"):
         raise ValueError(f"{checkpoint} holds a model with a vocabulary of {cfg['vocab_size']:,} "
                          "tokens; the export carries GPT-2's tokenizer, which needs 50,257.")
     return write_hf_folder(model.state_dict(), cfg, out_dir, models_dir, overwrite)
+
+
+# What an export writes, and all that --overwrite replaces
+EXPORT_FILES = (HF_FILE, "config.json", "generation_config.json", "tokenizer_config.json",
+                "vocab.json", "merges.txt")
+
+
+def check_export_folder(out_dir, overwrite):
+    """Before the work: --export-hf may write out_dir. --overwrite replaces an
+    earlier export only, never a folder holding anything else."""
+    problem = folder_in_the_way(out_dir, EXPORT_FILES)
+    if problem:
+        raise FileExistsError(f"--export-hf {out_dir} {problem}: name a new folder" +
+                              ("." if out_dir.is_file() else ", or one that holds an earlier "
+                               "export, which --overwrite replaces."))
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise FileExistsError(f"--export-hf {out_dir} holds an earlier export. Replace it "
+                              "with --overwrite, or name another folder.")
+    check_writable(out_dir.parent, "--export-hf")
 
 
 def write_hf_folder(state_dict, cfg, out_dir, models_dir="gpt2", overwrite=False):
@@ -892,7 +937,7 @@ def write_hf_folder(state_dict, cfg, out_dir, models_dir="gpt2", overwrite=False
                                                    "eos_token_id": 50256}, indent=2),
              "tokenizer_config.json": json.dumps(tokenizer_config, indent=2),
              **hf_vocabulary_files(get_gpt2_tokenizer(models_dir))}
-    with atomic_folder(out_dir, replace=overwrite) as tmp:
+    with atomic_folder(out_dir, replaces=EXPORT_FILES if overwrite else ()) as tmp:
         save_file(tensors, tmp / HF_FILE, metadata={"format": "pt"})
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -1069,12 +1114,13 @@ def parse_args(argv=None):
     return args
 
 
+def kept_when_stopped(args):
+    """What an interrupted run of this command kept, in its words."""
+    if args.export_hf:
+        return (f"Nothing was exported: {args.export_hf} is written whole or not at all "
+                "(an earlier export there is as it was).")
+    return "Files downloaded so far are kept; a cut download's .part file resumes next time."
+
+
 if __name__ == "__main__":
-    plain_warnings()
-    try:
-        main(parse_args())
-    except KeyboardInterrupt:
-        interrupted("Files downloaded so far are kept; a cut download's .part file resumes "
-                    "next time.")
-    except (ValueError, OSError, DownloadError) as err:
-        raise SystemExit(f"error: {err}")
+    run_command(main, parse_args(), kept_when_stopped)

@@ -21,17 +21,22 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\nInterrupted while starting; nothing "
+                                                   "was done.", file=sys.stderr),
+                                             os._exit(130)))
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ch02_data import (EOT, DownloadError, GPTDatasetV1, HelpFormatter, TextTooShort,
-                       atomic_path, bpe_tokenizer, build_token_file, collect_text_files,
-                       load_the_verdict, move_aside, number, plain_warnings, read_text,
-                       refuse_overwrite, run_lock)
+from ch02_data import (EOT, GPTDatasetV1, HelpFormatter, Stopped, TextTooShort, atomic_path,
+                       bpe_tokenizer, build_token_file, collect_text_files, load_the_verdict,
+                       move_aside, number, read_text, refuse_overwrite, run_command, run_lock)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import (MODEL_CONFIGS, GPTModel, add_device_argument, cached_step,
                       generate_text_simple, get_device, gpt_config, new_kv_cache,
@@ -190,13 +195,29 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
 # read with weights_only=True, and checked against the model before loading.
 
 def save_checkpoint(path, checkpoint):
-    """torch.save via a temporary file: a crash keeps the previous checkpoint."""
+    """torch.save via a temporary file: a crash keeps the previous checkpoint. A
+    model file also gets a CRC-32 of each weight tensor, which loading checks."""
+    if "kind" in checkpoint and "model" in checkpoint:
+        checkpoint = {**checkpoint, "checksums": tensor_checksums(checkpoint["model"])}
     with atomic_path(path) as tmp:
         try:
             torch.save(checkpoint, tmp)
         except RuntimeError as err:  # a full disk shows as PyTorch's "enforce fail ..."
             raise OSError(f"Could not write {path}: {str(err).splitlines()[0][:200]} (is the "
                           "disk full?); the previous file is kept.") from None
+
+
+def tensor_checksums(state_dict):
+    """{name: CRC-32 of the tensor's bytes}: a flipped bit in a saved file shows."""
+    return {name: zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            for name, t in state_dict.items()}
+
+
+def damaged_tensors(checkpoint):
+    """The tensors of a model file whose bytes differ from their saved checksums."""
+    saved = checkpoint.get("checksums") or {}
+    found = tensor_checksums({k: v for k, v in checkpoint["model"].items() if k in saved})
+    return [name for name, crc in found.items() if crc != saved[name]]
 
 
 # Every model file of chapters 5 to 7 has one layout: the weights ("model"), the
@@ -238,8 +259,15 @@ def load_checkpoint(path, map_location="cpu", mmap=False, kinds=None, hint=""):
     """A model file of this project in today's layout. With `kinds`, a file of
     another kind gets one line saying what it holds, and `hint`."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a model file: name the file in it "
+                                "(a checkpoint.pt, model.pth or *.pth).")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        raise ValueError(f"{path} is a safetensors file (Hugging Face's layout), not a model "
+                         "file of chapters 5 to 7: GPT-2's model.safetensors loads with `python "
+                         f"ch05_load_gpt2.py --hf-file {path}`.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as err:  # PyTorch's own text may advise weights_only=False: never pass it on
@@ -254,6 +282,12 @@ def load_checkpoint(path, map_location="cpu", mmap=False, kinds=None, hint=""):
         raise ValueError(f"{path} holds {MODEL_FILE_KINDS.get(checkpoint['kind'], 'a model')}, "
                          f"not {' or '.join(MODEL_FILE_KINDS[k] for k in kinds)}. "
                          f"{hint}".strip())
+    damaged = damaged_tensors(checkpoint)
+    if damaged:
+        raise ValueError(f"{path} is damaged: the bytes of {damaged[0]}"
+                         f"{f' and {len(damaged) - 1} more tensors' if len(damaged) > 1 else ''} "
+                         "differ from the checksums saved with them. Delete it, or name another "
+                         "file.")
     return checkpoint
 
 
@@ -518,14 +552,6 @@ class ResumableSampler(Sampler):
 
 
 # ---- The command's run: signals, locking, the log ----
-
-class Stopped(Exception):
-    """The run stopped on a signal; `code` is the exit status (128 + the signal)."""
-
-    def __init__(self, message, code):
-        super().__init__(message)
-        self.code = code
-
 
 class StopRequests:
     """Ctrl-C (SIGINT), SIGTERM and SIGHUP ask the run to stop: it finishes the
@@ -1194,16 +1220,17 @@ RESULTS = ("checkpoint.pt", "log.csv", "*.png", "tokens/*.bin", "tokens/*.json")
 
 
 def claim_out_dir(out_dir, overwrite, log):
-    """Refuse an --out holding an earlier run's checkpoint, unless --overwrite. A
-    log.csv without a checkpoint (a run that diverged or was killed before its
-    first save) cannot be resumed: it is kept under another name, out of the way."""
+    """Refuse an --out holding an earlier run's checkpoint, unless --overwrite,
+    which keeps it until this run saves its own (a bad --data or Ctrl-C before
+    then loses nothing). A log.csv without a checkpoint (a run that diverged or
+    was killed before its first save) cannot be resumed: it is kept under another
+    name, out of the way."""
     checkpoint, log_csv = out_dir / "checkpoint.pt", out_dir / "log.csv"
     if log_csv.exists() and not checkpoint.exists() and not overwrite:
         log(f"Note: {log_csv} is from a run that stopped before saving a checkpoint; kept "
             f"as {move_aside(log_csv, '.unfinished').name}, and this run starts anew.")
-    for old in refuse_overwrite([checkpoint, log_csv], overwrite,
-                                f"Continue it with --resume {checkpoint}. "):
-        old.unlink()
+    refuse_overwrite([checkpoint, log_csv], overwrite,
+                     f"Continue it with --resume {checkpoint}. ")
 
 
 def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
@@ -1419,15 +1446,13 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
+def kept_when_stopped(args):
+    """What a run interrupted outside training (where it saves a checkpoint) kept."""
+    if args.generate is not None:
+        return "--generate writes no files."
+    return ("Training had not begun, so nothing of this run was saved; an earlier run's files "
+            "in --out are as they were.")
+
+
 if __name__ == "__main__":
-    plain_warnings()
-    try:
-        main(parse_args())
-    except Stopped as stop:
-        print(stop, file=sys.stderr)
-        sys.exit(stop.code)
-    except KeyboardInterrupt:  # before training began: loading data, compiling
-        print("Interrupted before training began; nothing was saved.", file=sys.stderr)
-        sys.exit(130)
-    except (ValueError, OSError, Diverged, DownloadError) as err:  # OSError names its path
-        sys.exit(f"error: {err}")
+    run_command(main, parse_args(), kept_when_stopped, errors=(ValueError, OSError, Diverged))

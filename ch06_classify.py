@@ -22,11 +22,19 @@ import functools
 import io
 import json
 import math
+import os
 import re
+import signal
+import sys
 import time
 import warnings
 import zipfile
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\nInterrupted while starting; nothing "
+                                                   "was done.", file=sys.stderr),
+                                             os._exit(130)))
 
 import numpy as np
 import torch
@@ -35,9 +43,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ch05_train
-from ch02_data import (DownloadError, HelpFormatter, atomic_path, download_file, interrupted,
-                       is_blank, number, plain_warnings, read_text, refuse_overwrite, run_lock,
-                       utf8_error, write_text_atomic)
+from ch02_data import (HelpFormatter, atomic_path, check_writable, download_file, is_blank,
+                       number, read_text, refuse_overwrite, run_command, run_lock, utf8_error,
+                       write_text_atomic)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, add_device_argument, get_device, gpt_config
 from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
@@ -402,17 +410,50 @@ def records_of(path, text_column, label_column=None):
 
 
 def table_records(path, content, text_column, label_column):
-    reader = csv.DictReader(io.StringIO(content, newline=""),
-                            delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
-    columns = reader.fieldnames or []
+    """The rows of a .csv, quoted as CSV is (a field with commas, quotes or line
+    breaks in double quotes, its quotes doubled), or of a .tsv, which is never
+    quoted: a tab ends a field, a line ends a row, a quote is part of the text."""
+    tsv = path.suffix.lower() == ".tsv"
+    reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="\t" if tsv else ",",
+                            quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL, strict=True)
+    spanning, start = [], 1
+    try:
+        table_columns(path, reader, text_column, label_column)
+        while True:
+            start = reader.line_num + 1
+            row = next(reader, None)
+            if row is None:
+                break
+            if reader.line_num > start and any("\n" in v for v in row.values()
+                                                if isinstance(v, str)):
+                spanning.append((start, reader.line_num))
+            if any(isinstance(v, str) and v.strip() for v in row.values()):  # not blank
+                yield start, row[text_column], row.get(label_column)
+    except csv.Error as err:
+        raise ValueError(f"{path}, line {start}: a quoted field does not end where it should "
+                         f"({err}). A text that starts with a double quote must be quoted "
+                         'whole, its inner quotes doubled ("""Hi"" she said"), or save the file '
+                         "as .tsv.") from None
+    if spanning:
+        warnings.warn(f"{path}: texts that span several lines: {len(spanning)}, the first from "
+                      f"line {spanning[0][0]} to {spanning[0][1]}; if that is not what the file "
+                      "means, a text there starts with a double quote without being quoted "
+                      "whole.")
+
+
+def table_columns(path, reader, text_column, label_column):
+    """The header's column names, the chosen ones checked: there, and there once."""
+    columns = reader.fieldnames or []  # reads the header line
     for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
         if column is not None and column not in columns:
             raise ValueError(f"{path} has no column {column!r} (its columns: "
                              f"{', '.join(map(repr, columns)) or 'none'}); name yours with "
                              f"{flag}.")
-    for row in reader:
-        if any(v is not None and v.strip() for v in row.values()):  # skip blank lines
-            yield reader.line_num, row[text_column], row.get(label_column)
+        if column is not None and columns.count(column) > 1:
+            raise ValueError(f"{path} has {columns.count(column)} columns named {column!r} "
+                             f"(its columns: {', '.join(map(repr, columns))}): rename all but "
+                             f"one, or name another with {flag}.")
+    return columns
 
 
 def jsonl_records(path, content, text_column, label_column):
@@ -495,32 +536,55 @@ def class_accuracies(counts, classes):
 
 def confusion_table(counts, classes):
     """The matrix as text: a row per true class, a column per predicted one,
-    and each class's accuracy (the share of its texts predicted right)."""
-    corner = "true \\ predicted"
+    and each class's accuracy (the share of its texts predicted right). Past
+    CELL_NUMBERS_UP_TO classes, a row per class with its accuracy only."""
+    many = len(classes) > CELL_NUMBERS_UP_TO
+    corner = "class" if many else "true \\ predicted"
     first, width = max(len(corner), *(len(c) for c in classes)) + 2, max(6, *map(len, classes)) + 2
-    lines = [f"{corner:<{first}}" + "".join(f"{c:>{width}}" for c in classes) + "  accuracy"]
+    columns = [] if many else classes
+    lines = [f"{corner:<{first}}" + "".join(f"{c:>{width}}" for c in columns) +
+             ("     texts" if many else "") + "  accuracy"]
     for i, (name, accuracy) in enumerate(class_accuracies(counts, classes).items()):
         accuracy = "-" if accuracy is None else f"{accuracy * 100:.2f}%"
-        lines.append(f"{name:<{first}}" + "".join(f"{int(n):>{width}}" for n in counts[i])
-                     + f"{accuracy:>10}")
+        cells = [counts[i].sum()] if many else counts[i]
+        lines.append(f"{name:<{first}}" + "".join(f"{int(n):>{width if not many else 10}}"
+                                                  for n in cells) + f"{accuracy:>10}")
     return "\n".join(lines)
 
 
+# Above these many classes a heatmap's cells get no numbers, its axes no class names
+# (confusion.json holds them all), and past the last the heatmap is left out: its
+# cells would be thinner than a pixel.
+CELL_NUMBERS_UP_TO, CLASS_NAMES_UP_TO, HEATMAP_UP_TO = 30, 60, 2000
+
+
 def plot_confusion_matrix(counts, classes, path):
-    fig, ax = pyplot().subplots(figsize=(2 + 0.6 * len(classes), 1.6 + 0.6 * len(classes)))
+    """The test split's confusion matrix as a heatmap; False (and one line saying
+    so) where there are too many classes to draw it."""
+    n = len(classes)
+    if n > HEATMAP_UP_TO:
+        print(f"No confusion-matrix plot: {n} classes are more than a heatmap can show "
+              f"({HEATMAP_UP_TO} at most); confusion.json holds the matrix.")
+        return False
+    side = min(1.6 + 0.6 * n, 40)  # inches; at most 4,800 pixels a side
+    fig, ax = pyplot().subplots(figsize=(side + 0.4, side))
     counts = counts.numpy()
     ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    if n <= CLASS_NAMES_UP_TO:
+        ax.set_xticks(range(n), classes, rotation=45, ha="right")
+        ax.set_yticks(range(n), classes)
     ax.set_xlabel("Predicted")
     ax.set_ylabel("True")
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, int(counts[i, j]), ha="center", va="center",
-                    color="white" if counts[i, j] > counts.max() / 2 else "black")
-    ax.set_title("Test split")
+    if n <= CELL_NUMBERS_UP_TO:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center",
+                        color="white" if counts[i, j] > counts.max() / 2 else "black")
+    ax.set_title("Test split" + ("" if n <= CELL_NUMBERS_UP_TO else
+                                 f" ({n} classes; the counts are in confusion.json)"))
     fig.tight_layout()
     save_figure(fig, path)
+    return True
 
 
 def classify_batch(ids, model, device, max_length, token="last", top=1, pad_token_id=50256):
@@ -626,9 +690,8 @@ def main(args):
                              "only): give each message in quotes.")
         if args.classify_file:
             texts += texts_of_file(Path(args.classify_file), args.text_column)
-        if args.classify_out and Path(args.classify_out).exists() and not args.overwrite:
-            raise FileExistsError(f"--classify-out {args.classify_out} already exists. Replace "
-                                  "it with --overwrite, or name another file.")
+        if args.classify_out:
+            check_output_file(args.classify_out, args.overwrite, "--classify-out")
         return {"classified": classify_texts(texts, classifier_path, device, args.batch_size,
                                              args.classify_out)}
     if args.classify_out:
@@ -638,14 +701,29 @@ def main(args):
     data = own_data(args) if args.train or (args.data and not is_spam_zip(args.data)) else None
     with run_lock(args.out, RESULTS):
         out_dir = Path(args.out)
-        for old in refuse_overwrite([classifier_path, out_dir / "accuracy.json",
-                                     out_dir / "confusion.json"],
-                                    args.overwrite, "Use it with --classify, or keep it and "
-                                                    "train into another --out. "):
-            old.unlink()
-        return finetune(args, classifier_path, device, data)
+        earlier = refuse_overwrite([classifier_path, out_dir / "accuracy.json",
+                                    out_dir / "confusion.json"], args.overwrite,
+                                   "Use it with --classify, or keep it and train into another "
+                                   "--out. ", also=[out_dir / name for name in PLOTS])
+        result = finetune(args, classifier_path, device, data)
+        earlier.retire()  # what this run did not write again: a plot it had no points for
+        return result
 
 
+def check_output_file(path, overwrite, flag):
+    """Before the work: a file `flag` may write (a folder there, an earlier file
+    without --overwrite, or a folder that cannot be written is named now)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; name a file in it, e.g. "
+                                f"{path / 'results.csv'}.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {path} already exists. Replace it with --overwrite, or "
+                              "name another file.")
+    check_writable(path.parent, flag)
+
+
+PLOTS = ("loss-plot.png", "accuracy-plot.png", "confusion-matrix.png")
 # What a run writes in --out (a killed run's temporary files of these are removed)
 RESULTS = ("classifier.pth", "accuracy.json", "confusion.json", "*.png")
 
@@ -718,6 +796,22 @@ def finetune(args, classifier_path, device, data=None):
         model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
         eval_freq=args.eval_freq, eval_iter=args.eval_iter, token=args.token)
     out_dir = Path(args.out)
+    accuracies = {name: calc_accuracy_loader(loader, model, device, token=args.token)
+                  for name, loader in loaders.items() if name != "test"}
+    counts = confusion_matrix(test_loader, model, device, len(classes), args.token)
+    accuracies["test"] = counts.trace().item() / counts.sum().item()  # one pass over the test set
+    settings = {"model_size": args.model_size, "max_length": max_length,
+                "trainable": args.trainable, "lora_rank": args.rank if args.lora else None,
+                "lora_alpha": args.alpha, "pretrained": not args.no_pretrained,
+                "models_dir": str(args.models_dir), "init_from": args.init_from,
+                "classes": classes, "token": args.token}
+    # The results first, the pictures after: a plot that fails or is interrupted costs no model
+    save_classifier(classifier_path, model, cfg, settings)
+    write_text_atomic(out_dir / "accuracy.json", json.dumps(accuracies, indent=2))
+    per_class = class_accuracies(counts, classes)
+    write_text_atomic(out_dir / "confusion.json", json.dumps(
+        {"split": "test", "classes": classes, "counts": counts.tolist(),
+         "accuracy": per_class}, indent=2))
     if train_losses:
         plot_values(torch.linspace(0, args.epochs, len(train_losses)),
                     torch.linspace(0, examples_seen, len(train_losses)),
@@ -725,23 +819,7 @@ def finetune(args, classifier_path, device, data=None):
     plot_values(torch.linspace(0, args.epochs, len(train_accs)),
                 torch.linspace(0, examples_seen, len(train_accs)),
                 train_accs, val_accs, "accuracy", out_dir / "accuracy-plot.png")
-
-    accuracies = {name: calc_accuracy_loader(loader, model, device, token=args.token)
-                  for name, loader in loaders.items() if name != "test"}
-    counts = confusion_matrix(test_loader, model, device, len(classes), args.token)
-    accuracies["test"] = counts.trace().item() / counts.sum().item()  # one pass over the test set
     plot_confusion_matrix(counts, classes, out_dir / "confusion-matrix.png")
-    settings = {"model_size": args.model_size, "max_length": max_length,
-                "trainable": args.trainable, "lora_rank": args.rank if args.lora else None,
-                "lora_alpha": args.alpha, "pretrained": not args.no_pretrained,
-                "models_dir": str(args.models_dir), "init_from": args.init_from,
-                "classes": classes, "token": args.token}
-    save_classifier(classifier_path, model, cfg, settings)
-    write_text_atomic(out_dir / "accuracy.json", json.dumps(accuracies, indent=2))
-    per_class = class_accuracies(counts, classes)
-    write_text_atomic(out_dir / "confusion.json", json.dumps(
-        {"split": "test", "classes": classes, "counts": counts.tolist(),
-         "accuracy": per_class}, indent=2))
     seconds = time.perf_counter() - start
     report(accuracies, seconds, classifier_path, counts, classes)
     if data is None:  # the book's two messages
@@ -937,12 +1015,15 @@ def build_parser():
     return parser
 
 
+def kept_when_stopped(args):
+    """What an interrupted run of this command kept, in its words."""
+    if args.classify or args.classify_file:
+        return ("Nothing was written: --classify-out is written whole or not at all."
+                if args.classify_out else "Nothing is written by --classify.")
+    return ("The classifier is written when training ends, so nothing of this run was saved; "
+            "an earlier run's results in --out are as they were, and downloads so far are "
+            "kept.")
+
+
 if __name__ == "__main__":
-    plain_warnings()
-    try:
-        main(parse_finetuning_args(build_parser()))
-    except KeyboardInterrupt:
-        interrupted("classifier.pth is written only when training ends, so nothing of this "
-                    "run was saved; downloads so far are kept.")
-    except (ValueError, OSError, DownloadError) as err:
-        raise SystemExit(f"error: {err}")
+    run_command(main, parse_finetuning_args(build_parser()), kept_when_stopped)

@@ -17,21 +17,27 @@ import copy
 import hashlib
 import importlib
 import json
+import os
 import re
+import signal
 import sys
 import time
 import warnings
 from functools import partial
 from pathlib import Path
 
+if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("\nInterrupted while starting; nothing "
+                                                   "was done.", file=sys.stderr),
+                                             os._exit(130)))
+
 import requests
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ch02_data import (DownloadError, HelpFormatter, download_file, interrupted, move_aside,
-                       number, plain_warnings, read_json, refuse_overwrite, run_lock,
-                       write_text_atomic)
+from ch02_data import (DownloadError, HelpFormatter, download_file, move_aside, number,
+                       read_json, refuse_overwrite, run_command, run_lock, write_text_atomic)
 from ch04_gpt import GPTModel, get_device
 from ch05_load_gpt2 import get_gpt2_tokenizer
 from ch05_train import (FlagsTypedParser, add_sampling_arguments, build_lean, calc_loss_loader,
@@ -612,31 +618,57 @@ def scores_of(responses_path):
 
 
 def run_dpo(args):
-    """--dpo: tune the finetuned model with the preference data, save it beside
-    the finetuned one as NAME-dpo.pth, and write its responses to the test set
-    (the preference file's entries are the chapter's, in the same order)."""
+    """--dpo: tune the finetuned model with the preference data, save it in --out as
+    NAME-dpo.pth, and write its responses to the test set (the preference file's
+    entries are the chapter's, in the same order). A DPO model whose responses
+    were not written (the run was stopped) gets them, without tuning again."""
     out_dir = Path(args.out)
     sft_path = Path(args.model_file) if args.model_file else saved_model_path(args)
     if not sft_path.exists():
         raise FileNotFoundError(f"--dpo tunes a model this command finetuned, and there is none "
                                 f"at {sft_path}: finetune one first (`python ch07_instruct.py "
                                 f"--out {out_dir}`), or name it with --model-file.")
-    dpo_path = sft_path.with_name(sft_path.name.removesuffix("-sft.pth").removesuffix(".pth") +
-                                  "-dpo.pth")
+    dpo_path = out_dir / (sft_path.name.removesuffix("-sft.pth").removesuffix(".pth") +
+                          "-dpo.pth")
+    source = args.preference_data or "the bonus's preference file"
+    splits = checked_splits(load_preference_data(args.preference_data, args.data_dir),
+                            args.limit, source)  # before the model: a bad file costs nothing
     with run_lock(out_dir, RESULTS):
-        for old in refuse_overwrite([dpo_path, responses_of(dpo_path), scores_of(
-                responses_of(dpo_path))], args.overwrite,
-                f"Chat with it with --chat --model-file {dpo_path}, or keep it and tune into "
-                "another --out. "):
-            old.unlink()
-        return tune_with_dpo(args, sft_path, dpo_path)
+        responses_path = responses_of(dpo_path)
+        if responses_missing(dpo_path, responses_path, args.overwrite):
+            return respond_again(dpo_path, splits[1], responses_path, args)
+        earlier = refuse_overwrite(
+            [dpo_path, responses_path, scores_of(responses_path)], args.overwrite,
+            f"Chat with it with --chat --model-file {dpo_path}, or keep it and tune into "
+            "another --out. ", also=[out_dir / name for name in DPO_PLOTS])
+        result = tune_with_dpo(args, sft_path, dpo_path, splits, earlier)
+        earlier.retire()
+        return result
 
 
+def responses_missing(model_path, responses_path, overwrite):
+    """A model saved by a run that was stopped before its responses were written."""
+    return not overwrite and model_path.exists() and not responses_path.exists()
+
+
+def respond_again(model_path, test_data, responses_path, args):
+    """Write the test responses of a model saved earlier, as its run would have."""
+    print(f"{model_path} has no responses yet ({responses_path.name}): writing them; "
+          "it is not trained again (--overwrite trains anew).")
+    device = get_device(args.device)
+    model, settings = load_finetuned(model_path, device)
+    write_responses(model, test_data, get_gpt2_tokenizer(settings["models_dir"]), device,
+                    settings["cfg"]["context_length"], args.max_new_tokens, responses_path,
+                    **sampling(args))
+    return {"model": model, "path": model_path, "responses": responses_path}
+
+
+DPO_PLOTS = ("dpo-loss-plot.png", "dpo-margins-plot.png")
 # The bonus's settings, where the chapter's flags were not given
 DPO_DEFAULTS = {"lr": 5e-6, "weight_decay": 0.01, "epochs": 1}
 
 
-def tune_with_dpo(args, sft_path, dpo_path):
+def tune_with_dpo(args, sft_path, dpo_path, splits, earlier):
     device = get_device(args.device)
     given = getattr(args, "given", set())
     hp = {k: getattr(args, k) if k in given else v for k, v in DPO_DEFAULTS.items()}
@@ -651,9 +683,7 @@ def tune_with_dpo(args, sft_path, dpo_path):
         param.requires_grad_(False)
     plan = speed_up_finetuning(policy, args.fast, device)
     speed_up(reference, plan, device)
-    data = load_preference_data(args.preference_data, args.data_dir)
-    train_data, test_data, val_data = [split[:args.limit] if args.limit else split
-                                       for split in split_data(data)]
+    train_data, test_data, val_data = splits
     tokenizer = get_gpt2_tokenizer(settings["models_dir"])
     collate = partial(preference_collate_fn, allowed_max_length=cfg["context_length"],
                       device=device)
@@ -685,11 +715,12 @@ def tune_with_dpo(args, sft_path, dpo_path):
         for label, key, name in (("DPO loss", "losses", "dpo-loss-plot.png"),
                                  ("reward margin", "margins", "dpo-margins-plot.png")):
             plot_values(steps, tracking["tokens_seen"], tracking[f"train_{key}"],
-                        tracking[f"val_{key}"], label, Path(args.out) / name)
+                        tracking[f"val_{key}"], label, dpo_path.parent / name)
     settings["dpo"] = {"from": str(sft_path), "beta": args.beta, **hp,
                        "preference_data": str(args.preference_data or "the bonus's file")}
     save_checkpoint(dpo_path, model_file("instruct", policy.state_dict(), cfg, settings))
     print(f"Model saved as {dpo_path}")
+    earlier.retire(responses_of(dpo_path), scores_of(responses_of(dpo_path)))  # another model's
     write_responses(policy, test_data, tokenizer, device, cfg["context_length"],
                     args.max_new_tokens, responses_of(dpo_path), **sampling(args))
     print(f"Score them with `python ch07_instruct.py --evaluate --model-file {dpo_path}`, as "
@@ -715,14 +746,17 @@ def main(args):
         return {"responses": chat(model, tokenizer, device, settings["cfg"]["context_length"],
                                   args.max_new_tokens, **sampling(args))}
     model_path = out_dir / model_name(args)
-
+    splits = load_splits(args)  # before the lock and the model: a bad file costs nothing
     with run_lock(out_dir, RESULTS):
-        # the earlier responses and scores go too: they would not be this model's
-        for old in refuse_overwrite([model_path, responses_path, out_dir / "scores.json"],
-                                    args.overwrite, "Use it with --chat, or keep it and train "
-                                                    "into another --out. "):
-            old.unlink()
-        return finetune(args, model_path, responses_path)
+        if responses_missing(model_path, responses_path, args.overwrite):
+            return respond_again(model_path, splits[1], responses_path, args)
+        earlier = refuse_overwrite([model_path, responses_path, out_dir / "scores.json"],
+                                   args.overwrite, "Use it with --chat, or keep it and train "
+                                                   "into another --out. ",
+                                   also=[out_dir / "loss-plot.png"])
+        result = finetune(args, model_path, responses_path, splits, earlier)
+        earlier.retire()
+        return result
 
 
 def model_name(args):
@@ -746,12 +780,13 @@ def saved_model_path(args):
                             "--init-from) it was finetuned with.")
 
 
-def finetune(args, model_path, responses_path):
+def finetune(args, model_path, responses_path, splits, earlier):
     """The chapter's run: finetune, save the model, write the test set's responses
-    and score them when a judge answers."""
+    and score them when a judge answers. `earlier`: an earlier run's files, each
+    replaced as its new one is written (EarlierResults)."""
     out_dir, device = Path(args.out), get_device(args.device)
     start = time.perf_counter()
-    train_data, test_data, val_data = load_splits(args)
+    train_data, test_data, val_data = splits
     tokenizer = get_gpt2_tokenizer(args.models_dir)
     # 7.5 Loading a pretrained LLM
     model, cfg = base_model(args, "its responses will be gibberish. Use it to try the "
@@ -801,6 +836,7 @@ def finetune(args, model_path, responses_path):
                 "mask_instructions": args.mask_instructions}
     save_checkpoint(model_path, model_file("instruct", model.state_dict(), cfg, settings))
     print(f"Model saved as {model_path}")
+    earlier.retire(responses_path, out_dir / "scores.json")  # the earlier model's, not this one's
 
     write_responses(model, test_data, tokenizer, device, context_size, args.max_new_tokens,
                     responses_path, **sampling(args))
@@ -822,17 +858,21 @@ def load_splits(args):
     data_path = Path(args.data) if args.data else Path(args.data_dir) / "instruction-data.json"
     data = download_and_load_file(data_path, DATA_URL)
     print("Number of entries:", len(data))
-    splits = split_data(data)
-    if args.limit:
-        splits = [split[:args.limit] for split in splits]
-    if not all(splits):
-        raise ValueError(f"{data_path} has {len(data)} entries: too few for the book's "
-                         "training, test and validation splits (85%, 10%, 5%); it needs at "
-                         "least 20 (the book's file has 1,100).")
-    train_data, test_data, val_data = splits
+    train_data, test_data, val_data = checked_splits(data, args.limit, data_path)
     print(f"Training set length: {len(train_data)}, validation: {len(val_data)}, "
           f"test: {len(test_data)}")
     return train_data, test_data, val_data
+
+
+def checked_splits(data, limit, source):
+    """split_data's training, test and validation entries, cut to `limit` each;
+    too few entries for any of the three are named."""
+    splits = [split[:limit] if limit else split for split in split_data(data)]
+    if not all(splits):
+        raise ValueError(f"{source} has {len(data)} entries: too few for the book's "
+                         "training, test and validation splits (85%, 10%, 5%); it needs at "
+                         "least 20 (the book's file has 1,100).")
+    return splits
 
 
 def write_responses(model, test_data, tokenizer, device, context_size, max_new_tokens, path,
@@ -899,12 +939,15 @@ def build_parser():
     return parser
 
 
+def kept_when_stopped(args):
+    """What an interrupted run of this command kept, in its words."""
+    if args.evaluate:
+        return ("The scores obtained so far are kept; --evaluate again goes on from them.")
+    return ("Each file is written whole or not at all: what this run finished (the model, "
+            "its responses) is kept, and an earlier run's files that it had not replaced yet "
+            "are as they were. Run the same command again to write what is missing.")
+
+
 if __name__ == "__main__":
-    plain_warnings()
-    try:
-        main(parse_finetuning_args(build_parser()))
-    except KeyboardInterrupt:
-        interrupted("Files already written (the finetuned model, responses) are kept; a "
-                    "model or response file is only ever written whole.")
-    except (ValueError, OSError, DownloadError, JudgeUnavailable) as err:
-        raise SystemExit(f"error: {err}")
+    run_command(main, parse_finetuning_args(build_parser()), kept_when_stopped,
+                errors=(ValueError, OSError, JudgeUnavailable))

@@ -300,21 +300,28 @@ def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text(encoding="utf-8") == "new"
 
 
-def test_an_unwritable_out_is_named_in_one_line(tmp_path, monkeypatch):
+def test_an_unwritable_out_is_named_in_one_line(tmp_path):
     (tmp_path / "a_file").write_text("x", encoding="utf-8")
     with pytest.raises(OSError, match=rf"^--out {re.escape(str(tmp_path / 'a_file' / 'x'))}: "
                                       rf"{re.escape(str(tmp_path / 'a_file'))} is a file, not a "
                                       r"folder\. Choose another --out\.$"):
         ch02.check_writable(tmp_path / "a_file" / "x")
+    with read_only_folders():
+        for check in (ch02.check_writable, lambda f: ch02.run_lock(f).__enter__()):
+            with pytest.raises(OSError, match=rf"^--out {re.escape(str(tmp_path / 'ro'))} cannot "
+                                              r"be written to \(Permission denied\)\. Choose "
+                                              r"another --out, or make it writable\.$"):
+                check(tmp_path / "ro")
 
-    def read_only(self, data):  # as a read-only folder answers (root may write anywhere)
+
+@contextlib.contextmanager
+def read_only_folders():
+    """Every folder answers a write as a read-only one does (root may write anywhere)."""
+    def read_only(self, data):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
-    monkeypatch.setattr(Path, "write_bytes", read_only)
-    for check in (ch02.check_writable, lambda f: ch02.run_lock(f).__enter__()):
-        with pytest.raises(OSError, match=rf"^--out {re.escape(str(tmp_path / 'ro'))} cannot be "
-                                          r"written to \(Permission denied\)\. Choose another "
-                                          r"--out, or make it writable\.$"):
-            check(tmp_path / "ro")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "write_bytes", read_only)
+        yield mp
 
 
 def test_download_file_reuses_existing_and_falls_back(serve, tmp_path):
@@ -791,10 +798,13 @@ def test_fused_adamw_takes_the_same_step(device):
 def train_args(tmp_path, *extra):
     """The command's arguments for a small, fast run on the-verdict (on the CPU
     unless `extra` names a --device)."""
-    return args_of(ch05, 
-        ["--data", str(SHARED / "data" / "the-verdict.txt"), "--model-size", "tiny",
-         "--context-length", "32", "--batch-size", "2", "--eval-iter", "2", "--device", "cpu",
-         "--out", str(tmp_path), *extra])
+    return args_of(ch05, train_args_argv(tmp_path, *extra))
+
+
+def train_args_argv(tmp_path, *extra):
+    return ["--data", str(SHARED / "data" / "the-verdict.txt"), "--model-size", "tiny",
+            "--context-length", "32", "--batch-size", "2", "--eval-iter", "2", "--device", "cpu",
+            "--out", str(tmp_path), *extra]
 
 
 def log_rows(path):
@@ -1180,6 +1190,17 @@ def test_a_finished_run_is_not_overwritten(tmp_path, capsys):
                                          r"--overwrite"):
         ch05.main(train_args(tmp_path, "--max-steps", "2"))
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    # --overwrite with a typo in --data, or stopped before its first save: the earlier
+    # run's checkpoint is still there (it goes when this run saves its own)
+    bad = [a if a != str(SHARED / "data" / "the-verdict.txt") else str(tmp_path / "typo.txt")
+           for a in train_args_argv(tmp_path)]
+    with pytest.raises(FileNotFoundError, match="typo.txt"):
+        ch05.main(args_of(ch05, [*bad, "--max-steps", "1", "--overwrite"]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ch05, "train", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            ch05.main(train_args(tmp_path, "--max-steps", "1", "--overwrite"))
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
     ch05.main(train_args(tmp_path, "--max-steps", "1", "--overwrite"))
     assert ch05.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
     assert len(log_rows(tmp_path / "log.csv")) == 1
@@ -1273,6 +1294,28 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
     torch.save({"model": {}, "step": 3}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="older ch05_train.py"):
         ch05.main(train_args(tmp_path, "--resume", str(tmp_path / "old.pt")))
+    # a folder, or Hugging Face's file, where a model file goes: each named as what it is
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not a model file: name the file "
+                                                r"in it"):
+        ch05.main(args_of(ch05, ["--generate", "Hi", "--from", str(tmp_path)]))
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match=r"model\.safetensors is a safetensors file .* loads with "
+                                         r"`python ch05_load_gpt2\.py --hf-file "):
+        ch05.main(args_of(ch05, ["--generate", "Hi", "--from", str(tmp_path / "model.safetensors")]))
+
+
+def test_a_flipped_byte_in_a_model_files_weights_is_caught(tmp_path):
+    model, _ = tiny_text_model_file(tmp_path / "m.pt")
+    data = bytearray((tmp_path / "m.pt").read_bytes())
+    weights = model.state_dict()["trf_blocks.1.ff.layers.0.weight"].numpy().tobytes()
+    at = data.index(weights[:64]) + 1000  # inside that tensor's stored bytes
+    data[at] ^= 0x10
+    (tmp_path / "bad.pt").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"bad\.pt is damaged: the bytes of trf_blocks\.1\.ff\."
+                                         r"layers\.0\.weight differ from the checksums saved "
+                                         r"with them"):
+        ch05.load_text_model(tmp_path / "bad.pt", "cpu")
+    assert ch05.load_text_model(tmp_path / "m.pt", "cpu")[2] == "pretraining"  # the whole one
 
 
 def test_bad_data_errors(tmp_path):
@@ -1911,6 +1954,14 @@ def test_hugging_face_serves_when_openai_does_not_and_damage_is_fetched_again(
                          out), out
         assert (folder / "tiny" / "model.safetensors").read_bytes() == good
         assert (folder / "tiny" / "model.safetensors.damaged").read_bytes() == bad
+    # cut every time: one damaged copy is kept, not one per attempt
+    gpt2_server.files[url_path] = good[:-100]
+    with pytest.raises(ch02.DownloadError, match=r"also when downloaded again \(kept as model\."
+                                                 r"safetensors\.damaged\)"):
+        gpt2.load_gpt2_model("tiny", tmp_path / "cut", source="hf")
+    assert sorted(p.name for p in (tmp_path / "cut" / "tiny").iterdir()) == [
+        "model.safetensors.damaged"]
+    gpt2_server.files[url_path] = good
     # nowhere to be had: one error that names both attempts
     gpt2_server.missing.add(url_path)
     with pytest.raises(ch02.DownloadError, match=r"(?s)GPT-2 tiny needs these 7 files.*"
@@ -1945,6 +1996,19 @@ def test_a_wrong_hf_file_gets_one_line_naming_it(tiny_gpt2_files, hf_tiny, tmp_p
                                                           torch.zeros(32, 32)})), None,
          "has h.0.attn.c_attn.weight of shape [32, 32] where GPT-2 has [32, 96]"),
     ]
+    # byte ranges that disagree with the shapes (GPT-2's shapes, the file's size as it says)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    first, second = sorted((k for k in header if k != "__metadata__"),
+                           key=lambda k: header[k]["data_offsets"][0])[:2]
+    header[first]["data_offsets"][1] -= 4
+    header[second]["data_offsets"][0] -= 4
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    size = math.prod(header[first]["shape"]) * 4
+    cases.append((tmp_path / "offsets.safetensors", len(raw).to_bytes(8, "little") + raw +
+                  data[8 + n:], f"damaged: its header gives {first} {size - 4:,} bytes, where "
+                                f"its shape {header[first]['shape']} of F32 needs {size:,}"))
     for path, content, words in cases:
         if content is not None:
             path.write_bytes(content)
@@ -1952,6 +2016,12 @@ def test_a_wrong_hf_file_gets_one_line_naming_it(tiny_gpt2_files, hf_tiny, tmp_p
                                              f"tiny's safetensors file: .*{re.escape(words)}"):
             gpt2.load_hf_gpt2("tiny", hf_file=path)
         assert path.exists()  # the user's own file stays where it is
+    # 64-bit floats are floats too: read as float32, as the other dtypes are
+    doubled = written("f64.safetensors", lambda t: t.update({k: v.double() for k, v in t.items()}))
+    as_f64, _ = gpt2.load_hf_gpt2("tiny", hf_file=doubled)
+    as_f32, _ = gpt2.load_hf_gpt2("tiny", hf_file=good)
+    assert all(torch.equal(a, b) for a, b in zip(as_f64.state_dict().values(),
+                                                  as_f32.state_dict().values()))
     with pytest.raises(ValueError, match=r"is not GPT-2 124M's safetensors file: holds a model "
                                          r"with layers 2, embedding size 32, not layers 12, "
                                          r"embedding size 768: GPT-2 tiny, pass --model-size tiny"):
@@ -2061,15 +2131,26 @@ def test_export_refuses_a_classifier_and_an_existing_folder(tmp_path, capsys):
         gpt2.export_hf(tmp_path / "classifier.pth", tmp_path / "out")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep")
-    with pytest.raises(FileExistsError, match="out already exists. Replace it with --overwrite"):
-        gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "out")
-    # interrupted while writing: the earlier folder is as it was, no temporary one is left
+    # a folder of the user's own files is never replaced, --overwrite or not
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=r"out holds files this command did not write "
+                                                  r"\(mine\.txt\): name a new folder, or one "
+                                                  r"that holds an earlier export"):
+            gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "out", overwrite=overwrite)
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+    # interrupted while writing: the earlier export is as it was, no temporary folder is left
+    gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "export")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()}
+    with pytest.raises(FileExistsError, match=r"export holds an earlier export\. Replace it "
+                                              r"with --overwrite"):
+        gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "export")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gpt2, "save_file", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
         with pytest.raises(KeyboardInterrupt):
-            gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "out", overwrite=True)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mine.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "classifier.pth", "out"]
+            gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "export", overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "classifier.pth",
+                                                          "export", "out"]
     # another export into the same new folder, finished while this one wrote: kept
     real_save = gpt2.save_file
 
@@ -2083,12 +2164,27 @@ def test_export_refuses_a_classifier_and_an_existing_folder(tmp_path, capsys):
             gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "race")
     assert [p.name for p in (tmp_path / "race").iterdir()] == ["theirs.txt"]
     assert not list(tmp_path.glob(".race*"))  # no temporary folder left
-    gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "out", overwrite=True)
-    assert "mine.txt" not in [p.name for p in (tmp_path / "out").iterdir()]
+    # a killed export's temporary folder goes with the next export; a running one's stays
+    killed = subprocess.Popen([sys.executable, "-c", "pass"])
+    killed.wait()
+    for pid in (killed.pid, os.getpid()):
+        (tmp_path / f".export.{pid}-abc.tmp").mkdir()
+    gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "export", overwrite=True)
+    assert [p.name for p in tmp_path.glob(".export.*")] == [f".export.{os.getpid()}-abc.tmp"]
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == sorted(gpt2.EXPORT_FILES)
+    # a file where the folder should go, and a parent that cannot be written: named at once
+    with pytest.raises(FileExistsError, match=r"classifier\.pth is a file, not a folder: name a "
+                                              r"new folder\.$"):
+        gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "classifier.pth")
+    with read_only_folders() as mp:
+        mp.setattr(gpt2, "load_text_model", lambda *a, **k: pytest.fail("checked too late"))
+        with pytest.raises(OSError, match=r"^--export-hf .*ro cannot be written to"):
+            gpt2.export_hf(tmp_path / "checkpoint.pt", tmp_path / "ro" / "export")
+    out = tmp_path / "export"
     (tmp_path / "plain").mkdir()  # the folder's permissions are a plain folder's, and so
-    assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
+    assert out.stat().st_mode == (tmp_path / "plain").stat().st_mode
     (tmp_path / "plain" / "file").write_text("")  # are its files' (safetensors' too)
-    assert {p.stat().st_mode for p in (tmp_path / "out").iterdir()} == \
+    assert {p.stat().st_mode for p in out.iterdir()} == \
         {(tmp_path / "plain" / "file").stat().st_mode}
     tiny_text_model_file(tmp_path / "small.pt", vocab_size=SMALL_VOCAB)
     with pytest.raises(ValueError, match="vocabulary of 1,000 tokens; the export carries GPT-2's"):
@@ -2472,6 +2568,68 @@ def test_a_three_class_csv_trains_and_its_classes_are_kept(tmp_path, capsys):
         ch06.main(own_data_args(tmp_path, "--classify-file", str(tmp_path / "many.csv"),
                                 "--text-column", "review", "--classify-out",
                                 str(tmp_path / "labels.csv")))
+    # a folder as --classify-out, or one that cannot be written: named before the work
+    classify_to = lambda out, *flags: ch06.main(own_data_args(  # noqa: E731
+        tmp_path, "--classify-file", str(tmp_path / "many.csv"), "--text-column", "review",
+        "--classify-out", str(out), *flags))
+    with pytest.raises(IsADirectoryError, match=r"--classify-out .*out is a folder; name a file "
+                                                r"in it, e\.g\. .*results\.csv"):
+        classify_to(tmp_path / "out", "--overwrite")
+    with read_only_folders() as mp:
+        mp.setattr(ch06, "classify_texts", lambda *a, **k: pytest.fail("checked too late"))
+        with pytest.raises(OSError, match=r"^--classify-out .*ro cannot be written to"):
+            classify_to(tmp_path / "ro" / "labels.csv")
+
+
+def test_overwrite_replaces_a_classifier_only_once_the_new_one_exists(tmp_path, capsys):
+    data = write_table(tmp_path / "topics.csv", topic_rows(60))
+    train = lambda *flags: ch06.main(own_data_args(  # noqa: E731
+        tmp_path, "--data", str(data), "--epochs", "1", "--eval-freq", "1", *flags))
+    train()
+    out = tmp_path / "out"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != "run.lock"}
+    assert set(before) == {"classifier.pth", "accuracy.json", "confusion.json",
+                           "loss-plot.png", "accuracy-plot.png", "confusion-matrix.png"}
+    kept = lambda: {p.name: p.read_bytes() for p in out.iterdir() if p.name in before}  # noqa
+    # a file that is no zip, or Ctrl-C while the new classifier trains: nothing is lost
+    (tmp_path / "notazip.zip").write_text("<html>Not found</html>", encoding="utf-8")
+    with pytest.raises(ValueError, match="notazip.zip"):
+        ch06.main(own_data_args(tmp_path, "--data", str(tmp_path / "notazip.zip"),
+                                "--overwrite"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ch06, "train_classifier_simple",
+                   lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train("--overwrite", "--seed", "5")
+    assert kept() == before
+    # the results are saved before the plots: a plot stopped by Ctrl-C costs no classifier
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ch06, "plot_values", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            train("--overwrite", "--seed", "5")
+    after = kept()
+    assert all(after[name] != before[name] for name in ("classifier.pth", "confusion.json"))
+    assert after["loss-plot.png"] == before["loss-plot.png"]  # not yet replaced
+    train("--overwrite", "--seed", "7")  # a whole run replaces every file, leaving nothing else
+    assert all(v != before[k] for k, v in kept().items()) and set(kept()) == set(before)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*before, "run.lock"])
+
+
+def test_many_classes_give_a_plot_without_cell_labels_or_none(tmp_path, capsys, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(ch06, "save_figure", lambda fig, path: drawn.append(fig))
+    counts = torch.randint(0, 5, (40, 40))
+    assert ch06.plot_confusion_matrix(counts, [f"c{i}" for i in range(40)], tmp_path / "p.png")
+    assert not drawn[0].axes[0].texts  # 1,600 numbers would be unreadable
+    assert drawn[0].get_size_inches()[1] <= 40
+    classes = [f"c{i}" for i in range(ch06.HEATMAP_UP_TO + 1)]
+    assert not ch06.plot_confusion_matrix(torch.zeros(len(classes), len(classes), dtype=torch.long),
+                                          classes, tmp_path / "p.png")
+    assert len(drawn) == 1 and f"No confusion-matrix plot: {len(classes)} classes are more " \
+        "than a heatmap can show" in capsys.readouterr().out
+    table = ch06.confusion_table(counts, classes[:40]).splitlines()
+    assert len(table) == 41 and table[1].split() == ["c0", str(int(counts[0].sum())),
+                                                     f"{counts[0, 0] / counts[0].sum():.2%}"]
 
 
 def test_more_than_three_classes_show_the_top_three(tmp_path, capsys):
@@ -2517,8 +2675,38 @@ def test_own_files_labels_and_class_order(tmp_path):
     assert rows[1][2] == f"{jsonl}, line 2"
     assert ch06.class_names(r[0] for r in rows) == ["9", "10"]  # numbers by value
     assert ch06.class_names(["spam", "ham", "Ham"]) == ["Ham", "ham", "spam"]
-    tsv = write_table(tmp_path / "t.tsv", [("x\ty", "a")], delimiter="\t")
-    assert ch06.read_labeled_file(tsv)[0][:2] == ("a", "x\ty")
+    # a tab-separated file is never quoted: a text that starts with a quote is that text
+    texts = ['"Free" entry, reply now', 'ok "see" you', '"', "plain"]
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("text\tlabel\n" + "".join(f"{t}\t{c}\n" for t, c in zip(texts, "abab")),
+                   encoding="utf-8")
+    assert [r[:2] for r in ch06.read_labeled_file(tsv)] == list(zip("abab", texts))
+    # CSV: a quote left open is named where its row starts, before it swallows the rest
+    csv_file = tmp_path / "open.csv"
+    csv_file.write_text('text,label\nhello,a\n"Free entry, reply,b\nok,a\nbye,b\n',
+                        encoding="utf-8")
+    with pytest.raises(ValueError, match=r"open\.csv, line 3: a quoted field does not end where "
+                                         r"it should .* quoted whole, its inner quotes doubled"):
+        ch06.read_labeled_file(csv_file)
+    csv_file.write_text('text,label\n"Free" entry,b\nok,a\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"open\.csv, line 2: a quoted field does not end"):
+        ch06.read_labeled_file(csv_file)
+    csv_file.write_text('text,label\n"two\nlines, one text",a\n"""Hi"" she said",b\n',
+                        encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"open\.csv: texts that span several lines: 1, the "
+                                         r"first from line 2 to 3"):
+        assert [r[:2] for r in ch06.read_labeled_file(csv_file)] == [
+            ("a", "two\nlines, one text"), ("b", '"Hi" she said')]
+    # Excel's "CSV UTF-8" starts with a byte-order mark, which is no part of a column's name
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("\ufefftext,label\r\ncafé,a\r\n".encode("utf-8"))
+    assert [r[:2] for r in ch06.read_labeled_file(bom)] == [("a", "café")]
+    # a column named twice is refused, not read from the last of them
+    twice = write_table(tmp_path / "twice.csv", [("good", "a", "wrong")],
+                        header=("text", "label", "text"))
+    with pytest.raises(ValueError, match=r"twice\.csv has 2 columns named 'text' \(its columns: "
+                                         r"'text', 'label', 'text'\): rename all but one"):
+        ch06.read_labeled_file(twice)
     # balancing any number of classes: each cut to the rarest one's count
     rows = [("a", str(i)) for i in range(9)] + [("b", "x"), ("b", "y")] + \
         [("c", str(i)) for i in range(4)]
@@ -2936,13 +3124,38 @@ def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
     with pytest.raises(ch07.JudgeUnavailable, match="the responses stay in"):
         ch07.main(args_of(ch07, 
             ["--evaluate", "--out", str(tmp_path), "--ollama-url", "http://127.0.0.1:9/api/chat"]))
-    # --overwrite: a new model's responses, and no scores of the old ones beside them
-    ch07.main(args_of(ch07, [
-        "--data", str(SHARED / "data" / "instruction-data.json"), "--model-size", "tiny",
-        "--no-pretrained", "--limit", "8", "--batch-size", "4", "--epochs", "1",
-        "--max-new-tokens", "2", "--out", str(tmp_path), "--device", "cpu", "--overwrite",
-        "--ollama-url", "http://127.0.0.1:9/api/chat"]))
+    # --overwrite with a cut data file, or stopped while training: the earlier run's files stay
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    (tmp_path / "cut.json").write_text('[{"instruction": "Name a co', encoding="utf-8")
+    again = ["--model-size", "tiny", "--no-pretrained", "--limit", "8", "--batch-size", "4",
+             "--epochs", "1", "--max-new-tokens", "2", "--out", str(tmp_path), "--device", "cpu",
+             "--overwrite", "--ollama-url", "http://127.0.0.1:9/api/chat"]
+    with pytest.raises(ValueError, match=r"cut\.json is not valid JSON"):
+        ch07.main(args_of(ch07, ["--data", str(tmp_path / "cut.json"), *again]))
+    data = ["--data", str(SHARED / "data" / "instruction-data.json")]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ch07, "train_model_simple",
+                   lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            ch07.main(args_of(ch07, [*data, *again]))
+    assert {n: (tmp_path / n).read_bytes() for n in before if n != "run.lock"} == \
+        {n: b for n, b in before.items() if n != "run.lock"}
+    # stopped while writing the responses: the new model is kept, the old responses and
+    # scores are not left beside it, and the same command then writes the responses only
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ch07, "write_text_atomic",
+                   lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            ch07.main(args_of(ch07, [*data, *again]))
+    model_bytes = (tmp_path / "gpt2-tiny-sft.pth").read_bytes()
+    assert model_bytes != before["gpt2-tiny-sft.pth"]
     assert not (tmp_path / "scores.json").exists()
+    assert not (tmp_path / "instruction-data-with-response.json").exists()
+    capsys.readouterr()
+    ch07.main(args_of(ch07, [*data, *[a for a in again if a != "--overwrite"]]))
+    out = capsys.readouterr().out
+    assert "has no responses yet" in out and "Training loss" not in out
+    assert (tmp_path / "gpt2-tiny-sft.pth").read_bytes() == model_bytes
     assert len(json.loads((tmp_path / "instruction-data-with-response.json").read_text())) == 8
     # the chat command as a user runs it: a response is streamed, then Ctrl-C at the prompt
     chat = subprocess.Popen([sys.executable, "ch07_instruct.py", "--chat", "--model-size", "tiny",
@@ -3102,6 +3315,38 @@ def test_dpo_command_end_to_end_then_chat_and_evaluate_with_its_model(tmp_path, 
     with pytest.raises(ValueError, match=r"already holds an earlier run's results \(gpt2-tiny-"
                                          r"dpo\.pth, instruction-data-with-dpo-response\.json\)"):
         ch07.main(args_of(ch07, dpo_args))
+    # a cut or too small preference file, with --overwrite: refused before the model loads,
+    # and the DPO model and its responses stay
+    before = {n: (tmp_path / n).read_bytes() for n in ("gpt2-tiny-dpo.pth",
+                                                       "instruction-data-with-dpo-response.json")}
+    preference = json.loads((SHARED / "data" / "instruction-data-with-preference.json").read_text())
+    (tmp_path / "cut.json").write_text(json.dumps(preference)[:5000], encoding="utf-8")
+    (tmp_path / "six.json").write_text(json.dumps(preference[:6]), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ch07, "load_finetuned", lambda *a, **k: pytest.fail("loaded before the check"))
+        for name, words in (("cut.json", r"cut\.json is not valid JSON"),
+                            ("six.json", r"six\.json has 6 entries: too few for the book's "
+                                         r"training, test and validation splits")):
+            with pytest.raises(ValueError, match=words):
+                ch07.main(args_of(ch07, [a if not a.endswith("preference.json") else
+                                         str(tmp_path / name) for a in dpo_args] + ["--overwrite"]))
+    assert all((tmp_path / n).read_bytes() == b for n, b in before.items())
+    # stopped while writing its responses: run again, they are written without tuning again
+    (tmp_path / "instruction-data-with-dpo-response.json").unlink()
+    capsys.readouterr()
+    ch07.main(args_of(ch07, dpo_args))
+    out = capsys.readouterr().out
+    assert "has no responses yet" in out and "before DPO" not in out
+    assert (tmp_path / "gpt2-tiny-dpo.pth").read_bytes() == before["gpt2-tiny-dpo.pth"]
+    assert len(json.loads((tmp_path / "instruction-data-with-dpo-response.json").read_text())) == 8
+    # a finetuned model from elsewhere: its DPO model goes to --out, not beside it
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "mine-sft.pth").write_bytes((tmp_path / "gpt2-tiny-sft.pth").read_bytes())
+    ch07.main(args_of(ch07, [*dpo_args[:dpo_args.index("--out")], "--out", str(tmp_path / "new"),
+                             *dpo_args[dpo_args.index("--out") + 2:], "--model-file",
+                             str(tmp_path / "elsewhere" / "mine-sft.pth")]))
+    assert (tmp_path / "new" / "mine-dpo.pth").exists()
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["mine-sft.pth"]
     # its model in the chat, its responses to the judge, its scores beside them
     monkeypatch.setattr(sys, "stdin", io.StringIO("Name a color.\n\n"))
     chatted = ch07.main(args_of(ch07, ["--chat", *common, "--model-file", str(path),
@@ -3174,6 +3419,70 @@ def test_a_flag_out_of_range_exits_2_and_an_unwritable_out_is_named(tmp_path, ca
                                                 f"{tmp_path / 'a_file'} is a file")):
         ch06.main(args_of(ch06, ["--out", str(tmp_path / "a_file" / "sub"), "--no-pretrained",
                                  "--model-size", "tiny", "--device", "cpu"]))
+
+
+@pytest.fixture
+def signal_handlers():
+    """run_command sets the process's signal handlers: put pytest's back afterwards."""
+    names = [n for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    saved = {n: signal.getsignal(getattr(signal, n)) for n in names}
+    yield
+    for name, handler in saved.items():
+        signal.signal(getattr(signal, name), handler)
+
+
+@pytest.mark.parametrize("name,code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
+def test_every_command_stops_on_a_signal_in_one_line_of_its_own(name, code, signal_handlers,
+                                                               tmp_path, capsys):
+    def work(args):
+        os.kill(os.getpid(), getattr(signal, name))
+        time.sleep(5)  # the signal arrives before this ends
+        pytest.fail("not stopped")
+    with pytest.raises(SystemExit) as exit_:
+        ch02.run_command(work, None, "What was kept.")
+    assert exit_.value.code == code
+    assert capsys.readouterr().err == f"\nInterrupted ({name}). What was kept.\n"
+    # each command, and each of its modes, says what holds for it
+    classify = args_of(ch06, ["--classify-file", "f.txt", "--classify-out", "o.csv"])
+    assert ch06.kept_when_stopped(classify).startswith("Nothing was written: --classify-out")
+    assert "written when training ends" in ch06.kept_when_stopped(args_of(ch06, []))
+    export = gpt2.parse_args(["--export-hf", "dir", "--from", "m.pt"])
+    assert gpt2.kept_when_stopped(export).startswith("Nothing was exported: dir is written whole")
+    assert "scores obtained so far are kept" in ch07.kept_when_stopped(args_of(ch07, ["--evaluate"]))
+    assert ch05.kept_when_stopped(args_of(ch05, ["--generate", "Hi"])) == \
+        "--generate writes no files."
+
+
+def test_a_command_stopped_while_it_loads_or_works_says_so_in_one_line(tmp_path):
+    # SIGINT while torch is being imported: one line and 130, not a traceback
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    starting = subprocess.Popen([sys.executable, "ch04_gpt.py"], cwd=HERE, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    maps = Path(f"/proc/{starting.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)  # torch's libraries are loading: the import has begun
+    starting.send_signal(signal.SIGINT)
+    _, err = starting.communicate(timeout=60)
+    assert starting.returncode == 130, err[-2000:]
+    assert err == "\nInterrupted while starting; nothing was done.\n"
+    # SIGTERM while a classifier trains: its own words, 143, and nothing written
+    env["PYTHONUNBUFFERED"] = "1"
+    data = write_table(tmp_path / "topics.csv", topic_rows(300))
+    training = subprocess.Popen(
+        [sys.executable, "ch06_classify.py", "--data", str(data), "--no-pretrained",
+         "--model-size", "tiny", "--epochs", "50", "--eval-freq", "1", "--device", "cpu",
+         "--out", str(tmp_path / "out")], cwd=HERE, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while "Ep 1 (Step 000001)" not in training.stdout.readline():
+        assert training.poll() is None, training.stderr.read()[-2000:]
+    training.terminate()
+    _, err = training.communicate(timeout=60)
+    assert training.returncode == 143, err[-2000:]
+    assert "\nInterrupted (SIGTERM). The classifier is written when training ends, so nothing " \
+        "of this run was saved" in err and "Traceback" not in err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run.lock"]
 
 
 def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
