@@ -1,14 +1,20 @@
-"""Tests for every chapter file: `pytest test_all.py`.
+"""Tests for every chapter file: `pytest test_all.py -rs`.
 
-Runs offline: data comes from ../shared when it is there (else it is
-downloaded), and download code is tested against HTTP servers on 127.0.0.1
-started by the tests themselves.
+The data files they read (TEST_FILES) come from ../shared beside the project
+when it is there, or from the folder TEST_SHARED_DIR names; else they are
+downloaded once into .test-data/ with the project's checked downloads
+($TEST_DATA_URL names a mirror of the same layout, tried first). Download code
+is tested against HTTP servers on 127.0.0.1 started by the tests themselves.
+Tests that need TensorFlow or transformers say so in one line where they are
+missing (and fail under CI=true, where .ci/run installs them).
 """
 import argparse
 import contextlib
 import csv
 import errno
+import hashlib
 import http.server
+import importlib
 import io
 import json
 import math
@@ -36,11 +42,90 @@ import ch05_train as ch05
 import ch06_classify as ch06
 import ch07_instruct as ch07
 
-# ../shared beside the project (CI, this machine); TEST_SHARED_DIR names another
-# folder of the same layout (the GPU machine's .gpu/, see .ci/gpu-check)
-SHARED = Path(os.environ.get("TEST_SHARED_DIR", Path(__file__).resolve().parent.parent / "shared"))
+HERE = Path(__file__).resolve().parent
+# The files the tests read, where each is published, and its SHA-256 (None: checked
+# by what it holds): the book's, OpenAI's GPT-2 vocabulary, the SMS Spam Collection
+TEST_FILES = {
+    "data/the-verdict.txt": (
+        [ch02.VERDICT_URL], "b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f"),
+    "data/instruction-data.json": (
+        [ch07.DATA_URL], "7e09a9af353722ca15c18bc580f093f9c39d3178335a75177319cb1e1d163944"),
+    "data/instruction-data-with-preference.json": ([ch07.PREFERENCE_URL], ch07.PREFERENCE_SHA256),
+    "data/sms_spam_collection.zip": ([ch06.SPAM_URL, ch06.SPAM_BACKUP_URL], None),
+    "gpt2_vocab/encoder.json": ([f"{base}/124M/encoder.json" for base in gpt2.BASE_URLS],
+                                "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "gpt2_vocab/vocab.bpe": ([f"{base}/124M/vocab.bpe" for base in gpt2.BASE_URLS],
+                             "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+
+
+def data_files_folder():
+    """TEST_SHARED_DIR; else ../shared beside the project (CI's copy); else
+    .test-data/ in the project (git-ignored), which the tests fill themselves."""
+    if os.environ.get("TEST_SHARED_DIR"):
+        return Path(os.environ["TEST_SHARED_DIR"])
+    beside = HERE.parent / "shared"
+    return beside if (beside / "data" / "the-verdict.txt").exists() else HERE / ".test-data"
+
+
+SHARED = data_files_folder()
 if "TIKTOKEN_CACHE_DIR" not in os.environ and (SHARED / "tiktoken_cache").is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(SHARED / "tiktoken_cache")
+
+
+def fetch_test_files(folder, files=TEST_FILES, mirror=None, say=print):
+    """Download the files of `files` missing in `folder` (a mirror of the same
+    layout first), each checked; returns the names fetched. What cannot be had
+    is one error listing exactly what to put where."""
+    missing = [name for name in files if not (folder / name).exists()]
+    if missing:
+        say(f"Fetching the tests' data files into {folder} (once): {', '.join(missing)}")
+    failed = []
+    for name in missing:
+        urls, sha256 = files[name]
+        urls = ([f"{mirror.rstrip('/')}/{name}"] if mirror else []) + list(urls)
+        try:
+            path = ch02.download_file(urls[0], folder / name, backup_urls=urls[1:], retries=2,
+                                      backoff=0.2, timeout=30)
+        except ch02.DownloadError:
+            failed.append(name)
+            continue
+        problem = downloaded_file_problem(path, sha256)
+        if problem:
+            failed.append(f"{name} (the download {problem}; kept as "
+                          f"{ch02.move_aside(path).name})")
+    if failed:
+        raise ch02.DownloadError(
+            f"The tests need these files in {folder}, and they could not be downloaded (no "
+            f"network?): {'; '.join(failed)}. Copy them there from a machine that has them "
+            "(the layout: data/ and gpt2_vocab/), or set TEST_SHARED_DIR to a folder that "
+            "holds them.")
+    return missing
+
+
+def downloaded_file_problem(path, sha256):
+    """What is wrong with a downloaded test file, or None."""
+    if sha256:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        return None if digest == sha256 else f"has SHA-256 {digest[:12]}..., not {sha256[:12]}..."
+    try:
+        with ch06.zipfile.ZipFile(path) as archive:
+            return None if "SMSSpamCollection" in archive.namelist() else "holds no SMSSpamCollection"
+    except ch06.zipfile.BadZipFile:
+        return "is no zip archive"
+
+
+def optional(module, why):
+    """An optional package a test needs: imported, or the test skipped with one
+    line saying how to install it. Under CI=true (.ci/run installs it) a missing
+    one fails the test: a test that skips in CI would be a test that does not exist."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        message = f"needs {module} ({why}): pip install -r .ci/test-requirements.txt"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
 
 
 TINY = ch04.gpt_config("tiny", context_length=32, vocab_size=50257, drop_rate=0.0)
@@ -58,11 +143,8 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(scope="session")
-def verdict_path(tmp_path_factory):
-    path = SHARED / "data" / "the-verdict.txt"
-    if path.exists():
-        return path
-    return ch02.download_file(ch02.VERDICT_URL, tmp_path_factory.mktemp("data") / path.name)
+def verdict_path():
+    return SHARED / "data" / "the-verdict.txt"
 
 
 @pytest.fixture(scope="session")
@@ -158,17 +240,24 @@ class FileServer(LocalServer):
         super().__init__(Handler)
 
 
-HERE = Path(__file__).resolve().parent
-
-
 @pytest.fixture(scope="session", autouse=True)
-def verdict_in_shared():
-    """The chapter-5 runs read the-verdict from ../shared, which the tests never
-    write to: without it, one line says where it is expected."""
-    if not (SHARED / "data" / "the-verdict.txt").exists():
-        pytest.exit(f"The tests need {SHARED / 'data' / 'the-verdict.txt'} (and the other "
-                    "files of ../shared/data); set TEST_SHARED_DIR to a folder laid out like "
-                    "../shared.", returncode=1)
+def data_files(pytestconfig):
+    """The data files, fetched once into .test-data/ when there is no ../shared;
+    a folder named by TEST_SHARED_DIR is only read, never written."""
+    missing = [name for name in TEST_FILES if not (SHARED / name).exists()]
+    if not missing:
+        return SHARED
+    if SHARED != HERE / ".test-data":
+        pytest.exit(f"The tests need these files in {SHARED} (TEST_SHARED_DIR): "
+                    f"{', '.join(missing)}. Copy them there, or unset TEST_SHARED_DIR to "
+                    "download them.", returncode=1)
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # the user sees why the first run waits
+        try:
+            fetch_test_files(SHARED, mirror=os.environ.get("TEST_DATA_URL"))
+        except ch02.DownloadError as err:
+            pytest.exit(str(err), returncode=1)
+    return SHARED
 
 
 def args_of(chapter, argv):
@@ -322,6 +411,32 @@ def read_only_folders():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Path, "write_bytes", read_only)
         yield mp
+
+
+def test_a_fresh_clone_fetches_the_tests_data_once_or_names_what_to_put_where(serve, tmp_path):
+    published = {name: (SHARED / name).read_bytes() for name in TEST_FILES}
+    server = serve(FileServer, {f"/pub/{name}": data for name, data in published.items()})
+    files = {name: ([f"{server.url}/pub/{name}"], sha) for name, (_, sha) in TEST_FILES.items()}
+    folder, said = tmp_path / ".test-data", []
+    assert fetch_test_files(folder, files, say=said.append) == list(TEST_FILES)
+    assert said == [f"Fetching the tests' data files into {folder} (once): "
+                    f"{', '.join(TEST_FILES)}"]
+    assert all((folder / name).read_bytes() == data for name, data in published.items())
+    requests = len(server.requests)
+    assert fetch_test_files(folder, files, say=said.append) == [] and len(said) == 1
+    assert len(server.requests) == requests  # once: later runs read what is there
+    # a mirror ($TEST_DATA_URL) is asked first; a file that is not the published one is
+    # moved aside and named, and so is one that cannot be had at all
+    server.files["/mirror/data/the-verdict.txt"] = b"an error page"
+    server.missing.add("/pub/data/instruction-data.json")
+    with pytest.raises(ch02.DownloadError, match=(
+            rf"^The tests need these files in {re.escape(str(tmp_path / 'again'))}, and they "
+            r"could not be downloaded \(no network\?\): data/the-verdict\.txt \(the download "
+            r"has SHA-256 [0-9a-f]{12}\.\.\., not b41e41a68f03\.\.\.; kept as the-verdict\.txt\."
+            r"damaged\); data/instruction-data\.json\. Copy them there .* or set TEST_SHARED_DIR")):
+        fetch_test_files(tmp_path / "again", files, mirror=server.url + "/mirror",
+                         say=said.append)
+    assert (tmp_path / "again" / "gpt2_vocab" / "vocab.bpe").exists()  # the rest are kept
 
 
 def test_download_file_reuses_existing_and_falls_back(serve, tmp_path):
@@ -1502,7 +1617,7 @@ def openai_variables(h, seed=0):
 @pytest.fixture(scope="session")
 def tiny_gpt2_files(tmp_path_factory):
     """{filename: bytes} of a tiny GPT-2 release in OpenAI's TensorFlow format."""
-    import tensorflow as tf
+    tf = optional("tensorflow", "it writes the tests' GPT-2 checkpoints in OpenAI's format")
     folder = tmp_path_factory.mktemp("openai")
     variables = openai_variables(TINY_HPARAMS)
     tf.raw_ops.SaveV2(prefix=str(folder / "model.ckpt"), tensor_names=list(variables),
@@ -1751,7 +1866,7 @@ def test_crc32c_is_castagnolis_at_every_length():
 
 
 def test_own_reader_returns_tensorflows_arrays_bit_for_bit(tiny_gpt2_files, tmp_path):
-    import tensorflow as tf
+    tf = optional("tensorflow", "it writes the tests' GPT-2 checkpoints in OpenAI's format")
     for name, data in tiny_gpt2_files[0].items():
         (tmp_path / name).write_bytes(data)
     prefix = gpt2.latest_checkpoint(tmp_path)
@@ -2059,6 +2174,7 @@ def tiny_text_model_file(path, seed=0, **overrides):
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_export_loads_back_and_in_transformers_with_the_same_logits(qkv_bias, tmp_path,
                                                                     tokenizer):
+    optional("transformers", "the export is loaded with GPT2LMHeadModel")
     from transformers import GPT2LMHeadModel, GPT2Tokenizer
     model, cfg = tiny_text_model_file(tmp_path / "checkpoint.pt", qkv_bias=qkv_bias)
     config = gpt2.main(args_of(gpt2, ["--export-hf", str(tmp_path / "hf"),
@@ -2097,6 +2213,7 @@ def test_exported_tokenizer_files_are_gpt2s_own(tokenizer):
 
 
 def test_a_124m_export_gives_transformers_the_same_logits(tmp_path, tokenizer):
+    optional("transformers", "the export is loaded with GPT2LMHeadModel")
     from transformers import GPT2LMHeadModel
     torch.manual_seed(0)
     cfg = ch04.gpt_config("124M", drop_rate=0.0)  # the book's: no qkv bias, own output layer
@@ -2111,6 +2228,7 @@ def test_a_124m_export_gives_transformers_the_same_logits(tmp_path, tokenizer):
 
 
 def test_a_file_saved_by_transformers_loads_into_gptmodel(hf_tiny, tmp_path, monkeypatch):
+    optional("transformers", "the export is loaded with GPT2LMHeadModel")
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(1)
     hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64,
@@ -3500,12 +3618,12 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
          "Choose another --out."),
         (["-c", "import ch02_data, warnings; ch02_data.plain_warnings(); "
                 "warnings.warn('the prompt was cut')"], 0, "Warning: the prompt was cut\n"),
-        # the tests themselves, without ../shared: one line that says where the data go
+        # the tests themselves, with a TEST_SHARED_DIR that lacks the data: one line
         (["-c", "import os, sys, pytest; sys.stdout = sys.stderr; os.environ['TEST_SHARED_DIR']"
                 f" = {str(tmp_path / 'no-shared')!r}; sys.exit(pytest.main(['test_all.py', '-q', "
                 "'-p', 'no:cacheprovider', '-k', 'test_vocabulary_sizes_are_the_books']))"], 1,
-         f"The tests need {tmp_path / 'no-shared' / 'data' / 'the-verdict.txt'} (and the other "
-         "files of ../shared/data); set TEST_SHARED_DIR"),
+         f"The tests need these files in {tmp_path / 'no-shared'} (TEST_SHARED_DIR): "
+         "data/the-verdict.txt, data/instruction-data.json, "),
         (["bench.py", "--json", str(tmp_path)], 1, "is a folder; name a file"),
         (["ch02_data.py", "--data", str(tmp_path / "short.txt")], 1,
          "error: The text has 3 tokens, but the demo's batches need 33"),
