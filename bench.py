@@ -398,7 +398,7 @@ def summarise_cuda(runs, p):
     return rows, derived, targets, None
 
 
-def print_table(rows, derived, targets, bound, quick):
+def print_table(rows, derived, targets, bound, quick, device):
     print(f"\n{'measurement':<12}{'variant':<16}{'median':>10}{'range':>22}  {'unit':<10}"
           f"{'others CPU':>10}")
     for name, variant, s, unit in rows:
@@ -408,16 +408,22 @@ def print_table(rows, derived, targets, bound, quick):
     if bound is not None:
         print(f"\nbandwidth bound for batch-1 decoding: {bound:.1f} tokens/s "
               "(weights read per token / copy bandwidth)")
-    print(f"\n{'derived':<40}{'value':>10}  target")
+    print(f"\n{'derived':<40}{'value':>10}  {'target':<9}verdict")
     for key, value in derived.items():
-        target = targets.get(key)
-        verdict = ""
-        if target:
-            op, limit = target
-            met = {">=": value >= limit, "<=": value <= limit, "<": value < limit}[op]
-            verdict = f"{op} {limit:g}  " + ("(a target of the full run)" if quick
-                                            else "met" if met else "MISSED")
-        print(f"{key:<40}{value:>10.3f}  {verdict}")
+        print(f"{key:<40}{value:>10.3f}  " + verdict(value, targets.get(key), quick, device))
+
+
+def verdict(value, target, quick, device):
+    """The target column and what it says of this run: met, missed, or not
+    this run's (a --quick run measures a smaller model than the targets name)."""
+    if not target:
+        return "-        no target"
+    op, limit = target
+    met = {">=": value >= limit, "<=": value <= limit, "<": value < limit}[op]
+    column = f"{op} {limit:g}"
+    if quick:
+        return f"{column:<9}does not apply: a target of the full run (a smaller model here)"
+    return f"{column:<9}{'met' if met else 'MISSED'} (a target of the {device} run: it applies)"
 
 
 def main(args):
@@ -461,7 +467,7 @@ def main(args):
                 for variant in variants:  # A B A B ...
                     runs.append(run_child(name, variant, p, env))
     rows, derived, targets, bound = (summarise_cuda if cuda else summarise)(runs, p)
-    print_table(rows, derived, targets, bound, args.quick)
+    print_table(rows, derived, targets, bound, args.quick, args.device)
     print(f"\nbench.py took {time.perf_counter() - started:.0f} s")
     if args.json:
         import torch

@@ -337,6 +337,19 @@ def check_writable(folder, flag="--out"):
         raise unwritable(folder, err, flag) from None
 
 
+def check_output_file(path, overwrite, flag):
+    """Before the work: a file `flag` may write (a folder there, an earlier file
+    without --overwrite, or a folder that cannot be written is named now)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; name a file in it, e.g. "
+                                f"{path / 'results.csv'}.")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {path} already exists. Replace it with --overwrite, or "
+                              "name another file.")
+    check_writable(path.parent, flag)
+
+
 def refuse_overwrite(paths, overwrite, resume_hint="", also=()):
     """Stop before a run writes over an earlier run's results, unless --overwrite
     was given; returns those earlier files, with the files of `also` there (plots,

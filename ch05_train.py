@@ -35,8 +35,9 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ch02_data import (EOT, GPTDatasetV1, HelpFormatter, Stopped, TextTooShort, atomic_path,
-                       bpe_tokenizer, build_token_file, collect_text_files, load_the_verdict,
-                       move_aside, number, read_text, refuse_overwrite, run_command, run_lock)
+                       bpe_tokenizer, build_token_file, check_output_file, collect_text_files,
+                       load_the_verdict, move_aside, number, read_text, refuse_overwrite,
+                       run_command, run_lock)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import (MODEL_CONFIGS, GPTModel, add_device_argument, cached_step,
                       generate_text_simple, get_device, gpt_config, new_kv_cache,
@@ -789,7 +790,7 @@ def check_training_loss(losses, state, vocab_size, device, bar):
     check_loss(mean_loss, state, vocab_size, f"the training loss by step {state['step']}")
     if state["first_loss"] is None:
         state["first_loss"] = mean_loss
-    bar.set_postfix(loss=f"{mean_loss:.3f}")
+    bar.set_postfix_str(f"loss {mean_loss:.3f} (steps to {state['step']})")  # read at syncs
 
 
 def stopped_early(err, step, saved_step, path):
@@ -827,6 +828,7 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
     bar = tqdm(total=last_step + 1, initial=state["step"] + 1, unit="step",
                disable=not is_main, dynamic_ncols=True)
     losses, batches = [], None  # losses: device tensors, read every 10 steps
+    pace = {"start": time.perf_counter(), "from_step": state["step"], "eval": 0.0, "said": False}
     try:
         while state["step"] < last_step:
             step = state["step"] + 1
@@ -853,9 +855,13 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
                 check_training_loss(losses, state, cfg["vocab_size"], device, bar)
                 losses = []
             if evaluating:
+                began = time.perf_counter()
                 record_evaluation(model, (train_eval_loader, val_loader), device, settings,
                                   state, lr, out_dir, stopper, epoch_samples, is_main,
                                   cfg["vocab_size"])
+                pace["eval"] += time.perf_counter() - began
+            if sync and is_main and not pace["said"] and step - pace["from_step"] >= 10:
+                say_pace(pace, step, last_step, settings)
             if epoch_over:
                 state.update(epoch=state["epoch"] + 1, samples_done=0, epoch_seed=None)
                 batches = None
@@ -870,7 +876,8 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
                 stop = stop or in_any_process(stopper.signal is not None, device)
             if stop:
                 raise Stopped(f"Stopped by {stopper.signal or 'a signal to another process'} "
-                              f"after step {step}; checkpoint saved to {path}. Continue with "
+                              f"after step {step}; checkpoint saved to {path}. Step {step + 1} "
+                              f"(of steps 0 to {last_step}) comes next: continue with "
                               f"--resume {path}.", exit_code(stopper.signal or "SIGINT"))
     except (KeyboardInterrupt, Diverged) as err:
         raise stopped_early(err, state["step"] + 1, saved_step, path) from None
@@ -879,10 +886,46 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
     return state
 
 
+def say_pace(pace, step, last_step, settings):
+    """Once, after the first steps: how long the whole run will take, and where
+    evaluation costs more than a fifth of it, the flag that makes it cheaper."""
+    pace["said"] = True
+    seconds = time.perf_counter() - pace["start"]
+    per_step = seconds / (step - pace["from_step"])
+    tqdm.write(f"Estimated time for the run: {clock(per_step * (last_step - step))} more "
+               f"({last_step - step:,} steps at {per_step:.2f} s each, evaluations included)")
+    share = pace["eval"] / seconds
+    if share > 0.2 and settings["data"]:  # the book's text keeps the book's cadence
+        tqdm.write(f"Evaluation takes {share:.0%} of the time (every {settings['eval_freq']} "
+                   f"steps, {settings['eval_iter']} batches each): a larger --eval-freq (or a "
+                   "smaller --eval-iter) trains faster.")
+
+
+def clock(seconds):
+    """3 h 05 min, 4 min 10 s, 12 s."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours} h {minutes:02d} min" if hours else
+            f"{minutes} min {secs:02d} s" if minutes else f"{secs} s")
+
+
 def step_counts(train_loader, settings):
-    """(the schedule's steps over all --epochs, the last step this run takes)."""
-    total_steps = len(train_loader) // settings["grad_accum"] * settings["epochs"]
-    return total_steps, min(total_steps, settings["max_steps"] or total_steps) - 1
+    """(the steps the run takes, which its schedule spans: --max-steps when given,
+    else --epochs; the last of them)."""
+    epoch_steps = len(train_loader) // settings["grad_accum"] * settings["epochs"]
+    total_steps = min(epoch_steps, settings["max_steps"] or epoch_steps)
+    return total_steps, total_steps - 1
+
+
+def describe_schedule(settings, total_steps):
+    """The learning rate over the run, for its header."""
+    if settings["schedule"] == "constant":
+        return f"Learning rate: {settings['lr']:g} for all {total_steps:,} steps"
+    warmup = warmup_steps(settings, total_steps)
+    return (f"Learning rate: warm-up from {settings['initial_lr']:g} to the peak "
+            f"{settings['lr']:g} over {warmup:,} steps, then cosine decay to "
+            f"{learning_rate(total_steps - 1, total_steps, settings):.3g} at the last of "
+            f"{total_steps:,} steps")
 
 
 def refuse_finished(step, last_step):
@@ -1065,13 +1108,15 @@ def make_loaders(train_set, val_set, settings, device, rank, world_size):
 # given again takes the checkpoint's value; given again, a training setting takes
 # effect and a model setting is refused. Run settings are each run's own (the
 # checkpoint keeps --fast and --compile only to say when a resume drops them).
-MODEL_SETTINGS = ("model_size", "context_length")
+MODEL_SETTINGS = ("model_size", "context_length", "n_layers", "emb_dim", "n_heads")
+SHAPE_SETTINGS = ("n_layers", "emb_dim", "n_heads")  # each None: --model-size's
 TRAINING_SETTINGS = ("data", "train_ratio", "memmap", "memmap_above_mb", "batch_size",
                      "grad_accum", "lr", "weight_decay", "schedule", "warmup_steps", "initial_lr",
                      "min_lr", "grad_clip", "epochs", "max_steps", "drop_rate", "eval_freq",
                      "eval_iter", "save_every", "prompt", "seed")
 RUN_SETTINGS = ("data_dir", "out", "overwrite", "resume", "device", "fast", "compile",
-                "generate", "from_file", "max_new_tokens", "temperature", "top_k", "top_p")
+                "generate", "from_file", "export_weights", "max_new_tokens", "temperature",
+                "top_k", "top_p")
 SAVED_SETTINGS = MODEL_SETTINGS + TRAINING_SETTINGS + ("fast", "compile")
 
 
@@ -1096,18 +1141,18 @@ def resolve_settings(args, ckpt=None, data_size=corpus_bytes):
             raise ValueError(f"{args.resume} was written by an older ch05_train.py, which did "
                              "not save its settings; it cannot be resumed by this version.")
         clashes = [f"{flag(k)} {settings[k]}" for k in MODEL_SETTINGS
-                   if k in args.given and settings[k] != saved[k]]
+                   if k in args.given and settings[k] != saved.get(k)]
         if clashes:
             raise ValueError(f"The checkpoint {args.resume} holds a {saved['model_size']!r} "
                              f"model with context length {saved['context_length']}, not "
                              f"{', '.join(clashes)}. Leave out --model-size and "
-                             "--context-length to resume it.")
+                             "--context-length (and the model's shape) to resume it.")
         changed = [f"{flag(k)} {saved[k]} -> {settings[k]}" for k in TRAINING_SETTINGS
                    if k in args.given and settings[k] != saved[k]]
         if changed:
             messages.append("Changed on resume: " + ", ".join(changed))
-        settings.update({k: saved[k] for k in MODEL_SETTINGS + TRAINING_SETTINGS
-                         if k not in args.given})
+        settings.update({k: saved.get(k) if k in SHAPE_SETTINGS else saved[k]  # not in older
+                         for k in MODEL_SETTINGS + TRAINING_SETTINGS if k not in args.given})
         if "out" not in args.given:
             settings["out"] = str(Path(args.resume).parent)  # go on in the checkpoint's folder
         dropped = [flag(k) for k in ("fast", "compile") if saved.get(k) and not settings[k]]
@@ -1126,6 +1171,21 @@ def resolve_settings(args, ckpt=None, data_size=corpus_bytes):
                         "OpenAI's weights cannot be loaded into this model, and attention's "
                         "memory grows with the square of the context.")
     return settings, messages
+
+
+def model_config(settings):
+    """The config of --model-size, with --n-layers, --emb-dim and --n-heads where given."""
+    shape = {k: settings[k] for k in SHAPE_SETTINGS if settings[k] is not None}
+    return gpt_config(settings["model_size"], context_length=settings["context_length"],
+                      drop_rate=settings["drop_rate"], **shape)
+
+
+def model_name(settings, cfg):
+    """--model-size, and the shape it was given instead of its own."""
+    if all(settings.get(k) is None for k in SHAPE_SETTINGS):
+        return settings["model_size"]
+    return (f"{settings['model_size']} reshaped: {cfg['n_layers']} layers, embedding size "
+            f"{cfg['emb_dim']}, {cfg['n_heads']} heads")
 
 
 def resume_into(model, optimizer, ckpt, settings, device):
@@ -1167,6 +1227,20 @@ def generate_from(args):
     return {"text": args.generate + tokenizer.decode(new_ids), "model": model}
 
 
+def export_weights(source, destination, overwrite=False):
+    """--export-weights: a model file's weights, config and settings without the
+    optimizer's state (two thirds of a training checkpoint), for --from,
+    --init-from and --export-hf; it cannot be resumed."""
+    check_output_file(destination, overwrite, "--export-weights")
+    saved = load_checkpoint(source, mmap=True, kinds=("pretraining", "gpt2", "instruct"),
+                            hint="--export-weights takes a model that writes text.")
+    save_checkpoint(destination, {k: saved[k] for k in ("kind", "model", "config", "settings")})
+    mb = lambda path: Path(path).stat().st_size / 1e6  # noqa: E731
+    print(f"Saved the weights of {source} ({mb(source):,.0f} MB) as {destination} "
+          f"({mb(destination):,.0f} MB).")
+    return Path(destination)
+
+
 def sampling(args):
     """The sampling flags as generate()'s keyword arguments."""
     return sampling_of(vars(args))
@@ -1188,6 +1262,9 @@ def main(args):
     """The command, from parse_args()'s (or build_parser()'s) arguments."""
     if args.generate is not None:
         return generate_from(args)
+    if args.export_weights:
+        return export_weights(args.from_file or Path(args.out) / "checkpoint.pt",
+                              args.export_weights, args.overwrite)
     rank, world_size, device = setup_distributed(
         args.device, log=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
     is_main = rank == 0
@@ -1198,6 +1275,11 @@ def main(args):
             ckpt = load_checkpoint(args.resume, map_location="cpu", kinds=("pretraining",),
                                    hint="--resume continues a checkpoint.pt that "
                                         "ch05_train.py saved.")
+            if "step" not in ckpt and ckpt.get("settings"):  # what --export-weights keeps
+                raise ValueError(f"{args.resume} holds a model's weights only (saved by "
+                                 "--export-weights), not the optimizer and data position a "
+                                 "resume needs: resume the checkpoint.pt it came from, or start "
+                                 "from it with --init-from in chapters 6 and 7.")
         settings, messages = resolve_settings(args, ckpt)
         for message in messages:
             log(message)
@@ -1245,12 +1327,12 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     log(f"Training windows: {len(train_set)}, validation windows: {len(val_set)}; "
         f"{len(loaders[0]) // settings['grad_accum']} steps per epoch with {world_size} "
         "process(es)")
+    log(describe_schedule(settings, step_counts(loaders[0], settings)[0]))
 
     plan = speed_plan(settings["fast"], settings["compile"], device)
     log(describe_speed(plan, settings["fast"], settings["compile"]))
     cfg = ({**ckpt["config"], "drop_rate": settings["drop_rate"]} if ckpt else
-           gpt_config(settings["model_size"], context_length=settings["context_length"],
-                      drop_rate=settings["drop_rate"]))
+           model_config(settings))
     torch.manual_seed(settings["seed"])
     model = GPTModel(cfg)
     model.to(device)
@@ -1259,8 +1341,8 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     state = new_state()
     if ckpt:
         state = resume_into(model, optimizer, ckpt, settings, device)
-        log(f"Resumed from {settings['resume']} at step {state['step']}, "
-            f"epoch {state['epoch'] + 1}")
+        log(f"Resumed from {settings['resume']}: step {state['step']} is done, step "
+            f"{state['step'] + 1} comes next (epoch {state['epoch'] + 1})")
     raw_model = model
     model = speed_up(model, plan, device)
     if world_size > 1:
@@ -1268,7 +1350,7 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # the only buffers are the constant causal masks
 
-    log(run_header(settings["model_size"], model, cfg,
+    log(run_header(model_name(settings, cfg), model, cfg,
                    f"{', '.join(map(str, settings['data'] or ['the-verdict.txt']))}, "
                    f"{len(train_set.token_ids) + len(val_set.token_ids):,} tokens", out_dir))
     start = time.perf_counter()
@@ -1368,7 +1450,15 @@ def build_parser():
                       help="corpus size above which the token file is used")
     model = parser.add_argument_group("model (on --resume, the checkpoint's)")
     model.add_argument("--model-size", default="124M", choices=list(MODEL_CONFIGS),
-                       help="GPT-2 size, or 'tiny' for quick tests")
+                       help="GPT-2 size; 'mini' (6 layers x 384: a model that learns on a "
+                            "CPU) or 'tiny' (for tests)")
+    model.add_argument("--n-layers", type=positive, default=None,
+                       help="transformer blocks, instead of --model-size's")
+    model.add_argument("--emb-dim", type=positive, default=None,
+                       help="embedding size, instead of --model-size's (divisible by the "
+                            "number of heads)")
+    model.add_argument("--n-heads", type=positive, default=None,
+                       help="attention heads, instead of --model-size's")
     model.add_argument("--model", dest="model_size", choices=list(MODEL_CONFIGS),
                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the earlier name
     model.add_argument("--context-length", type=positive, default=256,
@@ -1378,8 +1468,8 @@ def build_parser():
     opt = parser.add_argument_group("optimization")
     opt.add_argument("--epochs", type=positive, default=10, help="passes over the training data")
     opt.add_argument("--max-steps", type=positive, default=None,
-                     help="stop after this many optimizer steps in all (the schedule still "
-                          "spans --epochs)")
+                     help="stop after this many optimizer steps in all; the schedule's "
+                          "warm-up and decay span them (default: all steps of --epochs)")
     opt.add_argument("--batch-size", type=positive, default=2,
                      help="windows per micro-batch in each process (a step's global batch = "
                           "this x --grad-accum x processes)")
@@ -1392,7 +1482,8 @@ def build_parser():
     opt.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
                      help="constant (chapter 5) or warm-up + cosine decay (appendix D)")
     opt.add_argument("--warmup-steps", type=number(int, at_least=0), default=None,
-                     help="linear warm-up steps for --schedule cosine (default: 20%% of all)")
+                     help="linear warm-up steps for --schedule cosine (default: 20%% of the "
+                          "run's steps)")
     opt.add_argument("--initial-lr", type=number(float, at_least=0), default=3e-5,
                      help="learning rate at the start of warm-up")
     opt.add_argument("--min-lr", type=number(float, at_least=0), default=1e-6,
@@ -1411,8 +1502,8 @@ def build_parser():
                      help="folder for the checkpoint, log.csv, plots and token files "
                           "(on --resume: the checkpoint's folder)")
     run.add_argument("--overwrite", action="store_true",
-                     help="start over in an --out that holds an earlier run, deleting its "
-                          "checkpoint and log")
+                     help="start over in an --out that holds an earlier run (its checkpoint "
+                          "stays until this run saves its own); replace --export-weights' file")
     run.add_argument("--save-every", type=number(int, at_least=0), default=1000,
                      help="save a checkpoint every N steps (also at the end and when "
                           "stopped by Ctrl-C, SIGTERM or SIGHUP); 0: only then")
@@ -1429,6 +1520,10 @@ def build_parser():
                      help="the model for --generate: a checkpoint.pt of this command, a "
                           "converted gpt2/SIZE/model.pth, or a model of ch07_instruct.py "
                           "(default: --out's checkpoint.pt)")
+    gen.add_argument("--export-weights", metavar="FILE", default=None,
+                     help="save the weights of --from (default: --out's checkpoint.pt) "
+                          "without the optimizer's state, a third of the size, for --from, "
+                          "--init-from and --export-hf; then stop")
     add_sampling_arguments(gen, max_new_tokens=None, temperature=1.4, top_k=25,
                            max_new_help="tokens to generate (default: 100 with --generate; "
                                         "15, the book's, for the sample after training)")
@@ -1443,13 +1538,23 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    base = MODEL_CONFIGS[args.model_size]
+    emb_dim, n_heads = args.emb_dim or base["emb_dim"], args.n_heads or base["n_heads"]
+    if (args.emb_dim or args.n_heads) and emb_dim % n_heads:
+        parser.error(f"--n-heads {n_heads} does not divide the embedding size {emb_dim}: each "
+                     f"head takes an equal share (try --n-heads "
+                     f"{max(h for h in range(1, n_heads + 1) if emb_dim % h == 0)})")
+    return args
 
 
 def kept_when_stopped(args):
     """What a run interrupted outside training (where it saves a checkpoint) kept."""
     if args.generate is not None:
         return "--generate writes no files."
+    if args.export_weights:
+        return f"{args.export_weights} is written whole or not at all."
     return ("Training had not begun, so nothing of this run was saved; an earlier run's files "
             "in --out are as they were.")
 

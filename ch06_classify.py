@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ch05_train
-from ch02_data import (HelpFormatter, atomic_path, check_writable, download_file, is_blank,
+from ch02_data import (HelpFormatter, atomic_path, check_output_file, download_file, is_blank,
                        number, read_text, refuse_overwrite, run_command, run_lock, utf8_error,
                        write_text_atomic)
 from ch03_attention import pyplot, save_figure
@@ -132,6 +132,20 @@ def random_split(rows, train_frac, validation_frac):
     train_end = int(len(rows) * train_frac)
     validation_end = train_end + int(len(rows) * validation_frac)
     return shuffled[:train_end], shuffled[train_end:validation_end], shuffled[validation_end:]
+
+
+def stratified_split(rows, train_frac, validation_frac):
+    """Beyond the book: random_split's sizes, with each class's rows (shuffled, seed
+    123) spread evenly over the order before it is cut, so that every split holds
+    the classes in the proportions of the whole, give or take one row."""
+    spread = []
+    for name in class_names(r[0] for r in rows):
+        members = random_split([r for r in rows if r[0] == name], 1.0, 0.0)[0]
+        spread += [((k + 0.5) / len(members), row) for k, row in enumerate(members)]
+    ordered = [row for _, row in sorted(spread, key=lambda item: item[0])]
+    train_end = int(len(rows) * train_frac)
+    validation_end = train_end + int(len(rows) * validation_frac)
+    return ordered[:train_end], ordered[train_end:validation_end], ordered[validation_end:]
 
 
 def write_csv(rows, path):
@@ -269,14 +283,21 @@ def train_classifier_simple(model, train_loader, val_loader, optimizer, device, 
 def plot_values(epochs_seen, examples_seen, train_values, val_values, label="loss",
                 path=None):
     fig, ax1 = pyplot().subplots(figsize=(5, 3))
-    ax1.plot(epochs_seen, train_values, label=f"Training {label}")
-    ax1.plot(epochs_seen, val_values, linestyle="-.", label=f"Validation {label}")
+    # Beyond the book: a few points get markers (one alone draws no line), both
+    # x-axes start at the run's start, and small changes show as values, not offsets
+    marker = "o" if len(train_values) <= 20 else None
+    ax1.plot(epochs_seen, train_values, marker=marker, label=f"Training {label}")
+    ax1.plot(epochs_seen, val_values, linestyle="-.", marker=marker,
+             label=f"Validation {label}")
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel(label.capitalize())
+    ax1.ticklabel_format(axis="y", useOffset=False)
     ax1.legend()
     ax2 = ax1.twiny()  # examples seen, on a second x-axis
     ax2.plot(examples_seen, train_values, alpha=0)
     ax2.set_xlabel("Examples seen")
+    for ax, right in ((ax1, max(epochs_seen)), (ax2, max(examples_seen))):
+        ax.set_xlim(0, float(right) * 1.05 or 1)
     fig.tight_layout()
     save_figure(fig, path or f"{label}-plot.png")
 
@@ -486,7 +507,8 @@ def own_data(args):
     balance = args.balance and create_balanced_dataset
     if args.data:
         rows = read(args.data)
-        parts = random_split(balance(rows) if balance else rows, 0.7, 0.1)
+        split = random_split if args.stratify is False else stratified_split
+        parts = split(balance(rows) if balance else rows, 0.7, 0.1)
     else:
         parts = [balance(read(p)) if balance else read(p) for p in given]
     classes = class_names(r[0] for r in parts[0])
@@ -710,19 +732,6 @@ def main(args):
         return result
 
 
-def check_output_file(path, overwrite, flag):
-    """Before the work: a file `flag` may write (a folder there, an earlier file
-    without --overwrite, or a folder that cannot be written is named now)."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{flag} {path} is a folder; name a file in it, e.g. "
-                                f"{path / 'results.csv'}.")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{flag} {path} already exists. Replace it with --overwrite, or "
-                              "name another file.")
-    check_writable(path.parent, flag)
-
-
 PLOTS = ("loss-plot.png", "accuracy-plot.png", "confusion-matrix.png")
 # What a run writes in --out (a killed run's temporary files of these are removed)
 RESULTS = ("classifier.pth", "accuracy.json", "confusion.json", "*.png")
@@ -823,10 +832,11 @@ def finetune(args, classifier_path, device, data=None):
     seconds = time.perf_counter() - start
     report(accuracies, seconds, classifier_path, counts, classes)
     if data is None:  # the book's two messages
+        print("\nThe book's two messages (its classify_review calls ham \"not spam\"):")
         for text in BOOK_EXAMPLES:
             label, probability = classify_review(text, model, tokenizer, device, max_length,
                                                  token=args.token)
-            print(f"{label} ({probability:.1%}): {text}")
+            print(f"{'ham' if label == 'not spam' else label:>4}  {probability:6.1%}  {text}")
     return {"model": model, "accuracies": accuracies, "train_losses": train_losses,
             "train_accs": train_accs, "seconds": seconds, "confusion": counts,
             "classes": classes, "per_class": per_class}
@@ -982,6 +992,10 @@ def build_parser():
     data.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
                       help="undersample every class to the rarest one's count, as the book "
                            "does (default: on for the spam data, off for yours)")
+    data.add_argument("--stratify", action=argparse.BooleanOptionalAction, default=None,
+                      help="split your --data 70/10/20 within each class, so that every split "
+                           "holds each class in the same proportion (default: on; the spam "
+                           "data keeps the book's split)")
     data.add_argument("--data-dir", default="data/spam",
                       help="folder for the spam data file and its train/validation/test.csv")
     parser.add_argument("--trainable", choices=["head", "last_block", "last_two_blocks", "all"],

@@ -366,6 +366,9 @@ def chat(model, tokenizer, device, context_size, max_new_tokens=256, temperature
             turns = []
             out.write("(earlier turns forgotten)\n")
             continue
+        if line.strip() in ("/help", "/?"):
+            out.write(CHAT_HELP)
+            continue
         idx = chat_prompt(turns, line.strip(), tokenizer, context_size, max_new_tokens)
         try:
             new_ids = stream_text(model, idx.to(device), tokenizer,
@@ -378,6 +381,13 @@ def chat(model, tokenizer, device, context_size, max_new_tokens=256, temperature
         out.write("\n")
         responses.append(tokenizer.decode(new_ids).strip())
         turns.append((line.strip(), responses[-1]))
+
+
+CHAT_HELP = ("Type an instruction and press Enter; the answer streams as it is made.\n"
+             "  /reset   forget the earlier turns (they stay in the prompt while they fit)\n"
+             "  /help    this list\n"
+             "  Ctrl-C   stop an answer; at the prompt, end the chat\n"
+             "  an empty line or Ctrl-D ends the chat\n")
 
 
 def read_line(stdin, out):
@@ -444,15 +454,17 @@ def check_preference_entries(data, source):
 
 
 class PreferenceDataset(Dataset):
-    """Each entry as token ids: the prompt (format_input and the response header),
-    and the prompt followed by the chosen and by the rejected response."""
+    """Each entry as token ids, as the bonus encodes it: the prompt (format_input),
+    and the whole text with the response header and the chosen, or the rejected,
+    response."""
 
     def __init__(self, data, tokenizer):
         self.items = []
         for entry in data:
-            prompt = tokenizer.encode(prompt_of(entry), disallowed_special=())
-            self.items.append({key: prompt + tokenizer.encode(entry[key], disallowed_special=())
-                               for key in ("chosen", "rejected")} | {"prompt": prompt})
+            encode = lambda text: tokenizer.encode(text, disallowed_special=())  # noqa: E731
+            self.items.append({key: encode(prompt_of(entry) + entry[key])
+                               for key in ("chosen", "rejected")} |
+                              {"prompt": encode(format_input(entry))})
 
     def __getitem__(self, index):
         return self.items[index]
@@ -463,14 +475,15 @@ class PreferenceDataset(Dataset):
 
 def preference_collate_fn(batch, pad_token_id=EOT_ID, allowed_max_length=None, device="cpu"):
     """The batch's chosen and rejected sequences padded with pad_token_id to its
-    longest + 1 and cut at allowed_max_length, each with a mask that is True at
-    the response's tokens only: not the prompt's, not the padding."""
+    longest + 1 and cut at allowed_max_length, each with a mask that is False at
+    the padding and, as the bonus masks them, at the prompt and the two newline
+    tokens after it: "### Response:\\n" and the response are what count."""
     longest = max(len(item[key]) for item in batch for key in ("chosen", "rejected")) + 1
     out = {}
     for key in ("chosen", "rejected"):
         ids, masks = [], []
         for item in batch:
-            n, start = len(item[key]), len(item["prompt"])
+            n, start = len(item[key]), len(item["prompt"]) + 2
             ids.append(item[key] + [pad_token_id] * (longest - n))
             masks.append([False] * start + [True] * (n - start) + [False] * (longest - n))
         ids, masks = torch.tensor(ids), torch.tensor(masks)
@@ -538,7 +551,8 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
     the reward margin and (beyond the bonus) the reward accuracy every eval_freq
     steps. Returns what it tracked."""
     tracking = {k: [] for k in ("train_losses", "val_losses", "train_margins", "val_margins",
-                                "train_accuracies", "val_accuracies", "tokens_seen")}
+                                "train_accuracies", "val_accuracies", "tokens_seen",
+                                "steps")}
     tokens_seen, global_step = 0, -1
     for epoch in range(num_epochs):
         policy_model.train()
@@ -559,9 +573,10 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
                     tracking[f"{split}_margins"].append(margin)
                     tracking[f"{split}_accuracies"].append(accuracy)
                 tracking["tokens_seen"].append(tokens_seen)
+                tracking["steps"].append(global_step)
                 tqdm.write(f"Ep {epoch + 1} (Step {global_step:06d}): Train loss {train[0]:.3f}, "
-                           f"Val loss {val[0]:.3f}, Train reward margins {train[1]:.3f}, Val "
-                           f"reward margins {val[1]:.3f}, reward accuracy {train[2]:.2f} / "
+                           f"Val loss {val[0]:.3f}, Train reward margins {train[1]:.5f}, Val "
+                           f"reward margins {val[1]:.5f}, reward accuracy {train[2]:.2f} / "
                            f"{val[2]:.2f}")
     return tracking
 
@@ -697,7 +712,11 @@ def tune_with_dpo(args, sft_path, dpo_path, splits, earlier):
                          f"not fill a batch of {args.batch_size}; lower --batch-size or raise "
                          "--limit.")
     print(run_header(sft_path, policy, cfg, f"{len(train_data)} / {len(val_data)} / "
-                     f"{len(test_data)} preference pairs", args.out))
+                     f"{len(test_data)} preference pairs", dpo_path.parent))
+    print(f"DPO: beta {args.beta:g}, learning rate {hp['lr']:g}" +
+          (" (the bonus's value, chosen there for GPT-2 355M: --lr sets another)"
+           if "lr" not in given else "") +
+          f", weight decay {hp['weight_decay']:g}, {hp['epochs']} epoch(s)")
     policy.train()
     for name, loader in (("Training", train_loader), ("Validation", val_loader)):
         loss, margin, accuracy = evaluate_dpo_loss_loader(policy, reference, loader, args.beta,
@@ -710,8 +729,8 @@ def tune_with_dpo(args, sft_path, dpo_path, splits, earlier):
     tracking = train_model_dpo_simple(policy, reference, train_loader, val_loader, optimizer,
                                       hp["epochs"], args.beta, args.eval_freq, args.eval_iter)
     print(f"DPO took {(time.perf_counter() - start) / 60:.2f} minutes.")
-    if tracking["train_losses"]:
-        steps = torch.linspace(0, hp["epochs"], len(tracking["train_losses"]))
+    if tracking["train_losses"]:  # each evaluation at the epochs its step has seen
+        steps = torch.tensor([(s + 1) / len(train_loader) for s in tracking["steps"]])
         for label, key, name in (("DPO loss", "losses", "dpo-loss-plot.png"),
                                  ("reward margin", "margins", "dpo-margins-plot.png")):
             plot_values(steps, tracking["tokens_seen"], tracking[f"train_{key}"],
@@ -741,8 +760,8 @@ def main(args):
         model, settings = load_finetuned(args.model_file or saved_model_path(args), device)
         tokenizer = get_gpt2_tokenizer(settings["models_dir"])
         print("Chat with the finetuned model. Earlier turns stay while they fit (/reset "
-              "forgets them); Ctrl-C stops an answer; an empty line, Ctrl-D or Ctrl-C at the "
-              "prompt ends the chat.")
+              "forgets them, /help lists the commands); Ctrl-C stops an answer; an empty line, "
+              "Ctrl-D or Ctrl-C at the prompt ends the chat.")
         return {"responses": chat(model, tokenizer, device, settings["cfg"]["context_length"],
                                   args.max_new_tokens, **sampling(args))}
     model_path = out_dir / model_name(args)

@@ -815,6 +815,49 @@ def test_lr_schedule_warmup_peak_and_end():
     assert lrs[99] == pytest.approx(1e-5, abs=2e-6)
 
 
+def test_the_commands_schedule_spans_the_steps_the_run_takes(tmp_path, capsys):
+    """--max-steps 10 of a 10-epoch run: warm-up, peak and decay within those 10."""
+    result = ch05.main(train_args(tmp_path, "--schedule", "cosine", "--max-steps", "10",
+                                  "--lr", "1e-3", "--eval-freq", "5"))
+    lrs = result["history"]["lrs"]
+    assert len(lrs) == 10 and lrs[0] == pytest.approx(3e-5) and lrs[2] == pytest.approx(1e-3)
+    assert lrs == [ch05.lr_at_step(s, 10, 1e-3, 2, 3e-5, 1e-6) for s in range(10)]
+    assert lrs[-1] < 1e-4  # decayed within the run, not a tenth of the way up the warm-up
+    assert "Learning rate: warm-up from 3e-05 to the peak 0.001 over 2 steps, then cosine " \
+        f"decay to {lrs[-1]:.3g} at the last of 10 steps" in capsys.readouterr().out
+    ch05.main(train_args(tmp_path / "constant", "--max-steps", "2"))
+    assert "Learning rate: 0.0004 for all 2 steps" in capsys.readouterr().out
+
+
+def test_a_run_says_how_long_it_will_take_and_when_evaluation_costs_too_much(tmp_path, capsys):
+    text = tmp_path / "corpus.txt"
+    text.write_text((SHARED / "data" / "the-verdict.txt").read_text(encoding="utf-8") * 2,
+                    encoding="utf-8")
+    ch05.main(train_args(tmp_path / "a", "--data", str(text), "--max-steps", "12",
+                         "--eval-freq", "1", "--eval-iter", "5"))
+    out = capsys.readouterr().out
+    assert re.search(r"Estimated time for the run: \d+ s more \(\d+ steps at [\d.]+ s each, "
+                     r"evaluations included\)", out), out
+    assert re.search(r"Evaluation takes \d+% of the time \(every 1 steps, 5 batches each\): a "
+                     r"larger --eval-freq", out)
+    book = train_args_argv(tmp_path / "b", "--max-steps", "12", "--eval-freq", "1")
+    del book[:2]  # no --data: the book's text (here from --data-dir), the book's cadence
+    ch05.main(args_of(ch05, [*book, "--data-dir", str(SHARED / "data")]))
+    assert "Evaluation takes" not in capsys.readouterr().out
+    # a model between tiny and 124M: any GPT-2 shape, heads dividing the width
+    result = ch05.main(train_args(tmp_path / "c", "--n-layers", "3", "--emb-dim", "48",
+                                  "--n-heads", "6", "--max-steps", "1"))
+    cfg = ch05.load_checkpoint(tmp_path / "c" / "checkpoint.pt")["config"]
+    assert (cfg["n_layers"], cfg["emb_dim"], cfg["n_heads"]) == (3, 48, 6)
+    assert len(result["model"].trf_blocks) == 3
+    assert "Model: tiny reshaped: 3 layers, embedding size 48, 6 heads" in capsys.readouterr().out
+    assert ch04.gpt_config("mini")["n_layers"] == 6 and ch04.gpt_config("mini")["emb_dim"] == 384
+    with pytest.raises(SystemExit):
+        train_args(tmp_path, "--emb-dim", "50", "--n-heads", "4")
+    assert "--n-heads 4 does not divide the embedding size 50: each head takes an equal " \
+        "share (try --n-heads 2)" in capsys.readouterr().err
+
+
 def test_train_model_appendix_d_clips_after_warmup(verdict, tokenizer, monkeypatch):
     model = tiny_model(123)
     loader = ch02.create_dataloader_v1(verdict[:3000], batch_size=2, max_length=32, stride=32)
@@ -1419,6 +1462,29 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
         ch05.main(args_of(ch05, ["--generate", "Hi", "--from", str(tmp_path / "model.safetensors")]))
 
 
+def test_weights_exported_from_a_checkpoint_serve_everywhere_but_resume(tmp_path, capsys):
+    ch05.main(train_args(tmp_path, "--max-steps", "2"))
+    weights = tmp_path / "weights.pth"
+    ch05.main(args_of(ch05, ["--export-weights", str(weights), "--out", str(tmp_path)]))
+    saved, full = ch05.load_checkpoint(weights), ch05.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(saved) == {"kind", "model", "config", "settings", "checksums"}
+    assert all(torch.equal(saved["model"][k], v) for k, v in full["model"].items())
+    assert weights.stat().st_size < (tmp_path / "checkpoint.pt").stat().st_size / 2
+    assert f"as {weights} (" in capsys.readouterr().out
+    generated = [ch05.main(args_of(ch05, ["--generate", "Every effort", "--from", str(path),
+                                          "--temperature", "0", "--max-new-tokens", "5"]))["text"]
+                 for path in (weights, tmp_path / "checkpoint.pt")]
+    assert generated[0] == generated[1]
+    gpt2.export_hf(weights, tmp_path / "hf")  # --export-hf and --init-from take it too
+    model, _ = ch06.base_model(args_of(ch06, ["--init-from", str(weights)]), "")
+    assert torch.equal(model.tok_emb.weight, full["model"]["tok_emb.weight"])
+    with pytest.raises(ValueError, match=r"weights\.pth holds a model's weights only \(saved by "
+                                         r"--export-weights\), not the optimizer"):
+        ch05.main(train_args(tmp_path, "--resume", str(weights)))
+    with pytest.raises(FileExistsError, match=r"--export-weights .*weights\.pth already exists"):
+        ch05.main(args_of(ch05, ["--export-weights", str(weights), "--out", str(tmp_path)]))
+
+
 def test_a_flipped_byte_in_a_model_files_weights_is_caught(tmp_path):
     model, _ = tiny_text_model_file(tmp_path / "m.pt")
     data = bytearray((tmp_path / "m.pt").read_bytes())
@@ -1582,8 +1648,18 @@ def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
     rows, derived, targets, _ = bench.summarise_cuda(runs, p)
     assert derived["KV cache tokens = uncached (1: yes)"] == 1.0
     assert math.isclose(derived["fast path MFU (vs bf16 mm)"], runs[1]["gflops_per_s"] / 1e3)
-    bench.print_table(rows, derived, targets, None, False)
-    assert "fast + compile MFU (vs bf16 mm)" in capsys.readouterr().out
+    bench.print_table(rows, derived, targets, None, False, "cuda")
+    out = capsys.readouterr().out
+    assert "fast + compile MFU (vs bf16 mm)" in out
+    # each line says whether its target applies to this run, and whether it was met
+    line = lambda key: next(l for l in out.splitlines() if l.startswith(key))  # noqa: E731
+    assert line("KV cache tokens = uncached").endswith(">= 1     met (a target of the cuda "
+                                                        "run: it applies)")
+    assert line("cache + fast tokens = uncached").endswith("-        no target")
+    bench.print_table(rows, derived, {"KV cache tokens = uncached (1: yes)": (">=", 2.0)},
+                      None, True, "cpu")
+    # a --quick run measures a smaller model: its lines draw no verdict
+    assert "does not apply: a target of the full run" in capsys.readouterr().out
 
 
 # ======= Chapter 5, loading GPT-2: the book's listings =======
@@ -2504,6 +2580,11 @@ def test_chapter6_end_to_end_then_classify(tmp_path, capsys, spam_tsv):
     out = capsys.readouterr().out
     assert re.search(r"Train / validation / test: \d+ / \d+ / \d+", out) and "random weights" in out
     assert set(result["accuracies"]) == {"train", "validation", "test"}
+    # the book's two messages, each class named as everywhere else in the command
+    demo = out[out.index("The book's two messages"):].splitlines()[1:3]
+    assert [line.split()[0] in ("ham", "spam") for line in demo] == [True, True], demo
+    assert demo[0].endswith("You are a winner you have been specially selected to receive "
+                            "$1000 cash or a $2000 award.")
     for name in ("classifier.pth", "loss-plot.png", "accuracy-plot.png", "accuracy.json"):
         assert (tmp_path / "out" / name).exists()
     (tmp_path / "texts.txt").write_text("You won a prize, reply now\n\n\u200b\nSee you at 5\n",
@@ -2781,6 +2862,31 @@ def test_the_token_that_feeds_the_head():
     with torch.no_grad():  # each text of a batch pools its own real tokens
         pooled = ch06.select_logits(model(batch), batch, "mean")
     assert torch.allclose(pooled[0], mean[0], atol=1e-6)
+
+
+def test_own_data_is_split_within_each_class_unless_told_otherwise(tmp_path):
+    rows = [(f"text {i}", "common") for i in range(60)] + [(f"rare {i}", "rare") for i in range(10)]
+    data = write_table(tmp_path / "d.csv", [(t, c) for t, c in rows])
+    count = lambda part: sum(r[0] == "rare" for r in part)  # noqa: E731
+    parts, _ = ch06.own_data(own_data_args(tmp_path, "--data", str(data)))
+    assert [len(p) for p in parts] == [49, 7, 14] and [count(p) for p in parts] == [7, 1, 2]
+    assert len({r[1] for p in parts for r in p}) == 70  # each row once
+    assert [r[0] for r in parts[0][:12]] != sorted(r[0] for r in parts[0][:12])  # mixed
+    plain, _ = ch06.own_data(own_data_args(tmp_path, "--data", str(data), "--no-stratify"))
+    as_read = ch06.read_labeled_file(data)
+    assert plain == ch06.random_split(as_read, 0.7, 0.1)  # the book's split of the spam data
+
+
+def test_a_plot_of_one_evaluation_shows_its_point_from_the_runs_start(monkeypatch):
+    drawn = []
+    monkeypatch.setattr(ch06, "save_figure", lambda fig, path: drawn.append(fig))
+    ch06.plot_values(torch.tensor([0.125]), torch.tensor([640]), [0.69314], [0.69316],
+                     "DPO loss", "x.png")
+    ax1, ax2 = drawn[0].axes
+    assert [line.get_marker() for line in ax1.lines] == ["o", "o"]  # a point, not nothing
+    assert ax1.get_xlim()[0] == 0 == ax2.get_xlim()[0] and ax1.get_xlim()[1] > 0.125
+    drawn[0].canvas.draw()
+    assert ax1.yaxis.get_major_formatter().get_offset() == ""  # the values, not 1e-6+6.93e-1
 
 
 def test_own_files_labels_and_class_order(tmp_path):
@@ -3216,6 +3322,12 @@ def test_chat_loop_streams_and_exits_on_empty_line(tokenizer):
     assert len(responses) == 1 and responses[0]
     assert out.getvalue().count(">>> ") == 2  # asked twice, stopped at the empty line
     assert ch07.chat(model, tokenizer, "cpu", 256, stdin=io.StringIO(""), out=io.StringIO()) == []
+    out = io.StringIO()  # /help lists the commands; it is not an instruction for the model
+    responses = ch07.chat(model, tokenizer, "cpu", 256, max_new_tokens=5,
+                          stdin=io.StringIO("/help\nWhat is 2+2?\n\n"), out=out)
+    assert len(responses) == 1 and ch07.CHAT_HELP in out.getvalue()
+    assert "/reset" in ch07.CHAT_HELP and out.getvalue().index(ch07.CHAT_HELP) < \
+        out.getvalue().rindex(">>> ")
 
 
 def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
@@ -3323,12 +3435,18 @@ def test_dpo_batches_pad_and_mask_exactly_the_response_tokens(tokenizer):
     for key in ("chosen", "rejected"):
         assert batch[key].shape == batch[f"{key}_mask"].shape == (4, longest + 1)
         for row, item in enumerate(dataset.items):
-            n, start = len(item[key]), len(item["prompt"])
-            assert batch[key][row, :n].tolist() == item[key]
+            n = len(item[key])
+            assert batch[key][row, :n].tolist() == item[key] == tokenizer.encode(
+                ch07.format_input(PREFERENCES[row]) + "\n\n### Response:\n" + PREFERENCES[row][key])
             assert batch[key][row, n:].eq(50256).all()  # padding: <|endoftext|>
-            assert batch[f"{key}_mask"][row].nonzero().flatten().tolist() == list(range(start, n))
+            # as the bonus: the prompt and the two newlines after it are masked, the
+            # header's "### Response:\n" and the response count
+            start = len(tokenizer.encode(ch07.format_input(PREFERENCES[row])))
+            assert tokenizer.decode(batch[key][row, start:start + 2].tolist()) == "\n\n"
+            assert batch[f"{key}_mask"][row].nonzero().flatten().tolist() == \
+                list(range(start + 2, n))
             response = tokenizer.decode(batch[key][row][batch[f"{key}_mask"][row]].tolist())
-            assert response == PREFERENCES[row][key]
+            assert response == "### Response:\n" + PREFERENCES[row][key]
     cut = ch07.preference_collate_fn(dataset.items, allowed_max_length=20)
     assert cut["chosen"].shape == cut["chosen_mask"].shape == (4, 20)
     # the masks decide what counts: padding and the prompt's positions change nothing
