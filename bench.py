@@ -161,8 +161,8 @@ def child_generate(variant, p):
     cached, cached with the fast kernels; the same random model in each, so their
     tokens compare) or Hugging Face's GPT-2 ("hf")."""
     import torch
-    import ch05_train as ch05
     from ch04_gpt import GPTModel, use_fast_kernels
+    from ch05_generate import generate
     device = torch.device(p.get("device", "cpu"))
     idx = torch.tensor([[15496, 11, 314, 716]], device=device)  # "Hello, I am"
     torch.manual_seed(123)
@@ -177,8 +177,8 @@ def child_generate(variant, p):
         model = GPTModel(cfg).to(device).eval()
         if variant == "fast":
             use_fast_kernels(model)
-        run = lambda n: ch05.generate(model, idx, n, cfg["context_length"],  # noqa: E731
-                                      use_cache=variant != "uncached")
+        run = lambda n: generate(model, idx, n, cfg["context_length"],  # noqa: E731
+                                 use_cache=variant != "uncached")
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     run(2)  # warm up (on CUDA, with the cache, this records the step's graph)
     synchronize()

@@ -13,7 +13,7 @@ Imports no earlier chapter file.
 """
 import argparse
 import contextlib
-import glob
+import functools
 import hashlib
 import json
 import math
@@ -21,9 +21,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sys
-import tempfile
 import time
 import unicodedata
 import warnings
@@ -94,14 +92,18 @@ class SimpleTokenizerV2(SimpleTokenizerV1):
 
 # ---- 2.5 Byte pair encoding ----
 
-def bpe_tokenizer():
+def bpe_tokenizer(models_dir="gpt2"):
     """GPT-2's BPE tokenizer (tiktoken downloads its vocabulary once, then caches it)."""
     try:
         return tiktoken.get_encoding("gpt2")
-    except requests.RequestException as err:  # beyond the book: offline, without the cache
+    except Exception as err:  # beyond the book: offline, without tiktoken's cache
+        local = local_bpe_tokenizer(models_dir)  # GPT-2's own files, if downloaded
+        if local is not None:
+            return local
         raise DownloadError(
             f"tiktoken could not download GPT-2's vocabulary ({type(err).__name__}; it fetches "
-            "vocab.bpe and encoder.json once, then caches them). Connect once, or set "
+            "vocab.bpe and encoder.json once, then caches them), and there are no "
+            f"encoder.json and vocab.bpe under {models_dir}/*/. Connect once, or set "
             "TIKTOKEN_CACHE_DIR to a folder that holds tiktoken's cache.") from None
 
 
@@ -243,76 +245,6 @@ def atomic_path(path):
     tmp.replace(path)
 
 
-@contextlib.contextmanager
-def atomic_folder(path, replaces=()):
-    """atomic_path for a folder: the block fills a temporary folder beside `path`,
-    which then takes its place. A folder already there is replaced only when it is
-    empty or holds nothing but files named in `replaces` (an earlier run's output),
-    and only once the new one is whole; a failed block leaves it as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_abandoned_folders(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
-                                dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's private 0o700
-    try:
-        yield tmp
-        for file in tmp.iterdir():  # as open() makes files (some writers make theirs private)
-            file.chmod(0o666 & ~umask)
-        problem = folder_in_the_way(path, replaces)
-        if problem:
-            raise FileExistsError(f"{path} appeared while it was being written (another run?) "
-                                  f"and {problem}; it is kept as it is.")
-        old = move_aside(path, ".old.tmp") if path.exists() else None
-        tmp.replace(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-def folder_in_the_way(path, replaces=()):
-    """Why `path` may not be replaced by a folder (None: it is absent, empty, or
-    holds only files named in `replaces`): a file, or what else the folder holds."""
-    path = Path(path)
-    if not path.exists():
-        return None
-    if not path.is_dir():
-        return "is a file, not a folder"
-    others = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
-                    if not (p.name in replaces and p.is_file()))
-    if not others:
-        return None
-    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-    return f"holds files this command did not write ({shown})"
-
-
-def remove_abandoned_folders(path):
-    """Remove temporary folders of `path` (atomic_folder's) whose writer is gone: a
-    killed run's leftovers. A writer still running keeps its own."""
-    for tmp in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*-*.tmp"):
-        pid = tmp.name[len(Path(path).name) + 2:].split("-", 1)[0]
-        if pid.isdigit() and not process_running(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def process_running(pid):
-    """Whether a process `pid` runs on this machine (on Windows, where no signal
-    asks it without harm, every process counts as running)."""
-    if os.name == "nt":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
-
-
 def unwritable(folder, err, flag="--out"):
     """The OSError for a results folder that cannot be written, in the user's words."""
     folder = Path(folder)
@@ -348,91 +280,6 @@ def check_output_file(path, overwrite, flag):
         raise FileExistsError(f"{flag} {path} already exists. Replace it with --overwrite, or "
                               "name another file.")
     check_writable(path.parent, flag)
-
-
-def refuse_overwrite(paths, overwrite, resume_hint="", also=()):
-    """Stop before a run writes over an earlier run's results, unless --overwrite
-    was given; returns those earlier files, with the files of `also` there (plots,
-    say, which alone block nothing), as EarlierResults."""
-    found = [Path(p) for p in paths if Path(p).exists()]
-    if found and not overwrite:
-        raise ValueError(f"{found[0].parent} already holds an earlier run's results "
-                         f"({', '.join(p.name for p in found)}). {resume_hint}Start over with "
-                         "--overwrite, or choose another --out.")
-    return EarlierResults(found + [Path(p) for p in also if Path(p).is_file()])
-
-
-class EarlierResults:
-    """An earlier run's files that --overwrite lets a new run replace. None is
-    deleted up front: a typo, a cut download or Ctrl-C in the new run leaves them
-    as they were. Each new file takes its old one's place once it is written whole
-    (atomic_path); retire() removes old ones that the new run did not write again."""
-
-    def __init__(self, paths=()):
-        self.files = {Path(p): file_identity(p) for p in paths}
-
-    def retire(self, *paths):
-        """Remove `paths` (all, when none are named) of the earlier files that are
-        still the earlier run's: at the new run's successful end, or as soon as a
-        new file makes them wrong (an old model's responses beside a new model)."""
-        for path in [Path(p) for p in paths] if paths else list(self.files):
-            if path not in self.files:
-                continue
-            earlier = self.files.pop(path)
-            if earlier is not None and file_identity(path) == earlier:
-                path.unlink()
-
-
-def file_identity(path):
-    """What tells a file from one put in its place since (a rename brings another
-    inode), or None when there is none."""
-    try:
-        stat = Path(path).stat()
-    except FileNotFoundError:
-        return None
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-@contextlib.contextmanager
-def run_lock(out_dir, results=(), flag="--out"):
-    """Hold out_dir/run.lock while a run lasts, so a second run on the same --out
-    is refused. The operating system releases the lock when the process ends,
-    however it ends: a crashed run leaves nothing stuck. Once the lock is held,
-    temporary files of `results` (glob patterns) can only be a killed run's
-    leftovers, and are removed."""
-    out_dir = Path(out_dir)
-    check_writable(out_dir, flag)
-    try:
-        f = open(out_dir / "run.lock", "a+", encoding="utf-8")
-    except OSError as err:
-        raise unwritable(out_dir, err, flag) from None
-    with f:
-        try:
-            if os.name == "nt":
-                import msvcrt
-                f.seek(1 << 20)  # lock a byte past the text, which stays readable
-                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            raise ValueError(f"{out_dir} is in use by another run ({holder}). Wait for it to "
-                             f"end, or choose another {flag}.") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
-        f.flush()
-        for pattern in results:
-            for stale in out_dir.glob(pattern + ".tmp"):
-                stale.unlink(missing_ok=True)
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
 
 
 def write_text_atomic(path, text):
@@ -512,7 +359,7 @@ def run_command(main, args, kept, errors=(OSError, ValueError)):
     """Every command's __main__: main(args), and however it stops, one line and an
     exit status. An error of `errors` (or a download's) is "error: ..." (1); Ctrl-C,
     SIGTERM and SIGHUP say what was kept, in the command's words (`kept`, or
-    kept(args)), and exit with 128 + the signal's number (130, 143, 129)."""
+    kept(the flags as a dict)), and exit with 128 + the signal's number (130, 143, 129)."""
     plain_warnings()
     signals = [getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
                if hasattr(signal, name)]  # Windows has no SIGHUP
@@ -531,7 +378,7 @@ def run_command(main, args, kept, errors=(OSError, ValueError)):
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"\nInterrupted ({signal.Signals(signum).name}). "
-              f"{kept(args) if callable(kept) else kept}", file=sys.stderr)
+              f"{kept(vars(args)) if callable(kept) else kept}", file=sys.stderr)
         sys.exit(128 + signum)
     except (*errors, DownloadError) as err:
         sys.exit(f"error: {err}")
@@ -790,6 +637,99 @@ def _free_space(folder):
         return "unknown space"
 
 
+# ---- Beyond the book: GPT-2's BPE files ----
+# OpenAI's GPT-2 download spells its vocabulary in two files, encoder.json and
+# vocab.bpe (Hugging Face: vocab.json and merges.txt), each token's bytes written
+# as printable characters. Read both ways: tiktoken's encoding from them, offline,
+# and them from tiktoken's encoding (ch05_load_gpt2.py's export).
+
+def gpt2_byte_symbols():
+    """GPT-2's byte-to-character table: bytes that print stand for themselves, the
+    others (space, controls) for characters from 256 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    symbols, n = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in symbols:
+            symbols[b], n = chr(256 + n), n + 1
+    return {ch: b for b, ch in symbols.items()}
+
+
+def gpt2_tokenizer_from_files(encoder_json, vocab_bpe):
+    """GPT-2's byte-level BPE built from the two files of OpenAI's model download.
+    encoder.json's ids are the merge ranks (vocab.bpe lists the merges in that
+    order), so it alone gives tiktoken's ranks. Read here rather than through
+    tiktoken's loader, which copies every file it reads into its cache folder."""
+    byte_of = gpt2_byte_symbols()
+    encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+    ranks = {bytes(byte_of[ch] for ch in token): rank for token, rank in encoder.items()
+             if token != "<|endoftext|>"}
+    merges = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")[1:]
+    n_merges = sum(1 for line in merges if line.strip())
+    if len(ranks) != 256 + n_merges or sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{encoder_json} ({len(ranks)} tokens) and {vocab_bpe} ({n_merges} "
+                         "merges) are not one GPT-2 vocabulary; delete both to download them "
+                         "again.")
+    return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
+
+
+# GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, spaces
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
+                r"""\s+(?!\S)|\s""")
+
+
+def local_bpe_tokenizer(models_dir):
+    """GPT-2's encoding from the encoder.json and vocab.bpe of a model download
+    under models_dir/*/ (ch05_load_gpt2.py's), or None when there are none."""
+    for encoder in sorted(Path(models_dir).glob("*/encoder.json")):
+        vocab = encoder.with_name("vocab.bpe")
+        if vocab.exists():
+            return gpt2_tokenizer_from_files(encoder, vocab)
+    return None
+
+
+def bpe_merges(ranks):
+    """GPT-2's merges (vocab.bpe, Hugging Face's merges.txt) in rank order, from
+    tiktoken's ranks alone: byte-level BPE run on a token's bytes with only the
+    merges ranked below it ends at the two parts whose merge the token is."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        splits = [(token[:i], token[i:]) for i in range(1, len(token))
+                  if ranks.get(token[:i], rank) < rank and ranks.get(token[i:], rank) < rank]
+        if len(splits) == 1:  # the only way to make it from two earlier tokens
+            merges.append(splits[0])
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
+            if pair_ranks[i] >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"The tokenizer's token {token!r} is no merge of two earlier "
+                             "tokens: it is not a byte-level BPE vocabulary.")
+        merges.append(tuple(parts))
+    return merges
+
+
+@functools.cache
+def hf_vocabulary_files(tokenizer):
+    """vocab.json and merges.txt of Hugging Face's GPT-2 tokenizer for tiktoken's
+    encoding: the same vocabulary, each token's bytes spelled in GPT-2's byte symbols."""
+    symbol = {b: ch for ch, b in gpt2_byte_symbols().items()}
+    spell = lambda token: "".join(symbol[b] for b in token)  # noqa: E731
+    ranks = {t: tokenizer.encode_single_token(t) for t in tokenizer.token_byte_values()}
+    vocab = {spell(t): r for t, r in sorted(ranks.items(), key=lambda item: item[1])}
+    vocab[EOT] = tokenizer.eot_token
+    merges = "".join(f"{spell(a)} {spell(b)}\n" for a, b in bpe_merges(ranks))
+    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + merges}
+
+
 # ---- Beyond the book: fixed sinusoidal positions (the original transformer's) ----
 
 def sinusoidal_position_encoding(context_length, dim):
@@ -863,6 +803,11 @@ def main(args):
           n_cl100k if n_cl100k is not None else
           "n/a (its vocabulary is not in tiktoken's cache and could not be downloaded)")
 
+    return sliding_windows_and_embeddings(raw_text, args)
+
+
+def sliding_windows_and_embeddings(raw_text, args):
+    """The demo's 2.6 to 2.8: windows of the text, then their embeddings."""
     # 2.6: sliding windows
     dataloader = create_dataloader_v1(raw_text, batch_size=1, max_length=4, stride=1,
                                       shuffle=False)
@@ -922,6 +867,10 @@ def build_parser():
     return parser
 
 
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
 if __name__ == "__main__":
-    run_command(main, build_parser().parse_args(),
+    run_command(main, parse_args(),
                 "A cut download's .part file is kept and resumes next time.")

@@ -12,7 +12,9 @@ the later chapters use.
 
 Run:  python ch03_attention.py [--out runs/ch03]   (prints the book's numbers,
       saves a heatmap of the causal attention weights)
-Imports atomic_path and run_command from ch02_data.py, for saving the plot and stopping cleanly.
+Needs torch alone (with ch04_gpt.py, a copy of the two files builds GPTModel); the
+demo and save_figure import ch02_data.py when they run, for whole files and a
+clean stop.
 """
 import argparse
 import os
@@ -27,8 +29,6 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no tra
 
 import torch
 import torch.nn as nn
-
-from ch02_data import HelpFormatter, atomic_path, run_command
 
 # "Your journey starts with one step": the book's 3-d embeddings of 6 tokens
 WORDS = ["Your", "journey", "starts", "with", "one", "step"]
@@ -310,6 +310,7 @@ def pyplot():
 
 
 def save_figure(fig, path):
+    from ch02_data import atomic_path  # here, so that the model needs torch alone
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     pyplot().close(fig)
@@ -367,6 +368,14 @@ def main(args):
     torch.manual_seed(123)
     print("Dropout(0.5) on the weights:\n", torch.nn.Dropout(0.5)(causal_weights))
 
+    heatmap = Path(args.out) / "causal_attention_weights.png"
+    save_heatmap(causal_weights.detach().numpy(), WORDS, heatmap)
+    print("Saved", heatmap)
+    return batched_attention(inputs, d_in, d_out)
+
+
+def batched_attention(inputs, d_in, d_out):
+    """The demo's 3.5.3 and 3.6: causal and multi-head attention over a batch of two."""
     batch = torch.stack((inputs, inputs), dim=0)
     print("Batch shape:", tuple(batch.shape))
     torch.manual_seed(123)
@@ -386,22 +395,23 @@ def main(args):
     context_vecs = mha(batch)
     print("MultiHeadAttention:\n", context_vecs)
     print("context_vecs.shape:", tuple(context_vecs.shape))
-
-    heatmap = Path(args.out) / "causal_attention_weights.png"
-    save_heatmap(causal_weights.detach().numpy(), WORDS, heatmap)
-    print("Saved", heatmap)
     return context_vecs
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 3 demo: self-attention, causal attention, multi-head attention.",
-        formatter_class=HelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog='example: python ch03_attention.py --out runs/ch03')
     parser.add_argument("--out", default="runs/ch03",
                         help="folder for the attention-weights heatmap PNG")
     return parser
 
 
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
 if __name__ == "__main__":
-    run_command(main, build_parser().parse_args(), "A heatmap is written whole or not at all.")
+    from ch02_data import run_command  # how every command stops; the classes need torch alone
+    run_command(main, parse_args(), "A heatmap is written whole or not at all.")

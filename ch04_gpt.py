@@ -10,7 +10,9 @@ replayed as a CUDA graph, `GraphedStep`) and, with `FAST_KERNELS` in the
 config, faster kernels with the book's results.
 
 Run:  python ch04_gpt.py [--prompt "Hello, I am"]
-Imports the attention and the caches from ch03_attention.py.
+Imports the attention and the caches from ch03_attention.py, and needs torch alone:
+ch03_attention.py and this file, copied into another project, build GPTModel (the
+demo imports tiktoken and ch02_data.py when it runs).
 """
 import argparse
 import os
@@ -22,11 +24,9 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no tra
                                                    "was done.", file=sys.stderr),
                                              os._exit(130)))
 
-import tiktoken
 import torch
 import torch.nn as nn
 
-from ch02_data import HelpFormatter, number, run_command
 from ch03_attention import ExtendedMultiHeadAttention, KVCache, MultiHeadAttention, StaticKVCache
 
 # ---- 4.1 Coding an LLM architecture ----
@@ -400,6 +400,7 @@ class GraphedStep:
 # ---- The chapter's demo ----
 
 def main(args):
+    import tiktoken  # the demo's only: the model itself needs torch alone
     torch.set_printoptions(precision=4, sci_mode=False)
     tokenizer = tiktoken.get_encoding("gpt2")
     cfg = gpt_config(args.model_size)
@@ -449,11 +450,10 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 4 demo: build GPT-2 124M, count its parameters, and let "
                     "the untrained model continue a prompt.",
-        formatter_class=HelpFormatter,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog='example: python ch04_gpt.py --model-size tiny --prompt "Hello, I am"')
     parser.add_argument("--prompt", default="Hello, I am", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=number(int, at_least=1), default=10,
-                        help="tokens to generate")
+    parser.add_argument("--max-new-tokens", type=int, default=10, help="tokens to generate")
     parser.add_argument("--model-size", default="124M", choices=list(MODEL_CONFIGS),
                         help="model size (the book uses 124M)")
     parser.add_argument("--model", dest="model_size", choices=list(MODEL_CONFIGS),
@@ -462,5 +462,14 @@ def build_parser():
     return parser
 
 
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1:
+        parser.error(f"argument --max-new-tokens: must be at least 1, got {args.max_new_tokens}")
+    return args
+
+
 if __name__ == "__main__":
-    run_command(main, build_parser().parse_args(), "The demo writes no files.")
+    from ch02_data import run_command  # how every command stops; the model needs torch alone
+    run_command(main, parse_args(), "The demo writes no files.")

@@ -1,24 +1,31 @@
 """Chapter 5 (5.5): Loading pretrained weights from OpenAI.
 
 Defines the book's `download_and_load_gpt2`, `load_gpt2_params_from_tf_ckpt`,
-`assign` and `load_weights_into_gpt`; beyond the book, a reader of OpenAI's
-TensorFlow checkpoint that needs no TensorFlow (`list_tf_variables`,
-`load_tf_variable`, with CRC-32C checks), `load_gpt2_model`
-(converts once to model.pth, then loads offline without TensorFlow) and
-`get_gpt2_tokenizer` (tiktoken's gpt2, or the same encoding built from the
-downloaded encoder.json and vocab.bpe).
+`assign` and `load_weights_into_gpt`. Beyond the book, in this order: the
+checks of the downloaded files (a damaged one is fetched again), a reader of
+OpenAI's TensorFlow checkpoint that needs no TensorFlow (`list_tf_variables`,
+`load_tf_variable`, with CRC-32C checks), `load_gpt2_model` (converts once to
+model.pth, then loads offline), Hugging Face's model.safetensors of the same
+weights (`load_hf_gpt2`), `--export-hf` (any text model of chapters 5 and 7 as
+a Hugging Face GPT-2 folder), and a look inside the checkpoint. Chapters 6 and
+7 take `load_gpt2_model` from here.
 
 Run:  python ch05_load_gpt2.py --model-size 124M --prompt "Every effort moves you"
       python ch05_load_gpt2.py --inspect          (what the checkpoint holds)
       python ch05_load_gpt2.py --neighbors king --analogy king man woman
-Imports from ch02_data.py, ch04_gpt.py and ch05_train.py.
+      python ch05_load_gpt2.py --export-hf runs/mine-hf --from runs/mine/checkpoint.pt
+Imports from ch02_data.py (downloads, GPT-2's BPE files), ch04_gpt.py and
+ch05_generate.py (model files, generating); nothing from ch05_train.py.
 """
 import argparse
+import contextlib
 import functools
+import glob
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -29,18 +36,16 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no tra
                                              os._exit(130)))
 
 import numpy as np
-import tiktoken
+import tempfile
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ch02_data import (EOT, DownloadError, HelpFormatter, atomic_folder, check_writable,
-                       download_file, folder_in_the_way, move_aside, run_command)
+from ch02_data import (EOT, DownloadError, HelpFormatter, bpe_tokenizer, check_writable,
+                       download_file, hf_vocabulary_files, move_aside, run_command)
 from ch04_gpt import (GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, add_device_argument,
                      get_device)
-from ch05_train import (add_sampling_arguments, architecture_difference, architecture_of,
-                        build_lean, load_checkpoint, load_text_model, model_file, sampling,
-                        save_checkpoint, stream_text, text_to_token_ids)
+from ch05_generate import (add_sampling_arguments, architecture_difference, architecture_of,
+                           build_lean, load_checkpoint, load_text_model, model_file, sampling,
+                           save_checkpoint, stream_text, text_to_token_ids)
 
 ALLOWED_SIZES = ("124M", "355M", "774M", "1558M")
 BASE_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/models",
@@ -70,6 +75,88 @@ def download_and_load_gpt2(model_size, models_dir, base_urls=BASE_URLS):
             raise damaged_again(data_file, str(again), aside) from None
     return settings, params
 
+
+def load_gpt2_params_from_tf_ckpt(ckpt_path, settings, list_variables=None, load_variable=None):
+    """{'wte': ..., 'wpe': ..., 'g': ..., 'b': ..., 'blocks': [{'attn': {...}, ...}]}"""
+    # Beyond the book: TensorFlow's functions, or the same from our own reader; or
+    # another reader's, which names OpenAI's variables (Hugging Face's file)
+    if list_variables is None:
+        list_variables, load_variable = checkpoint_functions(ckpt_path)
+    params = {"blocks": [{} for _ in range(settings["n_layer"])]}
+    for name, _ in list_variables(ckpt_path):
+        # squeeze: OpenAI stores linear weights as 1x1 convolutions, (1, in, out)
+        variable_array = np.squeeze(load_variable(ckpt_path, name))
+        variable_name_parts = name.split("/")[1:]  # skip the leading "model/"
+        target_dict = params
+        if variable_name_parts[0].startswith("h"):  # h0, h1, ...: a transformer block
+            target_dict = params["blocks"][int(variable_name_parts[0][1:])]
+        for key in variable_name_parts[1:-1]:
+            target_dict = target_dict.setdefault(key, {})
+        target_dict[variable_name_parts[-1]] = variable_array
+    return params
+
+
+# ---- 5.5 Loading the weights into our GPTModel ----
+
+def assign(left, right, name="parameter"):
+    if tuple(left.shape) != tuple(right.shape):
+        raise ValueError(f"Shape mismatch for {name}: our model has {tuple(left.shape)}, "
+                         f"the checkpoint has {tuple(right.shape)}.")
+    # Row-major, as a saved and reloaded model has it: `right` may be a transposed
+    # view, whose strides torch.tensor would keep (and matmuls would then round differently)
+    return torch.nn.Parameter(torch.tensor(np.ascontiguousarray(right), dtype=left.dtype))
+
+
+def load_weights_into_gpt(gpt, params, free_params=False):
+    gpt.pos_emb.weight = assign(gpt.pos_emb.weight, params["wpe"], "pos_emb.weight")
+    gpt.tok_emb.weight = assign(gpt.tok_emb.weight, params["wte"], "tok_emb.weight")
+
+    for b, block_params in enumerate(params["blocks"]):
+        if free_params:  # beyond the book: free each block's arrays once they are copied
+            params["blocks"][b] = None
+        block, name = gpt.trf_blocks[b], f"trf_blocks.{b}"
+        # OpenAI keeps query, key and value in one matrix, c_attn: split it in three
+        q_w, k_w, v_w = np.split(block_params["attn"]["c_attn"]["w"], 3, axis=-1)
+        # .T: OpenAI's weights are (in, out), nn.Linear's are (out, in)
+        block.att.W_query.weight = assign(block.att.W_query.weight, q_w.T, f"{name}.att.W_query.weight")
+        block.att.W_key.weight = assign(block.att.W_key.weight, k_w.T, f"{name}.att.W_key.weight")
+        block.att.W_value.weight = assign(block.att.W_value.weight, v_w.T, f"{name}.att.W_value.weight")
+
+        q_b, k_b, v_b = np.split(block_params["attn"]["c_attn"]["b"], 3, axis=-1)
+        block.att.W_query.bias = assign(block.att.W_query.bias, q_b, f"{name}.att.W_query.bias")
+        block.att.W_key.bias = assign(block.att.W_key.bias, k_b, f"{name}.att.W_key.bias")
+        block.att.W_value.bias = assign(block.att.W_value.bias, v_b, f"{name}.att.W_value.bias")
+
+        c_proj = block_params["attn"]["c_proj"]
+        block.att.out_proj.weight = assign(block.att.out_proj.weight, c_proj["w"].T,
+                                           f"{name}.att.out_proj.weight")
+        block.att.out_proj.bias = assign(block.att.out_proj.bias, c_proj["b"],
+                                         f"{name}.att.out_proj.bias")
+
+        mlp = block_params["mlp"]
+        block.ff.layers[0].weight = assign(block.ff.layers[0].weight, mlp["c_fc"]["w"].T,
+                                           f"{name}.ff.layers.0.weight")
+        block.ff.layers[0].bias = assign(block.ff.layers[0].bias, mlp["c_fc"]["b"],
+                                         f"{name}.ff.layers.0.bias")
+        block.ff.layers[2].weight = assign(block.ff.layers[2].weight, mlp["c_proj"]["w"].T,
+                                           f"{name}.ff.layers.2.weight")
+        block.ff.layers[2].bias = assign(block.ff.layers[2].bias, mlp["c_proj"]["b"],
+                                         f"{name}.ff.layers.2.bias")
+
+        block.norm1.scale = assign(block.norm1.scale, block_params["ln_1"]["g"], f"{name}.norm1.scale")
+        block.norm1.shift = assign(block.norm1.shift, block_params["ln_1"]["b"], f"{name}.norm1.shift")
+        block.norm2.scale = assign(block.norm2.scale, block_params["ln_2"]["g"], f"{name}.norm2.scale")
+        block.norm2.shift = assign(block.norm2.shift, block_params["ln_2"]["b"], f"{name}.norm2.shift")
+
+    gpt.final_norm.scale = assign(gpt.final_norm.scale, params["g"], "final_norm.scale")
+    gpt.final_norm.shift = assign(gpt.final_norm.shift, params["b"], "final_norm.shift")
+    # GPT-2 ties the output layer to the token embedding (beyond the book: a model
+    # exported by --export-hf with a head of its own brings it as lm_head)
+    gpt.out_head.weight = assign(gpt.out_head.weight, params.get("lm_head", params["wte"]),
+                                 "out_head.weight")
+
+
+# ---- Beyond the book: downloading the release, each file checked ----
 
 def download_gpt2(model_size, models_dir, base_urls=BASE_URLS):
     """The seven files of OpenAI's release in models_dir/model_size (that folder)."""
@@ -179,84 +266,6 @@ def hparams_problem(hparams, path):
     return f"it says {'; '.join(wrong)}" if wrong else None
 
 
-def load_gpt2_params_from_tf_ckpt(ckpt_path, settings):
-    """{'wte': ..., 'wpe': ..., 'g': ..., 'b': ..., 'blocks': [{'attn': {...}, ...}]}"""
-    # Beyond the book: TensorFlow's functions, or the same from our own reader
-    list_variables, load_variable = checkpoint_functions(ckpt_path)
-    params = {"blocks": [{} for _ in range(settings["n_layer"])]}
-    for name, _ in list_variables(ckpt_path):
-        # squeeze: OpenAI stores linear weights as 1x1 convolutions, (1, in, out)
-        variable_array = np.squeeze(load_variable(ckpt_path, name))
-        variable_name_parts = name.split("/")[1:]  # skip the leading "model/"
-        target_dict = params
-        if variable_name_parts[0].startswith("h"):  # h0, h1, ...: a transformer block
-            target_dict = params["blocks"][int(variable_name_parts[0][1:])]
-        for key in variable_name_parts[1:-1]:
-            target_dict = target_dict.setdefault(key, {})
-        target_dict[variable_name_parts[-1]] = variable_array
-    return params
-
-
-# ---- 5.5 Loading the weights into our GPTModel ----
-
-def assign(left, right, name="parameter"):
-    if tuple(left.shape) != tuple(right.shape):
-        raise ValueError(f"Shape mismatch for {name}: our model has {tuple(left.shape)}, "
-                         f"the checkpoint has {tuple(right.shape)}.")
-    # Row-major, as a saved and reloaded model has it: `right` may be a transposed
-    # view, whose strides torch.tensor would keep (and matmuls would then round differently)
-    return torch.nn.Parameter(torch.tensor(np.ascontiguousarray(right), dtype=left.dtype))
-
-
-def load_weights_into_gpt(gpt, params, free_params=False):
-    gpt.pos_emb.weight = assign(gpt.pos_emb.weight, params["wpe"], "pos_emb.weight")
-    gpt.tok_emb.weight = assign(gpt.tok_emb.weight, params["wte"], "tok_emb.weight")
-
-    for b, block_params in enumerate(params["blocks"]):
-        if free_params:  # beyond the book: free each block's arrays once they are copied
-            params["blocks"][b] = None
-        block, name = gpt.trf_blocks[b], f"trf_blocks.{b}"
-        # OpenAI keeps query, key and value in one matrix, c_attn: split it in three
-        q_w, k_w, v_w = np.split(block_params["attn"]["c_attn"]["w"], 3, axis=-1)
-        # .T: OpenAI's weights are (in, out), nn.Linear's are (out, in)
-        block.att.W_query.weight = assign(block.att.W_query.weight, q_w.T, f"{name}.att.W_query.weight")
-        block.att.W_key.weight = assign(block.att.W_key.weight, k_w.T, f"{name}.att.W_key.weight")
-        block.att.W_value.weight = assign(block.att.W_value.weight, v_w.T, f"{name}.att.W_value.weight")
-
-        q_b, k_b, v_b = np.split(block_params["attn"]["c_attn"]["b"], 3, axis=-1)
-        block.att.W_query.bias = assign(block.att.W_query.bias, q_b, f"{name}.att.W_query.bias")
-        block.att.W_key.bias = assign(block.att.W_key.bias, k_b, f"{name}.att.W_key.bias")
-        block.att.W_value.bias = assign(block.att.W_value.bias, v_b, f"{name}.att.W_value.bias")
-
-        c_proj = block_params["attn"]["c_proj"]
-        block.att.out_proj.weight = assign(block.att.out_proj.weight, c_proj["w"].T,
-                                           f"{name}.att.out_proj.weight")
-        block.att.out_proj.bias = assign(block.att.out_proj.bias, c_proj["b"],
-                                         f"{name}.att.out_proj.bias")
-
-        mlp = block_params["mlp"]
-        block.ff.layers[0].weight = assign(block.ff.layers[0].weight, mlp["c_fc"]["w"].T,
-                                           f"{name}.ff.layers.0.weight")
-        block.ff.layers[0].bias = assign(block.ff.layers[0].bias, mlp["c_fc"]["b"],
-                                         f"{name}.ff.layers.0.bias")
-        block.ff.layers[2].weight = assign(block.ff.layers[2].weight, mlp["c_proj"]["w"].T,
-                                           f"{name}.ff.layers.2.weight")
-        block.ff.layers[2].bias = assign(block.ff.layers[2].bias, mlp["c_proj"]["b"],
-                                         f"{name}.ff.layers.2.bias")
-
-        block.norm1.scale = assign(block.norm1.scale, block_params["ln_1"]["g"], f"{name}.norm1.scale")
-        block.norm1.shift = assign(block.norm1.shift, block_params["ln_1"]["b"], f"{name}.norm1.shift")
-        block.norm2.scale = assign(block.norm2.scale, block_params["ln_2"]["g"], f"{name}.norm2.scale")
-        block.norm2.shift = assign(block.norm2.shift, block_params["ln_2"]["b"], f"{name}.norm2.shift")
-
-    gpt.final_norm.scale = assign(gpt.final_norm.scale, params["g"], "final_norm.scale")
-    gpt.final_norm.shift = assign(gpt.final_norm.shift, params["b"], "final_norm.shift")
-    # GPT-2 ties the output layer to the token embedding (beyond the book: a model
-    # exported by --export-hf with a head of its own brings it as lm_head)
-    gpt.out_head.weight = assign(gpt.out_head.weight, params.get("lm_head", params["wte"]),
-                                 "out_head.weight")
-
-
 # ---- Beyond the book: reading OpenAI's checkpoint without TensorFlow ----
 # A TensorFlow checkpoint is two files. PREFIX.index is a sorted table in
 # LevelDB's format: tensor name -> a BundleEntryProto (dtype, shape, shard,
@@ -275,11 +284,7 @@ class DamagedCheckpoint(ValueError):
 def checkpoint_functions(ckpt_path):
     """(list_variables, load_variable): TensorFlow's where it is installed, else
     this file's reader, which returns the same arrays, bit for bit. Both verify
-    every tensor's checksum, and both report damage as DamagedCheckpoint. For
-    Hugging Face's model.safetensors: a reader that gives the same arrays under
-    OpenAI's names."""
-    if str(ckpt_path).endswith(".safetensors"):
-        return list_hf_variables, load_hf_variable
+    every tensor's checksum, and both report damage as DamagedCheckpoint."""
     try:
         import tensorflow as tf
     except ImportError:
@@ -547,7 +552,8 @@ def convert_gpt2(model_size, models_dir, drop_rate, base_urls):
     load_weights_into_gpt(model, params, free_params=True)
     pth = Path(models_dir) / model_size / "model.pth"
     save_checkpoint(pth, model_file("gpt2", model.state_dict(), {**cfg, "drop_rate": 0.0},
-                                    {"model_size": model_size}))
+                                    {"model_size": model_size},
+                                    what="GPT-2's weights converted by ch05_load_gpt2.py"))
     print(f"GPT-2 {model_size}: OpenAI's checkpoint, converted and saved to {pth}; later runs "
           "load it offline.")
     return model.eval(), cfg
@@ -557,7 +563,9 @@ def read_converted_model(pth, cfg):
     """(model.pth's state dict, None), or (None, what keeps it from being GPT-2 as
     hparams.json describes it)."""
     try:
-        saved = load_checkpoint(pth, mmap=True, kinds=("gpt2",))
+        saved = load_checkpoint(pth, mmap=True, kinds=("gpt2",), wanted="GPT-2's converted "
+                                "weights", earlier=lambda s: "gpt2" if s["config"] is None
+                                else None)  # earlier, model.pth was a bare state dict
     except ValueError as err:
         if str(err).startswith("Could not read"):
             return None, "is damaged (not a whole PyTorch file)"
@@ -568,58 +576,6 @@ def read_converted_model(pth, cfg):
     if difference:
         return None, f"holds a model with {difference[0]}, where hparams.json says {difference[1]}"
     return saved["model"], None
-
-
-def gpt2_byte_symbols():
-    """GPT-2's byte-to-character table: bytes that print stand for themselves, the
-    others (space, controls) for characters from 256 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    symbols, n = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in symbols:
-            symbols[b], n = chr(256 + n), n + 1
-    return {ch: b for b, ch in symbols.items()}
-
-
-def gpt2_tokenizer_from_files(encoder_json, vocab_bpe):
-    """GPT-2's byte-level BPE built from the two files of OpenAI's model download.
-    encoder.json's ids are the merge ranks (vocab.bpe lists the merges in that
-    order), so it alone gives tiktoken's ranks. Read here rather than through
-    tiktoken's loader, which copies every file it reads into its cache folder."""
-    byte_of = gpt2_byte_symbols()
-    encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-    ranks = {bytes(byte_of[ch] for ch in token): rank for token, rank in encoder.items()
-             if token != "<|endoftext|>"}
-    merges = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")[1:]
-    n_merges = sum(1 for line in merges if line.strip())
-    if len(ranks) != 256 + n_merges or sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{encoder_json} ({len(ranks)} tokens) and {vocab_bpe} ({n_merges} "
-                         "merges) are not one GPT-2 vocabulary; delete both to download them "
-                         "again.")
-    return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
-
-
-# GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, spaces
-GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
-                r"""\s+(?!\S)|\s""")
-
-
-def get_gpt2_tokenizer(models_dir=None):
-    """tiktoken's gpt2 encoding; when tiktoken cannot get its vocabulary (offline,
-    no cache), the same encoding from encoder.json and vocab.bpe under models_dir."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as err:  # a network error of any kind
-        for encoder in sorted(Path(models_dir or "gpt2").glob("*/encoder.json")):
-            vocab = encoder.with_name("vocab.bpe")
-            if vocab.exists():
-                return gpt2_tokenizer_from_files(encoder, vocab)
-        raise DownloadError(
-            f"tiktoken could not load the gpt2 encoding ({err}) and no encoder.json/vocab.bpe "
-            f"were found under {models_dir or 'gpt2'}/*/. Connect once, or set "
-            "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache.") from None
 
 
 # ---- Beyond the book: Hugging Face's safetensors, both ways ----
@@ -756,6 +712,7 @@ def list_hf_variables(path):
 
 def load_hf_variable(path, name):
     """One of OpenAI's variables from Hugging Face's file (memory-mapped), as float32."""
+    from safetensors import safe_open  # only Hugging Face's files need it
     with safe_open(path, framework="pt") as f:
         return f.get_tensor(hf_variables(path)[name]["key"]).float().numpy()
 
@@ -802,7 +759,8 @@ def load_hf_gpt2(model_size="124M", models_dir="gpt2", drop_rate=0.0, hf_file=No
         print(f"GPT-2 {model_size}: Hugging Face's model.safetensors ({path}).")
     cfg = config_from_settings(settings, drop_rate)
     model = GPTModel(cfg)
-    load_weights_into_gpt(model, load_gpt2_params_from_tf_ckpt(path, settings), free_params=True)
+    params = load_gpt2_params_from_tf_ckpt(path, settings, list_hf_variables, load_hf_variable)
+    load_weights_into_gpt(model, params, free_params=True)
     return model.eval(), cfg
 
 
@@ -844,47 +802,6 @@ def hf_config(cfg, tied):
             "tie_word_embeddings": tied, "torch_dtype": "float32"}
 
 
-def bpe_merges(ranks):
-    """GPT-2's merges (vocab.bpe, Hugging Face's merges.txt) in rank order, from
-    tiktoken's ranks alone: byte-level BPE run on a token's bytes with only the
-    merges ranked below it ends at the two parts whose merge the token is."""
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) < 2:
-            continue
-        splits = [(token[:i], token[i:]) for i in range(1, len(token))
-                  if ranks.get(token[:i], rank) < rank and ranks.get(token[i:], rank) < rank]
-        if len(splits) == 1:  # the only way to make it from two earlier tokens
-            merges.append(splits[0])
-            continue
-        parts = [token[i:i + 1] for i in range(len(token))]
-        while len(parts) > 2:
-            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
-            i = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)
-            if pair_ranks[i] >= rank:
-                break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        if len(parts) != 2:
-            raise ValueError(f"The tokenizer's token {token!r} is no merge of two earlier "
-                             "tokens: it is not a byte-level BPE vocabulary.")
-        merges.append(tuple(parts))
-    return merges
-
-
-@functools.cache
-def hf_vocabulary_files(tokenizer):
-    """vocab.json and merges.txt of Hugging Face's GPT-2 tokenizer for tiktoken's
-    encoding: the same vocabulary, each token's bytes spelled in GPT-2's byte symbols."""
-    symbol = {b: ch for ch, b in gpt2_byte_symbols().items()}
-    spell = lambda token: "".join(symbol[b] for b in token)  # noqa: E731
-    ranks = {t: tokenizer.encode_single_token(t) for t in tokenizer.token_byte_values()}
-    vocab = {spell(t): r for t, r in sorted(ranks.items(), key=lambda item: item[1])}
-    vocab[EOT] = tokenizer.eot_token
-    merges = "".join(f"{spell(a)} {spell(b)}\n" for a, b in bpe_merges(ranks))
-    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
-            "merges.txt": "#version: 0.2\n" + merges}
-
-
 def export_hf(checkpoint, out_dir, overwrite=False, models_dir="gpt2"):
     """Write a text model of chapters 5 and 7 (a checkpoint.pt, GPT-2's model.pth, an
     instruction or DPO model, LoRA merged in) as a Hugging Face GPT-2 folder, which
@@ -892,12 +809,84 @@ def export_hf(checkpoint, out_dir, overwrite=False, models_dir="gpt2"):
     out_dir = Path(out_dir)
     check_export_folder(out_dir, overwrite)
     model, cfg, _ = load_text_model(
-        checkpoint, "cpu", flag="--from", not_a_classifier="Hugging Face's GPT-2 layout, "
-        "GPT2LMHeadModel, has no place for a classifier's head")
+        checkpoint, "cpu", flag="--from", why_not=" (Hugging Face's GPT2LMHeadModel has no "
+        "place for a classifier's head)")
     if cfg["vocab_size"] < 50257:
         raise ValueError(f"{checkpoint} holds a model with a vocabulary of {cfg['vocab_size']:,} "
                          "tokens; the export carries GPT-2's tokenizer, which needs 50,257.")
     return write_hf_folder(model.state_dict(), cfg, out_dir, models_dir, overwrite)
+
+
+# A folder written whole or not at all, as atomic_path writes a file
+
+@contextlib.contextmanager
+def atomic_folder(path, replaces=()):
+    """atomic_path for a folder: the block fills a temporary folder beside `path`,
+    which then takes its place. A folder already there is replaced only when it is
+    empty or holds nothing but files named in `replaces` (an earlier run's output),
+    and only once the new one is whole; a failed block leaves it as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_folders(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
+                                dir=path.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # as mkdir would make it, not mkdtemp's private 0o700
+    try:
+        yield tmp
+        for file in tmp.iterdir():  # as open() makes files (some writers make theirs private)
+            file.chmod(0o666 & ~umask)
+        problem = folder_in_the_way(path, replaces)
+        if problem:
+            raise FileExistsError(f"{path} appeared while it was being written (another run?) "
+                                  f"and {problem}; it is kept as it is.")
+        old = move_aside(path, ".old.tmp") if path.exists() else None
+        tmp.replace(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def folder_in_the_way(path, replaces=()):
+    """Why `path` may not be replaced by a folder (None: it is absent, empty, or
+    holds only files named in `replaces`): a file, or what else the folder holds."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if not path.is_dir():
+        return "is a file, not a folder"
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir()
+                    if not (p.name in replaces and p.is_file()))
+    if not others:
+        return None
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return f"holds files this command did not write ({shown})"
+
+
+def remove_abandoned_folders(path):
+    """Remove temporary folders of `path` (atomic_folder's) whose writer is gone: a
+    killed run's leftovers. A writer still running keeps its own."""
+    for tmp in Path(path).parent.glob(f".{glob.escape(Path(path).name)}.*-*.tmp"):
+        pid = tmp.name[len(Path(path).name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not process_running(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def process_running(pid):
+    """Whether a process `pid` runs on this machine (on Windows, where no signal
+    asks it without harm, every process counts as running)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 # What an export writes, and all that --overwrite replaces
@@ -919,6 +908,12 @@ def check_export_folder(out_dir, overwrite):
     check_writable(out_dir.parent, "--export-hf")
 
 
+def save_file(tensors, path, metadata=None):
+    """safetensors' writer, imported where it is used: only --export-hf needs it."""
+    from safetensors.torch import save_file as write_safetensors
+    write_safetensors(tensors, path, metadata=metadata)
+
+
 def write_hf_folder(state_dict, cfg, out_dir, models_dir="gpt2", overwrite=False):
     """A GPTModel's state dict and config as a Hugging Face GPT-2 folder, written
     whole or not at all; returns its config.json."""
@@ -936,7 +931,7 @@ def write_hf_folder(state_dict, cfg, out_dir, models_dir="gpt2", overwrite=False
              "generation_config.json": json.dumps({"bos_token_id": 50256,
                                                    "eos_token_id": 50256}, indent=2),
              "tokenizer_config.json": json.dumps(tokenizer_config, indent=2),
-             **hf_vocabulary_files(get_gpt2_tokenizer(models_dir))}
+             **hf_vocabulary_files(bpe_tokenizer(models_dir))}
     with atomic_folder(out_dir, replaces=EXPORT_FILES if overwrite else ()) as tmp:
         save_file(tensors, tmp / HF_FILE, metadata={"format": "pt"})
         for name, text in files.items():
@@ -1028,7 +1023,7 @@ def main(args):
     model, cfg = load_gpt2_model(args.model_size, args.models_dir, base_urls=base_urls,
                                  source=args.source, hf_file=args.hf_file)
     model.to(device)
-    tokenizer = get_gpt2_tokenizer(args.models_dir)
+    tokenizer = bpe_tokenizer(args.models_dir)
     results = {}
     if args.neighbors or args.analogy:
         emb = model.tok_emb.weight.detach().float().cpu()
@@ -1114,10 +1109,10 @@ def parse_args(argv=None):
     return args
 
 
-def kept_when_stopped(args):
+def kept_when_stopped(settings):
     """What an interrupted run of this command kept, in its words."""
-    if args.export_hf:
-        return (f"Nothing was exported: {args.export_hf} is written whole or not at all "
+    if settings["export_hf"]:
+        return (f"Nothing was exported: {settings['export_hf']} is written whole or not at all "
                 "(an earlier export there is as it was).")
     return "Files downloaded so far are kept; a cut download's .part file resumes next time."
 

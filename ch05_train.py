@@ -1,16 +1,18 @@
 """Chapter 5: Pretraining on unlabeled data (and appendix D's training loop).
 
-Defines the book's `text_to_token_ids`, `token_ids_to_text`, `calc_loss_batch`,
-`calc_loss_loader`, `evaluate_model`, `generate_and_print_sample`,
-`train_model_simple`, `plot_losses` and `generate`; appendix D's `train_model`
-(warm-up, cosine decay, gradient clipping). Beyond the book: the `ch05_train.py`
-command, with checkpoints and exact resume, corpora larger than memory, and
-several processes (DistributedDataParallel).
+Defines the book's `calc_loss_batch`, `calc_loss_loader`, `evaluate_model`,
+`generate_and_print_sample`, `train_model_simple` and `plot_losses`; appendix
+D's `train_model` (warm-up, cosine decay, gradient clipping). `text_to_token_ids`,
+`token_ids_to_text` and `generate` live in ch05_generate.py and import from here
+too. Beyond the book: the `ch05_train.py` command, with checkpoints and exact
+resume, corpora larger than memory, several processes (DistributedDataParallel),
+and the speed-ups chapters 6 and 7 share (`speed_up`, `make_optimizer`).
 
 Run:  python ch05_train.py                      (the book's run on the-verdict)
       python ch05_train.py --data my_texts/ --epochs 1 --schedule cosine
       torchrun --nproc_per_node=2 ch05_train.py ...
-Imports from ch02_data.py, ch03_attention.py (saving plots) and ch04_gpt.py.
+Imports from ch02_data.py, ch03_attention.py (saving plots), ch04_gpt.py and
+ch05_generate.py.
 """
 import argparse
 import contextlib
@@ -18,10 +20,10 @@ import csv
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no traceback
@@ -35,24 +37,19 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from ch02_data import (EOT, GPTDatasetV1, HelpFormatter, Stopped, TextTooShort, atomic_path,
-                       bpe_tokenizer, build_token_file, check_output_file, collect_text_files,
-                       load_the_verdict, move_aside, number, read_text, refuse_overwrite,
-                       run_command, run_lock)
+                       bpe_tokenizer, build_token_file, check_output_file, check_writable,
+                       collect_text_files, load_the_verdict, move_aside, number, read_text,
+                       run_command, unwritable)
 from ch03_attention import pyplot, save_figure
-from ch04_gpt import (MODEL_CONFIGS, GPTModel, add_device_argument, cached_step,
-                      generate_text_simple, get_device, gpt_config, new_kv_cache,
-                      use_fast_kernels)
+from ch04_gpt import (MODEL_CONFIGS, GPTModel, add_device_argument, generate_text_simple,
+                      get_device, gpt_config, use_fast_kernels)
+from ch05_generate import (add_sampling_arguments, check_state_dict, describe_sampling, generate,
+                           generate_from, load_checkpoint, model_file, sampling_of,
+                           save_checkpoint, text_to_token_ids, token_ids_to_text, what_is)
 
-
-# ---- 5.1.1 Using GPT to generate text ----
-
-def text_to_token_ids(text, tokenizer):
-    encoded = tokenizer.encode(text, allowed_special={"<|endoftext|>"})
-    return torch.tensor(encoded).unsqueeze(0)  # add the batch dimension
-
-
-def token_ids_to_text(token_ids, tokenizer):
-    return tokenizer.decode(token_ids.squeeze(0).tolist())
+# Chapter 5's names, importable from here as the book imports them (5.1.1 and 5.3
+# live in ch05_generate.py, as in the book's own gpt_generate.py)
+BOOK_NAMES = (text_to_token_ids, token_ids_to_text, generate)
 
 
 # ---- 5.1.3 Calculating the training and validation set losses ----
@@ -144,207 +141,6 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss-p
     save_figure(fig, path)
 
 
-# ---- 5.3 Decoding strategies to control randomness ----
-
-def sample_next_token(logits, temperature=0.0, top_k=None, top_p=None):
-    """The next token id for each row of logits (batch, vocab_size): greedy at
-    temperature 0, else sampled from the temperature-scaled top-k (and top-p) tokens."""
-    if top_k is not None:
-        top_logits, _ = torch.topk(logits, top_k)
-        min_val = top_logits[:, -1:]  # (batch, 1): each row keeps its own k largest
-        logits = torch.where(logits < min_val, torch.tensor(float("-inf")).to(logits.device),
-                             logits)
-    if temperature > 0.0:
-        logits = logits / temperature
-        if top_p is not None:  # beyond the book: nucleus sampling
-            logits = top_p_filter(logits, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, num_samples=1)
-    return torch.argmax(logits, dim=-1, keepdim=True)
-
-
-def top_p_filter(logits, top_p):
-    """Keep the smallest set of most likely tokens whose probabilities reach top_p."""
-    sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-    sorted_probs = torch.softmax(sorted_logits, dim=-1)
-    # drop a token when the tokens before it already reach top_p (the first always stays)
-    drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-    drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
-             eos_id=None, top_p=None, use_cache=False):
-    if use_cache:  # beyond the book: the same tokens, computed incrementally
-        new = list(generate_stream(model, idx, max_new_tokens, context_size, temperature,
-                                   top_k, eos_id, top_p, use_cache=True))
-        return torch.cat([idx, *new], dim=1)
-    for _ in range(max_new_tokens):
-        idx_cond = idx[:, -context_size:]
-        with torch.no_grad():
-            logits = model(idx_cond)
-        logits = logits[:, -1, :]
-        idx_next = sample_next_token(logits, temperature, top_k, top_p)
-        if eos_id is not None and bool((idx_next == eos_id).all()):
-            break  # stop early once every sequence produced the end-of-sequence token
-        idx = torch.cat((idx, idx_next), dim=1)
-    return idx
-
-
-# ---- 5.4 Loading and saving model weights ----
-# Used by chapters 5 to 7: every model file is written through a temporary file,
-# read with weights_only=True, and checked against the model before loading.
-
-def save_checkpoint(path, checkpoint):
-    """torch.save via a temporary file: a crash keeps the previous checkpoint. A
-    model file also gets a CRC-32 of each weight tensor, which loading checks."""
-    if "kind" in checkpoint and "model" in checkpoint:
-        checkpoint = {**checkpoint, "checksums": tensor_checksums(checkpoint["model"])}
-    with atomic_path(path) as tmp:
-        try:
-            torch.save(checkpoint, tmp)
-        except RuntimeError as err:  # a full disk shows as PyTorch's "enforce fail ..."
-            raise OSError(f"Could not write {path}: {str(err).splitlines()[0][:200]} (is the "
-                          "disk full?); the previous file is kept.") from None
-
-
-def tensor_checksums(state_dict):
-    """{name: CRC-32 of the tensor's bytes}: a flipped bit in a saved file shows."""
-    return {name: zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            for name, t in state_dict.items()}
-
-
-def damaged_tensors(checkpoint):
-    """The tensors of a model file whose bytes differ from their saved checksums."""
-    saved = checkpoint.get("checksums") or {}
-    found = tensor_checksums({k: v for k, v in checkpoint["model"].items() if k in saved})
-    return [name for name, crc in found.items() if crc != saved[name]]
-
-
-# Every model file of chapters 5 to 7 has one layout: the weights ("model"), the
-# config dict that builds the model ("config"), what wrote it ("kind") and that
-# command's settings; a training checkpoint adds the optimizer and random state.
-MODEL_FILE_KINDS = {"pretraining": "a ch05_train.py training checkpoint",
-                    "gpt2": "GPT-2's weights converted by ch05_load_gpt2.py",
-                    "classifier": "a classifier finetuned by ch06_classify.py",
-                    "instruct": "an instruction-finetuned model of ch07_instruct.py"}
-
-
-def model_file(kind, state_dict, config, settings=None, **extra):
-    return {"kind": kind, "model": state_dict, "config": config, "settings": settings or {},
-            **extra}
-
-
-def _in_current_layout(saved):
-    """Files of earlier versions in today's layout (None: not a model file):
-    chapters 6 and 7 kept the config in their settings, and GPT-2's model.pth
-    was a bare state dict."""
-    if not isinstance(saved, dict):
-        return None
-    if "kind" in saved:
-        return saved if "model" in saved else None
-    if "tok_emb.weight" in saved:
-        return model_file("gpt2", saved, None)
-    if "model" not in saved:
-        return None
-    settings = saved.get("settings") or {}
-    if "optimizer" in saved or "step" in saved:
-        return {**saved, "kind": "pretraining", "config": saved.get("config")}
-    if "cfg" in settings:
-        kind = "classifier" if "trainable" in settings else "instruct"
-        return {**saved, "kind": kind, "config": settings["cfg"], "settings": settings}
-    return None
-
-
-def load_checkpoint(path, map_location="cpu", mmap=False, kinds=None, hint=""):
-    """A model file of this project in today's layout. With `kinds`, a file of
-    another kind gets one line saying what it holds, and `hint`."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a model file: name the file in it "
-                                "(a checkpoint.pt, model.pth or *.pth).")
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        raise ValueError(f"{path} is a safetensors file (Hugging Face's layout), not a model "
-                         "file of chapters 5 to 7: GPT-2's model.safetensors loads with `python "
-                         f"ch05_load_gpt2.py --hf-file {path}`.")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as err:  # PyTorch's own text may advise weights_only=False: never pass it on
-        raise ValueError(f"Could not read the checkpoint {path}: it is damaged or not a PyTorch "
-                         f"checkpoint ({type(err).__name__}). Delete it, or name another "
-                         "file.") from None
-    checkpoint = _in_current_layout(checkpoint)
-    if checkpoint is None:
-        raise ValueError(f"{path} is not a model file of chapters 5 to 7 (it has no 'model' "
-                         f"entry). {hint}".strip())
-    if kinds and checkpoint["kind"] not in kinds:
-        raise ValueError(f"{path} holds {MODEL_FILE_KINDS.get(checkpoint['kind'], 'a model')}, "
-                         f"not {' or '.join(MODEL_FILE_KINDS[k] for k in kinds)}. "
-                         f"{hint}".strip())
-    damaged = damaged_tensors(checkpoint)
-    if damaged:
-        raise ValueError(f"{path} is damaged: the bytes of {damaged[0]}"
-                         f"{f' and {len(damaged) - 1} more tensors' if len(damaged) > 1 else ''} "
-                         "differ from the checksums saved with them. Delete it, or name another "
-                         "file.")
-    return checkpoint
-
-
-def architecture_of(state_dict):
-    """What a GPTModel state dict's shapes say of the config that built it."""
-    found = {"n_layers": len({k.split(".")[1] for k in state_dict
-                              if k.startswith("trf_blocks.")})}
-    if "tok_emb.weight" in state_dict:
-        found["vocab_size"], found["emb_dim"] = tuple(state_dict["tok_emb.weight"].shape)
-    if "pos_emb.weight" in state_dict:
-        found["context_length"] = state_dict["pos_emb.weight"].shape[0]
-    return found
-
-
-def architecture_difference(held, wanted):
-    """(what `held` has, what `wanted` has) in words, for the keys where two
-    architectures differ; None when they agree."""
-    words = {"n_layers": "layers", "emb_dim": "embedding size", "vocab_size": "vocabulary",
-             "context_length": "context length"}
-    differ = [k for k in wanted if held.get(k) != wanted[k]]
-    describe = lambda arch: ", ".join(f"{words[k]} {arch.get(k)}" for k in differ)  # noqa: E731
-    return (describe(held), describe(wanted)) if differ else None
-
-
-def check_state_dict(model, state_dict, source="the checkpoint"):
-    """Raise an error naming how the file's model differs (layers, sizes), or else
-    every missing, unexpected or differently shaped tensor."""
-    expected = model.state_dict()
-    difference = architecture_difference(architecture_of(state_dict), architecture_of(expected))
-    if difference:
-        raise ValueError(f"{source} holds a model with {difference[0]}; the model built for it "
-                         f"has {difference[1]}.")
-    problems = [f"missing: {k}" for k in expected if k not in state_dict]
-    problems += [f"unexpected: {k}" for k in state_dict if k not in expected]
-    problems += [f"{k}: {tuple(state_dict[k].shape)} in {source}, {tuple(v.shape)} in the model"
-                 for k, v in expected.items()
-                 if k in state_dict and state_dict[k].shape != v.shape]
-    if problems:
-        shown = "\n  ".join(problems[:12] + ([f"... {len(problems) - 12} more"]
-                                             if len(problems) > 12 else []))
-        raise ValueError(f"{source} does not fit this model's configuration:\n  {shown}\n"
-                         "Build the model as the file was saved (same size, context length, "
-                         "LoRA rank).")
-
-
-def build_lean(build, state_dict, source="the checkpoint"):
-    """build() the model on the meta device (no memory, no random init), then
-    adopt state_dict's tensors as its parameters: with a memory-mapped state
-    dict, peak memory stays near one copy of the weights."""
-    with torch.device("meta"):
-        model = build()
-    check_state_dict(model, state_dict, source)
-    model.load_state_dict(state_dict, assign=True)
-    return model
-
-
 # ---- Appendix D: learning-rate warm-up, cosine decay, gradient clipping ----
 
 def lr_at_step(step, total_steps, peak_lr, warmup_steps, initial_lr, min_lr):
@@ -397,99 +193,6 @@ def plot_lrs(track_lrs, path="lr-schedule.png"):
     ax.set_ylabel("Learning rate")
     fig.tight_layout()
     save_figure(fig, path)
-
-
-# ---- Beyond the book: generating from any model file, text streamed as it comes ----
-
-def merge_lora(state_dict, alpha):
-    """A LoRA-finetuned state dict (appendix E's LinearWithLoRA computes
-    W x + alpha x A B) as the plain model's: each weight W becomes
-    W + alpha (A B)^T, so the book's GPTModel loads it and computes the same."""
-    merged = {}
-    for key, value in state_dict.items():
-        if ".lora." in key:
-            continue
-        if ".linear." in key:
-            prefix, name = key.rsplit(".linear.", 1)
-            if name == "weight":
-                lora_a, lora_b = state_dict[f"{prefix}.lora.A"], state_dict[f"{prefix}.lora.B"]
-                value = value + alpha * (lora_a @ lora_b).T
-            key = f"{prefix}.{name}"
-        merged[key] = value
-    return merged
-
-
-def load_text_model(path, device, kinds=("pretraining", "gpt2", "instruct"), flag="--from",
-                    not_a_classifier="a classifier does not generate text"):
-    """(model in eval mode, its config, the file's kind) from any model file of
-    this project that generates text: a ch05_train.py checkpoint, GPT-2's
-    converted model.pth, or a ch07_instruct.py model (its LoRA merged in)."""
-    saved = load_checkpoint(path, mmap=True, kinds=kinds,
-                            hint=f"{flag} takes a checkpoint.pt of ch05_train.py, a converted "
-                                 "gpt2/SIZE/model.pth or a model of ch07_instruct.py "
-                                 f"({not_a_classifier}).")
-    if saved["config"] is None:
-        raise ValueError(f"{path} is GPT-2's model.pth in an earlier layout, without its "
-                         "config: delete it and run `python ch05_load_gpt2.py` once to convert "
-                         "it again.")
-    cfg, state_dict = {**saved["config"], "drop_rate": 0.0}, saved["model"]
-    if saved["settings"].get("lora_rank"):
-        state_dict = merge_lora(state_dict, saved["settings"]["lora_alpha"])
-    model = build_lean(lambda: GPTModel(cfg), state_dict, source=str(path))
-    return model.to(device).eval(), cfg, saved["kind"]
-
-
-def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
-                    eos_id=None, top_p=None, use_cache=True):
-    """Beyond the book: `generate` as a generator that yields each new token
-    (batch, 1) as soon as it is chosen, for printing text as it is produced.
-
-    With use_cache, each block keeps its keys and values (a KV cache), so a new
-    token costs one position's work instead of the whole window's. On CUDA the
-    cache is a StaticKVCache and each step is replayed as a CUDA graph
-    (GraphedStep); use_cache="static" asks for that cache on any device. Once the
-    window is full, positions would shift: then every step recomputes the last
-    context_size tokens, exactly as the uncached loop does.
-    """
-    static = use_cache == "static" or (use_cache and idx.device.type == "cuda")
-    kv_cache = new_kv_cache(model, static=static) if use_cache else None
-    cached = min(idx.shape[1], context_size)  # positions the cache holds
-    with torch.no_grad():
-        logits = model(idx[:, -context_size:], kv_cache=kv_cache)[:, -1, :]
-    step_fn = None
-    for step in range(max_new_tokens):
-        idx_next = sample_next_token(logits, temperature, top_k, top_p)
-        if eos_id is not None and bool((idx_next == eos_id).all()):
-            return
-        idx = torch.cat((idx, idx_next), dim=1)
-        yield idx_next
-        if step + 1 == max_new_tokens:
-            return
-        if kv_cache is not None and cached >= context_size:
-            kv_cache = None  # the window is full: recompute from here on
-        with torch.no_grad():
-            if kv_cache is None:
-                logits = model(idx[:, -context_size:])[:, -1, :]
-                continue
-            if step_fn is None:
-                step_fn = cached_step(model, kv_cache, idx_next)
-            logits = step_fn(idx_next)
-            cached += 1
-
-
-def stream_text(model, idx, tokenizer, max_new_tokens, context_size, out=None, **sampling):
-    """Beyond the book: generate for one prompt (idx: (1, n)), writing the text to
-    `out` as it is produced. Returns the new token ids."""
-    out = out or sys.stdout
-    new_ids, shown = [], ""
-    for token in generate_stream(model, idx, max_new_tokens, context_size, **sampling):
-        new_ids.append(token.item())
-        text = tokenizer.decode(new_ids)
-        if not text.endswith("\ufffd"):  # wait until a multi-byte character is whole
-            out.write(text[len(shown):])
-            out.flush()
-            shown = text
-    return new_ids
 
 
 # =====================================================================
@@ -553,6 +256,92 @@ class ResumableSampler(Sampler):
 
 
 # ---- The command's run: signals, locking, the log ----
+
+def refuse_overwrite(paths, overwrite, resume_hint="", also=()):
+    """Stop before a run writes over an earlier run's results, unless --overwrite
+    was given; returns those earlier files, with the files of `also` there (plots,
+    say, which alone block nothing), as EarlierResults."""
+    found = [Path(p) for p in paths if Path(p).exists()]
+    if found and not overwrite:
+        raise ValueError(f"{found[0].parent} already holds an earlier run's results "
+                         f"({', '.join(p.name for p in found)}). {resume_hint}Start over with "
+                         "--overwrite, or choose another --out.")
+    return EarlierResults(found + [Path(p) for p in also if Path(p).is_file()])
+
+
+class EarlierResults:
+    """An earlier run's files that --overwrite lets a new run replace. None is
+    deleted up front: a typo, a cut download or Ctrl-C in the new run leaves them
+    as they were. Each new file takes its old one's place once it is written whole
+    (atomic_path); retire() removes old ones that the new run did not write again."""
+
+    def __init__(self, paths=()):
+        self.files = {Path(p): file_identity(p) for p in paths}
+
+    def retire(self, *paths):
+        """Remove `paths` (all, when none are named) of the earlier files that are
+        still the earlier run's: at the new run's successful end, or as soon as a
+        new file makes them wrong (an old model's responses beside a new model)."""
+        for path in [Path(p) for p in paths] if paths else list(self.files):
+            if path not in self.files:
+                continue
+            earlier = self.files.pop(path)
+            if earlier is not None and file_identity(path) == earlier:
+                path.unlink()
+
+
+def file_identity(path):
+    """What tells a file from one put in its place since (a rename brings another
+    inode), or None when there is none."""
+    try:
+        stat = Path(path).stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@contextlib.contextmanager
+def run_lock(out_dir, results=(), flag="--out"):
+    """Hold out_dir/run.lock while a run lasts, so a second run on the same --out
+    is refused. The operating system releases the lock when the process ends,
+    however it ends: a crashed run leaves nothing stuck. Once the lock is held,
+    temporary files of `results` (glob patterns) can only be a killed run's
+    leftovers, and are removed."""
+    out_dir = Path(out_dir)
+    check_writable(out_dir, flag)
+    try:
+        f = open(out_dir / "run.lock", "a+", encoding="utf-8")
+    except OSError as err:
+        raise unwritable(out_dir, err, flag) from None
+    with f:
+        try:
+            if os.name == "nt":
+                import msvcrt
+                f.seek(1 << 20)  # lock a byte past the text, which stays readable
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise ValueError(f"{out_dir} is in use by another run ({holder}). Wait for it to "
+                             f"end, or choose another {flag}.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}\n")
+        f.flush()
+        for pattern in results:
+            for stale in out_dir.glob(pattern + ".tmp"):
+                stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+
+
 
 class StopRequests:
     """Ctrl-C (SIGINT), SIGTERM and SIGHUP ask the run to stop: it finishes the
@@ -765,6 +554,7 @@ def training_checkpoint(model, cfg, optimizer, settings, state, device):
     """Everything a resume needs; the random states are CPU tensors on every device."""
     saved = {k: settings[k] for k in SAVED_SETTINGS}
     return model_file("pretraining", _unwrap(model).state_dict(), cfg, saved,
+                      what="a ch05_train.py training checkpoint",
                       optimizer=optimizer.state_dict(), **state,
                       rng_state=torch.get_rng_state(),
                       cuda_rng_state=(torch.cuda.get_rng_state(device) if device.type == "cuda"
@@ -806,18 +596,13 @@ def stopped_early(err, step, saved_step, path):
 def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, out_dir, stopper,
           is_main=True):
     """Chapter 5's train_model_simple with appendix D's schedule, made for long runs:
-    one optimizer step per pass of the loop, an evaluation log, checkpoints, exact
-    resume and DDP. Random numbers are drawn as in train_model_simple, so a seeded
-    run prints the book's numbers.
-
-    `state` (where training stands) changes only after optimizer.step(), and a
-    checkpoint is written only after all of a step's work (evaluation, the
-    epoch's sample): a state the uninterrupted run passes through too.
-    """
+    an evaluation log, checkpoints, exact resume and DDP; random numbers drawn as
+    train_model_simple draws them, so a seeded run prints the book's numbers.
+    `state` changes only after optimizer.step(), and a checkpoint is written only
+    after all of a step's work: a state the uninterrupted run passes through too."""
     train_loader, train_eval_loader, val_loader = loaders
     sampler, accum = train_loader.sampler, settings["grad_accum"]
-    step_samples = accum * sampler.global_batch
-    epoch_samples = len(train_loader) // accum * step_samples
+    epoch_samples = len(train_loader) // accum * accum * sampler.global_batch
     total_steps, last_step = step_counts(train_loader, settings)
     path = Path(out_dir) / "checkpoint.pt"
     refuse_finished(state["step"], last_step)
@@ -834,17 +619,9 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
             step = state["step"] + 1
             if batches is None:
                 batches = epoch_batches(train_loader, state["samples_done"], state["epoch_seed"])
-            micro_batches = [next(batches) for _ in range(accum)]
-            lr = learning_rate(step, total_steps, settings)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            losses.append(train_step(model, micro_batches, optimizer, device,
-                                     gradient_clip(step, total_steps, settings)))
-            state.update(step=step, samples_done=state["samples_done"] + step_samples,
-                         tokens_seen=state["tokens_seen"] + micro_batches[0][0].numel() *
-                         accum * sampler.world_size, epoch_seed=sampler.seed,
-                         seconds=time.perf_counter() - started)
-            state["history"]["lrs"].append(lr)
+            loss, lr = take_step(model, batches, optimizer, device, settings, state, sampler,
+                                 total_steps, started)
+            losses.append(loss)
             bar.update(1)
 
             evaluating = step % settings["eval_freq"] == 0
@@ -855,30 +632,22 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
                 check_training_loss(losses, state, cfg["vocab_size"], device, bar)
                 losses = []
             if evaluating:
-                began = time.perf_counter()
-                record_evaluation(model, (train_eval_loader, val_loader), device, settings,
-                                  state, lr, out_dir, stopper, epoch_samples, is_main,
-                                  cfg["vocab_size"])
-                pace["eval"] += time.perf_counter() - began
-            if sync and is_main and not pace["said"] and step - pace["from_step"] >= 10:
+                with timed(pace, "eval"):
+                    record_evaluation(model, (train_eval_loader, val_loader), device, settings,
+                                      state, lr, out_dir, stopper, epoch_samples, is_main,
+                                      cfg["vocab_size"])
+            if sync and is_main:
                 say_pace(pace, step, last_step, settings)
             if epoch_over:
-                state.update(epoch=state["epoch"] + 1, samples_done=0, epoch_seed=None)
+                end_epoch(model, tokenizer, device, settings, state, is_main)
                 batches = None
-                if is_main:  # printed above the progress bar, which is drawn again below
-                    with tqdm.external_write_mode():
-                        generate_and_print_sample(_unwrap(model), tokenizer, device,
-                                                  settings["prompt"])
             stop = in_any_process(stopper.signal is not None, device, sync)
             if saving or stop:
                 saved_step = save_training(path, model, cfg, optimizer, settings, state, device,
                                            val_loader, stopper, is_main)
                 stop = stop or in_any_process(stopper.signal is not None, device)
             if stop:
-                raise Stopped(f"Stopped by {stopper.signal or 'a signal to another process'} "
-                              f"after step {step}; checkpoint saved to {path}. Step {step + 1} "
-                              f"(of steps 0 to {last_step}) comes next: continue with "
-                              f"--resume {path}.", exit_code(stopper.signal or "SIGINT"))
+                raise stopped_by(stopper.signal, step, last_step, path)
     except (KeyboardInterrupt, Diverged) as err:
         raise stopped_early(err, state["step"] + 1, saved_step, path) from None
     finally:
@@ -886,9 +655,56 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
     return state
 
 
+def take_step(model, batches, optimizer, device, settings, state, sampler, total_steps,
+              started):
+    """One optimizer step at the schedule's learning rate, and `state` moved on
+    after it; returns (the step's loss, a device tensor; the learning rate)."""
+    step, accum = state["step"] + 1, settings["grad_accum"]
+    micro_batches = [next(batches) for _ in range(accum)]
+    lr = learning_rate(step, total_steps, settings)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = train_step(model, micro_batches, optimizer, device,
+                      gradient_clip(step, total_steps, settings))
+    state.update(step=step, samples_done=state["samples_done"] + accum * sampler.global_batch,
+                 tokens_seen=state["tokens_seen"] + micro_batches[0][0].numel() * accum *
+                 sampler.world_size, epoch_seed=sampler.seed,
+                 seconds=time.perf_counter() - started)
+    state["history"]["lrs"].append(lr)
+    return loss, lr
+
+
+def stopped_by(signal_name, step, last_step, path):
+    """The Stopped of a run that saved its checkpoint after step `step` on a signal."""
+    return Stopped(f"Stopped by {signal_name or 'a signal to another process'} after step "
+                   f"{step}; checkpoint saved to {path}. Step {step + 1} (of steps 0 to "
+                   f"{last_step}) comes next: continue with --resume {path}.",
+                   exit_code(signal_name or "SIGINT"))
+
+
+def end_epoch(model, tokenizer, device, settings, state, is_main):
+    """The next epoch's position, and the book's sample after each epoch."""
+    state.update(epoch=state["epoch"] + 1, samples_done=0, epoch_seed=None)
+    if is_main:  # printed above the progress bar, which is drawn again below
+        with tqdm.external_write_mode():
+            generate_and_print_sample(_unwrap(model), tokenizer, device, settings["prompt"])
+
+
+@contextlib.contextmanager
+def timed(pace, key):
+    """Add the block's seconds to pace[key]."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        pace[key] += time.perf_counter() - began
+
+
 def say_pace(pace, step, last_step, settings):
     """Once, after the first steps: how long the whole run will take, and where
     evaluation costs more than a fifth of it, the flag that makes it cheaper."""
+    if pace["said"] or step - pace["from_step"] < 10:
+        return
     pace["said"] = True
     seconds = time.perf_counter() - pace["start"]
     per_step = seconds / (step - pace["from_step"])
@@ -1210,21 +1026,9 @@ def resume_into(model, optimizer, ckpt, settings, device):
     return state
 
 
-def generate_from(args):
-    """--generate: stream a continuation of the prompt from any model file."""
-    device = get_device(args.device)
-    path = Path(args.from_file or Path(args.out) / "checkpoint.pt")
-    model, cfg, kind = load_text_model(path, device)
-    tokenizer = bpe_tokenizer()
-    torch.manual_seed(args.seed)
-    print(f"{path} ({MODEL_FILE_KINDS[kind]}): {sum(p.numel() for p in model.parameters()):,} "
-          "parameters")
-    print(args.generate, end="", flush=True)
-    new_ids = stream_text(model, text_to_token_ids(args.generate, tokenizer).to(device),
-                          tokenizer, args.max_new_tokens or 100, cfg["context_length"],
-                          **sampling(args))
-    print()
-    return {"text": args.generate + tokenizer.decode(new_ids), "model": model}
+def earlier_checkpoint(saved):
+    """This command's checkpoints of earlier versions: the ones with a step."""
+    return "pretraining" if "optimizer" in saved or "step" in saved else None
 
 
 def export_weights(source, destination, overwrite=False):
@@ -1232,36 +1036,21 @@ def export_weights(source, destination, overwrite=False):
     optimizer's state (two thirds of a training checkpoint), for --from,
     --init-from and --export-hf; it cannot be resumed."""
     check_output_file(destination, overwrite, "--export-weights")
-    saved = load_checkpoint(source, mmap=True, kinds=("pretraining", "gpt2", "instruct"),
-                            hint="--export-weights takes a model that writes text.")
-    save_checkpoint(destination, {k: saved[k] for k in ("kind", "model", "config", "settings")})
+    saved = load_checkpoint(source, mmap=True, earlier=earlier_checkpoint)
+    save_checkpoint(destination, {**{k: saved[k] for k in ("kind", "model", "config", "settings")},
+                                  "what": f"the weights of {what_is(saved)} (--export-weights)"})
     mb = lambda path: Path(path).stat().st_size / 1e6  # noqa: E731
     print(f"Saved the weights of {source} ({mb(source):,.0f} MB) as {destination} "
           f"({mb(destination):,.0f} MB).")
     return Path(destination)
 
 
-def sampling(args):
-    """The sampling flags as generate()'s keyword arguments."""
-    return sampling_of(vars(args))
-
-
-def sampling_of(settings):
-    return {k: settings[k] for k in ("temperature", "top_k", "top_p")}
-
-
-def describe_sampling(settings):
-    if not settings["temperature"]:
-        return "greedy"
-    parts = [f"top-k {settings['top_k']}"] if settings["top_k"] else []
-    parts += [f"top-p {settings['top_p']}"] if settings["top_p"] else []
-    return ", ".join(parts + [f"temperature {settings['temperature']}"])
-
-
 def main(args):
     """The command, from parse_args()'s (or build_parser()'s) arguments."""
-    if args.generate is not None:
-        return generate_from(args)
+    if args.generate is not None:  # the earlier home of ch05_generate.py's command
+        return generate_from({**vars(args), "prompt": args.generate,
+                              "from_file": args.from_file or Path(args.out) / "checkpoint.pt",
+                              "max_new_tokens": args.max_new_tokens or 100})
     if args.export_weights:
         return export_weights(args.from_file or Path(args.out) / "checkpoint.pt",
                               args.export_weights, args.overwrite)
@@ -1273,8 +1062,9 @@ def main(args):
         ckpt = None
         if args.resume:  # on the CPU: the random states must stay CPU tensors
             ckpt = load_checkpoint(args.resume, map_location="cpu", kinds=("pretraining",),
+                                   wanted="a ch05_train.py training checkpoint",
                                    hint="--resume continues a checkpoint.pt that "
-                                        "ch05_train.py saved.")
+                                        "ch05_train.py saved.", earlier=earlier_checkpoint)
             if "step" not in ckpt and ckpt.get("settings"):  # what --export-weights keeps
                 raise ValueError(f"{args.resume} holds a model's weights only (saved by "
                                  "--export-weights), not the optimizer and data position a "
@@ -1377,21 +1167,6 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     return {"model": raw_model, "history": history, "state": state, "seconds": seconds}
 
 
-def add_sampling_arguments(parser, max_new_tokens, temperature, top_k,
-                           max_new_help="tokens to generate"):
-    """--max-new-tokens, --temperature, --top-k and --top-p: the same flags wherever
-    a command generates (chapters 5 and 7), each with that command's defaults."""
-    parser.add_argument("--max-new-tokens", type=number(int, at_least=1),
-                        default=max_new_tokens, help=max_new_help)
-    parser.add_argument("--temperature", type=number(float, at_least=0), default=temperature,
-                        help="sampling temperature; 0 is greedy decoding")
-    parser.add_argument("--top-k", type=number(int, at_least=1), default=top_k,
-                        help="sample only among the k most likely tokens")
-    parser.add_argument("--top-p", type=number(float, above=0, at_most=1), default=None,
-                        help="sample only among the most likely tokens whose probabilities "
-                             "add up to p (nucleus sampling)")
-
-
 class FlagsTypedParser(argparse.ArgumentParser):
     """An ArgumentParser whose result also holds `given`: the flags the command
     line names, which win over a checkpoint's settings on --resume."""
@@ -1433,8 +1208,8 @@ def build_parser():
                     "not given again keeps the checkpoint's value.",
         formatter_class=HelpFormatter,
         epilog=('examples: python ch05_train.py --data my_texts/ --epochs 1 --out '
-                'runs/mine;  python ch05_train.py --generate "Every effort moves you" '
-                '--from runs/mine/checkpoint.pt'))
+                'runs/mine;  python ch05_generate.py --from runs/mine/checkpoint.pt --prompt '
+                '"Every effort moves you"'))
     positive = number(int, at_least=1)
     data = parser.add_argument_group("data")
     data.add_argument("--data", nargs="+", default=None, metavar="PATH",
@@ -1511,22 +1286,18 @@ def build_parser():
                      help="continue training from a checkpoint.pt, exactly where it stopped")
     add_device_argument(run)
     run.add_argument("--seed", type=int, default=123, help="random seed")
-    gen = parser.add_argument_group("generating (beyond the book; also the sample after "
-                                    "training)")
-    gen.add_argument("--generate", metavar="PROMPT", default=None,
-                     help="continue PROMPT with the model in --from, printing the text as it "
-                          "comes, then stop (no training)")
+    gen = parser.add_argument_group("the sample after training, and the weights (generating "
+                                    "from any model file: ch05_generate.py)")
+    # ch05_generate.py's command, where it lived before: kept for one release
+    gen.add_argument("--generate", metavar="PROMPT", default=None, help=argparse.SUPPRESS)
     gen.add_argument("--from", dest="from_file", metavar="FILE", default=None,
-                     help="the model for --generate: a checkpoint.pt of this command, a "
-                          "converted gpt2/SIZE/model.pth, or a model of ch07_instruct.py "
-                          "(default: --out's checkpoint.pt)")
+                     help="the model for --export-weights (default: --out's checkpoint.pt)")
     gen.add_argument("--export-weights", metavar="FILE", default=None,
-                     help="save the weights of --from (default: --out's checkpoint.pt) "
-                          "without the optimizer's state, a third of the size, for --from, "
-                          "--init-from and --export-hf; then stop")
+                     help="save the weights of --from without the optimizer's state, a third "
+                          "of the size, for --from, --init-from and --export-hf; then stop")
     add_sampling_arguments(gen, max_new_tokens=None, temperature=1.4, top_k=25,
-                           max_new_help="tokens to generate (default: 100 with --generate; "
-                                        "15, the book's, for the sample after training)")
+                           max_new_help="tokens of the sample after training (default: 15, "
+                                        "the book's)")
     speed = parser.add_argument_group("speed (beyond the book; same model, same parameters)")
     speed.add_argument("--fast", action="store_true",
                        help="PyTorch's fused attention (SDPA), LayerNorm, GELU and AdamW; on "
@@ -1549,12 +1320,12 @@ def parse_args(argv=None):
     return args
 
 
-def kept_when_stopped(args):
+def kept_when_stopped(settings):
     """What a run interrupted outside training (where it saves a checkpoint) kept."""
-    if args.generate is not None:
+    if settings["generate"] is not None:
         return "--generate writes no files."
-    if args.export_weights:
-        return f"{args.export_weights} is written whole or not at all."
+    if settings["export_weights"]:
+        return f"{settings['export_weights']} is written whole or not at all."
     return ("Training had not begun, so nothing of this run was saved; an earlier run's files "
             "in --out are as they were.")
 

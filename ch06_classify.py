@@ -7,14 +7,16 @@ and `classify_review`; appendix E's `LoRALayer`, `LinearWithLoRA` and
 `replace_linear_with_lora`. Beyond the book: the finetuned classifier is saved
 and used again with --classify (and --classify-file, in batches); data of your
 own (a .csv, .tsv or .jsonl of texts and labels, any number of classes), the
-token that feeds the head (--token), per-class accuracy and a confusion matrix.
+token that feeds the head (--token), per-class accuracy and a confusion matrix,
+and the command, its settings resolved once from its flags (chapter 7 shares
+its finetuning flags, `finetuning_settings` and `base_model`).
 
 Run:  python ch06_classify.py                       (finetune GPT-2 124M, as the book)
       python ch06_classify.py --lora --rank 16 --alpha 16
       python ch06_classify.py --classify "You won a prize, reply now"
       python ch06_classify.py --data reviews.csv --out runs/reviews
-Imports from ch02_data.py, ch03_attention.py (plots), ch04_gpt.py, ch05_train.py and
-ch05_load_gpt2.py.
+Imports from ch02_data.py, ch03_attention.py (plots), ch04_gpt.py, ch05_generate.py
+(model files), ch05_train.py (training) and ch05_load_gpt2.py (GPT-2's weights).
 """
 import argparse
 import csv
@@ -43,14 +45,14 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import ch05_train
-from ch02_data import (HelpFormatter, atomic_path, check_output_file, download_file, is_blank,
-                       number, read_text, refuse_overwrite, run_command, run_lock, utf8_error,
+from ch02_data import (HelpFormatter, atomic_path, bpe_tokenizer, check_output_file,
+                       download_file, is_blank, number, read_text, run_command, utf8_error,
                        write_text_atomic)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import GPTModel, add_device_argument, get_device, gpt_config
-from ch05_load_gpt2 import ALLOWED_SIZES, get_gpt2_tokenizer, load_gpt2_model
-from ch05_train import (build_lean, load_checkpoint, load_text_model, make_optimizer, model_file,
-                        save_checkpoint, speed_up_finetuning)
+from ch05_load_gpt2 import ALLOWED_SIZES, load_gpt2_model
+from ch05_generate import build_lean, load_checkpoint, load_text_model, model_file, save_checkpoint
+from ch05_train import make_optimizer, refuse_overwrite, run_lock, speed_up_finetuning
 
 SPAM_URL = "https://archive.ics.uci.edu/static/public/228/sms+spam+collection.zip"
 SPAM_BACKUP_URL = "https://f001.backblazeb2.com/file/LLMs-from-scratch/sms%2Bspam%2Bcollection.zip"
@@ -495,19 +497,20 @@ def jsonl_records(path, content, text_column, label_column):
         yield line, record[text_column], record.get(label_column)
 
 
-def own_data(args):
+def own_data(settings):
     """(train, validation, test) rows and the class names, from --data (split
     70/10/20 as the book splits the spam data) or --train, --val and --test;
     every check is made before anything is written."""
-    given = [args.train, args.val, args.test]
-    if any(given) and (not all(given) or args.data):
+    given = [settings["train"], settings["val"], settings["test"]]
+    if any(given) and (not all(given) or settings["data"]):
         raise ValueError("--train, --val and --test go together, without --data: name all "
                          "three files (or one --data file, which is split 70/10/20).")
-    read = lambda path: read_labeled_file(path, args.text_column, args.label_column)  # noqa: E731
-    balance = args.balance and create_balanced_dataset
-    if args.data:
-        rows = read(args.data)
-        split = random_split if args.stratify is False else stratified_split
+    columns = settings["text_column"], settings["label_column"]
+    read = lambda path: read_labeled_file(path, *columns)  # noqa: E731
+    balance = settings["balance"] and create_balanced_dataset
+    if settings["data"]:
+        rows = read(settings["data"])
+        split = random_split if settings["stratify"] is False else stratified_split
         parts = split(balance(rows) if balance else rows, 0.7, 0.1)
     else:
         parts = [balance(read(p)) if balance else read(p) for p in given]
@@ -524,9 +527,9 @@ def own_data(args):
             raise ValueError(f"{stray[2]}: the label {stray[0]!r} ({name} split) is not one of "
                              f"the training split's classes ({', '.join(classes)}); give the "
                              "training data examples of it, or remove it.")
-    if len(parts[0]) < args.batch_size:
+    if len(parts[0]) < settings["batch_size"]:
         raise ValueError(f"The training split has {len(parts[0])} texts, fewer than one batch "
-                         f"of {args.batch_size}: give more data, or a smaller --batch-size.")
+                         f"of {settings['batch_size']}: give more data, or a smaller --batch-size.")
     return parts, classes
 
 
@@ -623,7 +626,8 @@ def classify_batch(ids, model, device, max_length, token="last", top=1, pad_toke
 # ---- Beyond the book: building, saving and loading the classifier ----
 
 def save_classifier(path, model, cfg, settings):
-    save_checkpoint(path, model_file("classifier", model.state_dict(), cfg, settings))
+    save_checkpoint(path, model_file("classifier", model.state_dict(), cfg, settings,
+                                     what="a classifier finetuned by ch06_classify.py"))
 
 
 def load_classifier(path, device="cpu"):
@@ -635,8 +639,11 @@ def load_classifier(path, device="cpu"):
             f"`python ch06_classify.py --out {path.parent}` (or --no-pretrained on a machine "
             "without the GPT-2 weights), then run --classify again with the same --out.")
     saved = load_checkpoint(path, map_location="cpu", mmap=True, kinds=("classifier",),
+                            wanted="a classifier finetuned by ch06_classify.py",
                             hint=f"Train a classifier with `python ch06_classify.py --out "
-                                 f"{path.parent}`, or name another --out.")
+                                 f"{path.parent}`, or name another --out.",
+                            earlier=lambda s: "classifier" if "trainable" in s["settings"]
+                            else None)  # earlier classifiers: a "trainable" setting
     settings, cfg = saved["settings"], saved["config"]
     settings = {"classes": list(LABELS), "token": "last", **settings}  # earlier files: spam
     model = build_lean(lambda: prepare_classifier(
@@ -665,7 +672,7 @@ def classify_texts(texts, path, device, batch_size=8, out_csv=None):
     batches; printed, or with out_csv written there (text, label, probability,
     and the top 3 when there are more than 3 classes)."""
     model, settings = load_classifier(path, device)
-    tokenizer = get_gpt2_tokenizer(settings["models_dir"])
+    tokenizer = bpe_tokenizer(settings["models_dir"])
     classes, max_length = settings["classes"], settings["max_length"]
     ids = [tokenizer.encode(text, disallowed_special=()) for text in texts]
     cut = sum(len(t) > max_length for t in ids)
@@ -703,31 +710,43 @@ def classify_texts(texts, path, device, batch_size=8, out_csv=None):
 # ---- The chapter's run ----
 
 def main(args):
-    device = get_device(args.device)
-    classifier_path = Path(args.out) / "classifier.pth"
-    if args.classify or args.classify_file:
-        texts = list(args.classify or [])
+    return run(finetuning_settings(args))
+
+
+def finetuning_settings(args):
+    """The command's settings, resolved once from its flags (chapters 6 and 7):
+    below main, functions take these values, never the flags."""
+    return dict(vars(args))
+
+
+def run(settings):
+    """The command: classify with the saved classifier, or finetune one."""
+    device = get_device(settings["device"])
+    classifier_path = Path(settings["out"]) / "classifier.pth"
+    if settings["classify"] or settings["classify_file"]:
+        texts = list(settings["classify"] or [])
         if any(is_blank(text) for text in texts):
             raise ValueError("--classify got an empty text (or one of invisible characters "
                              "only): give each message in quotes.")
-        if args.classify_file:
-            texts += texts_of_file(Path(args.classify_file), args.text_column)
-        if args.classify_out:
-            check_output_file(args.classify_out, args.overwrite, "--classify-out")
-        return {"classified": classify_texts(texts, classifier_path, device, args.batch_size,
-                                             args.classify_out)}
-    if args.classify_out:
+        if settings["classify_file"]:
+            texts += texts_of_file(Path(settings["classify_file"]), settings["text_column"])
+        if settings["classify_out"]:
+            check_output_file(settings["classify_out"], settings["overwrite"], "--classify-out")
+        return {"classified": classify_texts(texts, classifier_path, device,
+                                             settings["batch_size"], settings["classify_out"])}
+    if settings["classify_out"]:
         raise ValueError("--classify-out writes what --classify-file classifies: give both.")
 
     # Data of your own is read and checked whole before anything is written
-    data = own_data(args) if args.train or (args.data and not is_spam_zip(args.data)) else None
-    with run_lock(args.out, RESULTS):
-        out_dir = Path(args.out)
+    own = settings["train"] or (settings["data"] and not is_spam_zip(settings["data"]))
+    data = own_data(settings) if own else None
+    with run_lock(settings["out"], RESULTS):
+        out_dir = Path(settings["out"])
         earlier = refuse_overwrite([classifier_path, out_dir / "accuracy.json",
-                                    out_dir / "confusion.json"], args.overwrite,
+                                    out_dir / "confusion.json"], settings["overwrite"],
                                    "Use it with --classify, or keep it and train into another "
                                    "--out. ", also=[out_dir / name for name in PLOTS])
-        result = finetune(args, classifier_path, device, data)
+        result = finetune(settings, classifier_path, device, data)
         earlier.retire()  # what this run did not write again: a plot it had no points for
         return result
 
@@ -741,29 +760,55 @@ def is_spam_zip(path):
     return Path(path).suffix.lower() == ".zip"
 
 
-def finetune(args, classifier_path, device, data=None):
+def finetune(settings, classifier_path, device, data=None):
     """The chapter's run: the data (the book's spam data, or `data`: own_data's
     splits and classes), the model with its new head, training, the accuracies
     (overall and per class), and the classifier saved."""
     start = time.perf_counter()
-    if data is None:
-        data_dir = prepare_spam_data(args)  # 6.2
-        splits = [data_dir / f"{name}.csv" for name in ("train", "validation", "test")]
-        classes = list(LABELS)
-    else:
-        parts, classes = data
-        splits = [as_examples(part, classes) for part in parts]
-        print("Train / validation / test:", " / ".join(str(len(p)) for p in parts))
-    print(f"{len(classes)} classes: {', '.join(classes)}")
-    tokenizer = get_gpt2_tokenizer(args.models_dir)
+    splits, classes = classification_splits(settings, data)  # 6.2
+    tokenizer = bpe_tokenizer(settings["models_dir"])
     # 6.4 Initializing a model with pretrained weights
-    model, cfg = base_model(args, "expect far lower accuracy than the book's finetuned GPT-2")
-    context_length = cfg["context_length"]
-    if args.max_length and args.max_length > context_length:
-        raise ValueError(f"--max-length {args.max_length} is longer than the model's context "
-                         f"of {context_length} tokens; give at most {context_length}.")
+    model, cfg = base_model(settings, "expect far lower accuracy than the book's finetuned GPT-2")
+    loaders = classification_loaders(splits, tokenizer, cfg, settings)  # 6.3
+    sizes = " / ".join(str(len(loader.dataset)) for loader in loaders.values())
+    print(ch05_train.run_header(base_model_name(settings), model, cfg,
+                                f"{sizes} {'messages' if data is None else 'texts'}",
+                                settings["out"]))
+    model, tracking = train_classifier(model, cfg, loaders, len(classes), device, settings)
+    result = save_classifier_results(model, cfg, loaders, classes, tracking, classifier_path,
+                                     device, settings)
+    result["seconds"] = time.perf_counter() - start
+    report(result["accuracies"], result["seconds"], classifier_path, result["confusion"], classes)
+    if data is None:  # the book's two messages
+        max_length = loaders["train"].dataset.max_length
+        print("\nThe book's two messages (its classify_review calls ham \"not spam\"):")
+        for text in BOOK_EXAMPLES:
+            label, probability = classify_review(text, model, tokenizer, device, max_length,
+                                                 token=settings["token"])
+            print(f"{'ham' if label == 'not spam' else label:>4}  {probability:6.1%}  {text}")
+    return {**result, "model": model, "train_losses": tracking["train_losses"],
+            "train_accs": tracking["train_accs"]}
 
-    train_dataset = SpamDataset(splits[0], tokenizer, max_length=args.max_length)
+
+def classification_splits(settings, data):
+    """(the three splits, the class names): the book's spam CSV files, or own_data's rows."""
+    if data is None:
+        data_dir = prepare_spam_data(settings)
+        return [data_dir / f"{name}.csv" for name in ("train", "validation", "test")], list(LABELS)
+    parts, classes = data
+    print("Train / validation / test:", " / ".join(str(len(p)) for p in parts))
+    print(f"{len(classes)} classes: {', '.join(classes)}")
+    return [as_examples(part, classes) for part in parts], classes
+
+
+def classification_loaders(splits, tokenizer, cfg, settings):
+    """{"train", "validation", "test"}: 6.3's data loaders, every text cut or padded
+    to the longest training text (or --max-length), at most the model's context."""
+    context_length, wanted = cfg["context_length"], settings["max_length"]
+    if wanted and wanted > context_length:
+        raise ValueError(f"--max-length {wanted} is longer than the model's context of "
+                         f"{context_length} tokens; give at most {context_length}.")
+    train_dataset = SpamDataset(splits[0], tokenizer, max_length=wanted)
     if train_dataset.max_length > context_length:
         warnings.warn(f"The longest training text has {train_dataset.max_length} tokens; "
                       f"texts are truncated to the model's context of {context_length}.")
@@ -771,95 +816,96 @@ def finetune(args, classifier_path, device, data=None):
     max_length = train_dataset.max_length
     val_dataset = SpamDataset(splits[1], tokenizer, max_length=max_length)
     test_dataset = SpamDataset(splits[2], tokenizer, max_length=max_length)
-    print("Longest training text (tokens):" if args.max_length is None else
+    print("Longest training text (tokens):" if wanted is None else
           "Texts cut or padded to (tokens):", max_length)
+    torch.manual_seed(settings["seed"])
+    batch_size = settings["batch_size"]
+    loaders = {"train": DataLoader(train_dataset, batch_size=batch_size, shuffle=True,
+                                   drop_last=True),
+               "validation": DataLoader(val_dataset, batch_size=batch_size),
+               "test": DataLoader(test_dataset, batch_size=batch_size)}
+    print(f"{len(loaders['train'])} training batches, {len(loaders['validation'])} validation "
+          f"batches, {len(loaders['test'])} test batches")
+    return loaders
 
-    torch.manual_seed(args.seed)
-    train_loader = DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True,
-                              drop_last=True)
-    val_loader = DataLoader(val_dataset, batch_size=args.batch_size)
-    test_loader = DataLoader(test_dataset, batch_size=args.batch_size)
-    print(f"{len(train_loader)} training batches, {len(val_loader)} validation batches, "
-          f"{len(test_loader)} test batches")
-    loaders = {"train": train_loader, "validation": val_loader, "test": test_loader}
-    print(ch05_train.run_header(base_model_name(args), model, cfg,
-                                f"{len(train_dataset)} / {len(val_dataset)} / "
-                                f"{len(test_dataset)} {'messages' if data is None else 'texts'}",
-                                args.out))
 
-    # 6.5 Adding a classification head
-    model = prepare_classifier(model, cfg, args.trainable, args.rank if args.lora else None,
-                               args.alpha, num_classes=len(classes), say=print, seed=args.seed)
+def train_classifier(model, cfg, loaders, num_classes, device, settings):
+    """6.5 to 6.7: the new head (and what trains), the accuracies before, the
+    training; returns the model and what train_classifier_simple tracked."""
+    model = prepare_classifier(model, cfg, settings["trainable"],
+                               settings["rank"] if settings["lora"] else None, settings["alpha"],
+                               num_classes=num_classes, say=print, seed=settings["seed"])
     model.to(device)
-    plan = speed_up_finetuning(model, args.fast, device)
+    plan = speed_up_finetuning(model, settings["fast"], device)
     print(f"Trainable parameters: {count_trainable(model):,}")
-    torch.manual_seed(args.seed)  # the book seeds before the first accuracies (dropout-free)
+    torch.manual_seed(settings["seed"])  # the book seeds before the first accuracies
     for name, loader in zip(("Training", "Validation", "Test"), loaders.values()):
         print(f"{name} accuracy before finetuning: "
-              f"{calc_accuracy_loader(loader, model, device, 10, args.token) * 100:.2f}%")
+              f"{calc_accuracy_loader(loader, model, device, 10, settings['token']) * 100:.2f}%")
+    torch.manual_seed(settings["seed"])
+    optimizer = make_optimizer(model, settings["lr"], settings["weight_decay"],
+                               plan["fused_adamw"])
+    tracked = train_classifier_simple(
+        model, loaders["train"], loaders["validation"], optimizer, device,
+        num_epochs=settings["epochs"], eval_freq=settings["eval_freq"],
+        eval_iter=settings["eval_iter"], token=settings["token"])
+    keys = ("train_losses", "val_losses", "train_accs", "val_accs", "examples_seen")
+    return model, dict(zip(keys, tracked))
 
-    # 6.7 Fine-tuning the model on supervised data
-    torch.manual_seed(args.seed)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
-    train_losses, val_losses, train_accs, val_accs, examples_seen = train_classifier_simple(
-        model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
-        eval_freq=args.eval_freq, eval_iter=args.eval_iter, token=args.token)
-    out_dir = Path(args.out)
-    accuracies = {name: calc_accuracy_loader(loader, model, device, token=args.token)
+
+def save_classifier_results(model, cfg, loaders, classes, tracking, classifier_path, device,
+                            settings):
+    """The accuracies (the test split's from its confusion matrix), then the
+    classifier and the JSON files, then the plots: a plot that fails or is
+    interrupted costs no model."""
+    out_dir, token = Path(settings["out"]), settings["token"]
+    accuracies = {name: calc_accuracy_loader(loader, model, device, token=token)
                   for name, loader in loaders.items() if name != "test"}
-    counts = confusion_matrix(test_loader, model, device, len(classes), args.token)
+    counts = confusion_matrix(loaders["test"], model, device, len(classes), token)
     accuracies["test"] = counts.trace().item() / counts.sum().item()  # one pass over the test set
-    settings = {"model_size": args.model_size, "max_length": max_length,
-                "trainable": args.trainable, "lora_rank": args.rank if args.lora else None,
-                "lora_alpha": args.alpha, "pretrained": not args.no_pretrained,
-                "models_dir": str(args.models_dir), "init_from": args.init_from,
-                "classes": classes, "token": args.token}
-    # The results first, the pictures after: a plot that fails or is interrupted costs no model
-    save_classifier(classifier_path, model, cfg, settings)
+    saved = {"model_size": settings["model_size"],
+             "max_length": loaders["train"].dataset.max_length,
+             "trainable": settings["trainable"],
+             "lora_rank": settings["rank"] if settings["lora"] else None,
+             "lora_alpha": settings["alpha"], "pretrained": not settings["no_pretrained"],
+             "models_dir": str(settings["models_dir"]), "init_from": settings["init_from"],
+             "classes": classes, "token": token}
+    save_classifier(classifier_path, model, cfg, saved)
     write_text_atomic(out_dir / "accuracy.json", json.dumps(accuracies, indent=2))
     per_class = class_accuracies(counts, classes)
     write_text_atomic(out_dir / "confusion.json", json.dumps(
         {"split": "test", "classes": classes, "counts": counts.tolist(),
          "accuracy": per_class}, indent=2))
-    if train_losses:
-        plot_values(torch.linspace(0, args.epochs, len(train_losses)),
-                    torch.linspace(0, examples_seen, len(train_losses)),
-                    train_losses, val_losses, "loss", out_dir / "loss-plot.png")
-    plot_values(torch.linspace(0, args.epochs, len(train_accs)),
-                torch.linspace(0, examples_seen, len(train_accs)),
-                train_accs, val_accs, "accuracy", out_dir / "accuracy-plot.png")
+    epochs, seen = settings["epochs"], tracking["examples_seen"]
+    for label, key in (("loss", "losses"), ("accuracy", "accs")):
+        train_values, val_values = tracking[f"train_{key}"], tracking[f"val_{key}"]
+        if train_values:
+            plot_values(torch.linspace(0, epochs, len(train_values)),
+                        torch.linspace(0, seen, len(train_values)), train_values, val_values,
+                        label, out_dir / f"{label}-plot.png")
     plot_confusion_matrix(counts, classes, out_dir / "confusion-matrix.png")
-    seconds = time.perf_counter() - start
-    report(accuracies, seconds, classifier_path, counts, classes)
-    if data is None:  # the book's two messages
-        print("\nThe book's two messages (its classify_review calls ham \"not spam\"):")
-        for text in BOOK_EXAMPLES:
-            label, probability = classify_review(text, model, tokenizer, device, max_length,
-                                                 token=args.token)
-            print(f"{'ham' if label == 'not spam' else label:>4}  {probability:6.1%}  {text}")
-    return {"model": model, "accuracies": accuracies, "train_losses": train_losses,
-            "train_accs": train_accs, "seconds": seconds, "confusion": counts,
-            "classes": classes, "per_class": per_class}
+    return {"accuracies": accuracies, "confusion": counts, "classes": classes,
+            "per_class": per_class}
 
 
-def prepare_spam_data(args):
+def prepare_spam_data(settings):
     """The book's balanced train/validation/test CSV files in --data-dir, from
     the downloaded (or the --data) zip; returns that folder."""
-    data_dir = Path(args.data_dir)
+    data_dir = Path(settings["data_dir"])
     data_dir.mkdir(parents=True, exist_ok=True)
-    if args.data and not Path(args.data).is_file():
-        raise FileNotFoundError(f"--data {args.data}: no such file.")
+    if settings["data"] and not Path(settings["data"]).is_file():
+        raise FileNotFoundError(f"--data {settings['data']}: no such file.")
     data_file = download_and_unzip_spam_data(
-        SPAM_URL, args.data or data_dir / "sms_spam_collection.zip",
+        SPAM_URL, settings["data"] or data_dir / "sms_spam_collection.zip",
         data_dir / "sms_spam_collection", data_dir / "SMSSpamCollection.tsv",
-        reuse_extracted=not args.data, named=bool(args.data))
+        reuse_extracted=not settings["data"], named=bool(settings["data"]))
     rows = read_spam_data(data_file)
     counts = {label: sum(r[0] == label for r in rows) for label in LABELS}
     if min(counts.values()) < 10:  # fewer leave a split empty
         raise ValueError(f"{data_file} has {counts['ham']} ham and {counts['spam']} spam "
                          "messages; the balanced splits need at least 10 of each (the book's "
                          "file has 4,825 and 747).")
-    balanced = rows if args.balance is False else create_balanced_dataset(rows)
+    balanced = rows if settings["balance"] is False else create_balanced_dataset(rows)
     print(f"Messages: {len(rows)}; {'balanced' if balanced is not rows else 'kept'}: "
           f"{len(balanced)} ({sum(r[0] == 'spam' for r in balanced)} spam)")
     parts = random_split(balanced, 0.7, 0.1)
@@ -869,29 +915,30 @@ def prepare_spam_data(args):
     return data_dir
 
 
-def base_model(args, without_weights):
+def base_model(settings, without_weights):
     """(model, cfg): GPT-2 of --model-size with OpenAI's weights, the model of
     --init-from (a model you pretrained with ch05_train.py, say), or with
     --no-pretrained the same architecture from random weights (chapters 6, 7)."""
-    if args.init_from:
-        model, cfg, kind = load_text_model(args.init_from, "cpu", flag="--init-from")
-        print(f"Starting from {args.init_from} ({ch05_train.MODEL_FILE_KINDS[kind]}): "
+    if settings["init_from"]:
+        model, cfg, what = load_text_model(settings["init_from"], "cpu", flag="--init-from")
+        print(f"Starting from {settings['init_from']} ({what}): "
               f"{cfg['n_layers']} layers, embedding size {cfg['emb_dim']}, context "
               f"{cfg['context_length']}; --model-size is not used.")
         return model, cfg
-    if not args.no_pretrained:
-        return load_gpt2_model(args.model_size, args.models_dir)
+    if not settings["no_pretrained"]:
+        return load_gpt2_model(settings["model_size"], settings["models_dir"])
     print(f"Note: --no-pretrained, so the model starts from random weights; {without_weights}.")
-    cfg = gpt_config(args.model_size, context_length=1024, drop_rate=0.0, qkv_bias=True)
-    torch.manual_seed(args.seed)
+    cfg = gpt_config(settings["model_size"], context_length=1024, drop_rate=0.0, qkv_bias=True)
+    torch.manual_seed(settings["seed"])
     return GPTModel(cfg), cfg
 
 
-def base_model_name(args):
+def base_model_name(settings):
     """What base_model() starts from, in the run's header."""
-    if args.init_from:
-        return args.init_from
-    return f"GPT-2 {args.model_size}" + (" (random weights)" if args.no_pretrained else "")
+    if settings["init_from"]:
+        return settings["init_from"]
+    random = " (random weights)" if settings["no_pretrained"] else ""
+    return f"GPT-2 {settings['model_size']}{random}"
 
 
 BOOK_EXAMPLES = ("You are a winner you have been specially selected to receive $1000 cash "
@@ -1029,15 +1076,19 @@ def build_parser():
     return parser
 
 
-def kept_when_stopped(args):
+def kept_when_stopped(settings):
     """What an interrupted run of this command kept, in its words."""
-    if args.classify or args.classify_file:
+    if settings["classify"] or settings["classify_file"]:
         return ("Nothing was written: --classify-out is written whole or not at all."
-                if args.classify_out else "Nothing is written by --classify.")
+                if settings["classify_out"] else "Nothing is written by --classify.")
     return ("The classifier is written when training ends, so nothing of this run was saved; "
             "an earlier run's results in --out are as they were, and downloads so far are "
             "kept.")
 
 
+def parse_args(argv=None):
+    return parse_finetuning_args(build_parser(), argv)
+
+
 if __name__ == "__main__":
-    run_command(main, parse_finetuning_args(build_parser()), kept_when_stopped)
+    run_command(main, parse_args(), kept_when_stopped)

@@ -1,16 +1,22 @@
 """Chapter 7: Fine-tuning to follow instructions.
 
 Defines the book's `download_and_load_file`, `format_input`,
-`InstructionDataset`, `custom_collate_fn`, and the judge-model evaluation
-`query_model`, `check_if_running`, `generate_model_scores` (Ollama's chat API).
-Beyond the book: masking the instruction in the loss (exercise 7.2), LoRA
-(exercise 7.4), and an interactive chat with the finetuned model.
+`InstructionDataset`, `custom_collate_fn`, `generate_response`, and the
+judge-model evaluation `query_model`, `check_if_running`,
+`generate_model_scores` (Ollama's chat API). Beyond the book, in this order:
+masking the instruction in the loss (exercise 7.2), LoRA (exercise 7.4), the
+judge's scores kept entry by entry, saving, loading and an interactive chat,
+preference tuning with DPO (the chapter's bonus: `PreferenceDataset`,
+`dpo_loss`, `train_model_dpo_simple`), and the command, its settings resolved
+once from its flags.
 
 Run:  python ch07_instruct.py                 (finetune GPT-2 355M, write test responses)
       python ch07_instruct.py --evaluate      (score them with a local Ollama model)
       python ch07_instruct.py --chat          (talk to the finetuned model)
-Imports from ch02_data.py, ch04_gpt.py, ch05_train.py, ch05_load_gpt2.py and
-ch06_classify.py (LoRA).
+      python ch07_instruct.py --dpo           (tune it with the preference data)
+Imports from ch02_data.py, ch04_gpt.py, ch05_generate.py (model files,
+generating), ch05_train.py (training) and ch06_classify.py (LoRA, the shared
+finetuning flags and settings).
 """
 import contextlib
 import copy
@@ -36,16 +42,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ch02_data import (DownloadError, HelpFormatter, download_file, move_aside, number,
-                       read_json, refuse_overwrite, run_command, run_lock, write_text_atomic)
+from ch02_data import (DownloadError, HelpFormatter, bpe_tokenizer, download_file, move_aside,
+                       number, read_json, run_command, write_text_atomic)
 from ch04_gpt import GPTModel, get_device
-from ch05_load_gpt2 import get_gpt2_tokenizer
-from ch05_train import (FlagsTypedParser, add_sampling_arguments, build_lean, calc_loss_loader,
-                        generate, load_checkpoint, make_optimizer, model_file, plot_losses,
-                        run_header, sampling, save_checkpoint, speed_up, speed_up_finetuning,
-                        stream_text, train_model_simple)
+from ch05_generate import (add_sampling_arguments, build_lean, generate, load_checkpoint,
+                           model_file, sampling_of, save_checkpoint, stream_text)
+from ch05_train import (FlagsTypedParser, calc_loss_loader, make_optimizer, plot_losses,
+                        refuse_overwrite, run_header, run_lock, speed_up, speed_up_finetuning,
+                        train_model_simple)
 from ch06_classify import (add_finetuning_arguments, base_model, base_model_name,
-                           freeze_and_add_lora, parse_finetuning_args, plot_values)
+                           finetuning_settings, freeze_and_add_lora, parse_finetuning_args,
+                           plot_values)
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
             "ch07/01_main-chapter-code/instruction-data.json")
@@ -226,15 +233,6 @@ def query_model(prompt, model="llama3", url=OLLAMA_URL, timeout=300):
             f"`ollama serve` and `ollama pull {model}`, or pass --ollama-url.") from None
 
 
-def judge_error(response):
-    """An error reply in one line: Ollama's {"error": ...}, or the start of its text."""
-    try:
-        detail = str(response.json()["error"])
-    except (ValueError, KeyError, TypeError):
-        detail = response.text
-    return " ".join(detail.split())[:300]
-
-
 def check_if_running(url=OLLAMA_URL, timeout=3):
     """Whether an Ollama server answers at url's host (the book checks for the process)."""
     base = re.match(r"https?://[^/]+", url)
@@ -275,6 +273,19 @@ def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, s
         print(f"{len(failed)} of {len(json_data)} answers were not a score from 0 to 100 "
               f"(entries {failed[:20]}{'...' if len(failed) > 20 else ''}).")
     return scores
+
+
+# ---- Beyond the book: the judge's scores, kept entry by entry ----
+# generate_model_scores keeps each score in scores.json as it is given, so a judge
+# that fails (or a Ctrl-C) costs only the entries not yet scored.
+
+def judge_error(response):
+    """An error reply in one line: Ollama's {"error": ...}, or the start of its text."""
+    try:
+        detail = str(response.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        detail = response.text
+    return " ".join(detail.split())[:300]
 
 
 def responses_fingerprint(json_data, json_key):
@@ -335,7 +346,10 @@ def load_finetuned(path, device="cpu"):
         raise FileNotFoundError(f"No finetuned model at {path}. Finetune one first with "
                                 f"`python ch07_instruct.py --out {path.parent}`.")
     saved = load_checkpoint(path, map_location="cpu", mmap=True, kinds=("instruct",),
-                            hint="--chat talks to a model that ch07_instruct.py finetuned.")
+                            wanted="an instruction-finetuned model of ch07_instruct.py",
+                            hint="--chat talks to a model that ch07_instruct.py finetuned.",
+                            earlier=lambda s: "instruct" if s["settings"].get("cfg") and
+                            "trainable" not in s["settings"] else None)  # config in settings
     settings, cfg = saved["settings"], saved["config"]
     model = build_lean(lambda: build_model(cfg, settings["lora_rank"], settings["lora_alpha"]),
                        saved["model"], str(path))
@@ -583,17 +597,17 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
 
 # ---- The chapter's run ----
 
-def evaluate_saved(responses_path, args):
+def evaluate_saved(responses_path, settings):
     """--evaluate: score the saved responses, holding --out's run lock."""
     responses_path = Path(responses_path)
     if not responses_path.exists():
         raise FileNotFoundError(f"No responses to score at {responses_path}; finetune first "
                                 "with `python ch07_instruct.py`.")
     with run_lock(responses_path.parent, RESULTS):
-        return score_responses(responses_path, args)
+        return score_responses(responses_path, settings)
 
 
-def score_responses(responses_path, args):
+def score_responses(responses_path, settings):
     """Score the responses with the judge, going on from the scores saved beside them."""
     test_data = read_json(responses_path, "It is written by a finetuning run: run one again "
                                           f"with --overwrite --out {responses_path.parent}.")
@@ -601,13 +615,13 @@ def score_responses(responses_path, args):
     without = [i for i, e in enumerate(test_data) if not isinstance(e.get("model_response"), str)]
     if without:
         raise ValueError(f"Entry {without[0]} of {responses_path} has no model_response text.")
-    if not check_if_running(args.ollama_url):
+    if not check_if_running(settings["ollama_url"]):
         raise JudgeUnavailable(
-            f"No Ollama server answered at {args.ollama_url}. Start one with `ollama serve` "
-            f"and `ollama pull {args.judge_model}`; the responses stay in {responses_path}.")
-    scores = generate_model_scores(test_data, "model_response", args.judge_model,
-                                   args.ollama_url, scores_of(responses_path),
-                                   overwrite=args.overwrite)
+            f"No Ollama server answered at {settings['ollama_url']}. Start one with `ollama serve` "
+            f"and `ollama pull {settings['judge_model']}`; the responses stay in {responses_path}.")
+    scores = generate_model_scores(test_data, "model_response", settings["judge_model"],
+                                   settings["ollama_url"], scores_of(responses_path),
+                                   overwrite=settings["overwrite"])
     average = sum(scores) / len(scores) if scores else float("nan")
     print(f"Number of scores: {len(scores)} of {len(test_data)}")
     print(f"Average score: {average:.2f}")
@@ -632,31 +646,31 @@ def scores_of(responses_path):
                                     else "scores.json")
 
 
-def run_dpo(args):
+def run_dpo(settings):
     """--dpo: tune the finetuned model with the preference data, save it in --out as
     NAME-dpo.pth, and write its responses to the test set (the preference file's
     entries are the chapter's, in the same order). A DPO model whose responses
     were not written (the run was stopped) gets them, without tuning again."""
-    out_dir = Path(args.out)
-    sft_path = Path(args.model_file) if args.model_file else saved_model_path(args)
+    out_dir = Path(settings["out"])
+    sft_path = Path(settings["model_file"] or saved_model_path(settings))
     if not sft_path.exists():
         raise FileNotFoundError(f"--dpo tunes a model this command finetuned, and there is none "
                                 f"at {sft_path}: finetune one first (`python ch07_instruct.py "
                                 f"--out {out_dir}`), or name it with --model-file.")
     dpo_path = out_dir / (sft_path.name.removesuffix("-sft.pth").removesuffix(".pth") +
                           "-dpo.pth")
-    source = args.preference_data or "the bonus's preference file"
-    splits = checked_splits(load_preference_data(args.preference_data, args.data_dir),
-                            args.limit, source)  # before the model: a bad file costs nothing
+    source = settings["preference_data"] or "the bonus's preference file"
+    splits = checked_splits(load_preference_data(settings["preference_data"], settings["data_dir"]),
+                            settings["limit"], source)  # before the model: a bad file costs nothing
     with run_lock(out_dir, RESULTS):
         responses_path = responses_of(dpo_path)
-        if responses_missing(dpo_path, responses_path, args.overwrite):
-            return respond_again(dpo_path, splits[1], responses_path, args)
+        if responses_missing(dpo_path, responses_path, settings["overwrite"]):
+            return respond_again(dpo_path, splits[1], responses_path, settings)
         earlier = refuse_overwrite(
-            [dpo_path, responses_path, scores_of(responses_path)], args.overwrite,
+            [dpo_path, responses_path, scores_of(responses_path)], settings["overwrite"],
             f"Chat with it with --chat --model-file {dpo_path}, or keep it and tune into "
             "another --out. ", also=[out_dir / name for name in DPO_PLOTS])
-        result = tune_with_dpo(args, sft_path, dpo_path, splits, earlier)
+        result = tune_with_dpo(settings, sft_path, dpo_path, splits, earlier)
         earlier.retire()
         return result
 
@@ -666,15 +680,15 @@ def responses_missing(model_path, responses_path, overwrite):
     return not overwrite and model_path.exists() and not responses_path.exists()
 
 
-def respond_again(model_path, test_data, responses_path, args):
+def respond_again(model_path, test_data, responses_path, settings):
     """Write the test responses of a model saved earlier, as its run would have."""
     print(f"{model_path} has no responses yet ({responses_path.name}): writing them; "
           "it is not trained again (--overwrite trains anew).")
-    device = get_device(args.device)
-    model, settings = load_finetuned(model_path, device)
-    write_responses(model, test_data, get_gpt2_tokenizer(settings["models_dir"]), device,
-                    settings["cfg"]["context_length"], args.max_new_tokens, responses_path,
-                    **sampling(args))
+    device = get_device(settings["device"])
+    model, saved = load_finetuned(model_path, device)
+    write_responses(model, test_data, bpe_tokenizer(saved["models_dir"]), device,
+                    saved["cfg"]["context_length"], settings["max_new_tokens"], responses_path,
+                    **sampling_of(settings))
     return {"model": model, "path": model_path, "responses": responses_path}
 
 
@@ -683,51 +697,32 @@ DPO_PLOTS = ("dpo-loss-plot.png", "dpo-margins-plot.png")
 DPO_DEFAULTS = {"lr": 5e-6, "weight_decay": 0.01, "epochs": 1}
 
 
-def tune_with_dpo(args, sft_path, dpo_path, splits, earlier):
-    device = get_device(args.device)
-    given = getattr(args, "given", set())
-    hp = {k: getattr(args, k) if k in given else v for k, v in DPO_DEFAULTS.items()}
-    policy, settings = load_finetuned(sft_path, device)
-    cfg = settings.pop("cfg")
-    if args.lora and not settings["lora_rank"]:
-        torch.manual_seed(args.seed)
-        freeze_and_add_lora(policy, args.rank, args.alpha, say=print)
-        settings.update(lora_rank=args.rank, lora_alpha=args.alpha)
-    reference = copy.deepcopy(policy).eval()  # frozen: DPO measures against it
-    for param in reference.parameters():
-        param.requires_grad_(False)
-    plan = speed_up_finetuning(policy, args.fast, device)
-    speed_up(reference, plan, device)
-    train_data, test_data, val_data = splits
-    tokenizer = get_gpt2_tokenizer(settings["models_dir"])
-    collate = partial(preference_collate_fn, allowed_max_length=cfg["context_length"],
-                      device=device)
-    torch.manual_seed(args.seed)
-    train_loader = DataLoader(PreferenceDataset(train_data, tokenizer), batch_size=args.batch_size,
-                              collate_fn=collate, shuffle=True, drop_last=True)
-    val_loader = DataLoader(PreferenceDataset(val_data, tokenizer), batch_size=args.batch_size,
-                            collate_fn=collate)
-    if len(train_loader) == 0 or len(val_loader) == 0:
-        raise ValueError(f"{len(train_data)} training and {len(val_data)} validation pairs do "
-                         f"not fill a batch of {args.batch_size}; lower --batch-size or raise "
-                         "--limit.")
-    print(run_header(sft_path, policy, cfg, f"{len(train_data)} / {len(val_data)} / "
-                     f"{len(test_data)} preference pairs", dpo_path.parent))
-    print(f"DPO: beta {args.beta:g}, learning rate {hp['lr']:g}" +
+def tune_with_dpo(settings, sft_path, dpo_path, splits, earlier):
+    """The bonus's run: the finetuned model and its frozen reference, the preference
+    batches, training, the plots, the model saved as dpo_path, its test responses."""
+    device, hp = get_device(settings["device"]), settings["dpo_hp"]
+    policy, reference, saved, plan = dpo_models(sft_path, device, settings)
+    cfg = saved.pop("cfg")
+    tokenizer = bpe_tokenizer(saved["models_dir"])
+    train_loader, val_loader = dpo_loaders(splits, tokenizer, cfg, device, settings)
+    print(run_header(sft_path, policy, cfg, " / ".join(str(len(s)) for s in splits) +
+                     " preference pairs (training / test / validation)", dpo_path.parent))
+    print(f"DPO: beta {settings['beta']:g}, learning rate {hp['lr']:g}" +
           (" (the bonus's value, chosen there for GPT-2 355M: --lr sets another)"
-           if "lr" not in given else "") +
+           if hp["lr"] == DPO_DEFAULTS["lr"] else "") +
           f", weight decay {hp['weight_decay']:g}, {hp['epochs']} epoch(s)")
     policy.train()
     for name, loader in (("Training", train_loader), ("Validation", val_loader)):
-        loss, margin, accuracy = evaluate_dpo_loss_loader(policy, reference, loader, args.beta,
-                                                          args.eval_iter)
+        loss, margin, accuracy = evaluate_dpo_loss_loader(policy, reference, loader,
+                                                          settings["beta"], settings["eval_iter"])
         print(f"{name} before DPO: loss {loss:.3f}, reward margin {margin:.3f}, reward "
               f"accuracy {accuracy:.2f}")
-    torch.manual_seed(args.seed)
+    torch.manual_seed(settings["seed"])
     optimizer = make_optimizer(policy, hp["lr"], hp["weight_decay"], plan["fused_adamw"])
     start = time.perf_counter()
     tracking = train_model_dpo_simple(policy, reference, train_loader, val_loader, optimizer,
-                                      hp["epochs"], args.beta, args.eval_freq, args.eval_iter)
+                                      hp["epochs"], settings["beta"], settings["eval_freq"],
+                                      settings["eval_iter"])
     print(f"DPO took {(time.perf_counter() - start) / 60:.2f} minutes.")
     if tracking["train_losses"]:  # each evaluation at the epochs its step has seen
         steps = torch.tensor([(s + 1) / len(train_loader) for s in tracking["steps"]])
@@ -735,59 +730,114 @@ def tune_with_dpo(args, sft_path, dpo_path, splits, earlier):
                                  ("reward margin", "margins", "dpo-margins-plot.png")):
             plot_values(steps, tracking["tokens_seen"], tracking[f"train_{key}"],
                         tracking[f"val_{key}"], label, dpo_path.parent / name)
-    settings["dpo"] = {"from": str(sft_path), "beta": args.beta, **hp,
-                       "preference_data": str(args.preference_data or "the bonus's file")}
-    save_checkpoint(dpo_path, model_file("instruct", policy.state_dict(), cfg, settings))
+    saved["dpo"] = {"from": str(sft_path), "beta": settings["beta"], **hp,
+                    "preference_data": str(settings["preference_data"] or "the bonus's file")}
+    save_checkpoint(dpo_path, model_file("instruct", policy.state_dict(), cfg, saved,
+                                         what="a model tuned with DPO by ch07_instruct.py"))
     print(f"Model saved as {dpo_path}")
     earlier.retire(responses_of(dpo_path), scores_of(responses_of(dpo_path)))  # another model's
-    write_responses(policy, test_data, tokenizer, device, cfg["context_length"],
-                    args.max_new_tokens, responses_of(dpo_path), **sampling(args))
+    write_responses(policy, splits[1], tokenizer, device, cfg["context_length"],
+                    settings["max_new_tokens"], responses_of(dpo_path), **sampling_of(settings))
     print(f"Score them with `python ch07_instruct.py --evaluate --model-file {dpo_path}`, as "
           "the finetuned model's: the same test entries, the same judge.")
     return {"model": policy, "reference": reference, "tracking": tracking, "path": dpo_path}
 
 
+def dpo_models(sft_path, device, settings):
+    """(the policy: the finetuned model, with LoRA if asked; the reference: a
+    frozen copy; the saved model's settings; the speed plan)."""
+    policy, saved = load_finetuned(sft_path, device)
+    if settings["lora"] and not saved["lora_rank"]:
+        torch.manual_seed(settings["seed"])
+        freeze_and_add_lora(policy, settings["rank"], settings["alpha"], say=print)
+        saved.update(lora_rank=settings["rank"], lora_alpha=settings["alpha"])
+    reference = copy.deepcopy(policy).eval()  # frozen: DPO measures against it
+    for param in reference.parameters():
+        param.requires_grad_(False)
+    plan = speed_up_finetuning(policy, settings["fast"], device)
+    speed_up(reference, plan, device)
+    return policy, reference, saved, plan
+
+
+def dpo_loaders(splits, tokenizer, cfg, device, settings):
+    """The training and validation preference batches (the bonus's collate)."""
+    train_data, _, val_data = splits
+    collate = partial(preference_collate_fn, allowed_max_length=cfg["context_length"],
+                      device=device)
+    torch.manual_seed(settings["seed"])
+    batch_size = settings["batch_size"]
+    train_loader = DataLoader(PreferenceDataset(train_data, tokenizer), batch_size=batch_size,
+                              collate_fn=collate, shuffle=True, drop_last=True)
+    val_loader = DataLoader(PreferenceDataset(val_data, tokenizer), batch_size=batch_size,
+                            collate_fn=collate)
+    if len(train_loader) == 0 or len(val_loader) == 0:
+        raise ValueError(f"{len(train_data)} training and {len(val_data)} validation pairs do "
+                         f"not fill a batch of {batch_size}; lower --batch-size or raise "
+                         "--limit.")
+    return train_loader, val_loader
+
+
 def main(args):
-    out_dir = Path(args.out)
+    return run(instruct_settings(args))
+
+
+def instruct_settings(args):
+    """The command's settings, resolved once: chapter 6's, with DPO's own defaults
+    (the bonus's) for the flags not given."""
+    settings = finetuning_settings(args)
+    given = getattr(args, "given", set())
+    settings["dpo_hp"] = {k: settings[k] if k in given else v for k, v in DPO_DEFAULTS.items()}
+    return settings
+
+
+def run(settings):
+    """The command: score, tune with DPO, chat, or finetune."""
+    out_dir = Path(settings["out"])
     responses_path = out_dir / "instruction-data-with-response.json"
-    if args.evaluate:
-        return evaluate_saved(responses_of(args.model_file) if args.model_file
-                              else responses_path, args)
-    if args.dpo:
-        return run_dpo(args)
-    if args.chat:
-        device = get_device(args.device)
-        model, settings = load_finetuned(args.model_file or saved_model_path(args), device)
-        tokenizer = get_gpt2_tokenizer(settings["models_dir"])
-        print("Chat with the finetuned model. Earlier turns stay while they fit (/reset "
-              "forgets them, /help lists the commands); Ctrl-C stops an answer; an empty line, "
-              "Ctrl-D or Ctrl-C at the prompt ends the chat.")
-        return {"responses": chat(model, tokenizer, device, settings["cfg"]["context_length"],
-                                  args.max_new_tokens, **sampling(args))}
-    model_path = out_dir / model_name(args)
-    splits = load_splits(args)  # before the lock and the model: a bad file costs nothing
+    if settings["evaluate"]:
+        return evaluate_saved(responses_of(settings["model_file"]) if settings["model_file"]
+                              else responses_path, settings)
+    if settings["dpo"]:
+        return run_dpo(settings)
+    if settings["chat"]:
+        return chat_with_saved(settings)
+    model_path = out_dir / model_name(settings)
+    splits = load_splits(settings)  # before the lock and the model: a bad file costs nothing
     with run_lock(out_dir, RESULTS):
-        if responses_missing(model_path, responses_path, args.overwrite):
-            return respond_again(model_path, splits[1], responses_path, args)
+        if responses_missing(model_path, responses_path, settings["overwrite"]):
+            return respond_again(model_path, splits[1], responses_path, settings)
         earlier = refuse_overwrite([model_path, responses_path, out_dir / "scores.json"],
-                                   args.overwrite, "Use it with --chat, or keep it and train "
-                                                   "into another --out. ",
-                                   also=[out_dir / "loss-plot.png"])
-        result = finetune(args, model_path, responses_path, splits, earlier)
+                                   settings["overwrite"], "Use it with --chat, or keep it and "
+                                   "train into another --out. ", also=[out_dir / "loss-plot.png"])
+        result = finetune(settings, model_path, responses_path, splits, earlier)
         earlier.retire()
         return result
 
 
-def model_name(args):
+def chat_with_saved(settings):
+    """--chat: the saved model (--model-file, or the one finetuned in --out)."""
+    device = get_device(settings["device"])
+    model, saved = load_finetuned(settings["model_file"] or saved_model_path(settings), device)
+    tokenizer = bpe_tokenizer(saved["models_dir"])
+    print("Chat with the finetuned model. Earlier turns stay while they fit (/reset forgets "
+          "them, /help lists the commands); Ctrl-C stops an answer; an empty line, Ctrl-D or "
+          "Ctrl-C at the prompt ends the chat.")
+    return {"responses": chat(model, tokenizer, device, saved["cfg"]["context_length"],
+                              settings["max_new_tokens"], **sampling_of(settings))}
+
+
+def model_name(settings):
     """gpt2-SIZE-sft.pth for GPT-2 (or its random twin), NAME-sft.pth for --init-from NAME.pt."""
-    return f"{Path(args.init_from).stem if args.init_from else 'gpt2-' + args.model_size}-sft.pth"
+    name = Path(settings["init_from"]).stem if settings["init_from"] else \
+        f"gpt2-{settings['model_size']}"
+    return f"{name}-sft.pth"
 
 
-def saved_model_path(args):
+def saved_model_path(settings):
     """The finetuned model that --chat talks to: this --model-size's, or else the one
     model a finetuning run saved in --out; several are named, to choose one."""
-    out_dir = Path(args.out)
-    path = out_dir / model_name(args)
+    out_dir = Path(settings["out"])
+    path = out_dir / model_name(settings)
     found = sorted(out_dir.glob("*-sft.pth"))
     if path.exists() or not found:
         return path
@@ -799,85 +849,90 @@ def saved_model_path(args):
                             "--init-from) it was finetuned with.")
 
 
-def finetune(args, model_path, responses_path, splits, earlier):
+def finetune(settings, model_path, responses_path, splits, earlier):
     """The chapter's run: finetune, save the model, write the test set's responses
     and score them when a judge answers. `earlier`: an earlier run's files, each
     replaced as its new one is written (EarlierResults)."""
-    out_dir, device = Path(args.out), get_device(args.device)
+    out_dir, device = Path(settings["out"]), get_device(settings["device"])
     start = time.perf_counter()
     train_data, test_data, val_data = splits
-    tokenizer = get_gpt2_tokenizer(args.models_dir)
+    tokenizer = bpe_tokenizer(settings["models_dir"])
     # 7.5 Loading a pretrained LLM
-    model, cfg = base_model(args, "its responses will be gibberish. Use it to try the "
-                                  "pipeline, not the model")
-    if args.lora:  # exercise 7.4: only the LoRA matrices train
-        torch.manual_seed(args.seed)
-        freeze_and_add_lora(model, args.rank, args.alpha, say=print)
+    model, cfg = base_model(settings, "its responses will be gibberish. Use it to try the "
+                                      "pipeline, not the model")
+    if settings["lora"]:  # exercise 7.4: only the LoRA matrices train
+        torch.manual_seed(settings["seed"])
+        freeze_and_add_lora(model, settings["rank"], settings["alpha"], say=print)
     model.to(device)
-    plan = speed_up_finetuning(model, args.fast, device)
-    context_size = cfg["context_length"]
-
-    # 7.4 Creating data loaders for an instruction dataset
-    collate = partial(custom_collate_fn, device=device, allowed_max_length=context_size)
-    make_loader = lambda data, train: DataLoader(  # noqa: E731
-        InstructionDataset(data, tokenizer, mask_instructions=args.mask_instructions),
-        batch_size=args.batch_size, collate_fn=collate, shuffle=train, drop_last=train)
-    torch.manual_seed(args.seed)
-    train_loader, val_loader = make_loader(train_data, True), make_loader(val_data, False)
-    if len(train_loader) == 0:
-        raise ValueError(f"{len(train_data)} training entries do not fill one batch of "
-                         f"{args.batch_size}; lower --batch-size or raise --limit.")
-    print(run_header(base_model_name(args), model, cfg,
+    plan = speed_up_finetuning(model, settings["fast"], device)
+    train_loader, val_loader = instruction_loaders(train_data, val_data, tokenizer, cfg, device,
+                                                   settings)  # 7.4
+    print(run_header(base_model_name(settings), model, cfg,
                      f"{len(train_data)} / {len(val_data)} / {len(test_data)} entries", out_dir))
-
-    torch.manual_seed(args.seed)
+    torch.manual_seed(settings["seed"])
     with torch.no_grad():
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=5)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=5)
     print(f"Training loss before finetuning: {train_loss:.3f}, validation loss: {val_loss:.3f}")
 
     # 7.6 Fine-tuning the LLM on instruction data
-    torch.manual_seed(args.seed)
-    optimizer = make_optimizer(model, args.lr, args.weight_decay, plan["fused_adamw"])
+    torch.manual_seed(settings["seed"])
+    optimizer = make_optimizer(model, settings["lr"], settings["weight_decay"],
+                               plan["fused_adamw"])
     train_losses, val_losses, tokens_seen = train_model_simple(
-        model, train_loader, val_loader, optimizer, device, num_epochs=args.epochs,
-        eval_freq=args.eval_freq, eval_iter=args.eval_iter,
+        model, train_loader, val_loader, optimizer, device, num_epochs=settings["epochs"],
+        eval_freq=settings["eval_freq"], eval_iter=settings["eval_iter"],
         start_context=format_input(val_data[0]), tokenizer=tokenizer)
-    train_minutes = (time.perf_counter() - start) / 60
-    print(f"Training completed in {train_minutes:.2f} minutes.")
+    print(f"Training completed in {(time.perf_counter() - start) / 60:.2f} minutes.")
     if train_losses:
-        plot_losses(torch.linspace(0, args.epochs, len(train_losses)), tokens_seen,
+        plot_losses(torch.linspace(0, settings["epochs"], len(train_losses)), tokens_seen,
                     train_losses, val_losses, out_dir / "loss-plot.png")
-
-    settings = {"model_size": args.model_size, "models_dir": str(args.models_dir),
-                "init_from": args.init_from,
-                "lora_rank": args.rank if args.lora else None, "lora_alpha": args.alpha,
-                "mask_instructions": args.mask_instructions}
-    save_checkpoint(model_path, model_file("instruct", model.state_dict(), cfg, settings))
-    print(f"Model saved as {model_path}")
+    save_finetuned(model_path, model, cfg, settings)
     earlier.retire(responses_path, out_dir / "scores.json")  # the earlier model's, not this one's
-
-    write_responses(model, test_data, tokenizer, device, context_size, args.max_new_tokens,
-                    responses_path, **sampling(args))
-
+    write_responses(model, test_data, tokenizer, device, cfg["context_length"],
+                    settings["max_new_tokens"], responses_path, **sampling_of(settings))
     result = {"model": model, "train_losses": train_losses, "val_losses": val_losses,
               "test_data": test_data}
-    if check_if_running(args.ollama_url):
-        result.update(score_responses(responses_path, args))
+    if check_if_running(settings["ollama_url"]):
+        result.update(score_responses(responses_path, settings))
     else:
-        print(f"No Ollama server at {args.ollama_url}: to score the responses later, start "
-              f"one (`ollama serve`, `ollama pull {args.judge_model}`) and run "
+        print(f"No Ollama server at {settings['ollama_url']}: to score the responses later, "
+              f"start one (`ollama serve`, `ollama pull {settings['judge_model']}`) and run "
               f"`python ch07_instruct.py --evaluate --out {out_dir}`.")
     print(f"Total run time: {(time.perf_counter() - start) / 60:.2f} minutes.")
     return result
 
 
-def load_splits(args):
+def instruction_loaders(train_data, val_data, tokenizer, cfg, device, settings):
+    """7.4's training and validation loaders (the book's collate)."""
+    collate = partial(custom_collate_fn, device=device, allowed_max_length=cfg["context_length"])
+    make_loader = lambda data, train: DataLoader(  # noqa: E731
+        InstructionDataset(data, tokenizer, mask_instructions=settings["mask_instructions"]),
+        batch_size=settings["batch_size"], collate_fn=collate, shuffle=train, drop_last=train)
+    torch.manual_seed(settings["seed"])
+    train_loader, val_loader = make_loader(train_data, True), make_loader(val_data, False)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train_data)} training entries do not fill one batch of "
+                         f"{settings['batch_size']}; lower --batch-size or raise --limit.")
+    return train_loader, val_loader
+
+
+def save_finetuned(path, model, cfg, settings):
+    saved = {"model_size": settings["model_size"], "models_dir": str(settings["models_dir"]),
+             "init_from": settings["init_from"],
+             "lora_rank": settings["rank"] if settings["lora"] else None,
+             "lora_alpha": settings["alpha"], "mask_instructions": settings["mask_instructions"]}
+    save_checkpoint(path, model_file("instruct", model.state_dict(), cfg, saved,
+                                     what="an instruction-finetuned model of ch07_instruct.py"))
+    print(f"Model saved as {path}")
+
+
+def load_splits(settings):
     """The book's training, test and validation entries (cut to --limit each)."""
-    data_path = Path(args.data) if args.data else Path(args.data_dir) / "instruction-data.json"
+    data_path = Path(settings["data"] or Path(settings["data_dir"]) / "instruction-data.json")
     data = download_and_load_file(data_path, DATA_URL)
     print("Number of entries:", len(data))
-    train_data, test_data, val_data = checked_splits(data, args.limit, data_path)
+    train_data, test_data, val_data = checked_splits(data, settings["limit"], data_path)
     print(f"Training set length: {len(train_data)}, validation: {len(val_data)}, "
           f"test: {len(test_data)}")
     return train_data, test_data, val_data
@@ -958,15 +1013,19 @@ def build_parser():
     return parser
 
 
-def kept_when_stopped(args):
+def kept_when_stopped(settings):
     """What an interrupted run of this command kept, in its words."""
-    if args.evaluate:
+    if settings["evaluate"]:
         return ("The scores obtained so far are kept; --evaluate again goes on from them.")
     return ("Each file is written whole or not at all: what this run finished (the model, "
             "its responses) is kept, and an earlier run's files that it had not replaced yet "
             "are as they were. Run the same command again to write what is missing.")
 
 
+def parse_args(argv=None):
+    return parse_finetuning_args(build_parser(), argv)
+
+
 if __name__ == "__main__":
-    run_command(main, parse_finetuning_args(build_parser()), kept_when_stopped,
+    run_command(main, parse_args(), kept_when_stopped,
                 errors=(ValueError, OSError, JudgeUnavailable))

@@ -37,6 +37,7 @@ import bench
 import ch02_data as ch02
 import ch03_attention as ch03
 import ch04_gpt as ch04
+import ch05_generate as gen
 import ch05_load_gpt2 as gpt2
 import ch05_train as ch05
 import ch06_classify as ch06
@@ -263,11 +264,7 @@ def data_files(pytestconfig):
 def args_of(chapter, argv):
     """A command's arguments, parsed as its __main__ parses them: the one way
     the tests build them."""
-    if chapter in (ch06, ch07):
-        return ch06.parse_finetuning_args(chapter.build_parser(), argv)
-    if chapter in (ch05, gpt2):
-        return chapter.parse_args(argv)
-    return chapter.build_parser().parse_args(argv)
+    return chapter.parse_args(argv)
 
 
 # ======= Chapter 2: the book's listings =======
@@ -396,7 +393,7 @@ def test_an_unwritable_out_is_named_in_one_line(tmp_path):
                                       r"folder\. Choose another --out\.$"):
         ch02.check_writable(tmp_path / "a_file" / "x")
     with read_only_folders():
-        for check in (ch02.check_writable, lambda f: ch02.run_lock(f).__enter__()):
+        for check in (ch02.check_writable, lambda f: ch05.run_lock(f).__enter__()):
             with pytest.raises(OSError, match=rf"^--out {re.escape(str(tmp_path / 'ro'))} cannot "
                                               r"be written to \(Permission denied\)\. Choose "
                                               r"another --out, or make it writable\.$"):
@@ -668,6 +665,31 @@ def test_chapter4_main_runs_tiny():
 # ---- Chapters 3 and 4, beyond the book: the key-value cache and the fast kernels ----
 
 
+def test_chapters_3_and_4_copied_alone_build_gptmodel_with_torch_alone(tmp_path):
+    """Copying a file is one way this repository is used: ch03_attention.py and
+    ch04_gpt.py, alone in a folder where only torch can be imported, give GPTModel."""
+    for name in ("ch03_attention.py", "ch04_gpt.py"):
+        (tmp_path / name).write_bytes((HERE / name).read_bytes())
+    code = f"""
+import importlib.abc, sys
+BLOCKED = {{"tiktoken", "requests", "tqdm", "numpy", "matplotlib", "ch02_data"}}
+class Guard(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Guard())
+sys.path.insert(0, {str(tmp_path)!r})
+import torch
+from ch04_gpt import GPTModel, gpt_config
+model = GPTModel(gpt_config("tiny", context_length=16, vocab_size=100))
+print(tuple(model(torch.tensor([[1, 2, 3]])).shape), sorted(m for m in sys.modules if m.startswith("ch0")))
+"""
+    proc = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                          timeout=120)  # -I: no current folder, no user site on sys.path
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "(1, 3, 100) ['ch03_attention', 'ch04_gpt']"
+
+
 def test_too_long_input_names_both_lengths():
     model = tiny_model()
     with pytest.raises(ValueError, match="has 33 tokens but the model's context_length is 32"):
@@ -683,14 +705,14 @@ def test_cached_generation_equals_uncached(impl, device):
     # 30 new tokens: the 16-token window fills up, and the cache falls back to recomputing.
     # use_cache=True: a growing KVCache on the CPU, a CUDA graph over a StaticKVCache on
     # CUDA; "static": that cache without the graph
-    greedy = ch05.generate(model, idx, 30, 16)
+    greedy = gen.generate(model, idx, 30, 16)
     for use_cache in (True, "static"):
-        assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=use_cache), greedy)
+        assert torch.equal(gen.generate(model, idx, 30, 16, use_cache=use_cache), greedy)
         for kw in ({"temperature": 1.0, "top_k": 50}, {"temperature": 0.8, "top_p": 0.9}):
             torch.manual_seed(7)
-            sampled = ch05.generate(model, idx, 30, 16, **kw)
+            sampled = gen.generate(model, idx, 30, 16, **kw)
             torch.manual_seed(7)
-            assert torch.equal(ch05.generate(model, idx, 30, 16, use_cache=use_cache, **kw),
+            assert torch.equal(gen.generate(model, idx, 30, 16, use_cache=use_cache, **kw),
                                sampled)
     # a cache position beyond the context is refused, not silently wrong
     cache = ch04.new_kv_cache(model)
@@ -792,19 +814,19 @@ def test_calc_loss_loader_num_batches_and_empty():
 
 def test_generate_greedy_top_k_and_eos(tokenizer):
     model = tiny_model(0).eval()
-    idx = ch05.text_to_token_ids("Every effort moves you", tokenizer)
+    idx = gen.text_to_token_ids("Every effort moves you", tokenizer)
     greedy = ch04.generate_text_simple(model, idx, 8, 32)
-    assert torch.equal(ch05.generate(model, idx, 8, 32), greedy)
-    assert torch.equal(ch05.generate(model, idx, 8, 32, temperature=1.0, top_k=1), greedy)
+    assert torch.equal(gen.generate(model, idx, 8, 32), greedy)
+    assert torch.equal(gen.generate(model, idx, 8, 32, temperature=1.0, top_k=1), greedy)
     # stop as soon as the end-of-sequence token would come next
     eos = greedy[0, idx.shape[1] + 2].item()
-    assert torch.equal(ch05.generate(model, idx, 8, 32, eos_id=eos), greedy[:, :idx.shape[1] + 2])
+    assert torch.equal(gen.generate(model, idx, 8, 32, eos_id=eos), greedy[:, :idx.shape[1] + 2])
     # sampling is reproducible under a seed, and top-k keeps per-row thresholds in a batch
     torch.manual_seed(5)
-    a = ch05.generate(model, idx.repeat(3, 1), 6, 32, temperature=1.5, top_k=3)
+    a = gen.generate(model, idx.repeat(3, 1), 6, 32, temperature=1.5, top_k=3)
     torch.manual_seed(5)
-    assert torch.equal(a, ch05.generate(model, idx.repeat(3, 1), 6, 32, temperature=1.5, top_k=3))
-    assert ch05.token_ids_to_text(idx, tokenizer) == "Every effort moves you"
+    assert torch.equal(a, gen.generate(model, idx.repeat(3, 1), 6, 32, temperature=1.5, top_k=3))
+    assert gen.token_ids_to_text(idx, tokenizer) == "Every effort moves you"
 
 
 def test_lr_schedule_warmup_peak_and_end():
@@ -847,7 +869,7 @@ def test_a_run_says_how_long_it_will_take_and_when_evaluation_costs_too_much(tmp
     # a model between tiny and 124M: any GPT-2 shape, heads dividing the width
     result = ch05.main(train_args(tmp_path / "c", "--n-layers", "3", "--emb-dim", "48",
                                   "--n-heads", "6", "--max-steps", "1"))
-    cfg = ch05.load_checkpoint(tmp_path / "c" / "checkpoint.pt")["config"]
+    cfg = gen.load_checkpoint(tmp_path / "c" / "checkpoint.pt")["config"]
     assert (cfg["n_layers"], cfg["emb_dim"], cfg["n_heads"]) == (3, 48, 6)
     assert len(result["model"].trf_blocks) == 3
     assert "Model: tiny reshaped: 3 layers, embedding size 48, 6 heads" in capsys.readouterr().out
@@ -879,25 +901,25 @@ def test_train_model_appendix_d_clips_after_warmup(verdict, tokenizer, monkeypat
 def test_top_p_keeps_the_smallest_set_reaching_p():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
     logits = probs.log()
-    kept = torch.isfinite(ch05.top_p_filter(logits, 0.75))
+    kept = torch.isfinite(gen.top_p_filter(logits, 0.75))
     assert kept.tolist() == [[True, True, False, False], [False, False, True, True]]
-    assert torch.isfinite(ch05.top_p_filter(logits, 0.8)).sum(-1).tolist() == [2, 2]
-    assert torch.isfinite(ch05.top_p_filter(logits, 0.81)).sum(-1).tolist() == [3, 3]
-    assert torch.isfinite(ch05.top_p_filter(logits, 0.01)).sum(-1).tolist() == [1, 1]
+    assert torch.isfinite(gen.top_p_filter(logits, 0.8)).sum(-1).tolist() == [2, 2]
+    assert torch.isfinite(gen.top_p_filter(logits, 0.81)).sum(-1).tolist() == [3, 3]
+    assert torch.isfinite(gen.top_p_filter(logits, 0.01)).sum(-1).tolist() == [1, 1]
     torch.manual_seed(0)
-    draws = {ch05.sample_next_token(logits[:1], temperature=1.0, top_p=0.75).item()
+    draws = {gen.sample_next_token(logits[:1], temperature=1.0, top_p=0.75).item()
              for _ in range(200)}
     assert draws == {0, 1}
 
 
 def test_stream_text_prints_what_generate_returns(tokenizer):
     model = tiny_model(0).eval()
-    idx = ch05.text_to_token_ids("Every effort", tokenizer)
+    idx = gen.text_to_token_ids("Every effort", tokenizer)
     out = io.StringIO()
     torch.manual_seed(3)
-    new_ids = ch05.stream_text(model, idx, tokenizer, 10, 32, out, temperature=1.0, top_k=20)
+    new_ids = gen.stream_text(model, idx, tokenizer, 10, 32, out, temperature=1.0, top_k=20)
     torch.manual_seed(3)
-    expected = ch05.generate(model, idx, 10, 32, temperature=1.0, top_k=20)
+    expected = gen.generate(model, idx, 10, 32, temperature=1.0, top_k=20)
     assert new_ids == expected[0, idx.shape[1]:].tolist()
     assert out.getvalue() == tokenizer.decode(new_ids)
 
@@ -908,7 +930,7 @@ def test_lean_loading_gives_the_plain_paths_logits(tmp_path):
     plain = tiny_model(1)
     plain.load_state_dict(torch.load(tmp_path / "m.pth", weights_only=True))
     state_dict = torch.load(tmp_path / "m.pth", weights_only=True, mmap=True)
-    lean = ch05.build_lean(tiny_model, state_dict)
+    lean = gen.build_lean(tiny_model, state_dict)
     assert all(p.device.type == "cpu" for p in lean.parameters())
     assert lean.tok_emb.weight.data_ptr() == state_dict["tok_emb.weight"].data_ptr()  # no copy
     idx = torch.randint(0, 50257, (2, 10))
@@ -1012,7 +1034,7 @@ def test_memmap_route_trains_and_evaluates_rarely(tmp_path):
     default, not the book's every 5."""
     result = ch05.main(train_args(tmp_path / "mapped", "--memmap", "--max-steps", "3"))
     assert result["state"]["step"] == 2 and [r["step"] for r in result["history"]["log"]] == [0]
-    assert ch05.load_checkpoint(tmp_path / "mapped" / "checkpoint.pt")["settings"]["eval_freq"] == 200
+    assert gen.load_checkpoint(tmp_path / "mapped" / "checkpoint.pt")["settings"]["eval_freq"] == 200
     assert list((tmp_path / "mapped" / "tokens").glob("*.bin"))
     in_memory = ch05.main(train_args(tmp_path / "text", "--max-steps", "6"))
     assert [r["step"] for r in in_memory["history"]["log"]] == [0, 5]
@@ -1022,8 +1044,8 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
     common = ("--drop-rate", "0", "--max-steps", "4", "--eval-freq", "100")
     ch05.main(train_args(tmp_path / "big", *common, "--batch-size", "4"))
     ch05.main(train_args(tmp_path / "accum", *common, "--batch-size", "2", "--grad-accum", "2"))
-    big = ch05.load_checkpoint(tmp_path / "big" / "checkpoint.pt")
-    accum = ch05.load_checkpoint(tmp_path / "accum" / "checkpoint.pt")
+    big = gen.load_checkpoint(tmp_path / "big" / "checkpoint.pt")
+    accum = gen.load_checkpoint(tmp_path / "accum" / "checkpoint.pt")
     assert big["step"] == accum["step"] == 3 and big["samples_done"] == accum["samples_done"]
     for k, v in big["model"].items():
         assert torch.allclose(v, accum["model"][k], atol=1e-5), k
@@ -1031,8 +1053,9 @@ def test_gradient_accumulation_equals_a_larger_batch(tmp_path):
 
 def test_generate_streams_text_from_every_kind_of_model_file(tmp_path, gpt2_server, tokenizer,
                                                              capsys):
-    """--generate --from: a checkpoint of this command, GPT-2's converted model.pth
-    and a LoRA-finetuned chapter-7 model, each giving the tokens its own model gives."""
+    """ch05_generate.py --from: a checkpoint of ch05_train.py, GPT-2's converted
+    model.pth and a chapter-7 model with appendix E's LoRA (LinearWithLoRA, merged
+    in), each giving the tokens its own model gives."""
     ch05.main(train_args(tmp_path / "run", "--max-steps", "1"))
     gpt2.load_gpt2_model("tiny", tmp_path / "gpt2", base_urls=[gpt2_server.url + "/primary"])
     lora = ch07.build_model(TINY, lora_rank=2, lora_alpha=4.0).eval()
@@ -1040,23 +1063,23 @@ def test_generate_streams_text_from_every_kind_of_model_file(tmp_path, gpt2_serv
     for name, param in lora.named_parameters():
         if name.endswith("lora.B"):
             param.data.normal_(0, 0.5)  # a LoRA that changes the model
-    ch05.save_checkpoint(tmp_path / "sft.pth", ch05.model_file(
+    gen.save_checkpoint(tmp_path / "sft.pth", gen.model_file(
         "instruct", lora.state_dict(), TINY, {"lora_rank": 2, "lora_alpha": 4.0,
                                              "models_dir": "gpt2", "mask_instructions": False}))
     prompt = tokenizer.encode("Every effort moves you")
     for path, reference in [(tmp_path / "run" / "checkpoint.pt", None),
                             (tmp_path / "gpt2" / "tiny" / "model.pth", None),
                             (tmp_path / "sft.pth", lora)]:
-        result = ch05.main(args_of(ch05, ["--generate", "Every effort moves you", "--from",
-                                          str(path), "--max-new-tokens", "6", "--temperature",
-                                          "0", "--device", "cpu"]))
+        result = gen.main(args_of(gen, ["--prompt", "Every effort moves you", "--from",
+                                        str(path), "--max-new-tokens", "6", "--temperature",
+                                        "0", "--device", "cpu"]))
         shown = capsys.readouterr().out
         assert result["text"] in shown and len(tokenizer.encode(result["text"])) == len(prompt) + 6
         if reference is None:  # the file's own model, built from its config
-            saved = ch05.load_checkpoint(path)
+            saved = gen.load_checkpoint(path)
             reference = ch04.GPTModel({**saved["config"], "drop_rate": 0.0}).eval()
             reference.load_state_dict(saved["model"])
-        expected = ch05.generate(reference, torch.tensor([prompt]), 6,
+        expected = gen.generate(reference, torch.tensor([prompt]), 6,
                                  reference.pos_emb.num_embeddings)
         assert tokenizer.encode(result["text"]) == expected[0].tolist(), path
     x = torch.tensor([prompt])
@@ -1073,8 +1096,34 @@ def test_generate_streams_text_from_every_kind_of_model_file(tmp_path, gpt2_serv
     ch06.save_classifier(tmp_path / "c.pth", ch06.prepare_classifier(tiny_model(0), TINY), TINY,
                          {"trainable": "head", "lora_rank": None, "lora_alpha": 16})
     with pytest.raises(ValueError, match=r"c\.pth holds a classifier finetuned by ch06_classify\.py"
-                                         r", not .*--from takes a checkpoint\.pt"):
-        ch05.main(args_of(ch05, ["--generate", "Hi", "--from", str(tmp_path / "c.pth")]))
+                                         r", whose output layer has 2 outputs, not one per token "
+                                         r"of its vocabulary: --from takes a model that generates "
+                                         r"text"):
+        gen.main(args_of(gen, ["--prompt", "Hi", "--from", str(tmp_path / "c.pth")]))
+    # ch05_train.py --generate, where the command lived before, gives the same text
+    again = ch05.main(args_of(ch05, ["--generate", "Every effort moves you", "--from",
+                                     str(tmp_path / "sft.pth"), "--max-new-tokens", "6",
+                                     "--temperature", "0", "--device", "cpu"]))
+    assert again["text"] == result["text"]
+
+
+def test_the_books_imports_from_ch05_train_still_work():
+    """The book imports chapter 5's names from one file; they stay importable from
+    ch05_train.py, which takes 5.1.1 and 5.3 from ch05_generate.py."""
+    from ch05_train import (calc_loss_batch, calc_loss_loader, evaluate_model, generate,
+                            generate_and_print_sample, plot_losses, text_to_token_ids,
+                            token_ids_to_text, train_model, train_model_simple)
+    assert generate is gen.generate and text_to_token_ids is gen.text_to_token_ids
+    assert token_ids_to_text is gen.token_ids_to_text
+    assert all(callable(f) for f in (calc_loss_batch, calc_loss_loader, evaluate_model,
+                                     generate_and_print_sample, plot_losses, train_model,
+                                     train_model_simple))
+    # loading GPT-2 and pretraining are siblings; no file names a later one's kinds
+    assert not re.search(r"^(from|import) ch05_train", (HERE / "ch05_load_gpt2.py").read_text(
+        encoding="utf-8"), re.M)
+    for name in ("ch05_generate.py", "ch05_train.py"):
+        code = (HERE / name).read_text(encoding="utf-8")
+        assert not re.search(r'"(classifier|instruct)"', code), name
 
 
 def test_a_cut_or_damaged_token_file_is_never_trained_on(tmp_path, short_text, capsys):
@@ -1238,7 +1287,7 @@ def test_sigterm_from_outside_saves_and_exits_143(tmp_path, short_text):
     assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
     stopped_at = int(re.search(r"Stopped by SIGTERM after step (\d+); checkpoint saved to",
                                err).group(1))
-    assert ch05.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == stopped_at
+    assert gen.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == stopped_at
     assert [int(r["step"]) for r in log_rows(tmp_path / "log.csv")] == list(range(stopped_at + 1))
     assert (tmp_path / "loss-plot.png").stat().st_size > 0  # the curves so far, also when stopped
     assert f"Saved {tmp_path / 'loss-plot.png'}" in out
@@ -1258,7 +1307,7 @@ def test_resume_keeps_the_checkpoints_settings_unless_given(tmp_path, capsys):
     assert "Changed on resume: --weight-decay 0.1 -> 0.5, --max-steps 2 -> 4" in capsys.readouterr().out
     assert result["history"]["lrs"] == [1e-3] * 4  # the checkpoint's --lr, not the default
     assert len(result["history"]["log"]) == 4  # and its --eval-freq 1
-    saved = ch05.load_checkpoint(checkpoint)
+    saved = gen.load_checkpoint(checkpoint)
     assert saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.5
     assert saved["settings"]["max_steps"] == 4
     with pytest.raises(ValueError, match=r"holds a 'tiny' model with context length 32, not "
@@ -1289,12 +1338,12 @@ def test_divergence_keeps_the_last_sound_checkpoint(tmp_path, short_text):
     ch05.main(train_args(tmp_path, "--data", str(short_text), "--context-length", "32",
                          "--max-steps", "4", "--save-every", "2", "--eval-freq", "100"))
     checkpoint = tmp_path / "checkpoint.pt"
-    good = ch05.load_checkpoint(checkpoint)
+    good = gen.load_checkpoint(checkpoint)
     with pytest.raises(ch05.Diverged, match=r"training loss by step 5 became .*; the checkpoint "
                                             r"of step 3 .* is kept.* a lower --lr \(and --resume"):
         ch05.main(args_of(ch05, ["--resume", str(checkpoint), "--max-steps", "12",
                                    "--lr", "1000"]))
-    kept = ch05.load_checkpoint(checkpoint)
+    kept = gen.load_checkpoint(checkpoint)
     assert kept["step"] == 3 and all(torch.equal(v, good["model"][k])
                                      for k, v in kept["model"].items())
     result = ch05.main(args_of(ch05, ["--resume", str(checkpoint), "--max-steps", "8",
@@ -1310,14 +1359,14 @@ def test_weights_worse_than_the_runs_start_are_never_kept(tmp_path, short_text):
     ch05.main(train_args(tmp_path, "--data", str(short_text), "--max-steps", "3",
                          "--save-every", "2", "--eval-freq", "100"))
     checkpoint = tmp_path / "checkpoint.pt"
-    good = ch05.load_checkpoint(checkpoint)
+    good = gen.load_checkpoint(checkpoint)
     assert good["step"] == 2 and 10 < good["first_loss"] < 12
     with pytest.raises(ch05.Diverged, match=r"validation loss of the weights to be saved at step "
                                             r"3 became 1\d\.\d \(the run started at 1[01]\.\d+\); "
                                             r"the checkpoint of step 2 .* is kept"):
         ch05.main(args_of(ch05, ["--resume", str(checkpoint), "--max-steps", "12",
                                    "--lr", "1", "--save-every", "1"]))
-    assert ch05.load_checkpoint(checkpoint)["step"] == 2
+    assert gen.load_checkpoint(checkpoint)["step"] == 2
 
 
 def test_a_run_killed_before_its_first_save_blocks_nothing(tmp_path, short_text, capsys):
@@ -1335,7 +1384,7 @@ def test_a_run_killed_before_its_first_save_blocks_nothing(tmp_path, short_text,
     assert log_rows(tmp_path / "log.csv.unfinished")[0]["step"] == "0"
     ch05.write_log(tmp_path / "log.csv", [])  # killed again: the first one kept aside stays
     ch05.main(train_args(tmp_path, "--data", str(short_text), "--max-steps", "1"))
-    assert ch05.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
+    assert gen.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
     assert sorted(p.name for p in tmp_path.glob("log.csv*")) == \
         ["log.csv", "log.csv.unfinished", "log.csv.unfinished.1"]
 
@@ -1360,7 +1409,7 @@ def test_a_finished_run_is_not_overwritten(tmp_path, capsys):
             ch05.main(train_args(tmp_path, "--max-steps", "1", "--overwrite"))
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     ch05.main(train_args(tmp_path, "--max-steps", "1", "--overwrite"))
-    assert ch05.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
+    assert gen.load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 0
     assert len(log_rows(tmp_path / "log.csv")) == 1
     for flag in ("--epochs", "--max-steps", "--batch-size", "--grad-accum", "--eval-freq"):
         with pytest.raises(SystemExit) as exit_:
@@ -1374,7 +1423,7 @@ def lock_held_elsewhere(folder):
     """Another process holding `folder`'s run lock, as a running command does; it is
     SIGKILLed at the end, so it cleans nothing up. Yields its pid."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import pathlib, sys, time, ch02_data as c\n"
+        [sys.executable, "-c", "import pathlib, sys, time, ch05_train as c\n"
          "with c.run_lock(pathlib.Path(sys.argv[1])):\n print('locked', flush=True)\n"
          " time.sleep(120)", str(folder)], cwd=HERE, stdout=subprocess.PIPE, text=True)
     try:
@@ -1433,21 +1482,21 @@ def test_checkpoint_errors(tmp_path, monkeypatch):
         ch05.main(train_args(tmp_path, "--resume", str(tmp_path / "none.pt")))
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="damaged or not a PyTorch checkpoint") as err:
-        ch05.load_checkpoint(tmp_path / "bad.pt")
+        gen.load_checkpoint(tmp_path / "bad.pt")
     torch.save({"model": {}, "odd": argparse.Namespace()}, tmp_path / "pickled.pt")
     with pytest.raises(ValueError, match="damaged or not a PyTorch checkpoint") as err:
-        ch05.load_checkpoint(tmp_path / "pickled.pt")
+        gen.load_checkpoint(tmp_path / "pickled.pt")
     assert "weights_only" not in str(err.value)
     # a full disk: PyTorch's words become one line, and the previous file stays
-    ch05.save_checkpoint(tmp_path / "c.pt", {"model": {}, "step": 1})
+    gen.save_checkpoint(tmp_path / "c.pt", {"model": {}, "step": 1})
 
     def disk_full(obj, f):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(OSError, match=r"Could not write .*c\.pt: \[enforce fail.*disk full"):
-        ch05.save_checkpoint(tmp_path / "c.pt", {"model": {}, "step": 2})
+        gen.save_checkpoint(tmp_path / "c.pt", {"model": {}, "step": 2})
     monkeypatch.undo()
-    assert ch05.load_checkpoint(tmp_path / "c.pt")["step"] == 1
+    assert gen.load_checkpoint(tmp_path / "c.pt")["step"] == 1
     assert not list(tmp_path.glob("*.tmp"))
     torch.save({"model": {}, "step": 3}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="older ch05_train.py"):
@@ -1466,8 +1515,9 @@ def test_weights_exported_from_a_checkpoint_serve_everywhere_but_resume(tmp_path
     ch05.main(train_args(tmp_path, "--max-steps", "2"))
     weights = tmp_path / "weights.pth"
     ch05.main(args_of(ch05, ["--export-weights", str(weights), "--out", str(tmp_path)]))
-    saved, full = ch05.load_checkpoint(weights), ch05.load_checkpoint(tmp_path / "checkpoint.pt")
-    assert set(saved) == {"kind", "model", "config", "settings", "checksums"}
+    saved, full = gen.load_checkpoint(weights), gen.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert set(saved) == {"kind", "what", "model", "config", "settings", "checksums"}
+    assert saved["what"] == "the weights of a ch05_train.py training checkpoint (--export-weights)"
     assert all(torch.equal(saved["model"][k], v) for k, v in full["model"].items())
     assert weights.stat().st_size < (tmp_path / "checkpoint.pt").stat().st_size / 2
     assert f"as {weights} (" in capsys.readouterr().out
@@ -1476,7 +1526,7 @@ def test_weights_exported_from_a_checkpoint_serve_everywhere_but_resume(tmp_path
                  for path in (weights, tmp_path / "checkpoint.pt")]
     assert generated[0] == generated[1]
     gpt2.export_hf(weights, tmp_path / "hf")  # --export-hf and --init-from take it too
-    model, _ = ch06.base_model(args_of(ch06, ["--init-from", str(weights)]), "")
+    model, _ = ch06.base_model(vars(args_of(ch06, ["--init-from", str(weights)])), "")
     assert torch.equal(model.tok_emb.weight, full["model"]["tok_emb.weight"])
     with pytest.raises(ValueError, match=r"weights\.pth holds a model's weights only \(saved by "
                                          r"--export-weights\), not the optimizer"):
@@ -1495,8 +1545,9 @@ def test_a_flipped_byte_in_a_model_files_weights_is_caught(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.pt is damaged: the bytes of trf_blocks\.1\.ff\."
                                          r"layers\.0\.weight differ from the checksums saved "
                                          r"with them"):
-        ch05.load_text_model(tmp_path / "bad.pt", "cpu")
-    assert ch05.load_text_model(tmp_path / "m.pt", "cpu")[2] == "pretraining"  # the whole one
+        gen.load_text_model(tmp_path / "bad.pt", "cpu")
+    assert gen.load_text_model(tmp_path / "m.pt", "cpu")[2] == "a model file of kind " \
+        "'pretraining'"  # the whole one loads
 
 
 def test_bad_data_errors(tmp_path):
@@ -1528,7 +1579,7 @@ def test_bad_data_errors(tmp_path):
 def test_every_model_file_has_one_layout_and_a_wrong_one_says_what_it_holds(tmp_path, capsys):
     ch05.main(train_args(tmp_path / "ch05", "--max-steps", "1"))
     pretrained = tmp_path / "ch05" / "checkpoint.pt"
-    saved = ch05.load_checkpoint(pretrained)
+    saved = gen.load_checkpoint(pretrained)
     assert saved["kind"] == "pretraining" and saved["config"]["emb_dim"] == TINY["emb_dim"]
     # a chapter-5 checkpoint where chapter 6 or 7 expects its own model: one line each
     (tmp_path / "ch06").mkdir()
@@ -1554,7 +1605,7 @@ def test_every_model_file_has_one_layout_and_a_wrong_one_says_what_it_holds(tmp_
         ch07.main(args_of(ch07, ["--chat", "--model-size", "tiny", "--out",
                                                   str(tmp_path / "ch07"), "--device", "cpu"]))
     # files in the earlier layouts (the config inside chapter 6's and 7's settings) still load
-    old = ch05.load_checkpoint(tmp_path / "c.pth")
+    old = gen.load_checkpoint(tmp_path / "c.pth")
     torch.save({"model": old["model"], "settings": {**old["settings"], "cfg": TINY}},
                tmp_path / "old.pth")
     loaded, _ = ch06.load_classifier(tmp_path / "old.pth")
@@ -1909,14 +1960,15 @@ def test_a_model_pth_of_another_size_or_kind_is_converted_again(gpt2_server, tmp
     other = ch04.GPTModel({**cfg, "n_layers": 3})
     for saved, said in [  # a bare state dict (the earlier layout), and a chapter-5 checkpoint
             (other.state_dict(), "holds a model with layers 3, where hparams.json says layers 2"),
-            (ch05.model_file("pretraining", model.state_dict(), cfg, step=0),
+            (gen.model_file("pretraining", model.state_dict(), cfg, step=0,
+                            what="a ch05_train.py training checkpoint"),
              "is not GPT-2's converted weights (holds a ch05_train.py training checkpoint")]:
         torch.save(saved, pth)
         again, _ = gpt2.load_gpt2_model("tiny", tmp_path, base_urls=base)
         assert f"model.pth {said}" in capsys.readouterr().out
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
                                                      again.state_dict().values()))
-    assert ch05.load_checkpoint(pth)["kind"] == "gpt2"
+    assert gen.load_checkpoint(pth)["kind"] == "gpt2"
     assert sorted(p.name for p in pth.parent.glob("model.pth.damaged*")) == \
         ["model.pth.damaged", "model.pth.damaged.1"]  # each kept, none replaced
 
@@ -2017,7 +2069,7 @@ def test_converted_weights_load_offline_without_tensorflow(gpt2_server, tmp_path
 def test_local_files_tokenizer_matches_tiktoken(tokenizer, monkeypatch, tmp_path):
     # tiktoken's own loader copies each file it reads into this folder: ours reads in place
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
-    local = gpt2.gpt2_tokenizer_from_files(SHARED / "gpt2_vocab" / "encoder.json",
+    local = ch02.gpt2_tokenizer_from_files(SHARED / "gpt2_vocab" / "encoder.json",
                                            SHARED / "gpt2_vocab" / "vocab.bpe")
     assert not (tmp_path / "cache").exists()
     assert all(local.decode_single_token_bytes(t) == tokenizer.decode_single_token_bytes(t)
@@ -2033,11 +2085,11 @@ def test_local_files_tokenizer_matches_tiktoken(tokenizer, monkeypatch, tmp_path
     def offline(name):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(gpt2.tiktoken, "get_encoding", offline)
-    fallback = gpt2.get_gpt2_tokenizer(tmp_path)
+    monkeypatch.setattr(ch02.tiktoken, "get_encoding", offline)
+    fallback = ch02.bpe_tokenizer(tmp_path)
     assert fallback.encode(text, allowed_special="all") == tokenizer.encode(text, allowed_special="all")
     with pytest.raises(ch02.DownloadError, match="TIKTOKEN_CACHE_DIR"):
-        gpt2.get_gpt2_tokenizer(tmp_path / "empty")
+        ch02.bpe_tokenizer(tmp_path / "empty")
 
 
 def gpt2_args(server, models_dir, *flags):
@@ -2236,14 +2288,14 @@ def exported_model(folder):
                 **{k: config[k] for k in ("n_embd", "n_head", "n_layer")}}
     model = ch04.GPTModel(gpt2.config_from_settings(settings))
     gpt2.load_weights_into_gpt(model, gpt2.load_gpt2_params_from_tf_ckpt(
-        folder / "model.safetensors", settings))
+        folder / "model.safetensors", settings, gpt2.list_hf_variables, gpt2.load_hf_variable))
     return model.eval()
 
 
 def tiny_text_model_file(path, seed=0, **overrides):
     model = tiny_model(seed, **overrides)
     cfg = {**TINY, **overrides}
-    ch05.save_checkpoint(path, ch05.model_file("pretraining", model.state_dict(), cfg, {}))
+    gen.save_checkpoint(path, gen.model_file("pretraining", model.state_dict(), cfg, {}))
     return model.eval(), cfg
 
 
@@ -2280,7 +2332,7 @@ def test_export_loads_back_and_in_transformers_with_the_same_logits(qkv_bias, tm
 
 
 def test_exported_tokenizer_files_are_gpt2s_own(tokenizer):
-    files = gpt2.hf_vocabulary_files(tokenizer)
+    files = ch02.hf_vocabulary_files(tokenizer)
     assert json.loads(files["vocab.json"]) == json.loads(
         (SHARED / "gpt2_vocab" / "encoder.json").read_text(encoding="utf-8"))
     lines = lambda text: [line for line in text.split("\n") if line.strip()]  # noqa: E731
@@ -2649,7 +2701,7 @@ def bad_chapter6_input(tmp_path, case):
         "not UTF-8": (["--classify-file", str(tmp_path / "latin.txt")], ValueError,
                       r"latin\.txt, line 1, is not UTF-8"),
         "a chapter 5 checkpoint": (["--classify", "Free prize"], ValueError,
-                                   r"classifier\.pth holds a ch05_train\.py training checkpoint, "
+                                   r"classifier\.pth holds a model file of an earlier version, "
                                    r"not a classifier finetuned by ch06_classify\.py\. Train a "
                                    r"classifier with `python ch06_classify\.py --out"),
     }[case]
@@ -2661,7 +2713,7 @@ def bad_chapter6_input(tmp_path, case):
                                   "a zip with a non-UTF-8 line", "invisible --classify"])
 def test_chapter6_bad_inputs_get_one_clear_error(case, tmp_path):
     extra, error, message = bad_chapter6_input(tmp_path, case)
-    ch05.save_checkpoint(tmp_path / "out" / "classifier.pth", {"model": {}, "step": 3})
+    gen.save_checkpoint(tmp_path / "out" / "classifier.pth", {"model": {}, "step": 3})
     args = args_of(ch06, [
         "--data-dir", str(tmp_path / "data"), "--model-size", "tiny", "--no-pretrained",
         "--out", str(tmp_path / "out"), "--device", "cpu", "--overwrite", *extra])
@@ -2760,7 +2812,7 @@ def test_a_three_class_csv_trains_and_its_classes_are_kept(tmp_path, capsys):
     assert [r["text"] for r in written] == texts
     assert [r["label"] for r in written] == [label for label, _ in batched["classified"]]
     one_by_one = [ch06.classify_batch([tokenizer_ids], model, "cpu", settings["max_length"])[0][0]
-                  for tokenizer_ids in (gpt2.get_gpt2_tokenizer().encode(t) for t in texts)]
+                  for tokenizer_ids in (ch02.bpe_tokenizer().encode(t) for t in texts)]
     assert [settings["classes"][c] for c, _ in one_by_one] == [r["label"] for r in written]
     assert sum(r["label"] == c for r, (_, c) in zip(written, topic_rows(40, seed=1))) >= 32
     with pytest.raises(FileExistsError, match="labels.csv already exists. Replace it with"):
@@ -2868,11 +2920,11 @@ def test_own_data_is_split_within_each_class_unless_told_otherwise(tmp_path):
     rows = [(f"text {i}", "common") for i in range(60)] + [(f"rare {i}", "rare") for i in range(10)]
     data = write_table(tmp_path / "d.csv", [(t, c) for t, c in rows])
     count = lambda part: sum(r[0] == "rare" for r in part)  # noqa: E731
-    parts, _ = ch06.own_data(own_data_args(tmp_path, "--data", str(data)))
+    parts, _ = ch06.own_data(vars(own_data_args(tmp_path, "--data", str(data))))
     assert [len(p) for p in parts] == [49, 7, 14] and [count(p) for p in parts] == [7, 1, 2]
     assert len({r[1] for p in parts for r in p}) == 70  # each row once
     assert [r[0] for r in parts[0][:12]] != sorted(r[0] for r in parts[0][:12])  # mixed
-    plain, _ = ch06.own_data(own_data_args(tmp_path, "--data", str(data), "--no-stratify"))
+    plain, _ = ch06.own_data(vars(own_data_args(tmp_path, "--data", str(data), "--no-stratify")))
     as_read = ch06.read_labeled_file(data)
     assert plain == ch06.random_split(as_read, 0.7, 0.1)  # the book's split of the spam data
 
@@ -3257,24 +3309,25 @@ def test_the_readmes_path_from_pretraining_to_chat_runs_in_its_order(tmp_path, s
                "ch06_classify.py": ["--data", str(small_zip), "--data-dir", "data/spam"],
                "ch07_instruct.py": ["--data", str(SHARED / "data" / "instruction-data.json"),
                                     "--limit", "8", "--ollama-url", "http://127.0.0.1:9/api/chat"]}
-    chapters = {"ch05_train.py": ch05, "ch06_classify.py": ch06, "ch07_instruct.py": ch07}
+    chapters = {"ch05_train.py": ch05, "ch05_generate.py": gen, "ch06_classify.py": ch06,
+                "ch07_instruct.py": ch07}
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Name a color.\n\n"))
     results = []
     for command in readme_tour():
         assert command[0] == "python" and command[1] in chapters, command
-        uses_saved = {"--generate", "--classify", "--chat"} & set(command)
+        uses_saved = command[1] == "ch05_generate.py" or {"--classify", "--chat"} & set(command)
         argv = command[2:] + ([] if uses_saved else offline[command[1]]) + ["--device", "cpu"]
         results.append(chapters[command[1]].main(args_of(chapters[command[1]], argv)))
     pretrained, text, classifier, classified, sft, chatted = results
-    start = ch05.load_checkpoint("runs/tiny/checkpoint.pt")
+    start = gen.load_checkpoint("runs/tiny/checkpoint.pt")
     assert start["kind"] == "pretraining" and start["config"]["emb_dim"] == TINY["emb_dim"]
     assert text["text"].startswith("Every effort moves you")
     model, settings = ch06.load_classifier("runs/ch06-tiny/classifier.pth")
     assert settings["init_from"] == "runs/tiny/checkpoint.pt"
     assert torch.equal(model.tok_emb.weight, start["model"]["tok_emb.weight"])  # frozen: yours
     assert len(classified["classified"]) == 1
-    saved = ch05.load_checkpoint("runs/ch07-tiny/checkpoint-sft.pth")
+    saved = gen.load_checkpoint("runs/ch07-tiny/checkpoint-sft.pth")
     assert saved["kind"] == "instruct" and saved["settings"]["init_from"] == "runs/tiny/checkpoint.pt"
     assert len(chatted["responses"]) == 1  # --chat found the model that run saved
     out = capsys.readouterr().out
@@ -3527,7 +3580,7 @@ def test_dpo_command_end_to_end_then_chat_and_evaluate_with_its_model(tmp_path, 
                              str(SHARED / "data" / "instruction-data.json"), "--limit", "8",
                              "--batch-size", "4", "--epochs", "1", "--max-new-tokens", "2",
                              "--ollama-url", "http://127.0.0.1:9/api/chat"]))
-    sft = ch05.load_checkpoint(tmp_path / "gpt2-tiny-sft.pth")["model"]
+    sft = gen.load_checkpoint(tmp_path / "gpt2-tiny-sft.pth")["model"]
     capsys.readouterr()
     dpo_args = ["--dpo", *common, "--preference-data",
                 str(SHARED / "data" / "instruction-data-with-preference.json"), "--limit", "8",
@@ -3540,7 +3593,7 @@ def test_dpo_command_end_to_end_then_chat_and_evaluate_with_its_model(tmp_path, 
                        r"margins -?[\d.]+, Val reward margins -?[\d.]+, reward accuracy", out)
     assert lines == ["000000", "000001"]  # 8 pairs, batches of 4: two steps
     path = tmp_path / "gpt2-tiny-dpo.pth"
-    saved = ch05.load_checkpoint(path)
+    saved = gen.load_checkpoint(path)
     assert saved["kind"] == "instruct" and saved["settings"]["dpo"]["beta"] == 0.1
     assert saved["settings"]["dpo"]["lr"] == 1e-4 and saved["settings"]["dpo"]["epochs"] == 1
     assert any(not torch.equal(v, sft[k]) for k, v in saved["model"].items())  # it was tuned
@@ -3679,14 +3732,14 @@ def test_every_command_stops_on_a_signal_in_one_line_of_its_own(name, code, sign
     assert exit_.value.code == code
     assert capsys.readouterr().err == f"\nInterrupted ({name}). What was kept.\n"
     # each command, and each of its modes, says what holds for it
-    classify = args_of(ch06, ["--classify-file", "f.txt", "--classify-out", "o.csv"])
-    assert ch06.kept_when_stopped(classify).startswith("Nothing was written: --classify-out")
-    assert "written when training ends" in ch06.kept_when_stopped(args_of(ch06, []))
-    export = gpt2.parse_args(["--export-hf", "dir", "--from", "m.pt"])
-    assert gpt2.kept_when_stopped(export).startswith("Nothing was exported: dir is written whole")
-    assert "scores obtained so far are kept" in ch07.kept_when_stopped(args_of(ch07, ["--evaluate"]))
-    assert ch05.kept_when_stopped(args_of(ch05, ["--generate", "Hi"])) == \
-        "--generate writes no files."
+    kept = lambda chapter, argv: chapter.kept_when_stopped(vars(args_of(chapter, argv)))  # noqa
+    assert kept(ch06, ["--classify-file", "f.txt", "--classify-out", "o.csv"]).startswith(
+        "Nothing was written: --classify-out")
+    assert "written when training ends" in kept(ch06, [])
+    assert kept(gpt2, ["--export-hf", "dir", "--from", "m.pt"]).startswith(
+        "Nothing was exported: dir is written whole")
+    assert "scores obtained so far are kept" in kept(ch07, ["--evaluate"])
+    assert kept(ch05, ["--export-weights", "w.pth"]) == "w.pth is written whole or not at all."
 
 
 def test_a_command_stopped_while_it_loads_or_works_says_so_in_one_line(tmp_path):
