@@ -344,9 +344,15 @@ def stream_text(model, idx, tokenizer, max_new_tokens, context_size, out=None, *
 
 # ---- Beyond the book: the sampling settings, named once ----
 
-# Every sampling option by name: the flags, the settings and generate()'s keyword
-# arguments. A new method is one argument of sample_next_token, one flag, one name here.
-SAMPLING = ("temperature", "top_k", "top_p")
+# Every sampling option, once: sample_next_token's keyword, its flag's type and help.
+# They serve the flags, the settings, generate()'s keyword arguments and the run's
+# description: a new method is one argument, one entry here.
+SAMPLING = {
+    "temperature": (number(float, at_least=0), "sampling temperature; 0 is greedy decoding"),
+    "top_k": (number(int, at_least=1), "sample only among the k most likely tokens"),
+    "top_p": (number(float, above=0, at_most=1), "sample only among the most likely tokens "
+              "whose probabilities add up to p (nucleus sampling)"),
+}
 
 
 def sampling(args):
@@ -359,26 +365,23 @@ def sampling_of(settings):
 
 
 def describe_sampling(settings):
+    """"greedy", or the options in use, the temperature last: "top-k 25, temperature 1.4"."""
     if not settings["temperature"]:
         return "greedy"
-    parts = [f"top-k {settings['top_k']}"] if settings["top_k"] else []
-    parts += [f"top-p {settings['top_p']}"] if settings["top_p"] else []
-    return ", ".join(parts + [f"temperature {settings['temperature']}"])
+    return ", ".join(f"{name.replace('_', '-')} {settings[name]}"
+                     for name in sorted(SAMPLING, key="temperature".__eq__) if settings[name])
 
 
 def add_sampling_arguments(parser, max_new_tokens, temperature, top_k,
                            max_new_help="tokens to generate"):
-    """--max-new-tokens, --temperature, --top-k and --top-p: the same flags wherever
-    a command generates (chapters 5 and 7), each with that command's defaults."""
+    """--max-new-tokens and a flag for each of SAMPLING: the same flags wherever a
+    command generates (chapters 5 and 7), each with that command's defaults."""
     parser.add_argument("--max-new-tokens", type=number(int, at_least=1),
                         default=max_new_tokens, help=max_new_help)
-    parser.add_argument("--temperature", type=number(float, at_least=0), default=temperature,
-                        help="sampling temperature; 0 is greedy decoding")
-    parser.add_argument("--top-k", type=number(int, at_least=1), default=top_k,
-                        help="sample only among the k most likely tokens")
-    parser.add_argument("--top-p", type=number(float, above=0, at_most=1), default=None,
-                        help="sample only among the most likely tokens whose probabilities "
-                             "add up to p (nucleus sampling)")
+    defaults = {"temperature": temperature, "top_k": top_k}
+    for name, (kind, words) in SAMPLING.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=defaults.get(name),
+                            help=words)
 
 
 # ---- The command: text from any model file ----
