@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no traceback
@@ -36,11 +38,12 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no tra
                                              os._exit(130)))
 
 import numpy as np
-import tempfile
 import torch
+from tqdm import tqdm
 
-from ch02_data import (EOT, DownloadError, HelpFormatter, bpe_tokenizer, check_writable,
-                       download_file, hf_vocabulary_files, move_aside, run_command)
+from ch02_data import (EOT, DownloadError, HelpFormatter, bpe_tokenizer, check_output_file,
+                       check_writable, collect_text_files, download_file, hf_vocabulary_files,
+                       move_aside, number, read_text, run_command, write_text_atomic)
 from ch04_gpt import (GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, add_device_argument,
                      get_device)
 from ch05_generate import (add_sampling_arguments, architecture_difference, architecture_of,
@@ -995,11 +998,281 @@ def word_token(word, tokenizer):
     return ids[0]
 
 
+# ---- Beyond the book: how good is a model (HellaSwag, LAMBADA, WikiText, your text) ----
+# Zero-shot scores of any model this file loads, beside OpenAI GPT-2's published
+# numbers. Every score is a cross-entropy of some tokens given the ones before
+# them (continuation_losses), computed in batches, padded and masked.
+
+EVAL_FILES = {  # benchmark: (the file as it downloads, where it is published)
+    "hellaswag": ("hellaswag_val.jsonl",
+                  "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
+                  "hellaswag_val.jsonl"),
+    "lambada": ("lambada_test.jsonl",
+                "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"),
+    "wikitext2": ("wikitext-2-raw-v1-test.parquet",
+                  "https://huggingface.co/datasets/Salesforce/wikitext/resolve/main/"
+                  "wikitext-2-raw-v1/test-00000-of-00001.parquet"),
+    "wikitext103": ("wikitext-103-raw-v1-test.parquet",
+                    "https://huggingface.co/datasets/Salesforce/wikitext/resolve/main/"
+                    "wikitext-103-raw-v1/test-00000-of-00001.parquet"),
+}
+# Items in each benchmark file as published: fewer are a part, not compared as the whole
+EVAL_ITEMS = {"hellaswag": 10042, "lambada": 5153}
+# OpenAI GPT-2's published numbers with the same methods: (size, metric, value, source)
+PUBLISHED = {
+    "hellaswag": [("124M", "acc", 0.2859, "llm.c and build-nanogpt, completion style, zero-shot"),
+                  ("124M", "acc_norm", 0.2955, "llm.c and build-nanogpt, completion style"),
+                  ("1558M", "acc", 0.3842, "llm.c, completion style, zero-shot"),
+                  ("1558M", "acc_norm", 0.4893, "llm.c, completion style, zero-shot")],
+    "wikitext2": [("774M", "ppl", 16.53, "Hugging Face, 'Perplexity of fixed-length models', "
+                                         "stride 512 (19.64 at stride 1024)")],
+}
+
+
+def continuation_losses(model, pairs, device, context_length):
+    """For each (prefix ids, continuation ids): (the summed cross-entropy of the
+    continuation's tokens, their count, whether each was the greedy choice). A pair
+    longer than the context keeps its last context_length + 1 tokens."""
+    rows = []
+    for prefix, continuation in pairs:
+        ids = (prefix + continuation)[-(context_length + 1):]
+        rows.append((ids, max(len(ids) - len(continuation), 1)))
+    width = max(len(ids) for ids, _ in rows) - 1
+    inputs = torch.zeros(len(rows), width, dtype=torch.long)
+    targets = torch.zeros(len(rows), width, dtype=torch.long)
+    scored = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (ids, start) in enumerate(rows):
+        n = len(ids) - 1  # target t is token t + 1: the continuation's from start - 1
+        inputs[i, :n], targets[i, :n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+        scored[i, start - 1:n] = True
+    with torch.no_grad():
+        logits = model(inputs.to(device)).float().cpu()
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    greedy = (logits.argmax(-1) == targets) | ~scored
+    return (losses * scored).sum(1), scored.sum(1), greedy.all(1)
+
+
+def score_hellaswag(model, items, device, context_length, batch_items=4):
+    """Per item (context, the 4 endings, the label): whether the lowest summed (acc)
+    and the lowest mean (acc_norm) ending loss picks the label."""
+    results = []
+    for i in tqdm(range(0, len(items), batch_items), desc="HellaSwag", unit="batch",
+                  leave=False):
+        batch = items[i:i + batch_items]
+        pairs = [(context, ending) for context, endings, _ in batch for ending in endings]
+        sums, counts, _ = continuation_losses(model, pairs, device, context_length)
+        for j, (_, _, label) in enumerate(batch):
+            total, count = sums[4 * j:4 * j + 4], counts[4 * j:4 * j + 4]
+            results.append({"acc": int(total.argmin()) == label,
+                            "acc_norm": int((total / count).argmin()) == label,
+                            "losses": total.tolist()})
+    return results
+
+
+def score_lambada(model, items, device, context_length, batch_items=16):
+    """Per passage (context ids, target ids: the last word with its space): whether
+    every target token is the greedy choice, and the target's summed loss."""
+    results = []
+    for i in tqdm(range(0, len(items), batch_items), desc="LAMBADA", unit="batch", leave=False):
+        sums, _, greedy = continuation_losses(model, items[i:i + batch_items], device,
+                                              context_length)
+        results += [{"acc": bool(g), "loss": float(s)} for s, g in zip(sums, greedy)]
+    return results
+
+
+def sliding_windows(n_tokens, context_length, stride):
+    """[(begin, end, first scored target)]: windows of the inputs ids[begin:end]
+    (targets ids[begin + 1:end + 1]), `stride` apart, each token after the first
+    scored once, in the first window that reaches it."""
+    if not 0 < stride <= context_length:
+        raise ValueError(f"--stride {stride}: give 1 to the context's {context_length} tokens.")
+    windows, begin, scored_to = [], 0, 0  # targets ids[1..scored_to] are scored
+    while scored_to < n_tokens - 1:
+        end = min(begin + context_length, n_tokens - 1)
+        windows.append((begin, end, scored_to))
+        scored_to, begin = end, begin + stride
+    return windows
+
+
+def text_perplexity(model, ids, device, context_length, stride, tokenizer, batch_size=8):
+    """{"tokens": scored, "ppl", "bpb"} of token ids, by sliding windows (each token
+    with up to context_length tokens before it), and bits per byte of its text."""
+    if len(ids) < 2:
+        raise ValueError("The text has fewer than 2 tokens: nothing to score.")
+    pairs = [(ids[begin:scored_to + 1], ids[scored_to + 1:end + 1])
+             for begin, end, scored_to in sliding_windows(len(ids), context_length, stride)]
+    total, count = 0.0, 0
+    for i in tqdm(range(0, len(pairs), batch_size), desc="Perplexity", unit="batch",
+                  leave=False):
+        sums, counts, _ = continuation_losses(model, pairs[i:i + batch_size], device,
+                                              context_length)
+        total, count = total + float(sums.sum()), count + int(counts.sum())
+    n_bytes = sum(len(tokenizer.decode_single_token_bytes(t)) for t in ids[1:])
+    return {"tokens": count, "ppl": math.exp(total / count),
+            "bpb": total / math.log(2) / n_bytes}
+
+
+def hellaswag_items(path, tokenizer, limit=None):
+    """(context ids, [4 ending ids], label) of hellaswag_val.jsonl's lines: each
+    ending with a leading space, as the context would continue."""
+    items = []
+    for line, record in jsonl_lines(path, limit):
+        try:
+            endings, label = record["endings"], int(record["label"])
+            context = tokenizer.encode(record["ctx"])
+            if len(endings) != 4 or not 0 <= label < 4:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}, line {line}: not a HellaSwag item (ctx, 4 endings and a "
+                             "label 0-3).") from None
+        items.append((context, [tokenizer.encode(" " + e) for e in endings], label))
+    return items
+
+
+def lambada_items(path, tokenizer, limit=None):
+    """(context ids, last word ids with its space) of lambada_test.jsonl's passages."""
+    items = []
+    for line, record in jsonl_lines(path, limit):
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str) or " " not in text.strip():
+            raise ValueError(f"{path}, line {line}: not a LAMBADA passage (a \"text\" of "
+                             "several words).")
+        context, word = text.strip().rsplit(" ", 1)
+        items.append((tokenizer.encode(context), tokenizer.encode(" " + word)))
+    return items
+
+
+def jsonl_lines(path, limit=None):
+    """(line number, JSON value) of a JSON-lines file, the first `limit` lines."""
+    out = []
+    for line, raw in enumerate(read_text(path).splitlines(), 1):
+        if not raw.strip():
+            continue
+        if limit is not None and len(out) >= limit:
+            break
+        try:
+            out.append((line, json.loads(raw)))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {line}: not JSON ({err.msg}).") from None
+    return out
+
+
+def wikitext(path):
+    """WikiText's test split as one text: its Parquet rows joined, as published."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError(f"Reading {path} (Parquet) needs pyarrow: pip install pyarrow") from None
+    try:
+        return "".join(pq.read_table(path, columns=["text"]).column("text").to_pylist())
+    except Exception as err:  # pyarrow's own errors, of a file that is no Parquet
+        raise ValueError(f"{path} is not WikiText's Parquet file ({type(err).__name__}): "
+                         "delete it to download it again.") from None
+
+
+def evaluate(model, cfg, names, settings, device, tokenizer):
+    """{benchmark: its metrics} for `names`, and "text" for settings["eval_text"]."""
+    ctx, limit, results = cfg["context_length"], settings["limit"], {}
+    stride = settings["stride"] or ctx // 2
+    for name in names:
+        path = eval_file(name, settings)
+        if name == "hellaswag":
+            scored = score_hellaswag(model, hellaswag_items(path, tokenizer, limit), device, ctx)
+            results[name] = {"n": len(scored),
+                             "acc": sum(r["acc"] for r in scored) / len(scored),
+                             "acc_norm": sum(r["acc_norm"] for r in scored) / len(scored)}
+        elif name == "lambada":
+            scored = score_lambada(model, lambada_items(path, tokenizer, limit), device, ctx)
+            results[name] = {"n": len(scored), "acc": sum(r["acc"] for r in scored) / len(scored),
+                             "ppl": math.exp(sum(r["loss"] for r in scored) / len(scored))}
+        else:
+            ids = tokenizer.encode(wikitext(path), disallowed_special=())[:limit and limit * ctx]
+            results[name] = text_perplexity(model, ids, device, ctx, stride, tokenizer)
+    if settings["eval_text"]:
+        files = collect_text_files([settings["eval_text"]])
+        ids = tokenizer.encode("\n".join(read_text(f) for f in files), disallowed_special=())
+        results["text"] = text_perplexity(model, ids, device, ctx, stride, tokenizer)
+    return results
+
+
+def eval_file(name, settings):
+    """The benchmark's file: in --eval-data-dir when given, else downloaded once."""
+    filename, url = EVAL_FILES[name]
+    if settings["eval_data_dir"]:
+        path = Path(settings["eval_data_dir"]) / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"--eval-data-dir {settings['eval_data_dir']} has no "
+                                    f"{filename} (the file {name} needs).")
+        return path
+    return download_file(url, Path(settings["data_dir"]) / filename)
+
+
+def run_eval(settings, base_urls):
+    """--eval and --eval-text: score the model, print the table, write the JSON."""
+    if settings["json"]:
+        check_output_file(settings["json"], settings["overwrite"], "--json")
+    device = get_device(settings["device"])
+    if settings["from_file"]:
+        model, cfg, _ = load_text_model(settings["from_file"], device)
+        source = Path(settings["from_file"])
+    else:
+        model, cfg = load_gpt2_model(settings["model_size"], settings["models_dir"],
+                                     base_urls=base_urls, source=settings["source"],
+                                     hf_file=settings["hf_file"])
+        model.to(device)
+        source = find_hf_file(settings["hf_file"]) if settings["hf_file"] else None
+    tokenizer = bpe_tokenizer(settings["models_dir"])
+    results = evaluate(model, cfg, settings["eval"], settings, device, tokenizer)
+    size = min(GPT2_HPARAMS, key=lambda s: abs(GPT2_HPARAMS[s]["n_layer"] *
+                                                GPT2_HPARAMS[s]["n_embd"] ** 2 -
+                                                cfg["n_layers"] * cfg["emb_dim"] ** 2))
+    print(eval_table(results, size, settings["limit"] is not None))
+    if settings["json"]:
+        used = [eval_file(n, settings) for n in settings["eval"]]
+        used += collect_text_files([settings["eval_text"]]) if settings["eval_text"] else []
+        report = {"results": results, "model": str(source or f"GPT-2 {settings['model_size']}"),
+                  "model_sha256": sha256_of(source) if source else None,
+                  "data_sha256": {str(p): sha256_of(p) for p in used},
+                  "settings": {k: settings[k] for k in ("eval", "eval_text", "stride", "limit")}}
+        write_text_atomic(settings["json"], json.dumps(report, indent=2))
+        print(f"Wrote {settings['json']}")
+    return results
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def eval_table(results, size, limited):
+    """The results beside OpenAI GPT-2's published numbers for the nearest size
+    (`size`), where one was published with the same method."""
+    lines = [f"{'benchmark':<12}{'metric':<10}{'this model':>12}  published (GPT-2 {size})"]
+    for name, metrics in results.items():
+        whole = not limited and metrics.get("n", EVAL_ITEMS.get(name)) == EVAL_ITEMS.get(name)
+        for metric, value in metrics.items():
+            if metric in ("n", "tokens"):
+                continue
+            known = [p for p in PUBLISHED.get(name, []) if p[:2] == (size, metric)]
+            shown = f"{known[0][2]:.4g} ({known[0][3]})" if whole and known else ""
+            lines.append(f"{name:<12}{metric:<10}" +
+                         (f"{value:>12.4f}" if value < 1e6 else f"{value:>12.4g}") + f"  {shown}")
+        if not whole and name in EVAL_ITEMS:
+            lines.append(f"{'':<12}({metrics['n']:,} of the {EVAL_ITEMS[name]:,} items: not "
+                         "compared with the published numbers of the whole)")
+    return "\n".join(lines)
+
+
 # ---- The demo ----
 
 def main(args):
     torch.set_printoptions(precision=4, sci_mode=False)
     base_urls = ([args.base_url] if args.base_url else []) + list(BASE_URLS)
+    if args.eval or args.eval_text:
+        return run_eval(vars(args), base_urls)
     if args.export_hf:
         config = export_hf(args.from_file, args.export_hf, args.overwrite, args.models_dir)
         files = sorted(p.name for p in Path(args.export_hf).iterdir())
@@ -1090,20 +1363,48 @@ def build_parser():
                              "(config.json, model.safetensors, generation_config.json, "
                              "vocab.json, merges.txt, tokenizer_config.json), then stop")
     export.add_argument("--from", dest="from_file", metavar="FILE", default=None,
-                        help="the model to export: a checkpoint.pt of ch05_train.py, "
-                             "gpt2/SIZE/model.pth, or a model of ch07_instruct.py (finetuned, "
-                             "LoRA or DPO)")
+                        help="the model to export or --eval: a checkpoint.pt of "
+                             "ch05_train.py, gpt2/SIZE/model.pth, or a model of "
+                             "ch07_instruct.py (finetuned, LoRA or DPO)")
     export.add_argument("--overwrite", action="store_true",
-                        help="replace an existing --export-hf folder")
+                        help="replace an existing --export-hf folder or --json file")
+    scores = parser.add_argument_group(
+        "how good is a model: zero-shot benchmarks (GPT-2 of --model-size or --hf-file, or "
+        "the model of --from)")
+    scores.add_argument("--eval", metavar="NAMES", default=None,
+                        help=f"comma-separated: {', '.join(EVAL_FILES)}; then stop")
+    scores.add_argument("--eval-text", metavar="FILE_OR_FOLDER", default=None,
+                        help="your own text (files, or a folder of .txt files): sliding-window "
+                             "perplexity and bits per byte")
+    scores.add_argument("--stride", type=number(int, at_least=1), default=None,
+                        help="sliding-window step for perplexities (default: half the context)")
+    scores.add_argument("--limit", type=number(int, at_least=1), default=None,
+                        help="score the first N items of each benchmark (WikiText: N "
+                             "contexts of tokens); such results are not compared as if whole")
+    scores.add_argument("--eval-data-dir", metavar="DIR", default=None,
+                        help="the benchmark files, as they download (hellaswag_val.jsonl, "
+                             "lambada_test.jsonl, wikitext-2-raw-v1-test.parquet, ...); "
+                             "default: download them once into --data-dir")
+    scores.add_argument("--data-dir", default="data/eval", help="folder for downloaded benchmarks")
+    scores.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the results, the model's and the data files' SHA-256 "
+                             "and the settings as JSON")
     return parser
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if bool(args.export_hf) != bool(args.from_file):
+    if args.export_hf and not args.from_file or args.from_file and not (args.export_hf or
+                                                                         args.eval or args.eval_text):
         parser.error("--export-hf DIR and --from FILE go together: the folder to write and "
-                     "the model to write there")
+                     "the model to write there (--from also names the model for --eval)")
+    names = [n.strip() for n in (args.eval or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in EVAL_FILES]
+    if unknown:
+        parser.error(f"argument --eval: unknown benchmark {unknown[0]!r}; choose from "
+                     f"{', '.join(EVAL_FILES)}")
+    args.eval = names
     if args.hf_file and args.source == "openai":
         parser.error("--hf-file names Hugging Face's file: drop --source openai")
     return args
@@ -1111,6 +1412,9 @@ def parse_args(argv=None):
 
 def kept_when_stopped(settings):
     """What an interrupted run of this command kept, in its words."""
+    if settings["eval"] or settings["eval_text"]:
+        return ("Nothing was written (--json is written whole, at the end); benchmark files "
+                "downloaded so far are kept.")
     if settings["export_hf"]:
         return (f"Nothing was exported: {settings['export_hf']} is written whole or not at all "
                 "(an earlier export there is as it was).")

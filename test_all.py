@@ -2437,6 +2437,152 @@ def test_export_refuses_a_classifier_and_an_existing_folder(tmp_path, capsys):
         gpt2.export_hf(tmp_path / "small.pt", tmp_path / "small")
 
 
+# ---- Chapter 5, loading GPT-2, beyond the book:  how good is a model ----
+
+
+def benchmark_files(folder, tokenizer):
+    """Small files in the benchmarks' own formats: HellaSwag's JSON lines, LAMBADA's,
+    and WikiText's test split as Parquet (where pyarrow is installed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    verdict = (SHARED / "data" / "the-verdict.txt").read_text(encoding="utf-8")
+    sentences = [s.strip() + "." for s in verdict.split(".") if len(s.split()) > 6][:24]
+    (folder / "hellaswag_val.jsonl").write_text("".join(json.dumps(
+        {"ctx": sentences[i], "endings": sentences[i + 1:i + 5], "label": i % 4,
+         "activity_label": "test"}) + "\n" for i in range(0, 20, 2)), encoding="utf-8")
+    (folder / "lambada_test.jsonl").write_text("".join(
+        json.dumps({"text": s}) + "\n" for s in sentences[:12]), encoding="utf-8")
+    return verdict
+
+
+def test_benchmark_scores_equal_transformers_on_the_same_weights(tmp_path, tokenizer):
+    transformers = optional("transformers", "the scores are compared with GPT2LMHeadModel's")
+    model, cfg = tiny_text_model_file(tmp_path / "m.pt", context_length=64)
+    gpt2.export_hf(tmp_path / "m.pt", tmp_path / "hf")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    benchmark_files(tmp_path / "data", tokenizer)
+    items = gpt2.hellaswag_items(tmp_path / "data" / "hellaswag_val.jsonl", tokenizer)
+    batched = gpt2.score_hellaswag(model, items, "cpu", 64, batch_items=4)
+    alone = gpt2.score_hellaswag(model, items, "cpu", 64, batch_items=1)
+    for item, got, one in zip(items, batched, alone):
+        context, endings, label = item
+        expected = []
+        for ending in endings:
+            ids = torch.tensor([(context + ending)[-65:]])
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(ids[:, :-1]).logits[0].double(), -1)
+            targets = ids[0, 1:]
+            nll = -logp[torch.arange(len(targets)), targets][-len(ending):]
+            expected.append(float(nll.sum()))
+        assert got["losses"] == pytest.approx(expected, abs=1e-4)  # each ending's summed loss
+        assert got["losses"] == pytest.approx(one["losses"], abs=1e-5)  # batched = one at a time
+    lambada = gpt2.lambada_items(tmp_path / "data" / "lambada_test.jsonl", tokenizer)
+    scored = gpt2.score_lambada(model, lambada, "cpu", 64)
+    for (context, target), got in zip(lambada, scored):
+        ids = torch.tensor([(context + target)[-65:]])
+        with torch.no_grad():
+            logits = hf(ids[:, :-1]).logits[0].double()
+        targets = ids[0, 1:]
+        nll = -torch.log_softmax(logits, -1)[torch.arange(len(targets)), targets][-len(target):]
+        assert got["loss"] == pytest.approx(float(nll.sum()), abs=1e-4)
+        assert got["acc"] == bool((logits.argmax(-1) == targets)[-len(target):].all())
+
+
+def test_sliding_window_perplexity_counts_each_token_once(tmp_path, tokenizer):
+    model, _ = tiny_text_model_file(tmp_path / "m.pt", context_length=32)
+    text = (SHARED / "data" / "the-verdict.txt").read_text(encoding="utf-8")
+    ids = tokenizer.encode(text)[:32 * 6 + 1]
+    for stride in (32, 16, 5):
+        windows = gpt2.sliding_windows(len(ids), 32, stride)
+        scored = [t for _, end, first in windows for t in range(first + 1, end + 1)]
+        assert scored == list(range(1, len(ids)))  # every token after the first, once
+    # stride = context: the mean loss of calc_loss_loader over the non-overlapping windows
+    result = gpt2.text_perplexity(model, ids, "cpu", 32, 32, tokenizer)
+    loader = ch02.create_dataloader_v1(tokenizer.decode(ids), batch_size=2, max_length=32,
+                                       stride=32, shuffle=False, drop_last=False)
+    assert result["tokens"] == 32 * 6
+    assert math.log(result["ppl"]) == pytest.approx(ch05.calc_loss_loader(loader, model, "cpu"),
+                                                    rel=1e-5)
+    n_bytes = len(tokenizer.decode(ids[1:]).encode("utf-8"))
+    assert result["bpb"] == pytest.approx(math.log(result["ppl"]) * 192 / math.log(2) / n_bytes)
+    # a model that has learned a text by heart: perplexity near 1 on it
+    torch.manual_seed(0)
+    learner = tiny_model(0, context_length=32)
+    opt = torch.optim.AdamW(learner.parameters(), lr=3e-3)
+    x, y = torch.tensor([ids[:32]]), torch.tensor([ids[1:33]])
+    for _ in range(150):
+        opt.zero_grad()
+        ch05.calc_loss_batch(x, y, learner, "cpu").backward()
+        opt.step()
+    learner.eval()
+    assert gpt2.text_perplexity(learner, ids[:33], "cpu", 32, 32, tokenizer)["ppl"] < 1.2
+
+
+def test_wikitext_is_read_from_its_parquet_file_and_scored_as_one_text(tmp_path, tokenizer,
+                                                                       monkeypatch, capsys):
+    pa = optional("pyarrow", "WikiText is published as Parquet")
+    import pyarrow.parquet as pq
+    model, _ = tiny_text_model_file(tmp_path / "m.pt", context_length=32)
+    rows = ["", " = Valkyria Chronicles III = \n", "", " Senjō no Valkyria 3 : the story "
+            "goes on , and on . \n", " It was released in January 2011 . \n"]
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"text": rows}), tmp_path / "data" / "wikitext-2-raw-v1-test.parquet")
+    results = gpt2.main(args_of(gpt2, ["--from", str(tmp_path / "m.pt"), "--eval", "wikitext2",
+                                       "--eval-data-dir", str(tmp_path / "data"), "--stride",
+                                       "16", "--device", "cpu"]))
+    ids = tokenizer.encode("".join(rows))
+    expected = gpt2.text_perplexity(model, ids, "cpu", 32, 16, tokenizer)
+    assert results["wikitext2"] == pytest.approx(expected)
+    assert results["wikitext2"]["tokens"] == len(ids) - 1
+    assert re.search(r"wikitext2 +ppl +[\d.]+ +$", capsys.readouterr().out, re.M)  # 124M: none
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # importing it now fails
+    with pytest.raises(ValueError, match=r"\(Parquet\) needs pyarrow: pip install pyarrow"):
+        gpt2.wikitext(tmp_path / "data" / "wikitext-2-raw-v1-test.parquet")
+
+
+def test_a_model_made_to_prefer_an_ending_picks_it_and_the_command_reports(tmp_path, tokenizer,
+                                                                           capsys):
+    model, _ = tiny_text_model_file(tmp_path / "m.pt", context_length=64)
+    benchmark_files(tmp_path / "data", tokenizer)
+    items = gpt2.hellaswag_items(tmp_path / "data" / "hellaswag_val.jsonl", tokenizer)
+    with torch.no_grad():  # hand-set: the final norm gives one vector, whose logit 11 is 50
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.zero_()
+        model.final_norm.shift[0] = 1.0
+        model.out_head.weight.zero_()
+        model.out_head.weight[11, 0] = 50.0
+    favourite = [(c, [[11] * len(endings[0])] + endings[1:], 0) for c, endings, _ in items]
+    assert all(r["acc"] and r["acc_norm"] for r in gpt2.score_hellaswag(model, favourite, "cpu",
+                                                                         64))
+    # the command: a table, the JSON with the data's SHA-256, --limit said as such
+    out_json = tmp_path / "scores.json"
+    results = gpt2.main(args_of(gpt2, [
+        "--from", str(tmp_path / "m.pt"), "--eval", "hellaswag,lambada", "--eval-text",
+        str(SHARED / "data" / "the-verdict.txt"), "--eval-data-dir", str(tmp_path / "data"),
+        "--limit", "5", "--json", str(out_json), "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert set(results) == {"hellaswag", "lambada", "text"} and results["hellaswag"]["n"] == 5
+    assert "(5 of the 10,042 items: not compared with the published numbers of the whole)" in out
+    assert "0.2859" not in out  # a part is never set beside the whole's published number
+    saved = json.loads(out_json.read_text())
+    assert saved["results"]["text"]["tokens"] == results["text"]["tokens"]
+    assert saved["data_sha256"][str(tmp_path / "data" / "hellaswag_val.jsonl")] == \
+        hashlib.sha256((tmp_path / "data" / "hellaswag_val.jsonl").read_bytes()).hexdigest()
+    # bad input: one line each
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "hellaswag_val.jsonl").write_text('{"ctx": "x", "endings": ["a"]}\n')
+    with pytest.raises(ValueError, match=r"hellaswag_val\.jsonl, line 1: not a HellaSwag item"):
+        gpt2.main(args_of(gpt2, ["--from", str(tmp_path / "m.pt"), "--eval", "hellaswag",
+                                 "--eval-data-dir", str(tmp_path / "bad"), "--device", "cpu"]))
+    with pytest.raises(FileNotFoundError, match=r"--eval-data-dir .*bad has no lambada_test"):
+        gpt2.main(args_of(gpt2, ["--from", str(tmp_path / "m.pt"), "--eval", "lambada",
+                                 "--eval-data-dir", str(tmp_path / "bad"), "--device", "cpu"]))
+    for argv, words in ((["--eval", "mmlu"], "unknown benchmark 'mmlu'"),
+                        (["--eval", "lambada", "--limit", "0"], "must be at least 1")):
+        with pytest.raises(SystemExit):
+            args_of(gpt2, argv)
+        assert words in capsys.readouterr().err
+
+
 # ======= Chapter 6: the book's listings (and appendix E) =======
 
 
