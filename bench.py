@@ -6,6 +6,7 @@ On the CPU (the default):
   3. peak resident memory of loading a saved 124M model: plain vs lean (meta + mmap)
   4. dataset build time and memory for stride=1 over 2 million tokens
   5. achieved FLOP/s of the training step against a large torch.mm (model FLOPs utilisation)
+  6. evaluation: HellaSwag items/s as `ch05_load_gpt2.py --eval` scores them, tiny and 124M
 
 With --device cuda:
   1. training through ch05_train.py's own loop (data loading, logging and evaluations
@@ -39,10 +40,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 FULL = {"model": "124M", "context": 256, "batch": 2, "train_steps": 4, "warmup": 2,
-        "new_tokens": 200, "mm_n": 4096, "dataset_tokens": 2_000_000, "repeats": 3}
+        "new_tokens": 200, "mm_n": 4096, "dataset_tokens": 2_000_000, "eval_items": 40,
+        "repeats": 3}
 # --quick: the same measurements on a small model, in under a minute
 QUICK = {"model": "bench-small", "context": 128, "batch": 2, "train_steps": 3, "warmup": 1,
-         "new_tokens": 30, "mm_n": 2048, "dataset_tokens": 2_000_000, "repeats": 1}
+         "new_tokens": 30, "mm_n": 2048, "dataset_tokens": 2_000_000, "eval_items": 8,
+         "repeats": 1}
 SMALL = {"emb_dim": 256, "n_layers": 4, "n_heads": 4}
 # --device cuda: the issue's GPU configuration. Rates are read between the
 # evaluations at steps eval_every and 2 * eval_every (compiling comes before)
@@ -231,6 +234,25 @@ def child_dataset(variant, p):
             "token_array_mb": tokens.nbytes / 1e6}
 
 
+def child_eval(variant, p):
+    """HellaSwag items/s (completion style, batched as --eval scores them) for the
+    tiny model or GPT-2 124M: items of HellaSwag's typical shape, a context of 40
+    tokens and 4 endings of 20, random ids (the cost does not depend on the text)."""
+    import torch
+    from ch04_gpt import GPTModel
+    from ch05_load_gpt2 import score_hellaswag
+    device = torch.device(p.get("device", "cpu"))
+    torch.manual_seed(0)
+    cfg = model_config("tiny" if variant == "tiny" else "124M", drop_rate=0.0)
+    model = GPTModel(cfg).to(device).eval()
+    ids = lambda n: torch.randint(0, 50257, (n,)).tolist()  # noqa: E731
+    items = [(ids(40), [ids(20) for _ in range(4)], 0) for _ in range(p["eval_items"])]
+    score_hellaswag(model, items[:4], device, cfg["context_length"])  # warm up
+    start = time.perf_counter()
+    score_hellaswag(model, items, device, cfg["context_length"])
+    return {"items_per_s": len(items) / (time.perf_counter() - start)}
+
+
 def child_save(variant, p):
     """A saved model the load benchmark reads, in load_gpt2_model's layout."""
     import torch
@@ -275,7 +297,7 @@ def child_train_command(variant, p):
 
 CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": child_copy,
             "generate": child_generate, "load": child_load, "dataset": child_dataset,
-            "train_command": child_train_command}
+            "train_command": child_train_command, "eval": child_eval}
 
 
 # ---- The parent: run children interleaved, summarise ----
@@ -336,6 +358,8 @@ def summarise(runs, p):
         ("load 124M", "lean", stat("load", "lean", "multiple"), "x params"),
         ("dataset", "stride=1", stat("dataset", "-", "seconds"), "s"),
         ("dataset", "stride=1", stat("dataset", "-", "mb_beyond_tokens"), "MB extra"),
+        ("HellaSwag", "tiny", stat("eval", "tiny", "items_per_s"), "items/s"),
+        ("HellaSwag", "124M", stat("eval", "124M", "items_per_s"), "items/s"),
     ]
     median = lambda kind, variant, key: stat(kind, variant, key)["median"]  # noqa: E731
     mm = median("mm", "-", "gflops_per_s")
@@ -458,7 +482,8 @@ def main(args):
             run_child("save", "-", p, env)  # in a child too: the parent stays small
             pairs = [("train", ("book", "fast")), ("mm", ("-",)),
                      ("generate", ("uncached", "cached")), ("copy", ("-",)),
-                     ("load", ("plain", "lean")), ("dataset", ("-",))]
+                     ("load", ("plain", "lean")), ("dataset", ("-",)),
+                     ("eval", ("tiny", "124M"))]
         runs = []
         print(f"{'cuda' if cuda else 'quick' if args.quick else 'full'} run, {p['repeats']} "
               f"repeat(s), variants alternating; {os.cpu_count()} CPUs")

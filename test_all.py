@@ -1710,6 +1710,7 @@ def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
     bench.print_table(rows, derived, {"KV cache tokens = uncached (1: yes)": (">=", 2.0)},
                       None, True, "cpu")
     # a --quick run measures a smaller model: its lines draw no verdict
+    assert bench.child_eval("tiny", {"eval_items": 2, "device": "cpu"})["items_per_s"] > 0
     assert "does not apply: a target of the full run" in capsys.readouterr().out
 
 
