@@ -1029,6 +1029,10 @@ PUBLISHED = {
 }
 
 
+class DamagedFile(ValueError):
+    """A benchmark file that is not what its name says: a downloaded one is fetched again."""
+
+
 def continuation_losses(model, pairs, device, context_length):
     """For each (prefix ids, continuation ids): (the summed cross-entropy of the
     continuation's tokens, their count, whether each was the greedy choice). A pair
@@ -1123,8 +1127,8 @@ def hellaswag_items(path, tokenizer, limit=None):
             if len(endings) != 4 or not 0 <= label < 4:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}, line {line}: not a HellaSwag item (ctx, 4 endings and a "
-                             "label 0-3).") from None
+            raise DamagedFile(f"{path}, line {line}: not a HellaSwag item (ctx, 4 endings and "
+                              "a label 0-3).") from None
         items.append((context, [tokenizer.encode(" " + e) for e in endings], label))
     return items
 
@@ -1135,8 +1139,8 @@ def lambada_items(path, tokenizer, limit=None):
     for line, record in jsonl_lines(path, limit):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str) or " " not in text.strip():
-            raise ValueError(f"{path}, line {line}: not a LAMBADA passage (a \"text\" of "
-                             "several words).")
+            raise DamagedFile(f"{path}, line {line}: not a LAMBADA passage (a \"text\" of "
+                              "several words).")
         context, word = text.strip().rsplit(" ", 1)
         items.append((tokenizer.encode(context), tokenizer.encode(" " + word)))
     return items
@@ -1153,7 +1157,9 @@ def jsonl_lines(path, limit=None):
         try:
             out.append((line, json.loads(raw)))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {line}: not JSON ({err.msg}).") from None
+            raise DamagedFile(f"{path}, line {line}: not JSON ({err.msg}).") from None
+    if not out:
+        raise DamagedFile(f"{path} holds no items.")
     return out
 
 
@@ -1166,8 +1172,8 @@ def wikitext(path):
     try:
         return "".join(pq.read_table(path, columns=["text"]).column("text").to_pylist())
     except Exception as err:  # pyarrow's own errors, of a file that is no Parquet
-        raise ValueError(f"{path} is not WikiText's Parquet file ({type(err).__name__}): "
-                         "delete it to download it again.") from None
+        raise DamagedFile(f"{path} is not WikiText's Parquet file ({type(err).__name__}).") \
+            from None
 
 
 def evaluate(model, cfg, names, settings, device, tokenizer):
@@ -1175,24 +1181,40 @@ def evaluate(model, cfg, names, settings, device, tokenizer):
     ctx, limit, results = cfg["context_length"], settings["limit"], {}
     stride = settings["stride"] or ctx // 2
     for name in names:
-        path = eval_file(name, settings)
+        data = benchmark_data(name, settings, tokenizer)
         if name == "hellaswag":
-            scored = score_hellaswag(model, hellaswag_items(path, tokenizer, limit), device, ctx)
+            scored = score_hellaswag(model, data, device, ctx)
             results[name] = {"n": len(scored),
                              "acc": sum(r["acc"] for r in scored) / len(scored),
                              "acc_norm": sum(r["acc_norm"] for r in scored) / len(scored)}
         elif name == "lambada":
-            scored = score_lambada(model, lambada_items(path, tokenizer, limit), device, ctx)
+            scored = score_lambada(model, data, device, ctx)
             results[name] = {"n": len(scored), "acc": sum(r["acc"] for r in scored) / len(scored),
                              "ppl": math.exp(sum(r["loss"] for r in scored) / len(scored))}
         else:
-            ids = tokenizer.encode(wikitext(path), disallowed_special=())[:limit and limit * ctx]
+            ids = tokenizer.encode(data, disallowed_special=())[:limit and limit * ctx]
             results[name] = text_perplexity(model, ids, device, ctx, stride, tokenizer)
     if settings["eval_text"]:
         files = collect_text_files([settings["eval_text"]])
         ids = tokenizer.encode("\n".join(read_text(f) for f in files), disallowed_special=())
         results["text"] = text_perplexity(model, ids, device, ctx, stride, tokenizer)
     return results
+
+
+def benchmark_data(name, settings, tokenizer):
+    """The benchmark's items (WikiText: its text). A downloaded file that does not
+    read as its benchmark (an error page, a cut file) is moved aside and fetched
+    once more; one of --eval-data-dir is only named."""
+    read = {"hellaswag": lambda p: hellaswag_items(p, tokenizer, settings["limit"]),
+            "lambada": lambda p: lambada_items(p, tokenizer, settings["limit"])}.get(name, wikitext)
+    path = eval_file(name, settings)
+    try:
+        return read(path)
+    except DamagedFile as err:
+        if settings["eval_data_dir"]:
+            raise
+        print(f"{err} Moved aside to {move_aside(path).name}; downloading it again.")
+        return read(eval_file(name, settings))
 
 
 def eval_file(name, settings):

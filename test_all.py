@@ -2518,6 +2518,31 @@ def test_sliding_window_perplexity_counts_each_token_once(tmp_path, tokenizer):
     assert gpt2.text_perplexity(learner, ids[:33], "cpu", 32, 32, tokenizer)["ppl"] < 1.2
 
 
+def test_benchmark_files_download_once_and_a_damaged_one_is_fetched_again(tmp_path, serve,
+                                                                          tokenizer, capsys,
+                                                                          monkeypatch):
+    tiny_text_model_file(tmp_path / "m.pt", context_length=64)
+    benchmark_files(tmp_path / "published", tokenizer)
+    good = (tmp_path / "published" / "lambada_test.jsonl").read_bytes()
+    server = serve(FileServer, {"/gpt-2/data/lambada_test.jsonl": good})
+    monkeypatch.setitem(gpt2.EVAL_FILES, "lambada",
+                        ("lambada_test.jsonl", server.url + "/gpt-2/data/lambada_test.jsonl"))
+    argv = ["--from", str(tmp_path / "m.pt"), "--eval", "lambada", "--data-dir",
+            str(tmp_path / "eval"), "--device", "cpu"]
+    first = gpt2.main(args_of(gpt2, argv))
+    requests = len(server.requests)
+    assert gpt2.main(args_of(gpt2, argv)) == first and len(server.requests) == requests  # once
+    (tmp_path / "eval" / "lambada_test.jsonl").write_text("<html>502 Bad Gateway</html>")
+    capsys.readouterr()
+    assert gpt2.main(args_of(gpt2, argv)) == first
+    assert "lambada_test.jsonl, line 1: not JSON (Expecting value). Moved aside to " \
+        "lambada_test.jsonl.damaged; downloading it again." in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "lambada_test.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"lambada_test\.jsonl holds no items"):
+        gpt2.main(args_of(gpt2, [*argv, "--eval-data-dir", str(tmp_path / "empty")]))
+
+
 def test_wikitext_is_read_from_its_parquet_file_and_scored_as_one_text(tmp_path, tokenizer,
                                                                        monkeypatch, capsys):
     pa = optional("pyarrow", "WikiText is published as Parquet")
