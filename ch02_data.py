@@ -485,6 +485,15 @@ def download_file(url, destination, backup_urls=(), retries=3, backoff=1.0, time
         "(the partial .part file, if any, can be deleted).")
 
 
+def sha256_of(path):
+    """A file's SHA-256, read in blocks: a pinned download, a model's fingerprint."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _count_repeats(lines):
     """['a', 'a', 'b'] -> ['a (2 attempts)', 'b']"""
     out = []

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import functools
 import glob
-import hashlib
 import json
 import math
 import os
@@ -43,7 +42,7 @@ from tqdm import tqdm
 
 from ch02_data import (EOT, DownloadError, HelpFormatter, bpe_tokenizer, check_output_file,
                        check_writable, collect_text_files, download_file, hf_vocabulary_files,
-                       move_aside, number, read_text, run_command, write_text_atomic)
+                       move_aside, number, read_text, run_command, sha256_of, write_text_atomic)
 from ch04_gpt import (GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, add_device_argument,
                      get_device)
 from ch05_generate import (add_sampling_arguments, architecture_difference, architecture_of,
@@ -1259,14 +1258,6 @@ def run_eval(settings, base_urls):
         write_text_atomic(settings["json"], json.dumps(report, indent=2))
         print(f"Wrote {settings['json']}")
     return results
-
-
-def sha256_of(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def eval_table(results, size, limited):

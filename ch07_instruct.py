@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ch02_data import (DownloadError, HelpFormatter, bpe_tokenizer, download_file, move_aside,
-                       number, read_json, run_command, write_text_atomic)
+                       number, read_json, run_command, sha256_of, write_text_atomic)
 from ch04_gpt import GPTModel, get_device
 from ch05_generate import (add_sampling_arguments, build_lean, generate, load_checkpoint,
                            model_file, sampling_of, save_checkpoint, stream_text)
@@ -438,7 +438,7 @@ def load_preference_data(path=None, data_dir="data", url=PREFERENCE_URL):
     checked against the published file's SHA-256; or a file of your own (path)."""
     if path is None:
         path = download_file(url, Path(data_dir) / "instruction-data-with-preference.json")
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_of(path)
         if digest != PREFERENCE_SHA256:
             kept = move_aside(path)
             raise DownloadError(f"{path} is not the published preference file (SHA-256 "

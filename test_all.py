@@ -107,7 +107,7 @@ def fetch_test_files(folder, files=TEST_FILES, mirror=None, say=print):
 def downloaded_file_problem(path, sha256):
     """What is wrong with a downloaded test file, or None."""
     if sha256:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = ch02.sha256_of(path)
         return None if digest == sha256 else f"has SHA-256 {digest[:12]}..., not {sha256[:12]}..."
     try:
         with ch06.zipfile.ZipFile(path) as archive:
