@@ -98,8 +98,9 @@ def generate(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=No
 def save_checkpoint(path, checkpoint):
     """torch.save via a temporary file: a crash keeps the previous checkpoint. A
     model file also gets a CRC-32 of each weight tensor, which loading checks."""
-    if "kind" in checkpoint and "model" in checkpoint:
-        checkpoint = {**checkpoint, "checksums": tensor_checksums(checkpoint["model"])}
+    if "kind" in checkpoint and "model" in checkpoint:  # one copy to the host, summed and saved
+        weights = {name: t.detach().cpu() for name, t in checkpoint["model"].items()}
+        checkpoint = {**checkpoint, "model": weights, "checksums": tensor_checksums(weights)}
     with atomic_path(path) as tmp:
         try:
             torch.save(checkpoint, tmp)
@@ -163,15 +164,15 @@ def what_is(saved):
 
 
 def tensor_checksums(state_dict):
-    """{name: CRC-32 of the tensor's bytes}: a flipped bit in a saved file shows."""
-    return {name: zlib.crc32(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    """{name: CRC-32 of the (CPU) tensor's bytes}: a flipped bit in a saved file shows."""
+    return {name: zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
             for name, t in state_dict.items()}
 
 
 def damaged_tensors(checkpoint):
     """The tensors of a model file whose bytes differ from their saved checksums."""
     saved = checkpoint.get("checksums") or {}
-    found = tensor_checksums({k: v for k, v in checkpoint["model"].items() if k in saved})
+    found = tensor_checksums({k: v.cpu() for k, v in checkpoint["model"].items() if k in saved})
     return [name for name, crc in found.items() if crc != saved[name]]
 
 

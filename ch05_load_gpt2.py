@@ -1048,11 +1048,13 @@ def continuation_losses(model, pairs, device, context_length):
         n = len(ids) - 1  # target t is token t + 1: the continuation's from start - 1
         inputs[i, :n], targets[i, :n] = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
         scored[i, start - 1:n] = True
-    with torch.no_grad():
-        logits = model(inputs.to(device)).float().cpu()
-    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    greedy = (logits.argmax(-1) == targets) | ~scored
-    return (losses * scored).sum(1), scored.sum(1), greedy.all(1)
+    targets, scored = targets.to(device), scored.to(device)
+    with torch.no_grad():  # on the device: only three numbers a row come back, not the logits
+        logits = model(inputs.to(device)).float()
+        losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets,
+                                                   reduction="none")
+        greedy = (logits.argmax(-1) == targets) | ~scored
+    return (losses * scored).sum(1).cpu(), scored.sum(1).cpu(), greedy.all(1).cpu()
 
 
 def score_hellaswag(model, items, device, context_length, batch_items=4):
