@@ -485,6 +485,47 @@ def download_file(url, destination, backup_urls=(), retries=3, backoff=1.0, time
         "(the partial .part file, if any, can be deleted).")
 
 
+def download_checked(url, destination, file_problem, advice="Try again later."):
+    """download_file, then `file_problem(path)` (None for a whole file): a damaged
+    file (an error page, a cut or changed download) is moved aside and fetched once
+    more, and a second damaged copy is an error that says so."""
+    path = download_file(url, destination)
+    problem = file_problem(path)
+    if problem:
+        fetch_again(path, problem, lambda: download_file(url, path), file_problem, advice)
+    return path
+
+
+def fetch_again(path, problem, fetch, file_problem, advice="Try again later."):
+    """Move a damaged download aside and fetch() it once more; damaged again, it is
+    an error that says what to do. Returns where the damaged file went."""
+    aside = move_aside(path)
+    print(f"{path} is damaged ({problem}); moved aside to {aside.name} and downloading it "
+          "again.")
+    fetch()
+    problem = file_problem(path)
+    if problem:
+        raise damaged_again(path, problem, aside, advice)
+    return aside
+
+
+def damaged_again(path, problem, aside, advice="Try again later."):
+    """The error for a file damaged when fetched again; it takes the place of the
+    first damaged copy (`aside`), so one is kept, not two of a download's size."""
+    path.replace(aside)
+    return DownloadError(f"{path} is damaged ({problem}), also when downloaded again (kept as "
+                         f"{aside.name}): the server may be sending an error page. {advice}")
+
+
+def pinned(sha256):
+    """A file_problem for download_checked: the file is not the one published."""
+    def problem(path):
+        digest = sha256_of(path)
+        return None if digest == sha256 else (f"SHA-256 {digest[:12]}..., not the published "
+                                              f"{sha256[:12]}...")
+    return problem
+
+
 def sha256_of(path):
     """A file's SHA-256, read in blocks: a pinned download, a model's fingerprint."""
     digest = hashlib.sha256()

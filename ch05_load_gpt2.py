@@ -41,8 +41,9 @@ import torch
 from tqdm import tqdm
 
 from ch02_data import (EOT, DownloadError, HelpFormatter, bpe_tokenizer, check_output_file,
-                       check_writable, collect_text_files, download_file, hf_vocabulary_files,
-                       move_aside, number, read_text, run_command, sha256_of, write_text_atomic)
+                       check_writable, collect_text_files, damaged_again, download_checked,
+                       download_file, fetch_again, hf_vocabulary_files, move_aside, number,
+                       pinned, read_text, run_command, sha256_of, write_text_atomic)
 from ch04_gpt import (GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, add_device_argument,
                      get_device)
 from ch05_generate import (add_sampling_arguments, architecture_difference, architecture_of,
@@ -70,11 +71,11 @@ def download_and_load_gpt2(model_size, models_dir, base_urls=BASE_URLS):
         data_file = model_dir / DATA_FILE
         aside = fetch_again(data_file, str(err),
                             lambda: fetch_gpt2_file(data_file, model_size, base_urls),
-                            gpt2_file_problem)
+                            gpt2_file_problem, gpt2_advice(data_file))
         try:
             params = load_gpt2_params_from_tf_ckpt(tf_ckpt_path, settings)
         except DamagedCheckpoint as again:
-            raise damaged_again(data_file, str(again), aside) from None
+            raise damaged_again(data_file, str(again), aside, gpt2_advice(data_file)) from None
     return settings, params
 
 
@@ -183,35 +184,18 @@ def download_gpt2(model_size, models_dir, base_urls=BASE_URLS):
         if problem:
             path = model_dir / filename
             fetch_again(path, problem, lambda: fetch_gpt2_file(path, model_size, base_urls),
-                        gpt2_file_problem)
+                        gpt2_file_problem, gpt2_advice(path))
     return model_dir
+
+
+def gpt2_advice(path):
+    """What to do when a file of GPT-2's is damaged also when downloaded again."""
+    return f"Try later, another --base-url, or delete {path.parent} and download again."
 
 
 def fetch_gpt2_file(path, model_size, base_urls):
     urls = [f"{base.rstrip('/')}/{model_size}/{path.name}" for base in base_urls]
     download_file(urls[0], path, backup_urls=urls[1:])
-
-
-def fetch_again(path, problem, fetch, file_problem):
-    """Move a damaged GPT-2 file aside and fetch() it once more; damaged again,
-    it is an error that says what to do. Returns where the damaged file went."""
-    aside = move_aside(path)
-    print(f"{path} is damaged ({problem}); moved aside to {aside.name} and downloading it "
-          "again.")
-    fetch()
-    problem = file_problem(path)
-    if problem:
-        raise damaged_again(path, problem, aside)
-    return aside
-
-
-def damaged_again(path, problem, aside):
-    """The error for a file damaged when fetched again; it takes the place of the
-    first damaged copy (`aside`), so one is kept, not two of a download's size."""
-    path.replace(aside)
-    return DownloadError(f"{path} is damaged ({problem}), also when downloaded again (kept as "
-                         f"{aside.name}): the server may be sending an error page. Try later, "
-                         f"another --base-url, or delete {path.parent} and download again.")
 
 
 DATA_FILE = "model.ckpt.data-00000-of-00001"
@@ -753,11 +737,9 @@ def load_hf_gpt2(model_size="124M", models_dir="gpt2", drop_rate=0.0, hf_file=No
         print(f"GPT-2 {model_size}: Hugging Face's weights from {path}.")
     else:
         path = Path(models_dir) / model_size / HF_FILE
-        download_file(hf_url(model_size), path)
-        problem = hf_file_problem(path, settings)
-        if problem:  # an error page, a cut file: as with OpenAI's files, once more
-            fetch_again(path, problem, lambda: download_file(hf_url(model_size), path),
-                        lambda p: hf_file_problem(p, settings))
+        # an error page, a cut file: as with OpenAI's files, fetched once more
+        download_checked(hf_url(model_size), path, lambda p: hf_file_problem(p, settings),
+                         gpt2_advice(path))
         print(f"GPT-2 {model_size}: Hugging Face's model.safetensors ({path}).")
     cfg = config_from_settings(settings, drop_rate)
     model = GPTModel(cfg)
@@ -1002,18 +984,21 @@ def word_token(word, tokenizer):
 # numbers. Every score is a cross-entropy of some tokens given the ones before
 # them (continuation_losses), computed in batches, padded and masked.
 
-EVAL_FILES = {  # benchmark: (the file as it downloads, where it is published)
+# benchmark: (the file as it downloads, where it is published, its published SHA-256
+# where one is on record; the others are checked by what they hold, see benchmark_data)
+EVAL_FILES = {
     "hellaswag": ("hellaswag_val.jsonl",
                   "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/"
-                  "hellaswag_val.jsonl"),
+                  "hellaswag_val.jsonl", None),
     "lambada": ("lambada_test.jsonl",
-                "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"),
+                "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
+                "4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226"),
     "wikitext2": ("wikitext-2-raw-v1-test.parquet",
                   "https://huggingface.co/datasets/Salesforce/wikitext/resolve/main/"
-                  "wikitext-2-raw-v1/test-00000-of-00001.parquet"),
+                  "wikitext-2-raw-v1/test-00000-of-00001.parquet", None),
     "wikitext103": ("wikitext-103-raw-v1-test.parquet",
                     "https://huggingface.co/datasets/Salesforce/wikitext/resolve/main/"
-                    "wikitext-103-raw-v1/test-00000-of-00001.parquet"),
+                    "wikitext-103-raw-v1/test-00000-of-00001.parquet", None),
 }
 # Items in each benchmark file as published: fewer are a part, not compared as the whole
 EVAL_ITEMS = {"hellaswag": 10042, "lambada": 5153}
@@ -1023,6 +1008,11 @@ PUBLISHED = {
                   ("124M", "acc_norm", 0.2955, "llm.c and build-nanogpt, completion style"),
                   ("1558M", "acc", 0.3842, "llm.c, completion style, zero-shot"),
                   ("1558M", "acc_norm", 0.4893, "llm.c, completion style, zero-shot")],
+    # the harness's LAMBADA task of 2021 read OpenAI's file with this method
+    "lambada": [("1558M", "acc", 0.5121, "EleutherAI's GPT-J model card, lm-evaluation-harness "
+                                         "on OpenAI's file, zero-shot"),
+                ("1558M", "ppl", 10.63, "EleutherAI's GPT-J model card, lm-evaluation-harness "
+                                        "on OpenAI's file, zero-shot")],
     "wikitext2": [("774M", "ppl", 16.53, "Hugging Face, 'Perplexity of fixed-length models', "
                                          "stride 512 (19.64 at stride 1024)")],
 }
@@ -1179,27 +1169,45 @@ def wikitext(path):
 
 def evaluate(model, cfg, names, settings, device, tokenizer):
     """{benchmark: its metrics} for `names`, and "text" for settings["eval_text"]."""
-    ctx, limit, results = cfg["context_length"], settings["limit"], {}
+    ctx, results = cfg["context_length"], {}
     stride = settings["stride"] or ctx // 2
     for name in names:
         data = benchmark_data(name, settings, tokenizer)
-        if name == "hellaswag":
-            scored = score_hellaswag(model, data, device, ctx)
-            results[name] = {"n": len(scored),
-                             "acc": sum(r["acc"] for r in scored) / len(scored),
-                             "acc_norm": sum(r["acc_norm"] for r in scored) / len(scored)}
-        elif name == "lambada":
-            scored = score_lambada(model, data, device, ctx)
-            results[name] = {"n": len(scored), "acc": sum(r["acc"] for r in scored) / len(scored),
-                             "ppl": math.exp(sum(r["loss"] for r in scored) / len(scored))}
-        else:
-            ids = tokenizer.encode(data, disallowed_special=())[:limit and limit * ctx]
-            results[name] = text_perplexity(model, ids, device, ctx, stride, tokenizer)
+        if name.startswith("wikitext"):
+            data = tokenizer.encode(data, disallowed_special=())[:settings["limit"] and
+                                                                 settings["limit"] * ctx]
+        results[name] = benchmark_metrics(name, model, data, device, ctx, stride, tokenizer)
     if settings["eval_text"]:
-        files = collect_text_files([settings["eval_text"]])
-        ids = tokenizer.encode("\n".join(read_text(f) for f in files), disallowed_special=())
-        results["text"] = text_perplexity(model, ids, device, ctx, stride, tokenizer)
+        results["text"] = benchmark_metrics("text", model, text_ids(settings["eval_text"],
+                                                                    tokenizer),
+                                            device, ctx, stride, tokenizer)
     return results
+
+
+def benchmark_metrics(name, model, data, device, context_length, stride, tokenizer):
+    """One benchmark's metrics: HellaSwag's and LAMBADA's of their items, the
+    perplexity and bits per byte of token ids for the others. The model is scored
+    in eval mode, then left in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        if name == "hellaswag":
+            scored = score_hellaswag(model, data, device, context_length)
+            return {"n": len(scored), "acc": sum(r["acc"] for r in scored) / len(scored),
+                    "acc_norm": sum(r["acc_norm"] for r in scored) / len(scored)}
+        if name == "lambada":
+            scored = score_lambada(model, data, device, context_length)
+            return {"n": len(scored), "acc": sum(r["acc"] for r in scored) / len(scored),
+                    "ppl": math.exp(sum(r["loss"] for r in scored) / len(scored))}
+        return text_perplexity(model, data, device, context_length, stride, tokenizer)
+    finally:
+        model.train(was_training)
+
+
+def text_ids(path, tokenizer):
+    """The token ids of a text file, or of a folder's text files joined by newlines."""
+    files = collect_text_files([path])
+    return tokenizer.encode("\n".join(read_text(f) for f in files), disallowed_special=())
 
 
 def benchmark_data(name, settings, tokenizer):
@@ -1220,14 +1228,17 @@ def benchmark_data(name, settings, tokenizer):
 
 def eval_file(name, settings):
     """The benchmark's file: in --eval-data-dir when given, else downloaded once."""
-    filename, url = EVAL_FILES[name]
+    filename, url, sha256 = EVAL_FILES[name]
     if settings["eval_data_dir"]:
         path = Path(settings["eval_data_dir"]) / filename
         if not path.is_file():
             raise FileNotFoundError(f"--eval-data-dir {settings['eval_data_dir']} has no "
                                     f"{filename} (the file {name} needs).")
         return path
-    return download_file(url, Path(settings["data_dir"]) / filename)
+    destination = Path(settings["data_dir"]) / filename
+    if sha256 is None:
+        return download_file(url, destination)
+    return download_checked(url, destination, pinned(sha256))
 
 
 def run_eval(settings, base_urls):

@@ -124,7 +124,8 @@ def train_model_simple(model, train_loader, val_loader, optimizer, device, num_e
     return train_losses, val_losses, track_tokens_seen
 
 
-def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss-plot.png"):
+def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss-plot.png",
+                score=None):
     from matplotlib.ticker import MaxNLocator
 
     fig, ax1 = pyplot().subplots(figsize=(5, 3))
@@ -133,6 +134,15 @@ def plot_losses(epochs_seen, tokens_seen, train_losses, val_losses, path="loss-p
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel("Loss")
     ax1.legend(loc="upper right")
+    if score:  # beyond the book: (label, epochs, values) of --eval-every, on its own axis
+        label, epochs, values = score
+        ax3 = ax1.twinx()
+        ax3.plot(epochs, values, "o:", color="C2", markersize=3, label=label)
+        ax3.set_ylabel(label)
+        lines = ax1.get_lines() + ax3.get_lines()  # one legend, drawn above all three lines
+        ax1.get_legend().remove()
+        ax3.legend(lines, [line.get_label() for line in lines], loc="upper right",
+                   fontsize="small")
     ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax2 = ax1.twiny()  # a second x-axis for tokens seen, aligned with the first
     ax2.plot(tokens_seen, train_losses, alpha=0)
@@ -400,20 +410,29 @@ def exit_code(signal_name):
 
 LOG_FIELDS = ("step", "epoch", "epochs_seen", "tokens_seen", "lr", "train_loss", "val_loss",
               "train_perplexity", "val_perplexity", "elapsed_s")
+# --eval-every's columns: HellaSwag's accuracies, or --eval-text's perplexity
+BENCHMARK_FIELDS = {"hellaswag": ("hellaswag_acc", "hellaswag_acc_norm"),
+                    "text": ("text_ppl", "text_bpb")}
 
 
-def write_log(path, rows):
+def log_fields(settings):
+    """log.csv's columns: the book's losses, and --eval-every's benchmark."""
+    return LOG_FIELDS + (BENCHMARK_FIELDS[benchmark_name(settings)]
+                         if settings.get("eval_every") else ())
+
+
+def write_log(path, rows, fields=LOG_FIELDS):
     """log.csv from all evaluations so far: written anew when a run starts or
     resumes, so rows that a stopped run logged after its checkpoint go."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def append_log(path, row):
+def append_log(path, row, fields=LOG_FIELDS):
     with open(path, "a", newline="", encoding="utf-8") as f:
-        csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow(row)
+        csv.DictWriter(f, fieldnames=fields, extrasaction="ignore").writerow(row)
 
 
 def perplexity(loss):
@@ -594,12 +613,13 @@ def stopped_early(err, step, saved_step, path):
 
 
 def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, out_dir, stopper,
-          is_main=True):
+          is_main=True, benchmark=None):
     """Chapter 5's train_model_simple with appendix D's schedule, made for long runs:
     an evaluation log, checkpoints, exact resume and DDP; random numbers drawn as
     train_model_simple draws them, so a seeded run prints the book's numbers.
     `state` changes only after optimizer.step(), and a checkpoint is written only
-    after all of a step's work: a state the uninterrupted run passes through too."""
+    after all of a step's work: a state the uninterrupted run passes through too.
+    `benchmark` (rank 0's, for --eval-every) scores the model into the log too."""
     train_loader, train_eval_loader, val_loader = loaders
     sampler, accum = train_loader.sampler, settings["grad_accum"]
     epoch_samples = len(train_loader) // accum * accum * sampler.global_batch
@@ -609,7 +629,7 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
     saved_step = state["step"] if path.exists() and state["step"] >= 0 else None
     started = time.perf_counter() - state["seconds"]
     if is_main:
-        write_log(Path(out_dir) / "log.csv", state["history"]["log"])
+        write_log(Path(out_dir) / "log.csv", state["history"]["log"], log_fields(settings))
     bar = tqdm(total=last_step + 1, initial=state["step"] + 1, unit="step",
                disable=not is_main, dynamic_ncols=True)
     losses, batches = [], None  # losses: device tensors, read every 10 steps
@@ -625,17 +645,19 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
             bar.update(1)
 
             evaluating = step % settings["eval_freq"] == 0
+            benchmarking = step % (settings["eval_every"] or math.inf) == 0
             epoch_over = state["samples_done"] >= epoch_samples
             saving = step == last_step or (step + 1) % (settings["save_every"] or math.inf) == 0
-            sync = evaluating or epoch_over or saving or step % 10 == 0  # the only host syncs
+            sync = evaluating or benchmarking or epoch_over or saving or step % 10 == 0  # syncs
             if sync:
                 check_training_loss(losses, state, cfg["vocab_size"], device, bar)
                 losses = []
-            if evaluating:
+            if evaluating or benchmarking:
                 with timed(pace, "eval"):
-                    record_evaluation(model, (train_eval_loader, val_loader), device, settings,
-                                      state, lr, out_dir, stopper, epoch_samples, is_main,
-                                      cfg["vocab_size"])
+                    record_evaluation(model, (train_eval_loader, val_loader) if evaluating
+                                      else None, device, settings, state, lr, out_dir, stopper,
+                                      epoch_samples, is_main, cfg["vocab_size"],
+                                      benchmark if benchmarking else None)
             if sync and is_main:
                 say_pace(pace, step, last_step, settings)
             if epoch_over:
@@ -751,23 +773,67 @@ def refuse_finished(step, last_step):
 
 
 def record_evaluation(model, loaders, device, settings, state, lr, out_dir, stopper,
-                      epoch_samples, is_main, vocab_size):
-    """Evaluate (the book's train/val losses), then keep the result once: in the
-    history, in log.csv and on the screen."""
-    train_loss, val_loss = evaluate_all_ranks(model, *loaders, device, settings["eval_iter"])
-    check_loss(train_loss, state, vocab_size, f"the evaluation loss at step {state['step']}")
+                      epoch_samples, is_main, vocab_size, benchmark=None):
+    """Evaluate (the book's train/val losses, when given their loaders; with
+    `benchmark`, its score too), then keep the result once: in the history, in
+    log.csv and on the screen."""
     row = {"step": state["step"], "epoch": state["epoch"] + 1,
            "epochs_seen": round(state["epoch"] + state["samples_done"] / epoch_samples, 4),
-           "tokens_seen": state["tokens_seen"], "lr": lr, "train_loss": train_loss,
-           "val_loss": val_loss, "train_perplexity": perplexity(train_loss),
-           "val_perplexity": perplexity(val_loss), "elapsed_s": round(state["seconds"], 3)}
+           "tokens_seen": state["tokens_seen"], "lr": lr, "elapsed_s": round(state["seconds"], 3)}
+    if loaders:
+        train_loss, val_loss = evaluate_all_ranks(model, *loaders, device, settings["eval_iter"])
+        check_loss(train_loss, state, vocab_size, f"the evaluation loss at step {state['step']}")
+        row.update(train_loss=train_loss, val_loss=val_loss,
+                   train_perplexity=perplexity(train_loss), val_perplexity=perplexity(val_loss))
+    if benchmark:  # rank 0 only: the other processes wait at the next step's gradients
+        row.update(benchmark(_unwrap(model), device))
     state["history"]["log"].append(row)
     if is_main:
-        tqdm.write(f"Ep {row['epoch']} (Step {row['step']:06d}): Train loss {train_loss:.3f}, "
-                   f"Val loss {val_loss:.3f}  | perplexity {row['train_perplexity']:.1f}, "
-                   f"{row['val_perplexity']:.1f}")
+        if loaders:
+            tqdm.write(f"Ep {row['epoch']} (Step {row['step']:06d}): Train loss {train_loss:.3f}, "
+                       f"Val loss {val_loss:.3f}  | perplexity {row['train_perplexity']:.1f}, "
+                       f"{row['val_perplexity']:.1f}")
+        if benchmark:
+            tqdm.write(f"Ep {row['epoch']} (Step {row['step']:06d}): {describe_benchmark(row)}")
         with stopper.deferred():
-            append_log(Path(out_dir) / "log.csv", row)
+            append_log(Path(out_dir) / "log.csv", row, log_fields(settings))
+
+
+# ---- Beyond the book: a benchmark while training (--eval-every) ----
+
+def benchmark_name(settings):
+    return "text" if settings.get("eval_text") else "hellaswag"
+
+
+def training_benchmark(settings, tokenizer, context_length):
+    """--eval-every's scorer, its data read once: (model, device) -> its log.csv
+    columns (HellaSwag's accuracies, or --eval-text's perplexity and bits per byte),
+    as ch05_load_gpt2.py --eval scores them."""
+    try:  # the scoring lives with --eval; needed only when asked for
+        from ch05_load_gpt2 import benchmark_data, benchmark_metrics, text_ids
+    except ImportError as err:
+        raise ValueError(f"--eval-every needs ch05_load_gpt2.py beside ch05_train.py (it "
+                         f"scores the benchmarks): {err}") from None
+    name, limit = benchmark_name(settings), settings["eval_limit"]
+    if name == "text":
+        data = text_ids(settings["eval_text"], tokenizer)[:limit and limit * context_length]
+    else:
+        data = benchmark_data(name, {"limit": limit, "eval_data_dir": settings["eval_data_dir"],
+                                     "data_dir": Path(settings["data_dir"]) / "eval"}, tokenizer)
+
+    def score(model, device):
+        metrics = benchmark_metrics(name, model, data, device, context_length,
+                                    context_length // 2, tokenizer)
+        return dict(zip(BENCHMARK_FIELDS[name], (metrics[k] for k in (
+            ("acc", "acc_norm") if name == "hellaswag" else ("ppl", "bpb")))))
+    return score
+
+
+def describe_benchmark(row):
+    if "hellaswag_acc_norm" in row:
+        return (f"HellaSwag acc_norm {row['hellaswag_acc_norm']:.4f}, "
+                f"acc {row['hellaswag_acc']:.4f}")
+    return f"--eval-text perplexity {row['text_ppl']:.2f}, {row['text_bpb']:.3f} bits per byte"
 
 
 # ---- Putting the command together ----
@@ -929,8 +995,9 @@ SHAPE_SETTINGS = ("n_layers", "emb_dim", "n_heads")  # each None: --model-size's
 TRAINING_SETTINGS = ("data", "train_ratio", "memmap", "memmap_above_mb", "batch_size",
                      "grad_accum", "lr", "weight_decay", "schedule", "warmup_steps", "initial_lr",
                      "min_lr", "grad_clip", "epochs", "max_steps", "drop_rate", "eval_freq",
-                     "eval_iter", "save_every", "prompt", "seed")
-RUN_SETTINGS = ("data_dir", "out", "overwrite", "resume", "device", "fast", "compile",
+                     "eval_iter", "save_every", "prompt", "seed", "eval_every", "eval_text",
+                     "eval_limit")
+RUN_SETTINGS = ("data_dir", "eval_data_dir", "out", "overwrite", "resume", "device", "fast", "compile",
                 "generate", "from_file", "export_weights", "max_new_tokens", "temperature",
                 "top_k", "top_p")
 SAVED_SETTINGS = MODEL_SETTINGS + TRAINING_SETTINGS + ("fast", "compile")
@@ -967,7 +1034,7 @@ def resolve_settings(args, ckpt=None, data_size=corpus_bytes):
                    if k in args.given and settings[k] != saved[k]]
         if changed:
             messages.append("Changed on resume: " + ", ".join(changed))
-        settings.update({k: saved.get(k) if k in SHAPE_SETTINGS else saved[k]  # not in older
+        settings.update({k: saved.get(k, settings[k])  # older checkpoints lack newer flags
                          for k in MODEL_SETTINGS + TRAINING_SETTINGS if k not in args.given})
         if "out" not in args.given:
             settings["out"] = str(Path(args.resume).parent)  # go on in the checkpoint's folder
@@ -981,6 +1048,10 @@ def resolve_settings(args, ckpt=None, data_size=corpus_bytes):
         settings["memmap"] or data_size(settings["data"]) > settings["memmap_above_mb"] * 1e6)
     if settings["eval_freq"] is None:
         settings["eval_freq"] = 200 if settings["memmap"] else 5
+    asked = [flag(k) for k in ("eval_text", "eval_limit", "eval_data_dir") if settings[k]]
+    if asked and not settings["eval_every"]:
+        raise ValueError(f"{' and '.join(asked)} choose what --eval-every N scores: give "
+                         "--eval-every too (e.g. --eval-every 250).")
     if settings["context_length"] > 1024:
         messages.append(f"Note: --context-length {settings['context_length']} is beyond "
                         "GPT-2's 1,024 positions: fine when training from scratch, but "
@@ -1134,6 +1205,8 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
         log(f"Resumed from {settings['resume']}: step {state['step']} is done, step "
             f"{state['step'] + 1} comes next (epoch {state['epoch'] + 1})")
     raw_model = model
+    benchmark = (training_benchmark(settings, tokenizer, cfg["context_length"])
+                 if settings["eval_every"] and is_main else None)  # its data before training
     model = speed_up(model, plan, device)
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -1146,7 +1219,7 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     start = time.perf_counter()
     try:
         state = train(model, cfg, loaders, optimizer, device, tokenizer, settings, state,
-                      out_dir, stopper, is_main=is_main)
+                      out_dir, stopper, is_main=is_main, benchmark=benchmark)
     except (Stopped, Diverged):
         if is_main:  # the curves so far, drawn from the history train() keeps in place
             plot_history(state["history"], settings, out_dir, log)
@@ -1190,11 +1263,16 @@ def run_header(model_name, model, cfg, data, out_dir):
 
 def plot_history(history, settings, out_dir, log):
     """loss-plot.png from the evaluations so far, and lr-schedule.png for cosine."""
-    if history["log"]:
-        rows = history["log"]
+    rows = [r for r in history["log"] if "train_loss" in r]  # --eval-every's rows may have none
+    if rows:
+        column = {"hellaswag": "hellaswag_acc_norm", "text": "text_ppl"}[benchmark_name(settings)]
+        scored = [r for r in history["log"] if column in r]
+        label = "HellaSwag acc_norm" if column.startswith("hellaswag") else "Text perplexity"
         plot_losses([r["epochs_seen"] for r in rows], [r["tokens_seen"] for r in rows],
                     [r["train_loss"] for r in rows], [r["val_loss"] for r in rows],
-                    out_dir / "loss-plot.png")
+                    out_dir / "loss-plot.png",
+                    score=scored and (label, [r["epochs_seen"] for r in scored],
+                                      [r[column] for r in scored]))
         log(f"Saved {out_dir / 'loss-plot.png'}")
     if settings["schedule"] == "cosine" and history["lrs"]:
         plot_lrs(history["lrs"], out_dir / "lr-schedule.png")
@@ -1271,6 +1349,18 @@ def build_parser():
                      help="evaluate every N steps (default: 5, the book's; 200 on a "
                           "memory-mapped corpus, where evaluating costs under 2%% of training)")
     run.add_argument("--eval-iter", type=positive, default=5, help="batches per evaluation")
+    run.add_argument("--eval-every", type=positive, default=None, metavar="N",
+                     help="also score HellaSwag (as ch05_load_gpt2.py --eval does) every N "
+                          "steps, from step 0, into log.csv and the loss plot; on rank 0")
+    run.add_argument("--eval-text", default=None, metavar="FILE_OR_FOLDER",
+                     help="with --eval-every: score this text's perplexity and bits per "
+                          "byte instead of HellaSwag (a held-out part of your corpus)")
+    run.add_argument("--eval-limit", type=positive, default=None, metavar="N",
+                     help="with --eval-every: the first N HellaSwag items (--eval-text: "
+                          "N context windows) for a cheaper score (default: all)")
+    run.add_argument("--eval-data-dir", default=None, metavar="DIR",
+                     help="with --eval-every: hellaswag_val.jsonl from this folder "
+                          "(default: downloaded once into --data-dir/eval)")
     run.add_argument("--prompt", default="Every effort moves you",
                      help="start of the sample text printed after each epoch")
     run.add_argument("--out", default="runs/ch05",

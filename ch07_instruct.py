@@ -42,8 +42,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ch02_data import (DownloadError, HelpFormatter, bpe_tokenizer, download_file, move_aside,
-                       number, read_json, run_command, sha256_of, write_text_atomic)
+from ch02_data import (HelpFormatter, bpe_tokenizer, download_checked, download_file, number,
+                       pinned, read_json, run_command, write_text_atomic)
 from ch04_gpt import GPTModel, get_device
 from ch05_generate import (add_sampling_arguments, build_lean, generate, load_checkpoint,
                            model_file, sampling_of, save_checkpoint, stream_text)
@@ -437,14 +437,8 @@ def load_preference_data(path=None, data_dir="data", url=PREFERENCE_URL):
     """The bonus's 1,100 preference entries, downloaded once into data_dir and
     checked against the published file's SHA-256; or a file of your own (path)."""
     if path is None:
-        path = download_file(url, Path(data_dir) / "instruction-data-with-preference.json")
-        digest = sha256_of(path)
-        if digest != PREFERENCE_SHA256:
-            kept = move_aside(path)
-            raise DownloadError(f"{path} is not the published preference file (SHA-256 "
-                                f"{digest[:12]}..., not {PREFERENCE_SHA256[:12]}...); moved "
-                                f"aside to {kept.name}. Run again to download it anew, or give "
-                                "a file of your own.")
+        path = download_checked(url, Path(data_dir) / "instruction-data-with-preference.json",
+                                pinned(PREFERENCE_SHA256))
     data = read_json(path, "Fix it, or give another preference file.")
     check_preference_entries(data, path)
     return data

@@ -2523,24 +2523,84 @@ def test_benchmark_files_download_once_and_a_damaged_one_is_fetched_again(tmp_pa
                                                                           monkeypatch):
     tiny_text_model_file(tmp_path / "m.pt", context_length=64)
     benchmark_files(tmp_path / "published", tokenizer)
-    good = (tmp_path / "published" / "lambada_test.jsonl").read_bytes()
-    server = serve(FileServer, {"/gpt-2/data/lambada_test.jsonl": good})
-    monkeypatch.setitem(gpt2.EVAL_FILES, "lambada",
-                        ("lambada_test.jsonl", server.url + "/gpt-2/data/lambada_test.jsonl"))
-    argv = ["--from", str(tmp_path / "m.pt"), "--eval", "lambada", "--data-dir",
+    published = {name: (tmp_path / "published" / name).read_bytes()
+                 for name in ("lambada_test.jsonl", "hellaswag_val.jsonl")}
+    server = serve(FileServer, {f"/pub/{name}": data for name, data in published.items()})
+    # LAMBADA pinned by its SHA-256, HellaSwag checked by what it holds
+    monkeypatch.setitem(gpt2.EVAL_FILES, "lambada", (
+        "lambada_test.jsonl", server.url + "/pub/lambada_test.jsonl",
+        hashlib.sha256(published["lambada_test.jsonl"]).hexdigest()))
+    monkeypatch.setitem(gpt2.EVAL_FILES, "hellaswag", (
+        "hellaswag_val.jsonl", server.url + "/pub/hellaswag_val.jsonl", None))
+    argv = ["--from", str(tmp_path / "m.pt"), "--eval", "lambada,hellaswag", "--data-dir",
             str(tmp_path / "eval"), "--device", "cpu"]
     first = gpt2.main(args_of(gpt2, argv))
     requests = len(server.requests)
     assert gpt2.main(args_of(gpt2, argv)) == first and len(server.requests) == requests  # once
-    (tmp_path / "eval" / "lambada_test.jsonl").write_text("<html>502 Bad Gateway</html>")
+    for name in published:
+        (tmp_path / "eval" / name).write_text("<html>502 Bad Gateway</html>")
     capsys.readouterr()
     assert gpt2.main(args_of(gpt2, argv)) == first
-    assert "lambada_test.jsonl, line 1: not JSON (Expecting value). Moved aside to " \
-        "lambada_test.jsonl.damaged; downloading it again." in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r"lambada_test\.jsonl is damaged \(SHA-256 [0-9a-f]{12}\.\.\., not the "
+                     r"published [0-9a-f]{12}\.\.\.\); moved aside to lambada_test\.jsonl\."
+                     r"damaged and downloading it again\.", out)
+    assert "hellaswag_val.jsonl, line 1: not JSON (Expecting value). Moved aside to " \
+        "hellaswag_val.jsonl.damaged; downloading it again." in out
+    # the server itself sends a changed file: named, and one damaged copy kept
+    server.files["/pub/lambada_test.jsonl"] = published["lambada_test.jsonl"][:-40] + b"\n"
+    (tmp_path / "eval" / "lambada_test.jsonl").write_text("cut")
+    with pytest.raises(ch02.DownloadError, match=r"lambada_test\.jsonl is damaged \(SHA-256 "
+                                                 r".*also when downloaded again \(kept as "
+                                                 r"lambada_test\.jsonl\.damaged\.1\)"):
+        gpt2.main(args_of(gpt2, argv))
+    assert not (tmp_path / "eval" / "lambada_test.jsonl").exists()
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "lambada_test.jsonl").write_text("\n")
     with pytest.raises(ValueError, match=r"lambada_test\.jsonl holds no items"):
         gpt2.main(args_of(gpt2, [*argv, "--eval-data-dir", str(tmp_path / "empty")]))
+
+
+def test_eval_every_scores_hellaswag_while_training_without_changing_the_run(
+        tmp_path, reference, short_text, tokenizer, capsys):
+    benchmark_files(tmp_path / "bench", tokenizer)
+    rows, weights, samples, last_step = reference("cpu")
+    result = ch05.main(resume_args(tmp_path / "run", "cpu", short_text, "--eval-every", "3",
+                                   "--eval-data-dir", str(tmp_path / "bench")))
+    logged = log_rows(tmp_path / "run" / "log.csv")
+    # the book's losses as without it: scoring draws no random numbers, trains nothing
+    assert [{k: r[k] for k in rows[0]} for r in logged if r["train_loss"]] == rows
+    assert all(torch.equal(v, weights[k]) for k, v in result["model"].state_dict().items())
+    scored = [r for r in logged if r["hellaswag_acc_norm"]]
+    assert [int(r["step"]) for r in scored] == [0, 3, 6, 9] == list(range(0, last_step + 1, 3))
+    # the last score is the final model's, as ch05_load_gpt2.py --eval gives it
+    items = gpt2.hellaswag_items(tmp_path / "bench" / "hellaswag_val.jsonl", tokenizer)
+    final = gpt2.benchmark_metrics("hellaswag", result["model"], items, "cpu", 32, 16, tokenizer)
+    assert float(scored[-1]["hellaswag_acc_norm"]) == pytest.approx(final["acc_norm"])
+    assert float(scored[-1]["hellaswag_acc"]) == pytest.approx(final["acc"])
+    out = capsys.readouterr().out
+    assert f"Ep 2 (Step 000009): HellaSwag acc_norm {final['acc_norm']:.4f}, " \
+        f"acc {final['acc']:.4f}" in out
+    assert (tmp_path / "run" / "loss-plot.png").stat().st_size > 0
+    # --eval-text: the text's perplexity instead, its first N windows with --eval-limit
+    result = ch05.main(resume_args(tmp_path / "text", "cpu", short_text, "--eval-every", "3",
+                                   "--eval-text", str(short_text), "--eval-limit", "2"))
+    scored = [r for r in log_rows(tmp_path / "text" / "log.csv") if r["text_ppl"]]
+    assert [int(r["step"]) for r in scored] == [0, 3, 6, 9]
+    ids = tokenizer.encode(short_text.read_text(encoding="utf-8"))[:64]
+    final = gpt2.text_perplexity(result["model"].eval(), ids, "cpu", 32, 16, tokenizer)
+    assert float(scored[-1]["text_ppl"]) == pytest.approx(final["ppl"])
+    assert float(scored[-1]["text_bpb"]) == pytest.approx(final["bpb"])
+    assert float(scored[0]["text_ppl"]) > final["ppl"]  # the model learnt from the text
+    for flag in (["--eval-text", str(short_text)], ["--eval-limit", "3"]):
+        with pytest.raises(ValueError, match=rf"{flag[0]} choose what --eval-every N scores: "
+                                             r"give --eval-every too"):
+            ch05.main(resume_args(tmp_path / "no", "cpu", short_text, *flag))
+    with pytest.raises(FileNotFoundError, match=r"--eval-data-dir .*nowhere has no "
+                                                r"hellaswag_val\.jsonl"):
+        ch05.main(resume_args(tmp_path / "none", "cpu", short_text, "--eval-every", "3",
+                              "--eval-data-dir", str(tmp_path / "nowhere")))
+    assert not (tmp_path / "none" / "checkpoint.pt").exists()
 
 
 def test_wikitext_is_read_from_its_parquet_file_and_scored_as_one_text(tmp_path, tokenizer,
@@ -3732,10 +3792,12 @@ def test_a_bad_preference_file_gets_one_line_naming_the_entry(tmp_path, serve):
     # the published file is checked against its SHA-256 when downloaded
     real = (SHARED / "data" / "instruction-data-with-preference.json").read_bytes()
     server = serve(FileServer, {"/p.json": real[:-2] + b"]\n"})
-    with pytest.raises(ch02.DownloadError, match=r"not the published preference file .*moved "
-                                                 r"aside"):
+    with pytest.raises(ch02.DownloadError, match=r"instruction-data-with-preference\.json is "
+                                                 r"damaged \(SHA-256 [0-9a-f]{12}\.\.\., not the "
+                                                 r"published 305315abf14f\.\.\.\), also when "
+                                                 r"downloaded again"):
         ch07.load_preference_data(data_dir=tmp_path / "d", url=server.url + "/p.json")
-    assert list((tmp_path / "d").glob("*.damaged"))
+    assert len(server.requests) == 2 and len(list((tmp_path / "d").glob("*.damaged"))) == 1
     server.files["/p.json"] = real
     assert len(ch07.load_preference_data(data_dir=tmp_path / "d",
                                          url=server.url + "/p.json")) == 1100
