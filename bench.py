@@ -7,6 +7,8 @@ On the CPU (the default):
   4. dataset build time and memory for stride=1 over 2 million tokens
   5. achieved FLOP/s of the training step against a large torch.mm (model FLOPs utilisation)
   6. evaluation: HellaSwag items/s as `ch05_load_gpt2.py --eval` scores them, tiny and 124M
+  7. tokenizing a named corpus (Parquet, as `--data fineweb-edu`): tokens/s with 1 worker
+     process and with one per CPU
 
 With --device cuda:
   1. training through ch05_train.py's own loop (data loading, logging and evaluations
@@ -41,11 +43,11 @@ HERE = Path(__file__).resolve().parent
 
 FULL = {"model": "124M", "context": 256, "batch": 2, "train_steps": 4, "warmup": 2,
         "new_tokens": 200, "mm_n": 4096, "dataset_tokens": 2_000_000, "eval_items": 40,
-        "repeats": 3}
+        "tokenize_copies": 40, "repeats": 3}
 # --quick: the same measurements on a small model, in under a minute
 QUICK = {"model": "bench-small", "context": 128, "batch": 2, "train_steps": 3, "warmup": 1,
          "new_tokens": 30, "mm_n": 2048, "dataset_tokens": 2_000_000, "eval_items": 8,
-         "repeats": 1}
+         "tokenize_copies": 10, "repeats": 1}
 SMALL = {"emb_dim": 256, "n_layers": 4, "n_heads": 4}
 # --device cuda: the issue's GPU configuration. Rates are read between the
 # evaluations at steps eval_every and 2 * eval_every (compiling comes before)
@@ -253,6 +255,27 @@ def child_eval(variant, p):
     return {"items_per_s": len(items) / (time.perf_counter() - start)}
 
 
+def child_tokenize(variant, p):
+    """Tokenizing a named corpus as `--data fineweb-edu` does: GPT-2 tokens/s from a
+    Parquet file of documents (this project's own files' text, in row groups), in
+    one process or in one per CPU; timed after the workers have started."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ch02_data import token_workers
+    path = Path(p["work_dir"]) / "corpus.parquet"
+    if not path.exists():
+        text = "\n".join(f.read_text(encoding="utf-8") for f in sorted(HERE.glob("*.py")))
+        docs = [d for d in text.split("\n\n") if d.strip()] * p["tokenize_copies"]
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=200)
+    groups = pq.ParquetFile(path).metadata.num_row_groups
+    workers = 1 if variant == "1" else os.cpu_count()
+    with token_workers(workers, p["models_dir"]) as tokenize:
+        list(tokenize(path, range(min(workers, groups))))  # the workers up and warm
+        start = time.perf_counter()
+        tokens = sum(len(ids) for _, _, ids in tokenize(path, range(groups)))
+        return {"tokens_per_s": tokens / (time.perf_counter() - start), "workers": workers}
+
+
 def child_save(variant, p):
     """A saved model the load benchmark reads, in load_gpt2_model's layout."""
     import torch
@@ -297,7 +320,8 @@ def child_train_command(variant, p):
 
 CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": child_copy,
             "generate": child_generate, "load": child_load, "dataset": child_dataset,
-            "train_command": child_train_command, "eval": child_eval}
+            "train_command": child_train_command, "eval": child_eval,
+            "tokenize": child_tokenize}
 
 
 # ---- The parent: run children interleaved, summarise ----
@@ -360,6 +384,9 @@ def summarise(runs, p):
         ("dataset", "stride=1", stat("dataset", "-", "mb_beyond_tokens"), "MB extra"),
         ("HellaSwag", "tiny", stat("eval", "tiny", "items_per_s"), "items/s"),
         ("HellaSwag", "124M", stat("eval", "124M", "items_per_s"), "items/s"),
+        ("tokenizing", "1 worker", stat("tokenize", "1", "tokens_per_s"), "tokens/s"),
+        ("tokenizing", f"{os.cpu_count()} workers", stat("tokenize", "all", "tokens_per_s"),
+         "tokens/s"),
     ]
     median = lambda kind, variant, key: stat(kind, variant, key)["median"]  # noqa: E731
     mm = median("mm", "-", "gflops_per_s")
@@ -377,6 +404,8 @@ def summarise(runs, p):
         "load peak, plain (x params)": median("load", "plain", "multiple"),
         "dataset build (s)": median("dataset", "-", "seconds"),
         "dataset memory (MB extra)": median("dataset", "-", "mb_beyond_tokens"),
+        "tokenizing speed-up, all workers": (median("tokenize", "all", "tokens_per_s") /
+                                             median("tokenize", "1", "tokens_per_s")),
     }
     targets = {
         "fast/book training speed-up": (">=", 1.3),
@@ -483,7 +512,7 @@ def main(args):
             pairs = [("train", ("book", "fast")), ("mm", ("-",)),
                      ("generate", ("uncached", "cached")), ("copy", ("-",)),
                      ("load", ("plain", "lean")), ("dataset", ("-",)),
-                     ("eval", ("tiny", "124M"))]
+                     ("eval", ("tiny", "124M")), ("tokenize", ("1", "all"))]
         runs = []
         print(f"{'cuda' if cuda else 'quick' if args.quick else 'full'} run, {p['repeats']} "
               f"repeat(s), variants alternating; {os.cpu_count()} CPUs")

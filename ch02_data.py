@@ -5,13 +5,15 @@ dataset `GPTDatasetV1` with `create_dataloader_v1`, and beyond the book: the
 download helper every later chapter uses, how every command writes its files
 and stops (whole files only, run locks, `--overwrite` that keeps the earlier
 results until new ones exist, `run_command`'s one-line errors and signals),
-and memory-mapped token files for corpora larger than memory
-(`build_token_file`).
+memory-mapped token files for corpora larger than memory
+(`build_token_file`), and named corpora (FineWeb-Edu, TinyStories) downloaded
+and tokenized in several processes into sharded token files (`prepare_corpus`).
 
 Run:  python ch02_data.py [--text the-verdict.txt]
 Imports no earlier chapter file.
 """
 import argparse
+import collections
 import contextlib
 import functools
 import hashlib
@@ -685,6 +687,341 @@ def _free_space(folder):
         return f"{shutil.disk_usage(folder).free / 1e9:.2f} GB"
     except OSError:
         return "unknown space"
+
+
+# ---- Beyond the book: named corpora (ch05_train.py --data fineweb-edu) ----
+# A real pretraining corpus in one command: its published Parquet files (a "text"
+# column) downloaded file by file, each checked, and tokenized in several
+# processes into token files of the format above: a fixed validation part, then
+# training shards, each with its length and CRC-32. A manifest records where in
+# the source each part ends, so a later run that asks for more tokens goes on
+# from there, and a damaged shard costs only itself and the ones after it.
+
+HF_URL = "https://huggingface.co"
+
+
+def hf_endpoint():
+    """Hugging Face, or the mirror in $HF_ENDPOINT (as huggingface_hub reads it)."""
+    return (os.environ.get("HF_ENDPOINT") or HF_URL).rstrip("/")
+
+
+# FineWeb-Edu v1.4.0's sample-10BT: the sizes and SHA-256 of the files we found
+# published; the others are checked by their download's length and Parquet footer
+_FINEWEB_EDU_KNOWN = {
+    0: (2_152_819_114, "b1ba7b2ce4cb5ea6ef42dca40263eabb85f37700d01693a68e9b30a31d78e871"),
+    1: (2_152_222_432, "3fcf2dc69cd52503986276d3d2d26a8c356d0f2ea28a0de4fdbda8cf87755693"),
+    2: (2_151_796_315, "547ae182d132c9f06b6ce63149567208ea9f57630bfd9b1a2938e504f0c9ebd7"),
+    13: (540_632_672, "b393f51fefab26cd6f4c8f65707c1924f6666c4961a0ebebe04bb57f7ec832de"),
+}
+_TINYSTORIES = "data/{}.parquet"
+CORPORA = {
+    # name: its Hugging Face dataset and revision; its files in the order they are
+    # read, each (path, bytes, SHA-256; None where unknown); the validation part
+    # (the first tokens of the first file); the file training starts at (after the
+    # validation part when 0); the training tokens when --data-tokens is not given
+    "fineweb-edu": {
+        "about": "FineWeb-Edu sample-10BT: educational web pages, about 10B GPT-2 tokens",
+        "dataset": "HuggingFaceFW/fineweb-edu",
+        "revision": "87f09149ef4734204d70ed1d046ddc9ca3f2b8f9",  # v1.4.0
+        "files": [(f"sample/10BT/{i:03d}_00000.parquet", *_FINEWEB_EDU_KNOWN.get(i, (None, None)))
+                  for i in range(14)],
+        "file_bytes": 2.16e9,  # for the disk-space check, where a file's size is unknown
+        "validation_tokens": 10_000_000, "train_from": 0, "default_tokens": 1_000_000_000,
+    },
+    "tinystories": {
+        "about": "TinyStories: short stories in words a child knows, about 470M GPT-2 tokens",
+        "dataset": "roneneldan/TinyStories", "revision": "main",
+        "files": [(_TINYSTORIES.format("validation-00000-of-00001-869c898b519ad725"), None,
+                   "33406a6206554cfc279c29c11f4df51528af487aa1a602b075566fc83c49dcab"),
+                  (_TINYSTORIES.format("train-00000-of-00004-2d5a1467fff1081b"), 248_731_111,
+                   "77cf780cebe52b6e83e3a2ac84bc56d8059363113e41d17a023f1d8b2ed0fc0b"),
+                  (_TINYSTORIES.format("train-00001-of-00004-5852b56a2bd28fd9"), None, None),
+                  (_TINYSTORIES.format("train-00002-of-00004-a26307300439e943"), None, None),
+                  (_TINYSTORIES.format("train-00003-of-00004-d243063613e5a057"), None, None)],
+        "file_bytes": 2.5e8,
+        "validation_tokens": 1_000_000, "train_from": 1, "default_tokens": 20_000_000,
+    },
+}
+SHARD_TOKENS = 100_000_000  # a training token file: 200 MB on disk
+
+
+def token_amount(text):
+    """'100M' -> 100000000: k, M and B (or G) stand for a thousand, a million, a billion."""
+    scale = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}.get(text[-1:].lower())
+    value = float(text[:-1]) * scale if scale else float(text)
+    if not math.isfinite(value) or value != int(value):
+        raise ValueError(text)
+    return int(value)
+
+
+def parquet_module():
+    """pyarrow's Parquet reader, imported where a Parquet file is read."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ValueError("Reading Parquet files needs pyarrow: pip install pyarrow") from None
+    return pq
+
+
+def parquet_problem(path, size=None, sha256=None):
+    """What is wrong with a downloaded Parquet file of a corpus, or None: its
+    size, its footer (the file's own index of row groups), its text column,
+    and its SHA-256 where the published one is known."""
+    if size is not None and path.stat().st_size != size:
+        return f"{path.stat().st_size:,} bytes, not the published {size:,}"
+    try:
+        metadata = parquet_module().ParquetFile(path).metadata
+    except ValueError:
+        raise
+    except Exception as err:  # pyarrow's own errors, of a cut file or an error page
+        return f"no Parquet footer ({type(err).__name__})"
+    if "text" not in metadata.schema.names:
+        return f"no text column (its columns: {', '.join(metadata.schema.names)})"
+    if metadata.num_rows == 0:
+        return "no rows"
+    return pinned(sha256)(path) if sha256 else None
+
+
+class ShardedTokens:
+    """Token files read as one sequence, its first `length` tokens: what
+    GPTDatasetV1.from_token_ids slices, a window perhaps across two files."""
+
+    def __init__(self, arrays, length=None):
+        self.arrays = list(arrays)
+        self.starts = np.cumsum([0] + [len(a) for a in self.arrays])
+        self.length = int(self.starts[-1]) if length is None else min(length, self.starts[-1])
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, index):
+        start, stop, step = index.indices(self.length)
+        if step != 1:
+            raise IndexError("ShardedTokens takes slices with a step of 1")
+        parts, i = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            lo, hi = start - self.starts[i], min(stop - self.starts[i], len(self.arrays[i]))
+            parts.append(self.arrays[i][lo:hi])
+            start, i = start + hi - lo, i + 1
+        return np.concatenate(parts) if len(parts) > 1 else (parts[0] if parts else
+                                                             np.zeros(0, np.uint16))
+
+
+def prepare_corpus(name, n_tokens, data_dir, workers=None, models_dir="gpt2", log=print,
+                   check=True):
+    """(training tokens, validation tokens) of a named corpus of CORPORA: its
+    validation part and its first n_tokens training tokens (all it has, when
+    fewer), downloaded and tokenized once into data_dir/name. A later call for
+    more tokens goes on where the last one stopped. check=False trusts the
+    token files (ones another process has just checked or written)."""
+    spec = CORPORA[name]
+    folder = Path(data_dir) / name
+    store = folder / f"tokens-{corpus_id(spec)}"
+    manifest = read_manifest(store, check, log)
+    have = sum(part["tokens"] for part in manifest["shards"])
+    if manifest["val"] is None or (have < n_tokens and not manifest["exhausted"]):
+        check_writable(store, "--data-dir")
+        manifest = tokenize_corpus(name, spec, folder, store, manifest, n_tokens, workers,
+                                   models_dir, log)
+        have = sum(part["tokens"] for part in manifest["shards"])
+    if have < n_tokens:
+        log(f"{name} has {have:,} training tokens in all, fewer than the {n_tokens:,} asked "
+            "for: training on all of them.")
+    load = lambda part: np.memmap(store / part["file"], dtype=np.uint16, mode="r")  # noqa: E731
+    return (ShardedTokens([load(p) for p in manifest["shards"]], n_tokens),
+            load(manifest["val"]))
+
+
+def corpus_id(spec):
+    """Changes with the source (dataset, revision, files) and the split, never
+    with how many tokens are asked for."""
+    keys = ("dataset", "revision", "files", "validation_tokens", "train_from")
+    fields = json.dumps({k: spec[k] for k in keys}, sort_keys=True)
+    return hashlib.sha1(f"gpt2-uint16-v1|{fields}".encode()).hexdigest()[:12]
+
+
+def read_manifest(store, check, log):
+    """The token files made so far, each checked: the first damaged one and those
+    after it are moved aside, and the manifest goes back to where it ended."""
+    path = store / "manifest.json"
+    empty = {"val": None, "shards": [], "position": [0, 0, 0], "exhausted": False}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return empty
+    except (OSError, ValueError):
+        log(f"{path} is unreadable; moved aside to {move_aside(path).name}, tokenizing anew.")
+        return empty
+    parts = ([manifest["val"]] if manifest["val"] else []) + manifest["shards"]
+    for i, part in enumerate(parts):
+        bin_path = store / part["file"]
+        problem = ((token_file_problem(bin_path, bin_path.with_suffix(".json")) if check else
+                    None) if bin_path.exists() else "missing")
+        if problem:
+            for later in parts[i:]:
+                if (store / later["file"]).exists():
+                    move_aside(store / later["file"])
+            log(f"The token file {bin_path} is {problem if problem == 'missing' else 'damaged'} "
+                f"({problem}); it and the {len(parts) - i - 1} after it are tokenized again.")
+            kept = parts[:i]
+            return {"val": kept[0] if kept else None, "shards": kept[1:],
+                    "position": kept[-1]["end"] if kept else [0, 0, 0], "exhausted": False}
+    return manifest
+
+
+def tokenize_corpus(name, spec, folder, store, manifest, n_tokens, workers, models_dir, log):
+    """Tokenize the corpus from the manifest's position on, file by file (each
+    downloaded when reached), into the validation part and training shards,
+    until n_tokens training tokens are written or the corpus ends."""
+    workers = workers or os.cpu_count()
+    files = spec["files"]
+    shard_tokens = lambda: sum(p["tokens"] for p in manifest["shards"])  # noqa: E731
+    todo = (0 if manifest["val"] else spec["validation_tokens"]) + max(n_tokens - shard_tokens(), 0)
+    pending, cursor = [], list(manifest["position"])  # cursor: [file, row group, document]
+    started, written = time.perf_counter(), 0
+    bar = tqdm(total=todo, unit="tok", unit_scale=True, desc=f"Tokenizing {name}",
+               dynamic_ncols=True)
+
+    def wanted():  # the tokens the part being gathered needs in all
+        if manifest["val"] is None:
+            return spec["validation_tokens"]
+        return min(SHARD_TOKENS, n_tokens - shard_tokens())
+
+    def write_part(end):  # end: where in the source the next part begins
+        nonlocal pending, written
+        ids = np.concatenate(pending)
+        part = {"file": "val.bin" if manifest["val"] is None else
+                f"train-{len(manifest['shards']):04d}.bin", "tokens": len(ids), "end": end}
+        write_token_file(store / part["file"], ids)
+        if manifest["val"] is None:
+            manifest["val"] = part
+        else:
+            manifest["shards"].append(part)
+        manifest["position"] = end
+        write_text_atomic(store / "manifest.json", json.dumps(manifest, indent=1))
+        pending, written = [], written + len(ids)
+        return end
+
+    with token_workers(workers, models_dir) as tokenize:
+        while wanted() > 0 and cursor[0] < len(files):
+            f, path = cursor[0], fetch_corpus_file(spec, cursor[0], folder)
+            groups = parquet_module().ParquetFile(path).metadata.num_row_groups
+            for g, lengths, ids in tokenize(path, range(cursor[1], groups)):
+                ends, doc = np.cumsum(lengths), cursor[2] if cursor[:2] == [f, g] else 0
+                cursor = [f, g + 1, 0]  # unless a part ends inside this group
+                while doc < len(lengths) and wanted() > 0:
+                    begin, gathered = (ends[doc - 1] if doc else 0), sum(map(len, pending))
+                    # the document whose end completes the part, else the group's last
+                    last = min(int(np.searchsorted(ends, begin + wanted() - gathered)),
+                               len(lengths) - 1)
+                    pending.append(ids[begin:ends[last]])
+                    bar.update(int(ends[last] - begin))
+                    doc = last + 1
+                    if gathered + ends[last] - begin >= wanted():
+                        was_val = manifest["val"] is None
+                        cursor = [f, g, doc] if doc < len(lengths) else [f, g + 1, 0]
+                        if was_val and spec["train_from"] > f:  # training has files of its own
+                            cursor = [spec["train_from"], 0, 0]
+                        write_part(cursor)
+                if wanted() <= 0 or cursor[0] != f:
+                    break
+            else:
+                cursor = [f + 1, 0, 0]
+    bar.close()
+    if wanted() > 0:  # the whole corpus is read
+        if manifest["val"] is None:
+            raise ValueError(f"{name} holds fewer tokens than its validation part "
+                             f"({spec['validation_tokens']:,}).")
+        if pending:
+            write_part(cursor)
+        manifest["exhausted"] = True
+        write_text_atomic(store / "manifest.json", json.dumps(manifest, indent=1))
+    seconds = time.perf_counter() - started
+    log(f"Tokenized {written:,} tokens of {name} in {seconds:.1f} s "
+        f"({written / max(seconds, 1e-9):,.0f} tokens/s, {workers} worker process(es))")
+    return manifest
+
+
+def write_token_file(path, ids):
+    """A token file and its record (length, CRC-32), both written whole or not at all."""
+    data = np.asarray(ids, dtype="<u2").tobytes()
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
+        write_text_atomic(path.with_suffix(".json"),
+                          json.dumps({"tokens": len(ids), "crc32": zlib.crc32(data)}))
+    except OSError as err:
+        raise OSError(f"Could not write the token file {path} ({len(data) / 1e6:,.0f} MB): "
+                      f"{err.strerror or 'the disk is full'}; {_free_space(path.parent)} free "
+                      "on its disk. Free some space, or give another --data-dir.") from None
+
+
+def fetch_corpus_file(spec, index, folder):
+    """A corpus file, downloaded once (resumable) and checked; a damaged one is
+    moved aside and fetched again. A disk without room for it is named first."""
+    path_in_repo, size, sha256 = spec["files"][index]
+    destination = Path(folder) / Path(path_in_repo).name
+    if not destination.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        part = destination.with_name(destination.name + ".part")
+        need = (size or spec["file_bytes"]) - (part.stat().st_size if part.exists() else 0)
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise OSError(f"{destination.name} needs {need / 1e9:.2f} GB and its disk has "
+                          f"{free / 1e9:.2f} GB free ({folder}): free some space, or give "
+                          "another --data-dir.")
+    url = f"{hf_endpoint()}/datasets/{spec['dataset']}/resolve/{spec['revision']}/{path_in_repo}"
+    return download_checked(url, destination, lambda p: parquet_problem(p, size, sha256),
+                            "Try later, or set $HF_ENDPOINT to a mirror.")
+
+
+_worker_tokenizer = None
+
+
+def _start_token_worker(models_dir):
+    global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+    _worker_tokenizer = bpe_tokenizer(models_dir)
+
+
+def tokenize_row_group(task, tokenizer=None):
+    """A Parquet row group's documents as (their lengths, their token ids), each
+    followed by <|endoftext|>, as GPT-2 was trained. Text is encoded as ordinary
+    text: an "<|endoftext|>" inside a web page is not a document's end."""
+    path, group = task
+    tokenizer = tokenizer or _worker_tokenizer
+    table = parquet_module().ParquetFile(path).read_row_group(group, columns=["text"])
+    eot = tokenizer.encode(EOT, allowed_special={EOT})[0]
+    flat, lengths = [], []
+    for ids in tokenizer.encode_ordinary_batch([t or "" for t in table.column("text").to_pylist()],
+                                               num_threads=1):
+        flat.extend(ids)
+        flat.append(eot)
+        lengths.append(len(ids) + 1)
+    return group, np.asarray(lengths, dtype=np.int64), np.asarray(flat, dtype=np.uint16)
+
+
+@contextlib.contextmanager
+def token_workers(workers, models_dir):
+    """tokenize(path, groups): the row groups' tokens in order, from `workers`
+    processes (a few groups ahead of the reader, never the whole file), or from
+    this process when workers is 1. Both give the same tokens, byte for byte."""
+    if workers == 1:
+        tokenizer = bpe_tokenizer(models_dir)
+        yield lambda path, groups: (tokenize_row_group((path, g), tokenizer) for g in groups)
+        return
+    import multiprocessing  # spawn: a fresh interpreter, safe beside torch's threads
+    with multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_start_token_worker, initargs=(models_dir,)) as pool:
+        def tokenize(path, groups):
+            queued = collections.deque()
+            for g in groups:
+                queued.append(pool.apply_async(tokenize_row_group, ((path, g),)))
+                if len(queued) >= 2 * workers:
+                    yield queued.popleft().get()
+            while queued:
+                yield queued.popleft().get()
+        yield tokenize
 
 
 # ---- Beyond the book: GPT-2's BPE files ----

@@ -42,8 +42,9 @@ from tqdm import tqdm
 
 from ch02_data import (EOT, DownloadError, HelpFormatter, bpe_tokenizer, check_output_file,
                        check_writable, collect_text_files, damaged_again, download_checked,
-                       download_file, fetch_again, hf_vocabulary_files, move_aside, number,
-                       pinned, read_text, run_command, sha256_of, write_text_atomic)
+                       download_file, fetch_again, hf_endpoint, hf_vocabulary_files,
+                       move_aside, number, parquet_module, pinned, read_text, run_command,
+                       sha256_of, write_text_atomic)
 from ch04_gpt import (GPT_CONFIG_124M, MODEL_CONFIGS, GPTModel, add_device_argument,
                      get_device)
 from ch05_generate import (add_sampling_arguments, architecture_difference, architecture_of,
@@ -571,7 +572,6 @@ def read_converted_model(pth, cfg):
 # keep OpenAI's (in, out) weights, so a rename is the whole mapping; the book's
 # load_weights_into_gpt does the rest (splitting c_attn, transposing).
 
-HF_URL = "https://huggingface.co"  # or the mirror in $HF_ENDPOINT, as huggingface_hub reads it
 HF_NAMES = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
 HF_FILE = "model.safetensors"
 # hparams.json of each of OpenAI's releases (Hugging Face's file comes without one)
@@ -704,8 +704,7 @@ def load_hf_variable(path, name):
 
 
 def hf_url(model_size):
-    base = os.environ.get("HF_ENDPOINT") or HF_URL
-    return f"{base.rstrip('/')}/openai-community/{HF_NAMES[model_size]}/resolve/main/{HF_FILE}"
+    return f"{hf_endpoint()}/openai-community/{HF_NAMES[model_size]}/resolve/main/{HF_FILE}"
 
 
 def find_hf_file(path):
@@ -1156,10 +1155,7 @@ def jsonl_lines(path, limit=None):
 
 def wikitext(path):
     """WikiText's test split as one text: its Parquet rows joined, as published."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ValueError(f"Reading {path} (Parquet) needs pyarrow: pip install pyarrow") from None
+    pq = parquet_module()
     try:
         return "".join(pq.read_table(path, columns=["text"]).column("text").to_pylist())
     except Exception as err:  # pyarrow's own errors, of a file that is no Parquet

@@ -36,10 +36,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from ch02_data import (EOT, GPTDatasetV1, HelpFormatter, Stopped, TextTooShort, atomic_path,
-                       bpe_tokenizer, build_token_file, check_output_file, check_writable,
-                       collect_text_files, load_the_verdict, move_aside, number, read_text,
-                       run_command, unwritable)
+from ch02_data import (CORPORA, EOT, GPTDatasetV1, HelpFormatter, Stopped, TextTooShort,
+                       atomic_path, bpe_tokenizer, build_token_file, check_output_file,
+                       check_writable, collect_text_files, load_the_verdict, move_aside, number,
+                       prepare_corpus, read_text, run_command, token_amount, unwritable)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import (MODEL_CONFIGS, GPTModel, add_device_argument, generate_text_simple,
                       get_device, gpt_config, use_fast_kernels)
@@ -937,6 +937,13 @@ def load_corpus(settings, tokenizer, rank, log):
     """(train dataset, val dataset): the book's character split of an in-memory
     text, or a token split of a memory-mapped token file for large corpora."""
     ctx = settings["context_length"]
+    name = named_corpus(settings["data"])
+    if name:  # downloaded and tokenized once (rank 0), its validation part fixed
+        parts = rank0_first(lambda: prepare_corpus(
+            name, settings["data_tokens"], settings["data_dir"], settings["workers"],
+            log=log, check=rank == 0), rank)
+        return [_windows(lambda: GPTDatasetV1.from_token_ids(part, ctx, ctx), split, ctx)
+                for part, split in zip(parts, ("training", "validation"))]
     files = collect_text_files(settings["data"]) if settings["data"] else None
     if files is None:
         text = rank0_first(lambda: load_the_verdict(None, settings["data_dir"]), rank)
@@ -954,6 +961,13 @@ def load_corpus(settings, tokenizer, rank, log):
     parts = tokens[:split_idx], tokens[split_idx:]
     return [_windows(lambda: GPTDatasetV1.from_token_ids(part, ctx, ctx), name, ctx)
             for part, name in zip(parts, ("training", "validation"))]
+
+
+def named_corpus(data):
+    """The corpus --data names (fineweb-edu, tinystories), or None for text files."""
+    if data and len(data) == 1 and data[0] in CORPORA and not Path(data[0]).exists():
+        return data[0]
+    return None
 
 
 def _windows(make_dataset, split_name, ctx):
@@ -992,19 +1006,22 @@ def make_loaders(train_set, val_set, settings, device, rank, world_size):
 # checkpoint keeps --fast and --compile only to say when a resume drops them).
 MODEL_SETTINGS = ("model_size", "context_length", "n_layers", "emb_dim", "n_heads")
 SHAPE_SETTINGS = ("n_layers", "emb_dim", "n_heads")  # each None: --model-size's
-TRAINING_SETTINGS = ("data", "train_ratio", "memmap", "memmap_above_mb", "batch_size",
-                     "grad_accum", "lr", "weight_decay", "schedule", "warmup_steps", "initial_lr",
-                     "min_lr", "grad_clip", "epochs", "max_steps", "drop_rate", "eval_freq",
-                     "eval_iter", "save_every", "prompt", "seed", "eval_every", "eval_text",
-                     "eval_limit")
-RUN_SETTINGS = ("data_dir", "eval_data_dir", "out", "overwrite", "resume", "device", "fast", "compile",
-                "generate", "from_file", "export_weights", "max_new_tokens", "temperature",
-                "top_k", "top_p")
+TRAINING_SETTINGS = ("data", "data_tokens", "train_ratio", "memmap", "memmap_above_mb",
+                     "batch_size", "grad_accum", "lr", "weight_decay", "schedule", "warmup_steps",
+                     "initial_lr", "min_lr", "grad_clip", "epochs", "max_steps", "drop_rate",
+                     "eval_freq", "eval_iter", "save_every", "prompt", "seed", "eval_every",
+                     "eval_text", "eval_limit")
+RUN_SETTINGS = ("data_dir", "workers", "eval_data_dir", "out", "overwrite", "resume", "device",
+                "fast", "compile", "generate", "from_file", "export_weights", "max_new_tokens",
+                "temperature", "top_k", "top_p")
 SAVED_SETTINGS = MODEL_SETTINGS + TRAINING_SETTINGS + ("fast", "compile")
 
 
 def corpus_bytes(data):
-    """The size of --data's text files (0 for the book's story)."""
+    """The size of --data's text files (0 for the book's story; a named corpus
+    counts as large: it is read from its token files)."""
+    if named_corpus(data):
+        return math.inf
     return sum(f.stat().st_size for f in collect_text_files(data)) if data else 0
 
 
@@ -1048,6 +1065,12 @@ def resolve_settings(args, ckpt=None, data_size=corpus_bytes):
         settings["memmap"] or data_size(settings["data"]) > settings["memmap_above_mb"] * 1e6)
     if settings["eval_freq"] is None:
         settings["eval_freq"] = 200 if settings["memmap"] else 5
+    name = named_corpus(settings["data"])
+    if settings["data_tokens"] is None and name:
+        settings["data_tokens"] = CORPORA[name]["default_tokens"]
+    elif settings["data_tokens"] is not None and not name:
+        raise ValueError(f"--data-tokens is for a named corpus ({', '.join(CORPORA)}), not "
+                         "for text files: leave it out, or give --data fineweb-edu.")
     asked = [flag(k) for k in ("eval_text", "eval_limit", "eval_data_dir") if settings[k]]
     if asked and not settings["eval_every"]:
         raise ValueError(f"{' and '.join(asked)} choose what --eval-every N scores: give "
@@ -1291,9 +1314,19 @@ def build_parser():
     positive = number(int, at_least=1)
     data = parser.add_argument_group("data")
     data.add_argument("--data", nargs="+", default=None, metavar="PATH",
-                      help="text file(s) and/or folder(s) of .txt files; default: the book's "
-                           "the-verdict.txt, downloaded into --data-dir")
+                      help="text file(s) and/or folder(s) of .txt files, or a corpus by name, "
+                           "downloaded and tokenized into --data-dir once: " +
+                           "; ".join(f"{k} ({v['about']})" for k, v in CORPORA.items()) +
+                           "; default: the book's the-verdict.txt")
     data.add_argument("--data-dir", default="data", help="folder for downloaded data")
+    data.add_argument("--data-tokens", type=number(token_amount, above=0), default=None,
+                      metavar="N", help="with a named --data: the training tokens to prepare and "
+                      "train on, e.g. 100M, 1B, 10B (default: " + ", ".join(
+                          f"{k} {v['default_tokens']:,}" for k, v in CORPORA.items()) +
+                      "); a larger N later extends what is there. Its validation part stays "
+                      "the same whatever N")
+    data.add_argument("--workers", type=positive, default=None,
+                      help="processes that tokenize a named --data (default: the CPU count)")
     data.add_argument("--train-ratio", type=number(float, above=0, below=1), default=0.90,
                       help="share of the text used for training; the rest validates")
     data.add_argument("--memmap", action="store_true",

@@ -16,11 +16,13 @@ import hashlib
 import http.server
 import importlib
 import io
+import itertools
 import json
 import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -1712,6 +1714,10 @@ def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
     # a --quick run measures a smaller model: its lines draw no verdict
     assert bench.child_eval("tiny", {"eval_items": 2, "device": "cpu"})["items_per_s"] > 0
     assert "does not apply: a target of the full run" in capsys.readouterr().out
+    optional("pyarrow", "bench.py tokenizes a Parquet corpus")
+    tokenize = {"work_dir": str(tmp_path), "models_dir": str(tmp_path), "tokenize_copies": 1}
+    assert [bench.child_tokenize(v, tokenize)["workers"] for v in ("1", "all")] == \
+        [1, os.cpu_count()]
 
 
 # ======= Chapter 5, loading GPT-2: the book's listings =======
@@ -2438,6 +2444,142 @@ def test_export_refuses_a_classifier_and_an_existing_folder(tmp_path, capsys):
         gpt2.export_hf(tmp_path / "small.pt", tmp_path / "small")
 
 
+# ---- Chapter 5, beyond the book: a named corpus (--data fineweb-edu) ----
+
+@pytest.fixture
+def corpus(tmp_path, serve, verdict, monkeypatch):
+    """FineWeb-Edu in small: the story's paragraphs as documents in three Parquet
+    files of row groups of 3 rows (the last file a story of its own), served
+    as Hugging Face serves a dataset's files ($HF_ENDPOINT), with 80-token
+    validation part and 150-token training shards. Returns (texts, server)."""
+    pa = optional("pyarrow", "named corpora are published as Parquet")
+    import pyarrow.parquet as pq
+    texts = [p.strip() for p in verdict.split("\n\n") if p.strip()]
+    files, served = [], {}
+    for i, chunk in enumerate((texts[:10], texts[10:25], texts[25:40])):
+        path = tmp_path / "published" / f"{i:03d}_00000.parquet"
+        path.parent.mkdir(exist_ok=True)
+        # the first file large enough (random ids) for a cut download to leave a part
+        ids = [os.urandom(12000 if i == 0 else 4).hex() for _ in chunk]
+        pq.write_table(pa.table({"text": chunk, "id": ids}), path, row_group_size=3)
+        data = path.read_bytes()
+        files.append((f"sample/10BT/{path.name}", len(data), hashlib.sha256(data).hexdigest()))
+        served[f"/datasets/test/fineweb/resolve/r1/sample/10BT/{path.name}"] = data
+    server = serve(FileServer, served)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setitem(ch02.CORPORA, "fineweb-edu", {
+        **ch02.CORPORA["fineweb-edu"], "dataset": "test/fineweb", "revision": "r1",
+        "files": files, "validation_tokens": 80, "train_from": 0, "default_tokens": 500})
+    monkeypatch.setattr(ch02, "SHARD_TOKENS", 150)
+    return [t for chunk in (texts[:10], texts[10:25], texts[25:40]) for t in chunk], server
+
+
+def corpus_tokens(texts, tokenizer):
+    """tiktoken's tokens of the documents, <|endoftext|> after each."""
+    return tokenizer.encode(ch02.EOT.join(texts) + ch02.EOT, allowed_special={ch02.EOT})
+
+
+def test_a_named_corpus_is_downloaded_and_tokenized_once_its_validation_part_fixed(
+        corpus, tmp_path, tokenizer, capsys):
+    texts, server = corpus
+    expected = corpus_tokens(texts, tokenizer)
+    train, val = ch02.prepare_corpus("fineweb-edu", 200, tmp_path / "data", workers=1)
+    # the validation part: whole documents, from the first, until 80 tokens are reached
+    ends = list(itertools.accumulate(len(tokenizer.encode(t)) + 1 for t in texts))
+    n_val = next(e for e in ends if e >= 80)
+    assert list(val) == expected[:n_val]
+    assert len(train) == 200 and list(train[0:200]) == expected[n_val:n_val + 200]
+    store = next((tmp_path / "data" / "fineweb-edu").glob("tokens-*"))
+    shards = sorted(store.glob("train-*.bin"))
+    assert len(shards) == 2  # 150 tokens or more each, ended at a document's end
+    assert "Tokenized " in capsys.readouterr().out
+    # asked again: nothing downloaded or tokenized; asked for more: extended
+    requests = len(server.requests)
+    again, val_again = ch02.prepare_corpus("fineweb-edu", 200, tmp_path / "data", workers=1)
+    assert len(server.requests) == requests and "Tokenized" not in capsys.readouterr().out
+    more, val_more = ch02.prepare_corpus("fineweb-edu", 600, tmp_path / "data", workers=1)
+    assert list(val_more) == list(val) and list(more[0:600]) == expected[n_val:n_val + 600]
+    assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in
+                                              sorted(store.glob("train-*.bin"))[:2]]
+    # more than the corpus holds: all of it, said so
+    whole, _ = ch02.prepare_corpus("fineweb-edu", 10**9, tmp_path / "data", workers=1)
+    assert list(whole[0:len(whole)]) == expected[n_val:]
+    assert f"fineweb-edu has {len(expected) - n_val:,} training tokens in all" in \
+        capsys.readouterr().out
+    # parallel tokenizing equals one process, byte for byte
+    ch02.prepare_corpus("fineweb-edu", 10**9, tmp_path / "parallel", workers=2)
+    other = next((tmp_path / "parallel" / "fineweb-edu").glob("tokens-*"))
+    assert sorted(p.name for p in other.glob("*.bin")) == sorted(p.name for p in store.glob("*.bin"))
+    assert all((other / p.name).read_bytes() == p.read_bytes() for p in store.glob("*.bin"))
+
+
+def test_a_named_corpus_survives_cut_downloads_damaged_files_and_ctrl_c(
+        corpus, tmp_path, tokenizer, capsys, monkeypatch):
+    texts, server = corpus
+    expected = corpus_tokens(texts, tokenizer)
+    first = next(iter(server.files))
+    server.cut_short.add(first)  # the connection drops halfway: resumed with a Range request
+    server.wrong_once[first.replace("000_", "001_")] = b"<html>502 Bad Gateway</html>"
+    real_write, calls = ch02.write_token_file, []
+
+    def interrupted(path, ids):  # Ctrl-C while the third part is being written
+        calls.append(path.name)
+        if len(calls) == 3:
+            with ch02.atomic_path(path) as tmp:
+                tmp.write_bytes(b"half")
+                raise KeyboardInterrupt
+        real_write(path, ids)
+    monkeypatch.setattr(ch02, "write_token_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ch02.prepare_corpus("fineweb-edu", 1200, tmp_path / "data", workers=1)
+    assert [r for r in server.requests if r[0] == first][1][1].startswith("bytes=")  # resumed
+    store = next((tmp_path / "data" / "fineweb-edu").glob("tokens-*"))
+    assert sorted(p.name for p in store.iterdir()) == [
+        "manifest.json", "train-0000.bin", "train-0000.json", "val.bin", "val.json"]
+    monkeypatch.setattr(ch02, "write_token_file", real_write)
+    train, val = ch02.prepare_corpus("fineweb-edu", 1200, tmp_path / "data", workers=1)
+    n_val = len(val)
+    assert list(train[0:1200]) == expected[n_val:n_val + 1200]
+    out = capsys.readouterr().out
+    assert re.search(r"001_00000\.parquet is damaged \(28 bytes, not the published [\d,]+\); "
+                     r"moved aside to 001_00000\.parquet\.damaged and downloading it again", out)
+    # a damaged token file: it and the ones after it made again, the same
+    shard = store / "train-0001.bin"
+    shard.write_bytes(b"\0\0" + shard.read_bytes()[2:])
+    train, _ = ch02.prepare_corpus("fineweb-edu", 1200, tmp_path / "data", workers=1)
+    assert list(train[0:1200]) == expected[n_val:n_val + 1200]
+    assert re.search(r"train-0001\.bin is damaged \(its checksum does not match what was "
+                     r"written\); it and the \d+ after it are tokenized again",
+                     capsys.readouterr().out)
+    # a disk without room for the next file is named before it is fetched
+    monkeypatch.setattr(ch02.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 10))
+    with pytest.raises(OSError, match=r"^000_00000\.parquet needs 0\.00 GB and its disk has "
+                                      r"0\.00 GB free .*give another --data-dir"):
+        ch02.prepare_corpus("fineweb-edu", 1200, tmp_path / "elsewhere", workers=1)
+
+
+def test_pretraining_on_a_named_corpus_end_to_end(corpus, tmp_path, capsys):
+    result = ch05.main(args_of(ch05, [
+        "--data", "fineweb-edu", "--data-tokens", "0.5k", "--data-dir", str(tmp_path / "data"),
+        "--workers", "2", "--model-size", "tiny", "--context-length", "16", "--batch-size", "2",
+        "--max-steps", "4", "--eval-freq", "2", "--eval-iter", "1", "--device", "cpu", "--out",
+        str(tmp_path / "run")]))
+    out = capsys.readouterr().out
+    assert result["state"]["step"] == 3 and "Tokenized " in out
+    assert "data: fineweb-edu" in out and len(log_rows(tmp_path / "run" / "log.csv")) == 2
+    assert ch05.resolve_settings(args_of(ch05, ["--data", "fineweb-edu"]))[0]["data_tokens"] == 500
+    for argv, message in [(["--data-tokens", "0"], r"--data-tokens: must be above 0"),
+                          (["--data-tokens", "1.5"], r"--data-tokens: expected a number"),
+                          (["--data-tokens", "lots"], r"--data-tokens: expected a number")]:
+        with pytest.raises(SystemExit):
+            args_of(ch05, ["--data", "fineweb-edu", *argv])
+        assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(ValueError, match=r"--data-tokens is for a named corpus \(fineweb-edu, "
+                                         r"tinystories\), not for text files"):
+        ch05.resolve_settings(args_of(ch05, ["--data", str(SHARED / "data" / "the-verdict.txt"),
+                                             "--data-tokens", "5k"]))
+
+
 # ---- Chapter 5, loading GPT-2, beyond the book:  how good is a model ----
 
 
@@ -2621,7 +2763,8 @@ def test_wikitext_is_read_from_its_parquet_file_and_scored_as_one_text(tmp_path,
     assert results["wikitext2"]["tokens"] == len(ids) - 1
     assert re.search(r"wikitext2 +ppl +[\d.]+ +$", capsys.readouterr().out, re.M)  # 124M: none
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # importing it now fails
-    with pytest.raises(ValueError, match=r"\(Parquet\) needs pyarrow: pip install pyarrow"):
+    with pytest.raises(ValueError, match=r"Reading Parquet files needs pyarrow: pip install "
+                                         r"pyarrow"):
         gpt2.wikitext(tmp_path / "data" / "wikitext-2-raw-v1-test.parquet")
 
 
