@@ -9,6 +9,8 @@ On the CPU (the default):
   6. evaluation: HellaSwag items/s as `ch05_load_gpt2.py --eval` scores them, tiny and 124M
   7. tokenizing a named corpus (Parquet, as `--data fineweb-edu`): tokens/s with 1 worker
      process and with one per CPU
+  8. ch07_instruct.py --serve: time to first token and tokens/s with 1, 4 and 16 clients
+     at once, streaming completions, tiny and 124M
 
 With --device cuda:
   1. training through ch05_train.py's own loop (data loading, logging and evaluations
@@ -31,11 +33,13 @@ Imports from ch02_data.py, ch04_gpt.py, ch05_train.py and ch05_load_gpt2.py.
 import argparse
 import importlib.util
 import json
+import math
 import os
 import resource  # CPU time of the children
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,11 +47,11 @@ HERE = Path(__file__).resolve().parent
 
 FULL = {"model": "124M", "context": 256, "batch": 2, "train_steps": 4, "warmup": 2,
         "new_tokens": 200, "mm_n": 4096, "dataset_tokens": 2_000_000, "eval_items": 40,
-        "tokenize_copies": 40, "repeats": 3}
+        "tokenize_copies": 40, "serve_tokens": 32, "repeats": 3}
 # --quick: the same measurements on a small model, in under a minute
 QUICK = {"model": "bench-small", "context": 128, "batch": 2, "train_steps": 3, "warmup": 1,
          "new_tokens": 30, "mm_n": 2048, "dataset_tokens": 2_000_000, "eval_items": 8,
-         "tokenize_copies": 10, "repeats": 1}
+         "tokenize_copies": 10, "serve_tokens": 16, "repeats": 1}
 SMALL = {"emb_dim": 256, "n_layers": 4, "n_heads": 4}
 # --device cuda: the issue's GPU configuration. Rates are read between the
 # evaluations at steps eval_every and 2 * eval_every (compiling comes before)
@@ -276,6 +280,50 @@ def child_tokenize(variant, p):
         return {"tokens_per_s": tokens / (time.perf_counter() - start), "workers": workers}
 
 
+def child_serve(variant, p):
+    """ch07_instruct.py --serve under load: `clients` clients at once, each streaming
+    a completion of serve_tokens tokens (random weights: the cost does not depend
+    on them); the median time to first token and all clients' tokens/s."""
+    import concurrent.futures
+    import requests
+    import torch
+    import ch07_instruct as ch07
+    from ch02_data import bpe_tokenizer
+    from ch04_gpt import GPTModel
+    name, clients = variant.rsplit(":", 1)
+    torch.manual_seed(0)
+    cfg = model_config(name, drop_rate=0.0)
+    served = ch07.ServedModel(GPTModel(cfg).eval(), bpe_tokenizer(), torch.device("cpu"), cfg,
+                              name, False, {"max_new_tokens": p["serve_tokens"],
+                                            "temperature": 0.0, "top_k": None, "top_p": None},
+                              max_queue=64)
+    server = ch07.make_server(served, {"host": "127.0.0.1", "port": 0, "api_key": None,
+                                       "cors_origin": None, "max_queue": 64})
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
+
+    def client(i):
+        start, first, tokens = time.perf_counter(), None, 0
+        with requests.post(url, stream=True, json={
+                "prompt": f"Every effort moves you {i}", "max_tokens": p["serve_tokens"],
+                "stream": True, "stream_options": {"include_usage": True}}) as answer:
+            for line in answer.iter_lines():
+                if line.startswith(b"data: {") and b'"usage"' in line:
+                    tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+                elif line.startswith(b"data: {") and first is None:
+                    first = time.perf_counter() - start
+        return first, tokens
+    client(-1)  # warm up
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(int(clients)) as pool:
+        results = list(pool.map(client, range(int(clients))))
+    seconds = time.perf_counter() - start
+    ch07.stop_serving(server, served)
+    tokens = sum(tokens for _, tokens in results)
+    return {"ttft_ms": 1000 * median([first for first, _ in results]),
+            "tokens_per_s": tokens / seconds, "tokens": tokens}
+
+
 def child_save(variant, p):
     """A saved model the load benchmark reads, in load_gpt2_model's layout."""
     import torch
@@ -321,7 +369,7 @@ def child_train_command(variant, p):
 CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": child_copy,
             "generate": child_generate, "load": child_load, "dataset": child_dataset,
             "train_command": child_train_command, "eval": child_eval,
-            "tokenize": child_tokenize}
+            "tokenize": child_tokenize, "serve": child_serve}
 
 
 # ---- The parent: run children interleaved, summarise ----
@@ -359,8 +407,10 @@ def statistics(runs):
     def values(name, variant, key):
         return [r[key] for r in runs if r["name"] == name and r["variant"] == variant]
 
-    def stat(name, variant, key):
+    def stat(name, variant, key):  # None for a measurement this run did not take (--only)
         v = values(name, variant, key)
+        if not v:
+            return None
         return {"median": median(v), "min": min(v), "max": max(v),
                 "others_cpu_cores": median(values(name, variant, "others_cpu_cores"))}
     return values, stat
@@ -388,9 +438,15 @@ def summarise(runs, p):
         ("tokenizing", f"{os.cpu_count()} workers", stat("tokenize", "all", "tokens_per_s"),
          "tokens/s"),
     ]
-    median = lambda kind, variant, key: stat(kind, variant, key)["median"]  # noqa: E731
+    for variant in serve_variants(p):  # ch07_instruct.py --serve
+        name, clients = variant.split(":")
+        who = f"{name}, {clients} client{'s' if clients != '1' else ''}"
+        rows += [("serve TTFT", who, stat("serve", variant, "ttft_ms"), "ms"),
+                 ("serve", who, stat("serve", variant, "tokens_per_s"), "tokens/s")]
+    median = lambda kind, variant, key: (stat(kind, variant, key) or  # noqa: E731
+                                         {"median": math.nan})["median"]
     mm = median("mm", "-", "gflops_per_s")
-    weight_bytes = values("generate", "cached", "weight_bytes")[0]
+    weight_bytes = (values("generate", "cached", "weight_bytes") or [math.nan])[0]
     bound = median("copy", "-", "gb_per_s") * 1e9 / weight_bytes  # tokens/s
     cached = median("generate", "cached", "tokens_per_s")
     derived = {
@@ -416,7 +472,8 @@ def summarise(runs, p):
         "dataset build (s)": ("<", 2.0),
         "dataset memory (MB extra)": ("<", 100.0),
     }
-    return rows, derived, targets, bound
+    return ([row for row in rows if row[2]], {k: v for k, v in derived.items() if v == v},
+            targets, bound if bound == bound else None)  # without what --only left out
 
 
 TRAIN_VARIANTS = (("book path", "book"), ("fast path", "fast"), ("fast + compile", "fast+compile"))
@@ -508,11 +565,19 @@ def main(args):
                      ("generate", ("uncached", "cached", "fast") +
                       (("hf",) if importlib.util.find_spec("transformers") else ()))]
         else:
-            run_child("save", "-", p, env)  # in a child too: the parent stays small
             pairs = [("train", ("book", "fast")), ("mm", ("-",)),
                      ("generate", ("uncached", "cached")), ("copy", ("-",)),
                      ("load", ("plain", "lean")), ("dataset", ("-",)),
-                     ("eval", ("tiny", "124M")), ("tokenize", ("1", "all"))]
+                     ("eval", ("tiny", "124M")), ("tokenize", ("1", "all")),
+                     ("serve", serve_variants(p))]
+            if args.only:
+                unknown = set(args.only) - {name for name, _ in pairs}
+                if unknown:
+                    raise ValueError(f"--only: no measurement {', '.join(sorted(unknown))}; "
+                                     f"they are {', '.join(name for name, _ in pairs)}.")
+                pairs = [(name, v) for name, v in pairs if name in args.only]
+            if {"generate", "load"} & {name for name, _ in pairs}:
+                run_child("save", "-", p, env)  # in a child too: the parent stays small
         runs = []
         print(f"{'cuda' if cuda else 'quick' if args.quick else 'full'} run, {p['repeats']} "
               f"repeat(s), variants alternating; {os.cpu_count()} CPUs")
@@ -536,6 +601,11 @@ def main(args):
         write_text_atomic(args.json, json.dumps(report, indent=2))
         print(f"Wrote {args.json}")
     return rows, derived
+
+
+def serve_variants(p):
+    """The served models and how many clients at once: tiny and the run's model."""
+    return tuple(f"{name}:{n}" for name in ("tiny", p["model"]) for n in (1, 4, 16))
 
 
 def prepare_corpus(p, data_dir):
@@ -564,6 +634,9 @@ def build_parser():
     parser.add_argument("--repeats", type=number(int, at_least=1), default=None,
                         help="runs of each variant (default: 3; 1 with --quick or --device cuda)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument("--only", type=lambda text: text.split(","), default=None,
+                        metavar="NAMES", help="only these CPU measurements, comma-separated: "
+                        "train, mm, generate, copy, load, dataset, eval, tokenize, serve")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="cpu: the measurements above; cuda: the GPU configuration "
                              "(124M, context 1024, batch 16, through ch05_train.py's loop); "

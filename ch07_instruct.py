@@ -7,13 +7,15 @@ judge-model evaluation `query_model`, `check_if_running`,
 masking the instruction in the loss (exercise 7.2), LoRA (exercise 7.4), the
 judge's scores kept entry by entry, saving, loading and an interactive chat,
 preference tuning with DPO (the chapter's bonus: `PreferenceDataset`,
-`dpo_loss`, `train_model_dpo_simple`), and the command, its settings resolved
-once from its flags.
+`dpo_loss`, `train_model_dpo_simple`), serving a model to a chat page
+(ch07_chat.html) and an OpenAI-style API, and the command, its settings
+resolved once from its flags.
 
 Run:  python ch07_instruct.py                 (finetune GPT-2 355M, write test responses)
       python ch07_instruct.py --evaluate      (score them with a local Ollama model)
       python ch07_instruct.py --chat          (talk to the finetuned model)
       python ch07_instruct.py --dpo           (tune it with the preference data)
+      python ch07_instruct.py --serve         (a chat page and an API at http://127.0.0.1:8000/)
 Imports from ch02_data.py, ch04_gpt.py, ch05_generate.py (model files,
 generating), ch05_train.py (training) and ch06_classify.py (LoRA, the shared
 finetuning flags and settings).
@@ -21,13 +23,21 @@ finetuning flags and settings).
 import contextlib
 import copy
 import hashlib
+import hmac
+import http.server
 import importlib
+import itertools
 import json
 import os
+import queue
 import re
+import select
 import signal
+import socket
 import sys
+import threading
 import time
+import uuid
 import warnings
 from functools import partial
 from pathlib import Path
@@ -45,8 +55,10 @@ from tqdm import tqdm
 from ch02_data import (HelpFormatter, bpe_tokenizer, download_checked, download_file, number,
                        pinned, read_json, run_command, write_text_atomic)
 from ch04_gpt import GPTModel, get_device
-from ch05_generate import (add_sampling_arguments, build_lean, generate, load_checkpoint,
-                           model_file, sampling_of, save_checkpoint, stream_text)
+from ch05_generate import (add_sampling_arguments, build_lean, generate, generate_stream,
+                           load_checkpoint, load_text_model, model_file, sampling_of,
+                           save_checkpoint, stream_text)
+from ch05_load_gpt2 import ALLOWED_SIZES, load_gpt2_model
 from ch05_train import (FlagsTypedParser, calc_loss_loader, make_optimizer, plot_losses,
                         refuse_overwrite, run_header, run_lock, speed_up, speed_up_finetuning,
                         train_model_simple)
@@ -413,14 +425,21 @@ def read_line(stdin, out):
 def chat_prompt(turns, instruction, tokenizer, context_size, max_new_tokens):
     """The prompt for a new instruction after the earlier turns that fit the
     context with room for an answer (at most half the context); the oldest go first."""
+    return encode_prompt(chat_text(turns, instruction, tokenizer, context_size, max_new_tokens),
+                         tokenizer, context_size)
+
+
+def chat_text(turns, instruction, tokenizer, context_size, max_new_tokens, system=""):
+    """chat_prompt's text (--serve: after a system message's text, when given)."""
     def text(kept):
         earlier = "".join(prompt_of({"instruction": i}) + r + "\n\n" for i, r in kept)
-        return earlier + prompt_of({"instruction": instruction})
+        return (system + "\n\n" if system else "") + earlier + \
+            prompt_of({"instruction": instruction})
     room = context_size - min(max_new_tokens, context_size // 2)
     kept = list(turns)
     while kept and len(tokenizer.encode(text(kept), disallowed_special=())) > room:
         kept.pop(0)
-    return encode_prompt(text(kept), tokenizer, context_size)
+    return text(kept)
 
 
 # ---- Beyond the book: preference tuning with DPO (the chapter's bonus material) ----
@@ -587,6 +606,540 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
                            f"reward margins {val[1]:.5f}, reward accuracy {train[2]:.2f} / "
                            f"{val[2]:.2f}")
     return tracking
+
+
+# ---- Beyond the book: serving the model (--serve): a chat page and an OpenAI-style API ----
+# Standard library only (http.server). One thread runs the model and takes the
+# requests in order of arrival; each request's thread streams its own tokens as
+# they come. The API follows OpenAI's chat completions, completions and models
+# routes, so its official clients (and the tools built on them) talk to it.
+
+CHAT_PAGE = Path(__file__).with_name("ch07_chat.html")
+MAX_BODY = 1 << 20  # 1 MB: a request body beyond it gets 413
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error",
+                 headers=()):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.headers = dict(headers)
+
+    def body(self):
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+class Job:
+    """One request's generation: its prompt and options in, its token ids out
+    (then None); `cancelled` when its client leaves or a stop sequence ends it."""
+
+    def __init__(self, idx, max_tokens, sampling, seed):
+        self.idx, self.max_tokens, self.sampling, self.seed = idx, max_tokens, sampling, seed
+        self.tokens, self.cancelled = queue.Queue(), threading.Event()
+
+
+class ServedModel:
+    """The model and the one thread that runs it: jobs in order of arrival, at
+    most max_queue waiting (more get 503 with Retry-After)."""
+
+    def __init__(self, model, tokenizer, device, cfg, name, chat, defaults, max_queue=16):
+        self.model, self.tokenizer, self.device, self.cfg = model, tokenizer, device, cfg
+        self.name, self.chat, self.defaults = name, chat, defaults
+        self.jobs = queue.Queue(maxsize=max_queue)
+        self.thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self.thread.start()
+
+    def submit(self, job):
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(503, f"The server is busy ({self.jobs.maxsize} requests wait "
+                                "already); try again in a moment.", code="overloaded",
+                           kind="server_error", headers={"Retry-After": "1"}) from None
+
+    def close(self):
+        """Stop taking jobs: the one that runs ends as usual, those waiting get 503."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.tokens.put(ApiError(503, "The server is stopping.", kind="server_error"))
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            try:
+                if job.cancelled.is_set():
+                    continue
+                if job.seed is not None:
+                    torch.manual_seed(job.seed)
+                for token in generate_stream(self.model, job.idx.to(self.device), job.max_tokens,
+                                             self.cfg["context_length"], eos_id=EOT_ID,
+                                             **job.sampling):
+                    if job.cancelled.is_set():
+                        break
+                    job.tokens.put(int(token))
+            except Exception as err:  # a failed generation is its request's error, not ours
+                job.tokens.put(ApiError(500, f"Generation failed: {err}", kind="server_error"))
+            finally:
+                job.tokens.put(None)
+
+
+TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false",
+              dict: "an object"}
+
+
+def check_option(body, key, kind, low=None, high=None, default=None):
+    """body[key] of the right type and range (a bool is no number), or ApiError 400."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) != (kind is bool) or not isinstance(
+            value, (int, float) if kind is float else kind):
+        raise ApiError(400, f"'{key}' must be {TYPE_WORDS[kind]}, not {json.dumps(value)}.",
+                       param=key, code="invalid_type")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise ApiError(400, f"'{key}' must be {bounds}, not {value}.", param=key,
+                       code="invalid_value")
+    return value
+
+
+def request_options(body, served):
+    """A request's generation options, checked: (max_tokens, sampling, seed, stop,
+    stream, include_usage)."""
+    ctx = served.cfg["context_length"]
+    if body.get("n", 1) != 1:
+        raise ApiError(400, "Only n=1 (one answer a request) is supported.", param="n",
+                       code="invalid_value")
+    key = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = check_option(body, key, int, 1, ctx, served.defaults["max_new_tokens"])
+    sampling = {"temperature": check_option(body, "temperature", float, 0, 2,
+                                            served.defaults["temperature"]),
+                "top_p": check_option(body, "top_p", float, 0, 1, served.defaults["top_p"]),
+                "top_k": check_option(body, "top_k", int, 1, None, served.defaults["top_k"])}
+    if sampling["top_p"] is not None and sampling["top_p"] <= 0:
+        raise ApiError(400, "'top_p' must be above 0.", param="top_p", code="invalid_value")
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and
+                                 all(isinstance(s, str) and s for s in stop)):
+        raise ApiError(400, "'stop' must be a string or a list of up to 4 strings.",
+                       param="stop", code="invalid_value")
+    stream_options = check_option(body, "stream_options", dict, default={})
+    return (max_tokens, sampling, check_option(body, "seed", int), stop or [],
+            check_option(body, "stream", bool, default=False),
+            bool(stream_options.get("include_usage")))
+
+
+def message_text(message, i):
+    """A chat message's text: a string, or a list of text parts."""
+    if not isinstance(message, dict) or message.get("role") not in ("system", "user",
+                                                                       "assistant"):
+        raise ApiError(400, f"messages[{i}] must be an object with a role of system, user or "
+                            "assistant.", param=f"messages[{i}].role")
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None
+                 for p in content]
+        content = None if None in parts else "".join(parts)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be a string (or text parts).",
+                       param=f"messages[{i}].content")
+    return message["role"], content
+
+
+def chat_ids(messages, served, max_tokens):
+    """The chapter's prompt for a conversation: system text first, then each
+    user/assistant turn in the chapter's format, earlier turns dropped (the oldest
+    first) while the whole does not fit the context with room for the answer."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list.", param="messages")
+    parsed = [message_text(m, i) for i, m in enumerate(messages)]
+    system = "\n\n".join(text for role, text in parsed if role == "system")
+    rest = [(role, text) for role, text in parsed if role != "system"]
+    roles = [role for role, _ in rest]
+    if not rest or roles != ["user", "assistant"] * (len(rest) // 2) + ["user"] * (len(rest) % 2) \
+            or roles[-1] != "user":
+        raise ApiError(400, "After system messages, 'messages' must alternate user and "
+                            "assistant turns and end with a user's.", param="messages")
+    turns = [(rest[i][1], rest[i + 1][1]) for i in range(0, len(rest) - 1, 2)]
+    ctx = served.cfg["context_length"]
+    text = chat_text(turns, rest[-1][1], served.tokenizer, ctx, max_tokens, system)
+    return prompt_fits(served.tokenizer.encode(text, disallowed_special=()), ctx,
+                       "The last message")
+
+
+def prompt_fits(ids, ctx, what):
+    if len(ids) > ctx - 1:
+        raise ApiError(400, f"{what} has {len(ids)} tokens; the model's context is {ctx}, "
+                            "with at least one token for the answer.", param="messages",
+                       code="context_length_exceeded")
+    return ids
+
+
+def completion_ids(body, served):
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string.", param="prompt")
+    ids = served.tokenizer.encode(prompt, disallowed_special=()) or [EOT_ID]
+    return prompt_fits(ids, served.cfg["context_length"], "The prompt")
+
+
+def answer_pieces(job, served, stop, client_gone):
+    """The answer's text as it comes, in pieces, then (finish_reason, completion
+    tokens). Text that may begin a stop sequence waits until it cannot; a stop
+    sequence ends the answer before it."""
+    ids, shown, hold = [], 0, max((len(s) for s in stop), default=1) - 1
+    checked = time.monotonic()
+    while True:
+        try:
+            token = job.tokens.get(timeout=0.2)
+        except queue.Empty:
+            token = ...
+        if time.monotonic() - checked > 0.2:  # a client that left frees the model at once
+            if client_gone():
+                job.cancelled.set()
+                return
+            checked = time.monotonic()
+        if token is ...:
+            continue
+        if isinstance(token, ApiError):
+            raise token
+        if token is not None:
+            ids.append(token)
+        text = served.tokenizer.decode(ids)
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            job.cancelled.set()
+            yield text[shown:cut]
+            yield ("stop", len(ids))
+            return
+        if token is None:
+            yield text[shown:]
+            yield ("length" if len(ids) == job.max_tokens else "stop", len(ids))
+            return
+        ready = len(text) - hold if not text.endswith("\ufffd") else shown
+        if ready > shown:  # a multi-byte character is sent whole
+            yield text[shown:ready]
+            shown = ready
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """The routes: GET / (the page), GET /v1/models, POST /v1/chat/completions and
+    POST /v1/completions; anything else is 404."""
+    protocol_version = "HTTP/1.1"
+    served = settings = None  # set on the subclass make_server builds
+
+    def log_message(self, format, *args):  # one quiet line a request, on stderr
+        if self.settings.get("verbose"):
+            super().log_message(format, *args)
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def do_OPTIONS(self):
+        if not self.settings["cors_origin"]:
+            return self.send_error_json(ApiError(404, "No such route.", code="not_found"))
+        self.send_response(204)
+        self.cors_headers()
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def route(self, method):
+        with self.settings["active"]:
+            self.answer(method)
+
+    def answer(self, method):
+        path = self.path.split("?")[0]
+        routes = {("GET", "/"): self.page, ("GET", "/v1/models"): self.models,
+                  ("POST", "/v1/chat/completions"): self.chat_completions,
+                  ("POST", "/v1/completions"): self.completions}
+        try:
+            handler = routes.get((method, path))
+            if handler is None:
+                raise ApiError(404, f"No route {method} {path}: this server has GET /, GET "
+                                    "/v1/models, POST /v1/chat/completions and POST "
+                                    "/v1/completions.", code="not_found")
+            if path != "/":  # the page holds no data; the API needs the key, if one is set
+                self.check_key()
+            handler()
+        except ApiError as err:
+            self.send_error_json(err)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as err:  # a bug of ours: one line in the log, a 500 for the client
+            self.log_error("%s: %s", type(err).__name__, err)
+            self.close_connection = True
+            self.send_error_json(ApiError(500, f"Internal error ({type(err).__name__}).",
+                                          kind="server_error"))
+
+    def check_key(self):
+        key = self.settings["api_key"]
+        if not key:
+            return
+        given = self.headers.get("Authorization", "")
+        token = given[7:] if given.startswith("Bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise ApiError(401, "A valid API key is needed: send it as 'Authorization: Bearer "
+                                "KEY'.", code="invalid_api_key")
+
+    def read_body(self):
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True  # where its body ends is unknown
+            raise ApiError(411, "The request needs a Content-Length.")
+        if int(length) > MAX_BODY:
+            self.close_connection = True  # its body is not read
+            raise ApiError(413, f"The request body has {int(length):,} bytes; the most is "
+                                f"{MAX_BODY:,}.", code="request_too_large")
+        try:
+            body = json.loads(self.rfile.read(int(length)) or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
+        return body
+
+    def page(self):
+        self.send_bytes(200, self.settings["page"], "text/html; charset=utf-8")
+
+    def models(self):
+        self.send_json(200, {"object": "list", "data": [model_card(self.served)]})
+
+    def chat_completions(self):
+        body = self.read_body()
+        if not self.served.chat:
+            raise ApiError(400, f"{self.served.name} is not instruction-finetuned: it continues "
+                                "text, at POST /v1/completions.", code="model_not_chat")
+        options = request_options(body, self.served)
+        self.generate(chat_ids(body.get("messages"), self.served, options[0]), options, True)
+
+    def completions(self):
+        body = self.read_body()
+        options = request_options(body, self.served)
+        self.generate(completion_ids(body, self.served), options, False)
+
+    def generate(self, ids, options, chat):
+        max_tokens, sampling, seed, stop, stream, include_usage = options
+        ctx = self.served.cfg["context_length"]
+        idx = torch.tensor([ids])
+        job = Job(idx, answer_room(idx, ctx, max_tokens), sampling, seed)
+        self.served.submit(job)
+        kind = "chat.completion" if chat else "text_completion"
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": kind, "created": int(time.time()), "model": self.served.name}
+        pieces = answer_pieces(job, self.served, stop, self.client_gone)
+        try:
+            if stream:
+                self.stream(pieces, head, chat, len(ids), include_usage)
+            else:
+                text, end = "", None
+                for piece in pieces:
+                    if isinstance(piece, tuple):
+                        end = piece
+                    else:
+                        text += piece
+                if end is None:  # the client left
+                    return
+                choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                           "finish_reason": end[0]} if chat else
+                          {"index": 0, "text": text, "logprobs": None, "finish_reason": end[0]})
+                self.send_json(200, {**head, "choices": [choice],
+                                     "usage": usage(len(ids), end[1])})
+        finally:
+            job.cancelled.set()  # however this ends, the model stops working for it
+
+    def stream(self, pieces, head, chat, prompt_tokens, include_usage):
+        """Server-sent events in OpenAI's chunk format, ending with data: [DONE]."""
+        first = next(pieces, None)  # errors before the first token are answered as errors
+        if first is None:  # the client left before it
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.cors_headers()
+        self.end_headers()
+        self.close_connection = True
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+
+        def send(data):
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+
+        def event(delta=None, finish=None):
+            choice = ({"index": 0, "delta": delta or {}, "finish_reason": finish} if chat else
+                      {"index": 0, "text": (delta or {}).get("content", ""), "logprobs": None,
+                       "finish_reason": finish})
+            send(json.dumps({**head, "choices": [choice]}))
+        if chat:
+            event({"role": "assistant", "content": ""})
+        try:
+            for piece in itertools.chain([first], pieces):
+                if isinstance(piece, tuple):
+                    event(finish=piece[0])
+                    if include_usage:
+                        send(json.dumps({**head, "choices": [],
+                                         "usage": usage(prompt_tokens, piece[1])}))
+                    send("[DONE]")
+                elif piece:
+                    event({"content": piece})
+        except ApiError as err:  # after the headers: the error as the stream's last event
+            send(json.dumps(err.body()))
+
+    def client_gone(self):
+        """Whether the client closed its connection (a stop button, a lost network)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
+    def cors_headers(self):
+        origin = self.settings["cors_origin"]
+        if origin and self.headers.get("Origin") == origin:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+
+    def send_json(self, status, data, headers=()):
+        self.send_bytes(status, json.dumps(data).encode(), "application/json", headers)
+
+    def send_error_json(self, err):
+        self.send_json(err.status, err.body(), err.headers)
+
+    def send_bytes(self, status, data, content_type, headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in dict(headers).items():
+            self.send_header(name, value)
+        self.cors_headers()
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def usage(prompt_tokens, completion_tokens):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_card(served):
+    """GET /v1/models' entry: OpenAI's fields, and what the page shows and sends."""
+    return {"id": served.name, "object": "model", "created": 0, "owned_by": "ch07_instruct.py",
+            "context_length": served.cfg["context_length"], "chat": served.chat,
+            "defaults": served.defaults}
+
+
+class ActiveRequests:
+    """A count of the requests being answered: a stopping server waits for it to reach 0."""
+
+    def __init__(self):
+        self.count, self.zero = 0, threading.Condition()
+
+    def __enter__(self):
+        with self.zero:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        with self.zero:
+            self.count -= 1
+            self.zero.notify_all()
+
+    def wait(self, timeout):
+        with self.zero:
+            return self.zero.wait_for(lambda: self.count == 0, timeout)
+
+
+def make_server(served, settings):
+    """The HTTP server (not yet serving) for `served`, on --host and --port (0: any
+    free port). A port in use is one line."""
+    host = settings["host"]
+    if host not in LOOPBACK and not settings["api_key"]:
+        raise ValueError(f"--host {host} lets other machines in: give --api-key KEY (or set "
+                         "$API_KEY), which every request must then carry.")
+    try:
+        page = CHAT_PAGE.read_bytes()
+    except OSError:
+        raise ValueError(f"The chat page {CHAT_PAGE.name} is missing beside "
+                         f"{Path(__file__).name}: copy it there with the script.") from None
+    handler = type("Handler", (ApiHandler,), {"served": served, "settings": {
+        **settings, "page": page, "active": ActiveRequests()}})
+    try:
+        server = http.server.ThreadingHTTPServer((host, settings["port"]), handler)
+    except OSError as err:
+        raise OSError(f"Cannot serve on {host}:{settings['port']} ({err.strerror}): "
+                      "give another --port (or --host).") from None
+    return server
+
+
+def load_served_model(settings, device):
+    """(model, tokenizer, cfg, name, chat): the model --serve serves, as --chat
+    finds it; or --model-file: a finetuned model (chat), a chapter-5 checkpoint or
+    a GPT-2 size such as 124M (text, at the completions route)."""
+    choice = settings["model_file"]
+    if choice in ALLOWED_SIZES and not Path(choice).exists():
+        model, cfg = load_gpt2_model(choice, settings["models_dir"])
+        return model.to(device).eval(), cfg, f"gpt2-{choice}", False
+    path = Path(choice) if choice else saved_model_path(settings)
+    if not path.exists():
+        raise FileNotFoundError(f"No model at {path}: finetune one first (`python "
+                                f"ch07_instruct.py --out {path.parent}`), or give "
+                                "--model-file FILE (or a GPT-2 size such as 124M).")
+    chat = load_checkpoint(path, mmap=True)["kind"] == "instruct"
+    model, cfg, _ = load_text_model(path, device, flag="--model-file")
+    return model, cfg, path.stem, chat
+
+
+def stop_serving(server, served, timeout=30):
+    """No new connections; the answer being generated ends as usual, those waiting get
+    503, and the answers under way are sent (for at most `timeout` seconds)."""
+    server.shutdown()
+    served.close()
+    server.RequestHandlerClass.settings["active"].wait(timeout)
+    server.server_close()
+
+
+def serve(settings):
+    """--serve: the chat page and the API until Ctrl-C or SIGTERM, which stop taking
+    requests and end the answers under way; then exit 0."""
+    device = get_device(settings["device"])
+    model, cfg, name, chat = load_served_model(settings, device)
+    served = ServedModel(model, bpe_tokenizer(settings["models_dir"]), device, cfg, name, chat,
+                         {"max_new_tokens": settings["max_new_tokens"], **sampling_of(settings)},
+                         settings["max_queue"])
+    server = make_server(served, settings)
+    host, port = server.server_address[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    print(f"Serving {name} ({'chat' if chat else 'text'}, context {cfg['context_length']}) at "
+          f"{url}/ : the chat page there, the OpenAI-style API at {url}/v1"
+          f"{' (with the API key)' if settings['api_key'] else ''}. Ctrl-C stops.", flush=True)
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)  # signals arrive in this thread
+    except KeyboardInterrupt as err:
+        name = signal.Signals(getattr(err, "signum", signal.SIGINT)).name
+        print(f"\nStopping ({name}): no new requests; the answers under way end first.",
+              flush=True)
+    stop_serving(server, served)
+    print("Stopped.")
+    return {"url": url, "name": name}
 
 
 # ---- The chapter's run ----
@@ -781,6 +1334,10 @@ def instruct_settings(args):
     settings = finetuning_settings(args)
     given = getattr(args, "given", set())
     settings["dpo_hp"] = {k: settings[k] if k in given else v for k, v in DPO_DEFAULTS.items()}
+    settings["api_key"] = settings["api_key"] or os.environ.get("API_KEY") or None
+    modes = [f"--{m}" for m in ("evaluate", "dpo", "chat", "serve") if settings[m]]
+    if len(modes) > 1:
+        raise ValueError(f"{' and '.join(modes)} are different tasks: give one.")
     return settings
 
 
@@ -795,6 +1352,8 @@ def run(settings):
         return run_dpo(settings)
     if settings["chat"]:
         return chat_with_saved(settings)
+    if settings["serve"]:
+        return serve(settings)
     model_path = out_dir / model_name(settings)
     splits = load_splits(settings)  # before the lock and the model: a bad file costs nothing
     with run_lock(out_dir, RESULTS):
@@ -992,6 +1551,25 @@ def build_parser():
     parser.add_argument("--model-file", metavar="FILE", default=None,
                         help="the model --chat talks to, --evaluate scores the responses of, or "
                              "--dpo tunes (default: the one finetuned in --out)")
+    srv = parser.add_argument_group("serving (beyond the book): a chat page and an "
+                                    "OpenAI-style API")
+    srv.add_argument("--serve", action="store_true",
+                     help="serve the model --chat talks to (or --model-file: also a "
+                          "ch05_train.py checkpoint or a GPT-2 size such as 124M, which "
+                          "continue text) at http://HOST:PORT/, until Ctrl-C")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on; other than this machine's needs --api-key")
+    srv.add_argument("--port", type=number(int, at_least=0, at_most=65535), default=8000,
+                     help="port to listen on (0: any free port)")
+    srv.add_argument("--api-key", metavar="KEY", default=None,
+                     help="the key every API request must send as 'Authorization: Bearer "
+                          "KEY' (default: $API_KEY; none on this machine's address)")
+    srv.add_argument("--max-queue", type=number(int, at_least=1), default=16,
+                     help="requests that may wait for the model; more get 503")
+    srv.add_argument("--cors-origin", metavar="ORIGIN", default=None,
+                     help="a web page's origin allowed to call the API from a browser, e.g. "
+                          "http://localhost:3000 (default: none)")
+    srv.add_argument("--verbose", action="store_true", help="log every request on stderr")
     dpo = parser.add_argument_group("preference tuning with DPO (beyond the book: the "
                                     "chapter's bonus)")
     dpo.add_argument("--dpo", action="store_true",

@@ -9,6 +9,7 @@ Tests that need TensorFlow or transformers say so in one line where they are
 missing (and fail under CI=true, where .ci/run installs them).
 """
 import argparse
+import concurrent.futures
 import contextlib
 import csv
 import errno
@@ -24,14 +25,17 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import unittest.mock
 from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 import torch
 from torch.utils.data import DataLoader
 
@@ -1718,6 +1722,7 @@ def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
     tokenize = {"work_dir": str(tmp_path), "models_dir": str(tmp_path), "tokenize_copies": 1}
     assert [bench.child_tokenize(v, tokenize)["workers"] for v in ("1", "all")] == \
         [1, os.cpu_count()]
+    assert bench.child_serve("tiny:3", {"serve_tokens": 4})["tokens"] == 12  # 3 clients' whole
 
 
 # ======= Chapter 5, loading GPT-2: the book's listings =======
@@ -4026,6 +4031,322 @@ def test_dpo_command_end_to_end_then_chat_and_evaluate_with_its_model(tmp_path, 
 
 
 
+# ---- Chapter 7, beyond the book: serving (--serve), a chat page and the API ----
+
+SERVE_CTX = 256  # the chapter's prompt alone takes about 30 tokens
+
+
+@contextlib.contextmanager
+def chat_server(tmp_path, chat=True, extra=(), slow=None):
+    """ch07_instruct.py --serve of a tiny model (context 256) on a free port, in
+    this process: yields (url, served). slow: seconds each token takes."""
+    model = tiny_model(0, context_length=SERVE_CTX)
+    path = tmp_path / ("tiny-sft.pth" if chat else "checkpoint.pt")
+    gen.save_checkpoint(path, gen.model_file("instruct" if chat else "pretraining",
+                                             model.state_dict(),
+                                             {**TINY, "context_length": SERVE_CTX}, {}))
+    settings = ch07.instruct_settings(args_of(ch07, [
+        "--serve", "--model-file", str(path), "--port", "0", "--device", "cpu",
+        "--max-new-tokens", "12", *extra]))
+    device = torch.device("cpu")
+    loaded, cfg, name, is_chat = ch07.load_served_model(settings, device)
+    served = ch07.ServedModel(loaded, ch07.bpe_tokenizer(), device, cfg, name, is_chat,
+                              {"max_new_tokens": 12, **gen.sampling_of(settings)},
+                              settings["max_queue"])
+    if slow:
+        real = ch07.generate_stream
+
+        def slowed(*args, **kwargs):
+            for token in real(*args, **kwargs):
+                time.sleep(slow)
+                served.made = getattr(served, "made", 0) + 1
+                yield token
+        served_generate = slowed
+    else:
+        served_generate = ch07.generate_stream
+    server = ch07.make_server(served, settings)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    with unittest.mock.patch.object(ch07, "generate_stream", served_generate):
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}", served
+        finally:
+            ch07.stop_serving(server, served, timeout=10)
+
+
+def greedy_answer(served, ids, max_tokens):
+    """What generate() makes greedily after the prompt ids: the server's answer."""
+    idx = torch.tensor([ids])
+    out = gen.generate(served.model, idx, min(max_tokens, SERVE_CTX - len(ids)), SERVE_CTX,
+                       eos_id=ch07.EOT_ID)
+    return served.tokenizer.decode(out[0, len(ids):].tolist())
+
+
+def test_the_openai_client_chats_streams_and_completes_with_the_served_model(tmp_path):
+    openai = optional("openai", "the server is checked with OpenAI's own client")
+    with chat_server(tmp_path) as (url, served):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        messages = [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Name a colour."},
+                    {"role": "assistant", "content": "Blue."},
+                    {"role": "user", "content": "Another one?"}]
+        reply = client.chat.completions.create(model="any", messages=messages)
+        text = reply.choices[0].message.content
+        ids = served.tokenizer.encode(ch07.chat_text(
+            [("Name a colour.", "Blue.")], "Another one?", served.tokenizer, SERVE_CTX, 12,
+            "Be brief."))
+        assert text == greedy_answer(served, ids, 12) and text
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 12)
+        assert reply.choices[0].finish_reason == "length" and reply.model == "tiny-sft"
+        chunks = list(client.chat.completions.create(
+            model="any", messages=messages, stream=True, stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-2].choices[0].finish_reason == "length"
+        assert chunks[-1].usage.completion_tokens == 12
+        # the completions route, and the models list
+        done = client.completions.create(model="any", prompt="Every effort moves you",
+                                         max_tokens=5)
+        prompt_ids = served.tokenizer.encode("Every effort moves you")
+        assert done.choices[0].text == greedy_answer(served, prompt_ids, 5)
+        assert [m.id for m in client.models.list().data] == ["tiny-sft"]
+        # seed: sampling repeats; a stop sequence ends the answer before it
+        sample = lambda seed: client.chat.completions.create(  # noqa: E731
+            model="any", messages=messages[-1:], temperature=1.0, seed=seed
+        ).choices[0].message.content
+        assert sample(7) == sample(7) != sample(8)
+        stop = text[len(text) // 2:len(text) // 2 + 3]
+        stopped = client.chat.completions.create(model="any", messages=messages, stop=[stop])
+        assert stopped.choices[0].message.content == text[:text.index(stop)]
+        assert stopped.choices[0].finish_reason == "stop"
+        streamed = client.chat.completions.create(model="any", messages=messages, stop=stop,
+                                                  stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == \
+            text[:text.index(stop)]
+
+
+def test_bad_requests_get_their_status_and_an_openai_error_and_the_server_goes_on(tmp_path):
+    with chat_server(tmp_path, extra=["--api-key", "s3cret"]) as (url, served):
+        key = {"Authorization": "Bearer s3cret"}
+        chat = url + "/v1/chat/completions"
+        user = [{"role": "user", "content": "Hello"}]
+        cases = [
+            ({"data": b"{not json", "headers": {**key, "Content-Type": "application/json"}},
+             400, "invalid_json", None),
+            ({"json": {"messages": user, "temperature": "hot"}}, 400, "invalid_type",
+             "temperature"),
+            ({"json": {"messages": user, "max_tokens": True}}, 400, "invalid_type",
+             "max_tokens"),
+            ({"json": {"messages": []}}, 400, None, "messages"),
+            ({"json": {"messages": [{"role": "robot", "content": "x"}]}}, 400, None,
+             "messages[0].role"),
+            ({"json": {"messages": [{"role": "assistant", "content": "x"}]}}, 400, None,
+             "messages"),
+            ({"json": {"messages": user, "n": 2}}, 400, "invalid_value", "n"),
+            ({"json": {"messages": user, "max_tokens": 0}}, 400, "invalid_value", "max_tokens"),
+            ({"json": {"messages": user, "max_tokens": SERVE_CTX + 1}}, 400, "invalid_value",
+             "max_tokens"),
+            ({"json": {"messages": [{"role": "user", "content": "word " * 300}]}}, 400,
+             "context_length_exceeded", "messages"),
+            ({"data": b"x" * (2 << 20), "headers": {**key, "Content-Type": "application/json"}},
+             413, "request_too_large", None),
+        ]
+        for kwargs, status, code, param in cases:
+            kwargs.setdefault("headers", key)
+            answer = requests.post(chat, timeout=30, **kwargs)
+            error = answer.json()["error"]
+            assert answer.status_code == status, (kwargs.get("json"), answer.text)
+            assert (error["code"], error["param"], error["type"]) == (
+                code, param, "invalid_request_error") and error["message"], answer.text
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            answer = requests.get(url + "/v1/models", headers=headers, timeout=30)
+            assert answer.status_code == 401 and answer.json()["error"]["code"] == \
+                "invalid_api_key"
+        assert requests.get(url + "/", timeout=30).status_code == 200  # the page itself is open
+        answer = requests.get(url + "/v1/nothing", headers=key, timeout=30)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found"
+        assert "Access-Control-Allow-Origin" not in requests.get(
+            url + "/v1/models", headers={**key, "Origin": "http://evil.example"}).headers
+        # still answering
+        answer = requests.post(chat, json={"messages": user}, headers=key, timeout=30)
+        assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+    with chat_server(tmp_path, chat=False, extra=["--cors-origin", "http://localhost:3000"]) \
+            as (url, served):
+        answer = requests.post(url + "/v1/chat/completions", json={"messages": user})
+        assert answer.status_code == 400 and answer.json()["error"]["code"] == "model_not_chat"
+        assert requests.post(url + "/v1/completions", json={"prompt": "Hi"}).status_code == 200
+        answer = requests.get(url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+        assert answer.headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+        assert answer.json()["data"][0]["chat"] is False
+        assert requests.options(url + "/v1/completions", headers={
+            "Origin": "http://localhost:3000"}).status_code == 204
+    # other machines only with a key; a port in use is one line
+    with pytest.raises(ValueError, match=r"--host 0\.0\.0\.0 lets other machines in: give "
+                                         r"--api-key KEY \(or set \$API_KEY\)"):
+        with chat_server(tmp_path, extra=["--host", "0.0.0.0"]):
+            pass
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        with pytest.raises(OSError, match=rf"Cannot serve on 127\.0\.0\.1:{port} .*give "
+                                          r"another --port"):
+            with chat_server(tmp_path, extra=["--port", port]):
+                pass
+
+
+def stream_chat(url, content, max_tokens, leave_after=None):
+    """A streamed chat request's text and finish reason; leave_after: close the
+    connection after that many chunks, as a closed browser tab does."""
+    with requests.post(url + "/v1/chat/completions", stream=True, timeout=120, json={
+            "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "stream": True}) as answer:
+        assert answer.status_code == 200, answer.text
+        text, finish, done = "", None, False
+        for n, line in enumerate(answer.iter_lines()):
+            if leave_after is not None and n >= leave_after:
+                return None
+            if not line:
+                continue
+            data = line.decode()[6:]
+            if data == "[DONE]":
+                done = True
+                continue
+            choice = json.loads(data)["choices"][0]
+            text += choice["delta"].get("content") or ""
+            finish = choice["finish_reason"] or finish
+        return text, finish, done
+
+
+def test_sixteen_clients_at_once_get_whole_answers_and_those_who_leave_free_the_model(
+        tmp_path):
+    with chat_server(tmp_path) as (url, served):
+        def client(i):
+            if i % 4 == 3:  # 4 of the 16 leave mid-stream
+                return [stream_chat(url, f"Question {i}", 40, leave_after=3)]
+            return [stream_chat(url, f"Question {i}.{j}", 20) for j in range(3)]
+
+        def round_of_clients():
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                return list(pool.map(client, range(16), timeout=240))
+        first = round_of_clients()
+        rss = bench.rss_bytes()
+        second = round_of_clients()
+        assert bench.rss_bytes() - rss < 30e6  # no memory kept per request
+        assert first == second  # greedy: the same answers, whoever else was served
+        for i, answers in enumerate(first):
+            if i % 4 == 3:
+                assert answers == [None]
+            else:
+                assert all(done and finish in ("length", "stop") for _, finish, done in answers)
+        single = stream_chat(url, "Question 0.0", 20)
+        assert first[0][0] == single  # as when served alone
+
+
+def test_the_queue_has_a_limit_and_a_client_that_leaves_stops_its_generation(tmp_path):
+    with chat_server(tmp_path, extra=["--max-queue", "1"], slow=0.05) as (url, served):
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            # leaves after 30 tokens (a line each, and a blank line between): 1.5 s
+            running = pool.submit(stream_chat, url, "Long", 200, 60)
+            time.sleep(0.3)
+            waiting = pool.submit(stream_chat, url, "Next", 3)
+            time.sleep(0.3)
+            busy = requests.post(url + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "More"}], "max_tokens": 3})
+            assert busy.status_code == 503 and busy.headers["Retry-After"] == "1"
+            assert busy.json()["error"]["code"] == "overloaded"
+            assert running.result(timeout=60) is None
+            assert waiting.result(timeout=60)[2]
+        assert served.made < 60  # not the 200 tokens the one who left asked for
+
+
+def test_serve_command_stops_on_sigterm_and_ctrl_c_with_status_0(tmp_path):
+    model = tiny_model(0, context_length=SERVE_CTX)
+    gen.save_checkpoint(tmp_path / "m.pth", gen.model_file(
+        "instruct", model.state_dict(), {**TINY, "context_length": SERVE_CTX}, {}))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen([sys.executable, str(HERE / "ch07_instruct.py"), "--serve",
+                                 "--model-file", str(tmp_path / "m.pth"), "--port", "0",
+                                 "--device", "cpu"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        line = ""
+        while "Serving" not in line:  # after "Using device: cpu"
+            line = proc.stdout.readline()
+        url = re.search(r"at (http://127\.0\.0\.1:\d+)/ ", line).group(1)
+        assert "Serving m (chat, context 256)" in line
+        assert requests.get(url + "/v1/models", timeout=30).json()["data"][0]["id"] == "m"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "Stopped." in out and "Traceback" not in err, err
+
+
+def chromium_driver():
+    """Headless Chromium through Selenium, with the system's chromedriver."""
+    webdriver = optional("selenium.webdriver", "the chat page is tested in a real browser")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or \
+        shutil.which("google-chrome")
+    driver = shutil.which("chromedriver")
+    if not (browser and driver):
+        message = ("needs Chromium and its chromedriver (the chat page is tested in a real "
+                   "browser): apt-get install chromium chromium-driver")
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1100,800",
+                 "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    from selenium.webdriver.chrome.service import Service
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def test_the_chat_page_streams_an_answer_stops_one_and_starts_anew_in_a_browser(tmp_path):
+    driver = chromium_driver()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    wait = WebDriverWait(driver, 60, poll_frequency=0.05)
+    try:
+        with chat_server(tmp_path, slow=0.1) as (url, served):
+            driver.get(url + "/")
+            wait.until(lambda d: d.find_element(By.ID, "model-name").text == "tiny-sft")
+            assert "context 256" in driver.find_element(By.ID, "model-info").text
+            assert driver.find_element(By.ID, "max_tokens").get_attribute("value") == "12"
+            box = driver.find_element(By.ID, "message")
+            box.send_keys("Name a colour.", Keys.ENTER)
+            turns = lambda: driver.find_elements(By.CSS_SELECTOR, ".turn")  # noqa: E731
+            wait.until(lambda d: len(turns()) == 2)
+            # streamed: the answer grows in place before it is whole
+            lengths = set()
+            wait.until(lambda d: lengths.add(len(turns()[1].text)) or
+                       d.find_element(By.ID, "send").is_enabled())
+            assert len(lengths) > 2
+            ids = served.tokenizer.encode(ch07.chat_text([], "Name a colour.", served.tokenizer,
+                                                         SERVE_CTX, 12))
+            assert turns()[0].text == "Name a colour."
+            assert turns()[1].text == greedy_answer(served, ids, 12).strip()
+            # a long answer, stopped
+            driver.find_element(By.ID, "max_tokens").clear()
+            driver.find_element(By.ID, "max_tokens").send_keys("200")
+            box.send_keys("Tell me more.", Keys.ENTER)
+            wait.until(lambda d: len(turns()) == 4 and len(turns()[3].text) > 5)
+            driver.find_element(By.ID, "stop").click()
+            wait.until(lambda d: "[stopped]" in turns()[3].text)
+            made = served.made
+            time.sleep(1.0)  # 10 tokens' time: the model stopped too, after 2 or 3 more
+            assert served.made - made < 5 and made < 100
+            driver.find_element(By.ID, "new-chat").click()
+            wait.until(lambda d: len(turns()) == 0)
+            driver.find_element(By.ID, "max_tokens").clear()
+            driver.find_element(By.ID, "max_tokens").send_keys("5")
+            box.send_keys("Hello again", Keys.ENTER)
+            wait.until(lambda d: len(turns()) == 2 and d.find_element(By.ID, "send").is_enabled())
+            assert turns()[1].text and "error" not in turns()[1].get_attribute("class")
+    finally:
+        driver.quit()
+
+
 # ======= Every command: flags and bad input on the command line =======
 
 
@@ -4173,6 +4494,12 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
          f"The tests need these files in {tmp_path / 'no-shared'} (TEST_SHARED_DIR): "
          "data/the-verdict.txt, data/instruction-data.json, "),
         (["bench.py", "--json", str(tmp_path)], 1, "is a folder; name a file"),
+        (["bench.py", "--only", "serve,fly"], 1, "--only: no measurement fly; they are train,"),
+        (["ch07_instruct.py", "--chat", "--serve"], 1,
+         "error: --chat and --serve are different tasks: give one."),
+        (["ch07_instruct.py", "--serve", "--port", "-1"], 2, "--port: must be at least 0"),
+        (["ch07_instruct.py", "--serve", "--model-file", str(tmp_path / "none.pth")], 1,
+         "error: No model at "),
         (["ch02_data.py", "--data", str(tmp_path / "short.txt")], 1,
          "error: The text has 3 tokens, but the demo's batches need 33"),
         (["ch06_classify.py", "--data", str(tmp_path / "reviews.csv"), "--no-pretrained",
