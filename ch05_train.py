@@ -17,6 +17,7 @@ ch05_generate.py.
 import argparse
 import contextlib
 import csv
+import io
 import math
 import os
 import signal
@@ -515,10 +516,8 @@ def train_step(model, micro_batches, optimizer, device, grad_clip):
     micro_batches = [(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                      for x, y in micro_batches]
     for i, (input_batch, target_batch) in enumerate(micro_batches):
-        # Under DDP, gradients are averaged across processes at the last micro-batch only
-        last = i == len(micro_batches) - 1
-        with (contextlib.nullcontext() if last or not hasattr(model, "no_sync")
-              else model.no_sync()):
+        # Several processes average gradients at the last micro-batch only
+        with gradient_sync(model, i == len(micro_batches) - 1):
             loss = calc_loss_batch(input_batch, target_batch, model, device)
             loss = loss / len(micro_batches)  # the mean over the step's micro-batches
             loss.backward()
@@ -527,6 +526,23 @@ def train_step(model, micro_batches, optimizer, device, grad_clip):
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=grad_clip)
     optimizer.step()
     return step_loss
+
+
+@contextlib.contextmanager
+def gradient_sync(model, sync):
+    """Gradients averaged across processes in this block only when `sync`: DDP's
+    no_sync(), FSDP's set_requires_gradient_sync(); one process has nothing to skip."""
+    if sync or not _distributed():
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync():
+            yield
 
 
 def warmup_steps(settings, total_steps):
@@ -570,11 +586,16 @@ def new_state():
 
 
 def training_checkpoint(model, cfg, optimizer, settings, state, device):
-    """Everything a resume needs; the random states are CPU tensors on every device."""
+    """Everything a resume needs; the random states are CPU tensors on every device.
+    Under --fsdp every process calls this (the states are gathered), and only
+    the first gets the checkpoint; the others get None."""
     saved = {k: settings[k] for k in SAVED_SETTINGS}
-    return model_file("pretraining", _unwrap(model).state_dict(), cfg, saved,
+    model_state, optimizer_state = whole_states(model, optimizer)
+    if model_state is None:
+        return None
+    return model_file("pretraining", model_state, cfg, saved,
                       what="a ch05_train.py training checkpoint",
-                      optimizer=optimizer.state_dict(), **state,
+                      optimizer=optimizer_state, **state,
                       rng_state=torch.get_rng_state(),
                       cuda_rng_state=(torch.cuda.get_rng_state(device) if device.type == "cuda"
                                       else None))
@@ -582,13 +603,15 @@ def training_checkpoint(model, cfg, optimizer, settings, state, device):
 
 def save_training(path, model, cfg, optimizer, settings, state, device, val_loader, stopper,
                   is_main):
-    """Every process checks that the weights still work; the first one writes."""
+    """Every process checks that the weights still work; the first one writes
+    (under --fsdp, after every process has sent it its part of the states)."""
     check_loss(sound_loss(model, val_loader, device), state, cfg["vocab_size"],
                f"the validation loss of the weights to be saved at step {state['step']}")
-    if is_main:
+    if is_main or is_sharded(model):
         with stopper.deferred():
-            save_checkpoint(path, training_checkpoint(model, cfg, optimizer, settings, state,
-                                                      device))
+            checkpoint = training_checkpoint(model, cfg, optimizer, settings, state, device)
+            if is_main:
+                save_checkpoint(path, checkpoint)
     return state["step"]
 
 
@@ -709,6 +732,9 @@ def end_epoch(model, tokenizer, device, settings, state, is_main):
     state.update(epoch=state["epoch"] + 1, samples_done=0, epoch_seed=None)
     if is_main:  # printed above the progress bar, which is drawn again below
         with tqdm.external_write_mode():
+            generate_and_print_sample(_unwrap(model), tokenizer, device, settings["prompt"])
+    elif is_sharded(model):  # every process holds a part of the weights: all generate
+        with contextlib.redirect_stdout(io.StringIO()):
             generate_and_print_sample(_unwrap(model), tokenizer, device, settings["prompt"])
 
 
@@ -834,6 +860,73 @@ def describe_benchmark(row):
         return (f"HellaSwag acc_norm {row['hellaswag_acc_norm']:.4f}, "
                 f"acc {row['hellaswag_acc']:.4f}")
     return f"--eval-text perplexity {row['text_ppl']:.2f}, {row['text_bpb']:.3f} bits per byte"
+
+
+# ---- Beyond the book: the model sharded over several processes (--fsdp) ----
+# PyTorch's FSDP2: each transformer block's parameters, gradients and optimizer
+# state split across the processes, gathered whole only while a block computes.
+# Checkpoints stay in one process's layout, so any run resumes any other's.
+
+def shard_model(model, plan):
+    """fully_shard each TransformerBlock, then the rest; with bf16 on CUDA, the
+    blocks compute in bf16 and gradients are averaged in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = ({"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                                 reduce_dtype=torch.float32)}
+              if plan["bf16"] else {})
+    for block in model.trf_blocks:
+        fully_shard(block, **policy)
+    fully_shard(model, **policy)
+    return model
+
+
+def is_sharded(model):
+    if not _distributed():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(_unwrap(model), FSDPModule)
+
+
+def trainable_names(model):
+    """The names of the parameters make_optimizer hands the optimizer, in its order."""
+    return [name for name, p in _unwrap(model).named_parameters() if p.requires_grad]
+
+
+def whole_states(model, optimizer):
+    """(model state, optimizer state) in one process's layout (the optimizer's
+    keyed by parameter number). Sharded, every process must call this: the first
+    gets the states, gathered on the CPU, the others (None, None)."""
+    if not is_sharded(model):
+        return _unwrap(model).state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    module = _unwrap(model)
+    model_state = get_model_state_dict(module, options=options)
+    by_name = get_optimizer_state_dict(module, optimizer, options=options)
+    if dist.get_rank() != 0:
+        return None, None
+    number = {name: i for i, name in enumerate(trainable_names(module))}
+    return model_state, {
+        "state": {number[name]: s for name, s in by_name["state"].items()},
+        "param_groups": [{**g, "params": [number[n] for n in g["params"]]}
+                         for g in by_name["param_groups"]]}
+
+
+def load_optimizer_state(model, optimizer, saved):
+    """A checkpoint's optimizer state (one process's layout) into the optimizer;
+    sharded, each process keeps its part."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+    names = trainable_names(model)
+    by_name = {"state": {names[i]: s for i, s in saved["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                for g in saved["param_groups"]]}
+    set_optimizer_state_dict(_unwrap(model), optimizer, by_name,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 # ---- Putting the command together ----
@@ -1012,7 +1105,7 @@ TRAINING_SETTINGS = ("data", "data_tokens", "train_ratio", "memmap", "memmap_abo
                      "eval_freq", "eval_iter", "save_every", "prompt", "seed", "eval_every",
                      "eval_text", "eval_limit")
 RUN_SETTINGS = ("data_dir", "workers", "eval_data_dir", "out", "overwrite", "resume", "device",
-                "fast", "compile", "generate", "from_file", "export_weights", "max_new_tokens",
+                "fast", "compile", "fsdp", "generate", "from_file", "export_weights", "max_new_tokens",
                 "temperature", "top_k", "top_p")
 SAVED_SETTINGS = MODEL_SETTINGS + TRAINING_SETTINGS + ("fast", "compile")
 
@@ -1098,17 +1191,21 @@ def model_name(settings, cfg):
             f"{cfg['emb_dim']}, {cfg['n_heads']} heads")
 
 
-def resume_into(model, optimizer, ckpt, settings, device):
-    """Load the checkpoint's weights, optimizer state and random state; the
-    settings of this run (learning rate, weight decay, fused or not) win over
-    the optimizer state's."""
+def load_weights(model, ckpt):
+    """The checkpoint's weights, into a model not yet sharded (every process)."""
     check_state_dict(model, ckpt["model"], source="the checkpoint")
     model.load_state_dict(ckpt["model"])
+
+
+def resume_into(model, optimizer, ckpt, settings, device):
+    """Load the checkpoint's optimizer state and random state (its weights are
+    in the model already: load_weights); the settings of this run (learning
+    rate, weight decay, fused or not) win over the optimizer state's."""
     saved = ckpt["optimizer"]
     for group in saved["param_groups"]:
         group.update(lr=settings["lr"], weight_decay=settings["weight_decay"],
                      fused=optimizer.defaults["fused"], foreach=optimizer.defaults["foreach"])
-    optimizer.load_state_dict(saved)
+    load_optimizer_state(model, optimizer, saved)
     state = new_state()
     state.update({k: ckpt[k] for k in state if k in ckpt})
     if state["first_loss"] is None and state["history"]["log"]:  # saved by an earlier version
@@ -1165,6 +1262,10 @@ def main(args):
                                  "resume needs: resume the checkpoint.pt it came from, or start "
                                  "from it with --init-from in chapters 6 and 7.")
         settings, messages = resolve_settings(args, ckpt)
+        if settings["fsdp"] and world_size == 1:
+            raise ValueError("--fsdp shards the model over several processes: launch them with "
+                             "torchrun, e.g. torchrun --nproc_per_node=4 ch05_train.py --fsdp "
+                             "... (one process trains without it).")
         for message in messages:
             log(message)
         out_dir = Path(settings["out"])
@@ -1208,9 +1309,11 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     loaders = make_loaders(train_set, val_set, settings, device, rank, world_size)
     if ckpt:  # before building anything: a finished run has nothing to resume
         refuse_finished(ckpt["step"], step_counts(loaders[0], settings)[1])
+    global_batch = settings["batch_size"] * settings["grad_accum"] * world_size
     log(f"Training windows: {len(train_set)}, validation windows: {len(val_set)}; "
         f"{len(loaders[0]) // settings['grad_accum']} steps per epoch with {world_size} "
-        "process(es)")
+        f"process(es){' (FSDP)' if settings['fsdp'] else ''}; global batch {global_batch} "
+        f"windows, {global_batch * settings['context_length']:,} tokens a step")
     log(describe_schedule(settings, step_counts(loaders[0], settings)[0]))
 
     plan = speed_plan(settings["fast"], settings["compile"], device)
@@ -1220,6 +1323,10 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     torch.manual_seed(settings["seed"])
     model = GPTModel(cfg)
     model.to(device)
+    if ckpt:
+        load_weights(model, ckpt)
+    if settings["fsdp"]:  # before the optimizer, which then holds each process's part
+        shard_model(model, plan)
     optimizer = make_optimizer(model, settings["lr"], settings["weight_decay"],
                                plan["fused_adamw"], log)
     state = new_state()
@@ -1228,10 +1335,14 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
         log(f"Resumed from {settings['resume']}: step {state['step']} is done, step "
             f"{state['step'] + 1} comes next (epoch {state['epoch'] + 1})")
     raw_model = model
-    benchmark = (training_benchmark(settings, tokenizer, cfg["context_length"])
-                 if settings["eval_every"] and is_main else None)  # its data before training
+    benchmark = None  # its data before training; under --fsdp every process scores
+    if settings["eval_every"] and settings["fsdp"]:
+        benchmark = rank0_first(lambda: training_benchmark(settings, tokenizer,
+                                                           cfg["context_length"]), rank)
+    elif settings["eval_every"] and is_main:
+        benchmark = training_benchmark(settings, tokenizer, cfg["context_length"])
     model = speed_up(model, plan, device)
-    if world_size > 1:
+    if world_size > 1 and not settings["fsdp"]:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=False)  # the only buffers are the constant causal masks
@@ -1253,6 +1364,7 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
         log(f"Training took {seconds / 60:.2f} min; {state['tokens_seen']:,} tokens seen")
         plot_history(history, settings, out_dir, log)
         log(f"Saved {out_dir / 'checkpoint.pt'}")
+    if is_main or settings["fsdp"]:  # under --fsdp every process takes part (rank 0 prints)
         # 5.3: the trained model with temperature scaling and top-k sampling
         raw_model.eval()
         torch.manual_seed(settings["seed"])
@@ -1426,6 +1538,11 @@ def build_parser():
                        help="PyTorch's fused attention (SDPA), LayerNorm, GELU and AdamW; on "
                             "CUDA also TF32 and bf16 autocast. Seeded runs then differ from "
                             "the book's numbers in the last digits")
+    speed.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard the weights, gradients and optimizer state "
+                            "over the processes (PyTorch's FSDP2) instead of copying them to "
+                            "each (DDP), for models too large for one GPU; checkpoints resume "
+                            "with or without it")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the model (slow first steps, faster after; not on MPS)")
     return parser

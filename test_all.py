@@ -1657,6 +1657,88 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, short_text
             assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5)
 
 
+def torchrun(argv, *launcher, timeout=300, **popen):
+    """python -m torch.distributed.run LAUNCHER ch05_train.py ARGV, one thread a process."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher,
+                             "ch05_train.py", *argv], cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+
+
+def finished(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    return out
+
+
+def test_fsdp_trains_resumes_and_spans_machines_as_one_process_does(tmp_path, short_text):
+    """2 processes with --fsdp (micro-batch 1, --grad-accum 2) take the steps of one
+    process with micro-batch 2; stopped by a real SIGINT, the run resumes under
+    --fsdp, under DDP and in one process as if never stopped; two machines (a
+    c10d rendezvous on 127.0.0.1, one process each) train as one with two."""
+    common = ["--data", str(short_text), "--model-size", "tiny", "--context-length", "32",
+              "--drop-rate", "0", "--epochs", "500", "--eval-freq", "1", "--eval-iter", "1",
+              "--grad-accum", "2", "--device", "cpu"]
+    two = ["--nproc_per_node=2", "--standalone"]
+    ch05.main(args_of(ch05, [*common, "--batch-size", "2", "--max-steps", "12",
+                             "--out", str(tmp_path / "one")]))
+    one = {r["step"]: r for r in log_rows(tmp_path / "one" / "log.csv")}
+
+    def same_losses(folder, steps):
+        rows = log_rows(folder / "log.csv")
+        assert [int(r["step"]) for r in rows] == list(steps)
+        for row in rows:
+            for key in ("train_loss", "val_loss"):
+                assert float(row[key]) == pytest.approx(float(one[row["step"]][key]), rel=1e-5)
+            assert row["tokens_seen"] == one[row["step"]]["tokens_seen"]
+    # a real SIGINT to every process, as Ctrl-C in a terminal sends it
+    stopped = torchrun([*common, "--batch-size", "1", "--fsdp", "--out", str(tmp_path / "int")],
+                       *two, start_new_session=True)
+    deadline = time.time() + 120
+    while len(log_rows(tmp_path / "int" / "log.csv") if (tmp_path / "int" / "log.csv").exists()
+              else []) < 3:
+        assert stopped.poll() is None and time.time() < deadline, stopped.stderr.read()[-2000:]
+        time.sleep(0.1)
+    os.killpg(stopped.pid, signal.SIGINT)
+    _, err = stopped.communicate(timeout=120)
+    step = int(re.search(r"Stopped by SIGINT after step (\d+); checkpoint saved", err).group(1))
+    assert gen.load_checkpoint(tmp_path / "int" / "checkpoint.pt")["step"] == step < 8
+    same_losses(tmp_path / "int", range(step + 1))  # --fsdp's steps are one process's
+    for layout, launch in [("fsdp", two), ("ddp", two), ("one", None)]:
+        folder = tmp_path / f"resumed-{layout}"
+        folder.mkdir()
+        shutil.copy(tmp_path / "int" / "checkpoint.pt", folder)
+        resume = ["--resume", str(folder / "checkpoint.pt"), "--max-steps", str(step + 4)]
+        if launch:
+            finished(torchrun([*resume, *(["--fsdp"] if layout == "fsdp" else [])], *launch))
+        else:  # the same global batch in one process
+            ch05.main(args_of(ch05, [*resume, "--batch-size", "2"]))
+        same_losses(folder, range(step + 4))  # the history, then the steps after it
+    # two machines, one process each
+    port = str(free_port())
+    machines = [torchrun([*common, "--batch-size", "1", "--max-steps", "5", "--fsdp", "--out",
+                          str(tmp_path / "machines")], "--nnodes=2", "--nproc_per_node=1",
+                         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                         "--rdzv-id=test") for _ in range(2)]
+    out = [finished(proc) for proc in machines]
+    assert any("with 2 process(es) (FSDP); global batch 4 windows, 128 tokens a step" in o
+               for o in out)
+    same_losses(tmp_path / "machines", range(5))
+    # the checkpoint is in one process's layout: the weights equal one process's at step 4
+    ch05.main(args_of(ch05, [*common, "--batch-size", "2", "--max-steps", "5",
+                             "--out", str(tmp_path / "one-5")]))
+    ones = gen.load_checkpoint(tmp_path / "one-5" / "checkpoint.pt")
+    saved = gen.load_checkpoint(tmp_path / "machines" / "checkpoint.pt")
+    for key, value in saved["model"].items():
+        assert torch.allclose(value, ones["model"][key], atol=1e-6), key
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # ---- The ch05_train.py command: speed ----
 
 
@@ -4495,6 +4577,8 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
          "data/the-verdict.txt, data/instruction-data.json, "),
         (["bench.py", "--json", str(tmp_path)], 1, "is a folder; name a file"),
         (["bench.py", "--only", "serve,fly"], 1, "--only: no measurement fly; they are train,"),
+        (["ch05_train.py", "--fsdp", "--out", str(tmp_path / "fsdp")], 1,
+         "error: --fsdp shards the model over several processes: launch them with torchrun"),
         (["ch07_instruct.py", "--chat", "--serve"], 1,
          "error: --chat and --serve are different tasks: give one."),
         (["ch07_instruct.py", "--serve", "--port", "-1"], 2, "--port: must be at least 0"),
