@@ -17,6 +17,7 @@ ch05_generate.py.
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import math
 import os
@@ -34,7 +35,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no tra
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 from tqdm import tqdm
 
 from ch02_data import (CORPORA, EOT, GPTDatasetV1, HelpFormatter, Stopped, TextTooShort,
@@ -898,12 +899,12 @@ def whole_states(model, optimizer):
     gets the states, gathered on the CPU, the others (None, None)."""
     if not is_sharded(model):
         return _unwrap(model).state_dict(), optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                          get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     module = _unwrap(model)
-    model_state = get_model_state_dict(module, options=options)
-    by_name = get_optimizer_state_dict(module, optimizer, options=options)
+    model_state = whole_model_state(module)
+    by_name = get_optimizer_state_dict(
+        module, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None, None
     number = {name: i for i, name in enumerate(trainable_names(module))}
@@ -911,6 +912,16 @@ def whole_states(model, optimizer):
         "state": {number[name]: s for name, s in by_name["state"].items()},
         "param_groups": [{**g, "params": [number[n] for n in g["params"]]}
                          for g in by_name["param_groups"]]}
+
+
+def whole_model_state(model):
+    """The model's state dict, whole; sharded, gathered to the first process on the
+    CPU (every process must call this; the others get an empty dict)."""
+    if not is_sharded(model):
+        return _unwrap(model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(_unwrap(model), options=StateDictOptions(full_state_dict=True,
+                                                                         cpu_offload=True))
 
 
 def load_optimizer_state(model, optimizer, saved):
@@ -927,6 +938,98 @@ def load_optimizer_state(model, optimizer, saved):
                                 for g in saved["param_groups"]]}
     set_optimizer_state_dict(_unwrap(model), optimizer, by_name,
                              options=StateDictOptions(full_state_dict=True))
+
+
+# ---- Beyond the book: finetuning on several processes (chapters 6 and 7 under torchrun) ----
+# Each process takes its share of every batch of the book's loader; the loss is
+# the whole batch's mean, as one process computes it, so the steps are one
+# process's. Evaluations and samples use the whole batches, in every process.
+
+class BatchShares(Sampler):
+    """The batches DataLoader(shuffle=True, batch_size, drop_last=True) makes in one
+    process, from the same draws of the global random state, each process taking
+    its part (batch_size / processes windows) of every batch."""
+
+    def __init__(self, size, batch_size, rank, world_size):
+        if batch_size % world_size:
+            raise ValueError(f"--batch-size {batch_size} does not divide among {world_size} "
+                             f"processes: give a multiple of {world_size}.")
+        self.size, self.batch_size, self.rank, self.world_size = (size, batch_size, rank,
+                                                                  world_size)
+
+    def __iter__(self):
+        order = RandomSampler(range(self.size))  # draws its seed as DataLoader's sampler does
+        for batch in BatchSampler(order, self.batch_size, drop_last=True):
+            yield batch[self.rank::self.world_size]
+
+    def __len__(self):
+        return self.size // self.batch_size
+
+
+def share_of_batch_loss(input_batch, target_batch, model, device):
+    """This process's part of the whole batch's mean token loss, scaled so that the
+    gradients the processes average are one process's gradients of the batch."""
+    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+    logits = model(input_batch)
+    total = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target_batch.flatten(),
+                                              reduction="sum")
+    scored = (target_batch != -100).sum().to(torch.float64)  # cross_entropy's ignore_index
+    dist.all_reduce(scored)
+    return total * dist.get_world_size() / scored.to(total.dtype)
+
+
+def train_model_shared(model, train_loader, eval_loaders, optimizer, device, num_epochs,
+                       eval_freq, eval_iter, start_context, tokenizer):
+    """train_model_simple for several processes: the training loader's batches are
+    shares (BatchShares); eval_loaders are the book's training and validation
+    loaders of whole batches. Returns what train_model_simple returns."""
+    train_losses, val_losses, track_tokens_seen = [], [], []
+    tokens_seen, global_step = 0, -1
+    module = _unwrap(model)  # evaluations and samples without gradients to average
+    for epoch in range(num_epochs):
+        model.train()
+        for input_batch, target_batch in tqdm(train_loader, desc=f"Epoch {epoch + 1}",
+                                              leave=False, dynamic_ncols=True):
+            optimizer.zero_grad()
+            loss = share_of_batch_loss(input_batch, target_batch, model, device)
+            loss.backward()
+            optimizer.step()
+            width = torch.tensor([input_batch.shape[1]], device=device)
+            dist.all_reduce(width, op=dist.ReduceOp.MAX)  # the whole batch's padded width
+            tokens_seen += int(width.item()) * input_batch.shape[0] * dist.get_world_size()
+            global_step += 1
+            if global_step % eval_freq == 0:
+                train_loss, val_loss = evaluate_model(module, *eval_loaders, device, eval_iter)
+                train_losses.append(train_loss)
+                val_losses.append(val_loss)
+                track_tokens_seen.append(tokens_seen)
+                tqdm.write(f"Ep {epoch + 1} (Step {global_step:06d}): "
+                           f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
+        generate_and_print_sample(module, tokenizer, device, start_context)
+    return train_losses, val_losses, track_tokens_seen
+
+
+def quiet_process():
+    """Only the first process speaks: the others' prints and progress bars go nowhere
+    (their errors still reach stderr)."""
+    sys.stdout = open(os.devnull, "w")
+    tqdm.__init__ = functools.partialmethod(tqdm.__init__, disable=True)
+
+
+def agree(decide, rank):
+    """decide() on rank 0 (its checks of the output folder, say), then the same
+    outcome in every process: its error raised everywhere, or its result."""
+    outcome = [None, None]
+    if rank == 0:
+        try:
+            outcome[0] = decide()
+        except (OSError, ValueError) as err:
+            outcome[1] = err
+    if _distributed():
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise outcome[1]
+    return outcome[0]
 
 
 # ---- Putting the command together ----

@@ -49,6 +49,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no tra
 
 import requests
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -59,9 +60,11 @@ from ch05_generate import (add_sampling_arguments, build_lean, generate, generat
                            load_checkpoint, load_text_model, model_file, sampling_of,
                            save_checkpoint, stream_text)
 from ch05_load_gpt2 import ALLOWED_SIZES, load_gpt2_model
-from ch05_train import (FlagsTypedParser, calc_loss_loader, make_optimizer, plot_losses,
-                        refuse_overwrite, run_header, run_lock, speed_up, speed_up_finetuning,
-                        train_model_simple)
+from ch05_train import (BatchShares, FlagsTypedParser, _unwrap, agree, calc_loss_loader,
+                        is_sharded, make_optimizer, plot_losses, quiet_process, refuse_overwrite,
+                        run_header, run_lock, setup_distributed, shard_model, speed_up,
+                        speed_up_finetuning, train_model_shared, train_model_simple,
+                        whole_model_state)
 from ch06_classify import (add_finetuning_arguments, base_model, base_model_name,
                            finetuning_settings, freeze_and_add_lora, parse_finetuning_args,
                            plot_values)
@@ -1345,6 +1348,10 @@ def run(settings):
     """The command: score, tune with DPO, chat, or finetune."""
     out_dir = Path(settings["out"])
     responses_path = out_dir / "instruction-data-with-response.json"
+    modes = [f"--{m}" for m in ("evaluate", "dpo", "chat", "serve") if settings[m]]
+    if modes and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"Under torchrun, ch07_instruct.py finetunes; run {modes[0]} as one "
+                         "process (python ch07_instruct.py ...).")
     if settings["evaluate"]:
         return evaluate_saved(responses_of(settings["model_file"]) if settings["model_file"]
                               else responses_path, settings)
@@ -1355,16 +1362,36 @@ def run(settings):
     if settings["serve"]:
         return serve(settings)
     model_path = out_dir / model_name(settings)
+    rank, world_size, device = processes(settings)
     splits = load_splits(settings)  # before the lock and the model: a bad file costs nothing
-    with run_lock(out_dir, RESULTS):
-        if responses_missing(model_path, responses_path, settings["overwrite"]):
+    with run_lock(out_dir, RESULTS) if rank == 0 else contextlib.nullcontext():
+        if world_size == 1 and responses_missing(model_path, responses_path,
+                                                 settings["overwrite"]):
             return respond_again(model_path, splits[1], responses_path, settings)
-        earlier = refuse_overwrite([model_path, responses_path, out_dir / "scores.json"],
-                                   settings["overwrite"], "Use it with --chat, or keep it and "
-                                   "train into another --out. ", also=[out_dir / "loss-plot.png"])
-        result = finetune(settings, model_path, responses_path, splits, earlier)
-        earlier.retire()
+        earlier = agree(lambda: refuse_overwrite(
+            [model_path, responses_path, out_dir / "scores.json"], settings["overwrite"],
+            "Use it with --chat, or keep it and train into another --out. ",
+            also=[out_dir / "loss-plot.png"]), rank)
+        result = finetune(settings, model_path, responses_path, splits, earlier,
+                          (rank, world_size, device))
+        if rank == 0:
+            earlier.retire()
         return result
+
+
+def processes(settings):
+    """(rank, processes, device): one process, or torchrun's several (the finetuning
+    only), the others quiet; --fsdp needs several, and no LoRA."""
+    if os.environ.get("RANK", "0") != "0":
+        quiet_process()
+    rank, world_size, device = setup_distributed(settings["device"], log=print)
+    if settings["fsdp"] and world_size == 1:
+        raise ValueError("--fsdp shards the model over several processes: launch them with "
+                         "torchrun, e.g. torchrun --nproc_per_node=4 ch07_instruct.py --fsdp ...")
+    if settings["fsdp"] and settings["lora"]:
+        raise ValueError("--fsdp with --lora is not supported: LoRA's small matrices train "
+                         "well with DDP (torchrun without --fsdp).")
+    return rank, world_size, device
 
 
 def chat_with_saved(settings):
@@ -1402,11 +1429,13 @@ def saved_model_path(settings):
                             "--init-from) it was finetuned with.")
 
 
-def finetune(settings, model_path, responses_path, splits, earlier):
+def finetune(settings, model_path, responses_path, splits, earlier, ranks=None):
     """The chapter's run: finetune, save the model, write the test set's responses
     and score them when a judge answers. `earlier`: an earlier run's files, each
-    replaced as its new one is written (EarlierResults)."""
-    out_dir, device = Path(settings["out"]), get_device(settings["device"])
+    replaced as its new one is written (EarlierResults). `ranks`: (rank, processes,
+    device) under torchrun; the first process writes every file."""
+    rank, world_size, device = ranks or (0, 1, get_device(settings["device"]))
+    out_dir, is_main = Path(settings["out"]), rank == 0
     start = time.perf_counter()
     train_data, test_data, val_data = splits
     tokenizer = bpe_tokenizer(settings["models_dir"])
@@ -1418,6 +1447,8 @@ def finetune(settings, model_path, responses_path, splits, earlier):
         freeze_and_add_lora(model, settings["rank"], settings["alpha"], say=print)
     model.to(device)
     plan = speed_up_finetuning(model, settings["fast"], device)
+    if settings["fsdp"]:
+        shard_model(model, plan)
     train_loader, val_loader = instruction_loaders(train_data, val_data, tokenizer, cfg, device,
                                                    settings)  # 7.4
     print(run_header(base_model_name(settings), model, cfg,
@@ -1427,25 +1458,42 @@ def finetune(settings, model_path, responses_path, splits, earlier):
         train_loss = calc_loss_loader(train_loader, model, device, num_batches=5)
         val_loss = calc_loss_loader(val_loader, model, device, num_batches=5)
     print(f"Training loss before finetuning: {train_loss:.3f}, validation loss: {val_loss:.3f}")
+    if is_sharded(model):  # the optimizer must see the sharded parameters, not gathered ones
+        model.reshard()
 
     # 7.6 Fine-tuning the LLM on instruction data
     torch.manual_seed(settings["seed"])
     optimizer = make_optimizer(model, settings["lr"], settings["weight_decay"],
                                plan["fused_adamw"])
-    train_losses, val_losses, tokens_seen = train_model_simple(
-        model, train_loader, val_loader, optimizer, device, num_epochs=settings["epochs"],
-        eval_freq=settings["eval_freq"], eval_iter=settings["eval_iter"],
-        start_context=format_input(val_data[0]), tokenizer=tokenizer)
+    options = dict(num_epochs=settings["epochs"], eval_freq=settings["eval_freq"],
+                   eval_iter=settings["eval_iter"], start_context=format_input(val_data[0]),
+                   tokenizer=tokenizer)
+    if world_size == 1:
+        train_losses, val_losses, tokens_seen = train_model_simple(
+            model, train_loader, val_loader, optimizer, device, **options)
+    else:  # beyond the book: each process a share of every batch, one process's steps
+        shares = DataLoader(train_loader.dataset, collate_fn=train_loader.collate_fn,
+                            batch_sampler=BatchShares(len(train_loader.dataset),
+                                                      settings["batch_size"], rank, world_size))
+        if not settings["fsdp"]:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_losses, val_losses, tokens_seen = train_model_shared(
+            model, shares, (train_loader, val_loader), optimizer, device, **options)
+        model = _unwrap(model)
     print(f"Training completed in {(time.perf_counter() - start) / 60:.2f} minutes.")
-    if train_losses:
+    if train_losses and is_main:
         plot_losses(torch.linspace(0, settings["epochs"], len(train_losses)), tokens_seen,
                     train_losses, val_losses, out_dir / "loss-plot.png")
-    save_finetuned(model_path, model, cfg, settings)
+    model = save_finetuned(model_path, model, cfg, settings, is_main, device)
+    result = {"model": model, "train_losses": train_losses, "val_losses": val_losses,
+              "test_data": test_data}
+    if not is_main:  # the first process writes the responses and scores them
+        dist.barrier()
+        return result
     earlier.retire(responses_path, out_dir / "scores.json")  # the earlier model's, not this one's
     write_responses(model, test_data, tokenizer, device, cfg["context_length"],
                     settings["max_new_tokens"], responses_path, **sampling_of(settings))
-    result = {"model": model, "train_losses": train_losses, "val_losses": val_losses,
-              "test_data": test_data}
     if check_if_running(settings["ollama_url"]):
         result.update(score_responses(responses_path, settings))
     else:
@@ -1453,6 +1501,8 @@ def finetune(settings, model_path, responses_path, splits, earlier):
               f"start one (`ollama serve`, `ollama pull {settings['judge_model']}`) and run "
               f"`python ch07_instruct.py --evaluate --out {out_dir}`.")
     print(f"Total run time: {(time.perf_counter() - start) / 60:.2f} minutes.")
+    if world_size > 1:
+        dist.barrier()
     return result
 
 
@@ -1470,14 +1520,25 @@ def instruction_loaders(train_data, val_data, tokenizer, cfg, device, settings):
     return train_loader, val_loader
 
 
-def save_finetuned(path, model, cfg, settings):
+def save_finetuned(path, model, cfg, settings, is_main=True, device="cpu"):
+    """Save the model (the first process; a sharded one is gathered to it first)
+    and return it whole: on the first process, a sharded one as a model of its
+    own on `device`, to write the responses with."""
     saved = {"model_size": settings["model_size"], "models_dir": str(settings["models_dir"]),
              "init_from": settings["init_from"],
              "lora_rank": settings["rank"] if settings["lora"] else None,
              "lora_alpha": settings["alpha"], "mask_instructions": settings["mask_instructions"]}
-    save_checkpoint(path, model_file("instruct", model.state_dict(), cfg, saved,
+    state = whole_model_state(model)
+    if not is_main:
+        return model
+    save_checkpoint(path, model_file("instruct", state, cfg, saved,
                                      what="an instruction-finetuned model of ch07_instruct.py"))
     print(f"Model saved as {path}")
+    if is_sharded(model):
+        model = build_model(cfg, saved["lora_rank"], saved["lora_alpha"])
+        model.load_state_dict(state)
+        model.to(device)
+    return model
 
 
 def load_splits(settings):
@@ -1551,6 +1612,9 @@ def build_parser():
     parser.add_argument("--model-file", metavar="FILE", default=None,
                         help="the model --chat talks to, --evaluate scores the responses of, or "
                              "--dpo tunes (default: the one finetuned in --out)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the model over the processes (FSDP2) "
+                             "instead of copying it to each (DDP); not with --lora")
     srv = parser.add_argument_group("serving (beyond the book): a chat page and an "
                                     "OpenAI-style API")
     srv.add_argument("--serve", action="store_true",

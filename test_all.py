@@ -1628,35 +1628,6 @@ def test_every_model_file_has_one_layout_and_a_wrong_one_says_what_it_holds(tmp_
 # ---- The ch05_train.py command: several processes ----
 
 
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, short_text):
-    """2 processes x micro-batch 1 x --grad-accum 2 see the same windows per step
-    as 1 process x micro-batch 2 x --grad-accum 2; a 2-process checkpoint then
-    resumes in 1 process."""
-    common = ["--data", str(short_text), "--model-size", "tiny", "--context-length", "32",
-              "--drop-rate", "0", "--epochs", "2", "--eval-freq", "2", "--eval-iter", "2",
-              "--grad-accum", "2", "--device", "cpu"]
-    ch05.main(args_of(ch05, [*common, "--batch-size", "2", "--max-steps", "5",
-                               "--out", str(tmp_path / "one")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "ch05_train.py", *common, "--batch-size", "1", "--max-steps", "3",
-         "--out", str(tmp_path / "two")], cwd=HERE, capture_output=True, text=True,
-        timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("Ep 1 (Step 000000)") == 1  # only rank 0 prints
-    two = log_rows(tmp_path / "two" / "log.csv")
-    one = log_rows(tmp_path / "one" / "log.csv")
-    assert [r["step"] for r in two] == ["0", "2"]
-    ch05.main(args_of(ch05, ["--resume", str(tmp_path / "two" / "checkpoint.pt"),
-                               "--batch-size", "2", "--max-steps", "5", "--device", "cpu"]))
-    switched = log_rows(tmp_path / "two" / "log.csv")
-    assert [r["step"] for r in switched] == [r["step"] for r in one]
-    for a, b in zip(one, switched):
-        assert a["tokens_seen"] == b["tokens_seen"]
-        for key in ("train_loss", "val_loss"):
-            assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5)
-
-
 def torchrun(argv, *launcher, timeout=300, **popen):
     """python -m torch.distributed.run LAUNCHER ch05_train.py ARGV, one thread a process."""
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher,
@@ -1704,31 +1675,31 @@ def test_fsdp_trains_resumes_and_spans_machines_as_one_process_does(tmp_path, sh
     step = int(re.search(r"Stopped by SIGINT after step (\d+); checkpoint saved", err).group(1))
     assert gen.load_checkpoint(tmp_path / "int" / "checkpoint.pt")["step"] == step < 8
     same_losses(tmp_path / "int", range(step + 1))  # --fsdp's steps are one process's
-    for layout, launch in [("fsdp", two), ("ddp", two), ("one", None)]:
+    # resumed under --fsdp on two machines (one process each, meeting at a c10d
+    # rendezvous on 127.0.0.1), under DDP, and in one process
+    port = str(free_port())
+    machines = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test"]
+    for layout in ("fsdp", "ddp", "one"):
         folder = tmp_path / f"resumed-{layout}"
         folder.mkdir()
         shutil.copy(tmp_path / "int" / "checkpoint.pt", folder)
         resume = ["--resume", str(folder / "checkpoint.pt"), "--max-steps", str(step + 4)]
-        if launch:
-            finished(torchrun([*resume, *(["--fsdp"] if layout == "fsdp" else [])], *launch))
+        if layout == "fsdp":
+            out = [finished(p) for p in [torchrun([*resume, "--fsdp"], *machines)
+                                         for _ in range(2)]]
+            assert any("with 2 process(es) (FSDP); global batch 4 windows, 128 tokens a step"
+                       in o for o in out)
+        elif layout == "ddp":
+            finished(torchrun(resume, *two))
         else:  # the same global batch in one process
             ch05.main(args_of(ch05, [*resume, "--batch-size", "2"]))
         same_losses(folder, range(step + 4))  # the history, then the steps after it
-    # two machines, one process each
-    port = str(free_port())
-    machines = [torchrun([*common, "--batch-size", "1", "--max-steps", "5", "--fsdp", "--out",
-                          str(tmp_path / "machines")], "--nnodes=2", "--nproc_per_node=1",
-                         "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                         "--rdzv-id=test") for _ in range(2)]
-    out = [finished(proc) for proc in machines]
-    assert any("with 2 process(es) (FSDP); global batch 4 windows, 128 tokens a step" in o
-               for o in out)
-    same_losses(tmp_path / "machines", range(5))
-    # the checkpoint is in one process's layout: the weights equal one process's at step 4
-    ch05.main(args_of(ch05, [*common, "--batch-size", "2", "--max-steps", "5",
-                             "--out", str(tmp_path / "one-5")]))
-    ones = gen.load_checkpoint(tmp_path / "one-5" / "checkpoint.pt")
-    saved = gen.load_checkpoint(tmp_path / "machines" / "checkpoint.pt")
+    # the checkpoint is in one process's layout: the weights equal one process's
+    ch05.main(args_of(ch05, [*common, "--batch-size", "2", "--max-steps", str(step + 4),
+                             "--out", str(tmp_path / "one-again")]))
+    ones = gen.load_checkpoint(tmp_path / "one-again" / "checkpoint.pt")
+    saved = gen.load_checkpoint(tmp_path / "resumed-fsdp" / "checkpoint.pt")
     for key, value in saved["model"].items():
         assert torch.allclose(value, ones["model"][key], atol=1e-6), key
 
@@ -3845,6 +3816,71 @@ def test_chat_loop_streams_and_exits_on_empty_line(tokenizer):
         out.getvalue().rindex(">>> ")
 
 
+def test_wrong_combinations_of_processes_and_modes_are_one_line_each(tmp_path, capsys):
+    for chapter in (ch05, ch07):
+        with pytest.raises(ValueError, match=r"^--fsdp shards the model over several "
+                                             r"processes: launch them with torchrun"):
+            chapter.main(args_of(chapter, ["--fsdp", "--out", str(tmp_path / "x"),
+                                           "--device", "cpu"]))
+    with pytest.raises(ValueError, match=r"^--chat and --serve are different tasks: give one"):
+        ch07.main(args_of(ch07, ["--chat", "--serve"]))
+    with pytest.raises(FileNotFoundError, match=r"^No model at .*none\.pth: finetune one first"):
+        ch07.main(args_of(ch07, ["--serve", "--model-file", str(tmp_path / "none.pth"),
+                                 "--device", "cpu"]))
+    with pytest.raises(SystemExit):
+        args_of(ch07, ["--serve", "--port", "-1"])
+    assert "--port: must be at least 0 and at most 65535, got -1" in capsys.readouterr().err
+    with unittest.mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):
+        with pytest.raises(ValueError, match=r"^Under torchrun, ch07_instruct.py finetunes; "
+                                             r"run --chat as one process"):
+            ch07.main(args_of(ch07, ["--chat"]))
+
+
+def test_batch_shares_are_the_books_batches_split_among_processes():
+    for world_size in (1, 2, 4):
+        torch.manual_seed(5)
+        book = [b.tolist() for b in DataLoader(range(22), batch_size=4, shuffle=True,
+                                                drop_last=True)]
+        shares = []
+        for rank in range(world_size):
+            torch.manual_seed(5)
+            shares.append(list(DataLoader(range(22), batch_sampler=ch05.BatchShares(
+                22, 4, rank, world_size))))
+        assert [sorted(sum((s[i].tolist() for s in shares), [])) for i in range(5)] == \
+            [sorted(b) for b in book]
+    with pytest.raises(ValueError, match=r"--batch-size 6 does not divide among 4 processes: "
+                                         r"give a multiple of 4"):
+        ch05.BatchShares(22, 6, 0, 4)
+
+
+def test_chapter7_finetunes_on_two_processes_as_on_one_with_ddp_and_fsdp(tmp_path, capsys):
+    """Each process takes half of every batch; the loss is the whole batch's, so the
+    losses, weights and responses are one process's; the first process writes."""
+    argv = ["--data", str(SHARED / "data" / "instruction-data.json"), "--model-size", "tiny",
+            "--no-pretrained", "--limit", "20", "--batch-size", "4", "--epochs", "1",
+            "--eval-freq", "2", "--eval-iter", "1", "--max-new-tokens", "2", "--device", "cpu",
+            "--mask-instructions", "--ollama-url", "http://127.0.0.1:9/api/chat"]
+    ch07.main(args_of(ch07, [*argv, "--out", str(tmp_path / "one")]))
+    losses = lambda out: re.findall(r"Ep 1 \(Step \d+\): Train loss [\d.]+, Val loss [\d.]+",  # noqa: E731
+                                    out)
+    one_lines = losses(capsys.readouterr().out)
+    one = gen.load_checkpoint(tmp_path / "one" / "gpt2-tiny-sft.pth")["model"]
+    responses = (tmp_path / "one" / "instruction-data-with-response.json").read_text()
+    for layout in ("ddp", "fsdp"):
+        out = finished(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "ch07_instruct.py", *argv, "--out", str(tmp_path / layout),
+             *(["--fsdp"] if layout == "fsdp" else [])], cwd=HERE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+        assert losses(out) == one_lines and len(one_lines) == 3  # printed once, the same
+        saved = gen.load_checkpoint(tmp_path / layout / "gpt2-tiny-sft.pth")["model"]
+        assert all(torch.allclose(v, one[k], atol=1e-5) for k, v in saved.items()), layout
+        assert (tmp_path / layout / "instruction-data-with-response.json").read_text() == \
+            responses
+        assert sorted(p.name for p in (tmp_path / layout).iterdir()) == sorted(
+            p.name for p in (tmp_path / "one").iterdir())  # each file once, and one lock
+
+
 def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
     stub = serve(StubOllama, lambda prompt: "50")
     args = args_of(ch07, [
@@ -4342,11 +4378,12 @@ def test_the_queue_has_a_limit_and_a_client_that_leaves_stops_its_generation(tmp
         assert served.made < 60  # not the 200 tokens the one who left asked for
 
 
-def test_serve_command_stops_on_sigterm_and_ctrl_c_with_status_0(tmp_path):
+def test_serve_command_stops_on_sigterm_with_status_0(tmp_path):
     model = tiny_model(0, context_length=SERVE_CTX)
     gen.save_checkpoint(tmp_path / "m.pth", gen.model_file(
         "instruct", model.state_dict(), {**TINY, "context_length": SERVE_CTX}, {}))
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # Ctrl-C takes the same way in serve() (SIGTERM raises Interrupted, a KeyboardInterrupt)
+    for sig in (signal.SIGTERM,):
         proc = subprocess.Popen([sys.executable, str(HERE / "ch07_instruct.py"), "--serve",
                                  "--model-file", str(tmp_path / "m.pth"), "--port", "0",
                                  "--device", "cpu"], stdout=subprocess.PIPE,
@@ -4577,13 +4614,6 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
          "data/the-verdict.txt, data/instruction-data.json, "),
         (["bench.py", "--json", str(tmp_path)], 1, "is a folder; name a file"),
         (["bench.py", "--only", "serve,fly"], 1, "--only: no measurement fly; they are train,"),
-        (["ch05_train.py", "--fsdp", "--out", str(tmp_path / "fsdp")], 1,
-         "error: --fsdp shards the model over several processes: launch them with torchrun"),
-        (["ch07_instruct.py", "--chat", "--serve"], 1,
-         "error: --chat and --serve are different tasks: give one."),
-        (["ch07_instruct.py", "--serve", "--port", "-1"], 2, "--port: must be at least 0"),
-        (["ch07_instruct.py", "--serve", "--model-file", str(tmp_path / "none.pth")], 1,
-         "error: No model at "),
         (["ch02_data.py", "--data", str(tmp_path / "short.txt")], 1,
          "error: The text has 3 tokens, but the demo's batches need 33"),
         (["ch06_classify.py", "--data", str(tmp_path / "reviews.csv"), "--no-pretrained",
