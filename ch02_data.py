@@ -1005,7 +1005,9 @@ def tokenize_row_group(task, tokenizer=None):
 def token_workers(workers, models_dir):
     """tokenize(path, groups): the row groups' tokens in order, from `workers`
     processes (a few groups ahead of the reader, never the whole file), or from
-    this process when workers is 1. Both give the same tokens, byte for byte."""
+    this process when workers is 1. Both give the same tokens, byte for byte.
+    The workers are fresh interpreters that import the main script: a script of
+    yours that calls this needs Python's usual `if __name__ == "__main__":`."""
     if workers == 1:
         tokenizer = bpe_tokenizer(models_dir)
         yield lambda path, groups: (tokenize_row_group((path, g), tokenizer) for g in groups)
