@@ -1372,8 +1372,12 @@ def run(settings):
             [model_path, responses_path, out_dir / "scores.json"], settings["overwrite"],
             "Use it with --chat, or keep it and train into another --out. ",
             also=[out_dir / "loss-plot.png"]), rank)
-        result = finetune(settings, model_path, responses_path, splits, earlier,
-                          (rank, world_size, device))
+        try:
+            result = finetune(settings, model_path, responses_path, splits, earlier,
+                              (rank, world_size, device))
+        finally:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
         if rank == 0:
             earlier.retire()
         return result
