@@ -769,11 +769,10 @@ def parquet_problem(path, size=None, sha256=None):
     and its SHA-256 where the published one is known."""
     if size is not None and path.stat().st_size != size:
         return f"{path.stat().st_size:,} bytes, not the published {size:,}"
+    pq = parquet_module()
     try:
-        metadata = parquet_module().ParquetFile(path).metadata
-    except ValueError:
-        raise
-    except Exception as err:  # pyarrow's own errors, of a cut file or an error page
+        metadata = pq.ParquetFile(path).metadata
+    except Exception as err:  # pyarrow's own errors (ArrowInvalid: a cut file, an error page)
         return f"no Parquet footer ({type(err).__name__})"
     if "text" not in metadata.schema.names:
         return f"no text column (its columns: {', '.join(metadata.schema.names)})"

@@ -2609,6 +2609,14 @@ def test_a_named_corpus_survives_cut_downloads_damaged_files_and_ctrl_c(
     assert re.search(r"train-0001\.bin is damaged \(its checksum does not match what was "
                      r"written\); it and the \d+ after it are tokenized again",
                      capsys.readouterr().out)
+    # a file whose size and SHA-256 are not published: its Parquet footer tells it damaged
+    spec = ch02.CORPORA["fineweb-edu"]
+    monkeypatch.setitem(spec, "files", spec["files"][:2] + [(spec["files"][2][0], None, None)])
+    server.wrong_once[first.replace("000_", "002_")] = b"not Parquet at all" * 100
+    whole, val = ch02.prepare_corpus("fineweb-edu", 10**9, tmp_path / "data", workers=1)
+    assert list(whole[0:len(whole)]) == expected[len(val):]
+    assert re.search(r"002_00000\.parquet is damaged \(no Parquet footer \(Arrow\w+\)\); moved "
+                     r"aside", capsys.readouterr().out)
     # a disk without room for the next file is named before it is fetched
     monkeypatch.setattr(ch02.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 10))
     with pytest.raises(OSError, match=r"^000_00000\.parquet needs 0\.00 GB and its disk has "
