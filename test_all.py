@@ -1680,21 +1680,22 @@ def test_fsdp_trains_resumes_and_spans_machines_as_one_process_does(tmp_path, sh
     port = str(free_port())
     machines = ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test"]
+    resumes = {}
     for layout in ("fsdp", "ddp", "one"):
         folder = tmp_path / f"resumed-{layout}"
         folder.mkdir()
         shutil.copy(tmp_path / "int" / "checkpoint.pt", folder)
-        resume = ["--resume", str(folder / "checkpoint.pt"), "--max-steps", str(step + 4)]
-        if layout == "fsdp":
-            out = [finished(p) for p in [torchrun([*resume, "--fsdp"], *machines)
-                                         for _ in range(2)]]
-            assert any("with 2 process(es) (FSDP); global batch 4 windows, 128 tokens a step"
-                       in o for o in out)
-        elif layout == "ddp":
-            finished(torchrun(resume, *two))
-        else:  # the same global batch in one process
-            ch05.main(args_of(ch05, [*resume, "--batch-size", "2"]))
-        same_losses(folder, range(step + 4))  # the history, then the steps after it
+        resumes[layout] = ["--resume", str(folder / "checkpoint.pt"), "--max-steps",
+                           str(step + 4)]
+    # the launches at once (most of each is starting Python), then one process
+    launched = [torchrun([*resumes["fsdp"], "--fsdp"], *machines) for _ in range(2)] + \
+        [torchrun(resumes["ddp"], *two)]
+    out = [finished(p) for p in launched]
+    assert any("with 2 process(es) (FSDP); global batch 4 windows, 128 tokens a step" in o
+               for o in out[:2])
+    ch05.main(args_of(ch05, [*resumes["one"], "--batch-size", "2"]))  # the same global batch
+    for layout in resumes:
+        same_losses(tmp_path / f"resumed-{layout}", range(step + 4))  # the history, then on
     # the checkpoint is in one process's layout: the weights equal one process's
     ch05.main(args_of(ch05, [*common, "--batch-size", "2", "--max-steps", str(step + 4),
                              "--out", str(tmp_path / "one-again")]))
@@ -3838,6 +3839,8 @@ def test_wrong_combinations_of_processes_and_modes_are_one_line_each(tmp_path, c
     with pytest.raises(SystemExit):
         args_of(ch07, ["--serve", "--port", "-1"])
     assert "--port: must be at least 0 and at most 65535, got -1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^--only: no measurement fly; they are train,"):
+        bench.main(bench.build_parser().parse_args(["--only", "serve,fly", "--device", "cpu"]))
     with unittest.mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):
         with pytest.raises(ValueError, match=r"^Under torchrun, ch07_instruct.py finetunes; "
                                              r"run --chat as one process"):
@@ -3874,12 +3877,14 @@ def test_chapter7_finetunes_on_two_processes_as_on_one_with_ddp_and_fsdp(tmp_pat
     one_lines = losses(capsys.readouterr().out)
     one = gen.load_checkpoint(tmp_path / "one" / "gpt2-tiny-sft.pth")["model"]
     responses = (tmp_path / "one" / "instruction-data-with-response.json").read_text()
-    for layout in ("ddp", "fsdp"):
-        out = finished(subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "ch07_instruct.py", *argv, "--out", str(tmp_path / layout),
-             *(["--fsdp"] if layout == "fsdp" else [])], cwd=HERE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    runs = {layout: subprocess.Popen(  # both at once: most of each is starting Python
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "ch07_instruct.py", *argv, "--out", str(tmp_path / layout),
+         *(["--fsdp"] if layout == "fsdp" else [])], cwd=HERE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for layout in ("ddp", "fsdp")}
+    for layout, proc in runs.items():
+        out = finished(proc)
         assert losses(out) == one_lines and len(one_lines) == 3  # printed once, the same
         saved = gen.load_checkpoint(tmp_path / layout / "gpt2-tiny-sft.pth")["model"]
         assert all(torch.allclose(v, one[k], atol=1e-5) for k, v in saved.items()), layout
@@ -4621,7 +4626,6 @@ def test_bad_inputs_on_the_command_line_get_one_line_and_no_traceback(tmp_path):
          f"The tests need these files in {tmp_path / 'no-shared'} (TEST_SHARED_DIR): "
          "data/the-verdict.txt, data/instruction-data.json, "),
         (["bench.py", "--json", str(tmp_path)], 1, "is a folder; name a file"),
-        (["bench.py", "--only", "serve,fly"], 1, "--only: no measurement fly; they are train,"),
         (["ch02_data.py", "--data", str(tmp_path / "short.txt")], 1,
          "error: The text has 3 tokens, but the demo's batches need 33"),
         (["ch06_classify.py", "--data", str(tmp_path / "reviews.csv"), "--no-pretrained",
