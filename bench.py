@@ -39,7 +39,6 @@ import resource  # CPU time of the children
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -297,10 +296,10 @@ def child_serve(variant, p):
                               name, False, {"max_new_tokens": p["serve_tokens"],
                                             "temperature": 0.0, "top_k": None, "top_p": None},
                               max_queue=64)
-    server = ch07.make_server(served, {"host": "127.0.0.1", "port": 0, "api_key": None,
-                                       "cors_origin": None, "max_queue": 64})
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1/completions"
+    server, url, _ = ch07.start_serving(served, {"host": "127.0.0.1", "port": 0,
+                                                 "api_key": None, "cors_origin": None,
+                                                 "max_queue": 64})
+    url += "/v1/completions"
 
     def client(i):
         start, first, tokens = time.perf_counter(), None, 0

@@ -638,15 +638,12 @@ def build_token_file(files, cache_dir, tokenizer, num_threads=None, log=print, c
                 n, crc = _write_tokens(out, tokenizer, pending, num_threads, crc, suffix=eot)
                 n_tokens += n
             out.flush()
-            write_text_atomic(record, json.dumps({"tokens": n_tokens, "crc32": crc}))
+            write_token_record(path, n_tokens, crc)
     except OSError as err:  # a full disk: name the file and the space left
         if err.filename and Path(err.filename).name not in (path.name + ".tmp",
                                                             record.name + ".tmp"):
             raise  # an input file's error names that file
-        raise OSError(f"Could not write the token file {path}: "
-                      f"{err.strerror or 'the disk is full'}; "
-                      f"{_free_space(path.parent)} free on its disk. Free some space, or give "
-                      "another --out.") from None
+        raise token_file_unwritten(path, err, "--out") from None
     seconds = time.perf_counter() - start
     log(f"Tokenized {len(files)} file(s), {n_chars / 1e6:.1f}M characters, into "
         f"{n_tokens:,} tokens in {seconds:.1f} s ({n_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
@@ -660,6 +657,19 @@ def _write_tokens(out, tokenizer, blocks, num_threads, crc, suffix=()):
     data = np.asarray(ids, dtype="<u2").tobytes()
     out.write(data)
     return len(ids), zlib.crc32(data, crc)
+
+
+def write_token_record(path, n_tokens, crc):
+    """The record beside a token file (PATH.json): its length and CRC-32, which
+    token_file_problem checks before the file is used again."""
+    write_text_atomic(path.with_suffix(".json"), json.dumps({"tokens": n_tokens, "crc32": crc}))
+
+
+def token_file_unwritten(path, err, flag):
+    """A token file that could not be written (a full disk, say), in one line."""
+    return OSError(f"Could not write the token file {path}: {err.strerror or 'the disk is full'}"
+                   f"; {_free_space(path.parent)} free on its disk. Free some space, or give "
+                   f"another {flag}.")
 
 
 def token_file_problem(path, record):
@@ -947,12 +957,9 @@ def write_token_file(path, ids):
     try:
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
-        write_text_atomic(path.with_suffix(".json"),
-                          json.dumps({"tokens": len(ids), "crc32": zlib.crc32(data)}))
+        write_token_record(path, len(ids), zlib.crc32(data))
     except OSError as err:
-        raise OSError(f"Could not write the token file {path} ({len(data) / 1e6:,.0f} MB): "
-                      f"{err.strerror or 'the disk is full'}; {_free_space(path.parent)} free "
-                      "on its disk. Free some space, or give another --data-dir.") from None
+        raise token_file_unwritten(path, err, "--data-dir") from None
 
 
 def fetch_corpus_file(spec, index, folder):

@@ -1108,6 +1108,16 @@ def load_served_model(settings, device):
     return model, cfg, path.stem, chat
 
 
+def start_serving(served, settings):
+    """make_server, serving from a thread of its own: (server, its URL, the thread)."""
+    server = make_server(served, settings)
+    host, port = server.server_address[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    return server, url, thread
+
+
 def stop_serving(server, served, timeout=30):
     """No new connections; the answer being generated ends as usual, those waiting get
     503, and the answers under way are sent (for at most `timeout` seconds)."""
@@ -1125,14 +1135,10 @@ def serve(settings):
     served = ServedModel(model, bpe_tokenizer(settings["models_dir"]), device, cfg, name, chat,
                          {"max_new_tokens": settings["max_new_tokens"], **sampling_of(settings)},
                          settings["max_queue"])
-    server = make_server(served, settings)
-    host, port = server.server_address[:2]
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    server, url, thread = start_serving(served, settings)
     print(f"Serving {name} ({'chat' if chat else 'text'}, context {cfg['context_length']}) at "
           f"{url}/ : the chat page there, the OpenAI-style API at {url}/v1"
           f"{' (with the API key)' if settings['api_key'] else ''}. Ctrl-C stops.", flush=True)
-    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
-    thread.start()
     try:
         while thread.is_alive():
             thread.join(0.5)  # signals arrive in this thread

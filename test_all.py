@@ -4195,12 +4195,10 @@ def chat_server(tmp_path, chat=True, extra=(), slow=None):
         served_generate = slowed
     else:
         served_generate = ch07.generate_stream
-    server = ch07.make_server(served, settings)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
     with unittest.mock.patch.object(ch07, "generate_stream", served_generate):
-        thread.start()
+        server, url, _ = ch07.start_serving(served, settings)
         try:
-            yield f"http://127.0.0.1:{server.server_address[1]}", served
+            yield url, served
         finally:
             ch07.stop_serving(server, served, timeout=10)
 
