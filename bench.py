@@ -16,7 +16,9 @@ With --device cuda:
   1. training through ch05_train.py's own loop (data loading, logging and evaluations
      included), 124M, context 1024, batch 16, on a memory-mapped corpus: the book's
      path, --fast and --fast --compile; tokens/s, peak GPU memory, and MFU against a
-     bf16 8192^3 matmul measured in the same run
+     bf16 8192^3 matmul measured in the same run; and the peak GPU memory of a process
+     training GPT-2 774M and 1558M with --fast (context 1024, batch 1), alone and,
+     with several GPUs, sharded over them with --fsdp
   2. batch-1 greedy decoding, 200 new tokens: uncached, KV cache (a CUDA graph), the
      same with the fast kernels, and Hugging Face's GPT-2 `generate` where
      transformers is installed
@@ -365,10 +367,35 @@ def child_train_command(variant, p):
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else float("nan")}
 
 
+def child_train_memory(variant, p):
+    """Peak GPU memory of a process of ch05_train.py --fast training GPT-2 774M or
+    1558M (context 1024, batch 1 a process, a few steps): one process (as each
+    DDP process holds), or --fsdp over every GPU (variant "SIZE:fsdp")."""
+    import re
+    import torch
+    size, _, fsdp = variant.partition(":")
+    out = Path(p["work_dir"]) / f"memory-{size}-{fsdp or 'one'}-{os.getpid()}"
+    out.mkdir()
+    (out / "tokens").symlink_to(Path(p["work_dir"]) / "tokens")  # tokenized once, by the parent
+    launcher = ["-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={torch.cuda.device_count()}"] if fsdp else []
+    done = subprocess.run(
+        [sys.executable, *launcher, str(HERE / "ch05_train.py"), "--data", p["corpus"],
+         "--memmap", "--model-size", size, "--context-length", "1024", "--batch-size", "1",
+         "--max-steps", "3", "--eval-freq", "1000", "--eval-iter", "1", "--save-every", "0",
+         "--max-new-tokens", "1", "--device", "cuda", "--fast", "--out", str(out),
+         *(["--fsdp"] if fsdp else [])], capture_output=True, text=True)
+    found = re.search(r"peak GPU memory ([\d.]+) GB", done.stdout + done.stderr)
+    last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]
+    return {"peak_gb": float(found.group(1)) if found else float("nan"),  # out of memory, say
+            "processes": torch.cuda.device_count() if fsdp else 1,
+            "failed": None if found else (last[0][-200:] if last else f"exit {done.returncode}")}
+
+
 CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": child_copy,
             "generate": child_generate, "load": child_load, "dataset": child_dataset,
             "train_command": child_train_command, "eval": child_eval,
-            "tokenize": child_tokenize, "serve": child_serve}
+            "tokenize": child_tokenize, "serve": child_serve, "train_memory": child_train_memory}
 
 
 # ---- The parent: run children interleaved, summarise ----
@@ -486,6 +513,12 @@ def summarise_cuda(runs, p):
             for label, v in TRAIN_VARIANTS]
     rows += [("peak memory", label, stat("train_command", v, "peak_gb"), "GB")
              for label, v in TRAIN_VARIANTS]
+    for run in runs:  # 774M and 1558M training: a process's peak (NaN: it did not fit)
+        if run["name"] == "train_memory" and run["variant"] not in [r[1] for r in rows]:
+            sharded = f", --fsdp over {run['processes']} GPUs" if ":" in run["variant"] else ""
+            rows.append(("peak memory", run["variant"], stat("train_memory", run["variant"],
+                                                             "peak_gb"),
+                         f"GB{sharded}" + (f" ({run['failed']})" if run["failed"] else "")))
     rows.append(("torch.mm", f"bf16 {p['mm_n']}^3", stat("mm", "-", "gflops_per_s"),
                  "GFLOP/s"))
     rows += [("decoding", label, stat("generate", v, "tokens_per_s"), "tokens/s")
@@ -560,7 +593,11 @@ def main(args):
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU.")
             p["corpus"] = prepare_corpus(p, args.data_dir)
+            # GPT-2 774M and 1558M: one process, and sharded over the GPUs when there are several
+            sizes = [f"{size}{fsdp}" for size in ("774M", "1558M")
+                     for fsdp in ("", ":fsdp")[:1 + (torch.cuda.device_count() > 1)]]
             pairs = [("mm", ("-",)), ("train_command", tuple(v for _, v in TRAIN_VARIANTS)),
+                     ("train_memory", tuple(sizes)),
                      ("generate", ("uncached", "cached", "fast") +
                       (("hf",) if importlib.util.find_spec("transformers") else ()))]
         else:

@@ -217,6 +217,16 @@ def _distributed():
     return dist.is_available() and dist.is_initialized()
 
 
+def world_size():
+    """The processes that train together (1 without torchrun)."""
+    return dist.get_world_size() if _distributed() else 1
+
+
+def process_rank():
+    """This process's number among them (0, the first, without torchrun)."""
+    return dist.get_rank() if _distributed() else 0
+
+
 class ResumableSampler(Sampler):
     """DataLoader(shuffle=...)'s order, resumable and split across processes.
 
@@ -978,6 +988,16 @@ def share_of_batch_loss(input_batch, target_batch, model, device):
     return total * dist.get_world_size() / scored.to(total.dtype)
 
 
+def whole_batch_tokens(share):
+    """The tokens (padding included) of the whole batch that `share`, a BatchShares
+    part of it padded to its own longest row, came from; in one process, its own."""
+    if not _distributed():
+        return share.numel()
+    width = torch.tensor([share.shape[1]], device=share.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)  # the whole batch's padded width
+    return int(width.item()) * share.shape[0] * dist.get_world_size()
+
+
 def train_model_shared(model, train_loader, eval_loaders, optimizer, device, num_epochs,
                        eval_freq, eval_iter, start_context, tokenizer):
     """train_model_simple for several processes: the training loader's batches are
@@ -994,9 +1014,7 @@ def train_model_shared(model, train_loader, eval_loaders, optimizer, device, num
             loss = share_of_batch_loss(input_batch, target_batch, model, device)
             loss.backward()
             optimizer.step()
-            width = torch.tensor([input_batch.shape[1]], device=device)
-            dist.all_reduce(width, op=dist.ReduceOp.MAX)  # the whole batch's padded width
-            tokens_seen += int(width.item()) * input_batch.shape[0] * dist.get_world_size()
+            tokens_seen += whole_batch_tokens(input_batch)
             global_step += 1
             if global_step % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(module, *eval_loaders, device, eval_iter)
@@ -1464,7 +1482,9 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     seconds = time.perf_counter() - start
     history = state["history"]
     if is_main:
-        log(f"Training took {seconds / 60:.2f} min; {state['tokens_seen']:,} tokens seen")
+        log(f"Training took {seconds / 60:.2f} min; {state['tokens_seen']:,} tokens seen" +
+            (f"; peak GPU memory {torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB (a "
+             "process's tensors)" if device.type == "cuda" else ""))
         plot_history(history, settings, out_dir, log)
         log(f"Saved {out_dir / 'checkpoint.pt'}")
     if is_main or settings["fsdp"]:  # under --fsdp every process takes part (rank 0 prints)

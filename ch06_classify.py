@@ -15,10 +15,12 @@ Run:  python ch06_classify.py                       (finetune GPT-2 124M, as the
       python ch06_classify.py --lora --rank 16 --alpha 16
       python ch06_classify.py --classify "You won a prize, reply now"
       python ch06_classify.py --data reviews.csv --out runs/reviews
+      torchrun --nproc_per_node=4 ch06_classify.py --fsdp --model-size 1558M  (several GPUs)
 Imports from ch02_data.py, ch03_attention.py (plots), ch04_gpt.py, ch05_generate.py
 (model files), ch05_train.py (training) and ch05_load_gpt2.py (GPT-2's weights).
 """
 import argparse
+import contextlib
 import csv
 import functools
 import io
@@ -252,29 +254,32 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter, token="la
 
 
 def train_classifier_simple(model, train_loader, val_loader, optimizer, device, num_epochs,
-                            eval_freq, eval_iter, token="last"):
+                            eval_freq, eval_iter, token="last", shares=None):
     train_losses, val_losses, train_accs, val_accs = [], [], [], []
     examples_seen, global_step = 0, -1
+    # Beyond the book: under torchrun each process trains on its share of every
+    # batch (`shares`, BatchShares) and evaluates the whole model on whole batches
+    module, processes = ch05_train._unwrap(model), ch05_train.world_size()
     for epoch in range(num_epochs):
         model.train()
         # Beyond the book: a progress bar (the log lines go through tqdm.write)
-        for input_batch, target_batch in tqdm(train_loader, desc=f"Epoch {epoch + 1}",
+        for input_batch, target_batch in tqdm(shares or train_loader, desc=f"Epoch {epoch + 1}",
                                               leave=False, dynamic_ncols=True):
             optimizer.zero_grad()
             loss = calc_loss_batch(input_batch, target_batch, model, device, token)
             loss.backward()
             optimizer.step()
-            examples_seen += input_batch.shape[0]  # examples, not tokens
+            examples_seen += input_batch.shape[0] * processes  # examples, not tokens
             global_step += 1
             if global_step % eval_freq == 0:
                 train_loss, val_loss = evaluate_model(
-                    model, train_loader, val_loader, device, eval_iter, token)
+                    module, train_loader, val_loader, device, eval_iter, token)
                 train_losses.append(train_loss)
                 val_losses.append(val_loss)
                 tqdm.write(f"Ep {epoch + 1} (Step {global_step:06d}): "
                            f"Train loss {train_loss:.3f}, Val loss {val_loss:.3f}")
-        train_accuracy = calc_accuracy_loader(train_loader, model, device, eval_iter, token)
-        val_accuracy = calc_accuracy_loader(val_loader, model, device, eval_iter, token)
+        train_accuracy = calc_accuracy_loader(train_loader, module, device, eval_iter, token)
+        val_accuracy = calc_accuracy_loader(val_loader, module, device, eval_iter, token)
         print(f"Training accuracy: {train_accuracy * 100:.2f}% | "
               f"Validation accuracy: {val_accuracy * 100:.2f}%")
         train_accs.append(train_accuracy)
@@ -720,10 +725,14 @@ def finetuning_settings(args):
 
 
 def run(settings):
-    """The command: classify with the saved classifier, or finetune one."""
-    device = get_device(settings["device"])
+    """The command: classify with the saved classifier, or finetune one (under
+    torchrun, on several processes)."""
     classifier_path = Path(settings["out"]) / "classifier.pth"
     if settings["classify"] or settings["classify_file"]:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("Under torchrun, ch06_classify.py finetunes; run --classify as one "
+                             "process (python ch06_classify.py ...).")
+        device = get_device(settings["device"])
         texts = list(settings["classify"] or [])
         if any(is_blank(text) for text in texts):
             raise ValueError("--classify got an empty text (or one of invisible characters "
@@ -740,15 +749,49 @@ def run(settings):
     # Data of your own is read and checked whole before anything is written
     own = settings["train"] or (settings["data"] and not is_spam_zip(settings["data"]))
     data = own_data(settings) if own else None
-    with run_lock(settings["out"], RESULTS):
-        out_dir = Path(settings["out"])
-        earlier = refuse_overwrite([classifier_path, out_dir / "accuracy.json",
-                                    out_dir / "confusion.json"], settings["overwrite"],
-                                   "Use it with --classify, or keep it and train into another "
-                                   "--out. ", also=[out_dir / name for name in PLOTS])
-        result = finetune(settings, classifier_path, device, data)
-        earlier.retire()  # what this run did not write again: a plot it had no points for
+    rank, _, device = processes(settings, "ch06_classify.py")
+    out_dir = Path(settings["out"])
+    with run_lock(out_dir, RESULTS) if rank == 0 else contextlib.nullcontext():
+        earlier = ch05_train.agree(lambda: refuse_overwrite(
+            [classifier_path, out_dir / "accuracy.json", out_dir / "confusion.json"],
+            settings["overwrite"], "Use it with --classify, or keep it and train into another "
+            "--out. ", also=[out_dir / name for name in PLOTS]), rank)
+        try:
+            result = finetune(settings, classifier_path, device, data, rank)
+            wait_for_all()
+        finally:
+            end_processes()
+        if rank == 0:
+            earlier.retire()  # what this run did not write again: a plot it had no points for
         return result
+
+
+def processes(settings, script):
+    """(rank, processes, device): one process, or torchrun's several (finetuning
+    only; chapters 6 and 7), the others quiet; --fsdp needs several, and no LoRA."""
+    if os.environ.get("RANK", "0") != "0":
+        ch05_train.quiet_process()
+    rank, world_size, device = ch05_train.setup_distributed(settings["device"], log=print)
+    if settings["fsdp"] and world_size == 1:
+        raise ValueError("--fsdp shards the model over several processes: launch them with "
+                         f"torchrun, e.g. torchrun --nproc_per_node=4 {script} --fsdp ...")
+    if settings["fsdp"] and settings["lora"]:
+        raise ValueError("--fsdp with --lora is not supported: LoRA's small matrices train "
+                         "well with DDP (torchrun without --fsdp).")
+    return rank, world_size, device
+
+
+def wait_for_all():
+    """Under torchrun, each process waits here until the first has written its
+    files: one that ended early could take the others down with it."""
+    if ch05_train.world_size() > 1:
+        torch.distributed.barrier()
+
+
+def end_processes():
+    """The processes' group ended (under torchrun), so that each exits cleanly."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 PLOTS = ("loss-plot.png", "accuracy-plot.png", "confusion-matrix.png")
@@ -760,12 +803,14 @@ def is_spam_zip(path):
     return Path(path).suffix.lower() == ".zip"
 
 
-def finetune(settings, classifier_path, device, data=None):
+def finetune(settings, classifier_path, device, data=None, rank=0):
     """The chapter's run: the data (the book's spam data, or `data`: own_data's
     splits and classes), the model with its new head, training, the accuracies
-    (overall and per class), and the classifier saved."""
+    (overall and per class), and the classifier saved. Under torchrun, the first
+    process (`rank` 0) prepares the data and writes every file."""
     start = time.perf_counter()
-    splits, classes = classification_splits(settings, data)  # 6.2
+    splits, classes = ch05_train.agree(lambda: classification_splits(settings, data),  # 6.2
+                                       rank)
     tokenizer = bpe_tokenizer(settings["models_dir"])
     # 6.4 Initializing a model with pretrained weights
     model, cfg = base_model(settings, "expect far lower accuracy than the book's finetuned GPT-2")
@@ -775,6 +820,9 @@ def finetune(settings, classifier_path, device, data=None):
                                 f"{sizes} {'messages' if data is None else 'texts'}",
                                 settings["out"]))
     model, tracking = train_classifier(model, cfg, loaders, len(classes), device, settings)
+    model = whole_classifier(model, cfg, len(classes), device)
+    if rank != 0:  # the first process evaluates and writes
+        return {"model": model, "train_losses": tracking["train_losses"]}
     result = save_classifier_results(model, cfg, loaders, classes, tracking, classifier_path,
                                      device, settings)
     result["seconds"] = time.perf_counter() - start
@@ -831,26 +879,64 @@ def classification_loaders(splits, tokenizer, cfg, settings):
 
 def train_classifier(model, cfg, loaders, num_classes, device, settings):
     """6.5 to 6.7: the new head (and what trains), the accuracies before, the
-    training; returns the model and what train_classifier_simple tracked."""
+    training (under torchrun, each process a share of every batch, the model
+    copied (DDP) or sharded (--fsdp)); returns the model and what
+    train_classifier_simple tracked."""
     model = prepare_classifier(model, cfg, settings["trainable"],
                                settings["rank"] if settings["lora"] else None, settings["alpha"],
                                num_classes=num_classes, say=print, seed=settings["seed"])
     model.to(device)
     plan = speed_up_finetuning(model, settings["fast"], device)
+    if settings["fsdp"]:
+        ch05_train.shard_model(model, plan)
     print(f"Trainable parameters: {count_trainable(model):,}")
     torch.manual_seed(settings["seed"])  # the book seeds before the first accuracies
     for name, loader in zip(("Training", "Validation", "Test"), loaders.values()):
         print(f"{name} accuracy before finetuning: "
               f"{calc_accuracy_loader(loader, model, device, 10, settings['token']) * 100:.2f}%")
+    if ch05_train.is_sharded(model):  # the optimizer must see the sharded parameters
+        model.reshard()
     torch.manual_seed(settings["seed"])
     optimizer = make_optimizer(model, settings["lr"], settings["weight_decay"],
                                plan["fused_adamw"])
+    model, shares = share_training(model, loaders["train"], settings, device)
     tracked = train_classifier_simple(
         model, loaders["train"], loaders["validation"], optimizer, device,
         num_epochs=settings["epochs"], eval_freq=settings["eval_freq"],
-        eval_iter=settings["eval_iter"], token=settings["token"])
+        eval_iter=settings["eval_iter"], token=settings["token"], shares=shares)
     keys = ("train_losses", "val_losses", "train_accs", "val_accs", "examples_seen")
-    return model, dict(zip(keys, tracked))
+    return ch05_train._unwrap(model), dict(zip(keys, tracked))
+
+
+def share_training(model, train_loader, settings, device):
+    """(model, shares): under torchrun, the model copied to each process (DDP) or
+    as it is when sharded (--fsdp), and this process's shares of the training
+    loader's batches (BatchShares); in one process, the model and None."""
+    processes = ch05_train.world_size()
+    if processes == 1:
+        return model, None
+    shares = DataLoader(train_loader.dataset, collate_fn=train_loader.collate_fn,
+                        batch_sampler=ch05_train.BatchShares(
+                            len(train_loader.dataset), settings["batch_size"],
+                            ch05_train.process_rank(), processes))
+    if not settings["fsdp"]:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, shares
+
+
+def whole_classifier(model, cfg, num_classes, device):
+    """The trained model whole on the first process: a sharded one gathered into a
+    model of its own on `device` (every process takes part; the others get None)."""
+    if not ch05_train.is_sharded(model):
+        return model
+    state = ch05_train.whole_model_state(model)
+    if ch05_train.process_rank() != 0:
+        return None
+    whole = GPTModel(cfg)
+    whole.out_head = nn.Linear(cfg["emb_dim"], num_classes)
+    whole.load_state_dict(state)
+    return whole.to(device)
 
 
 def save_classifier_results(model, cfg, loaders, classes, tracking, classifier_path, device,
@@ -993,6 +1079,9 @@ def add_finetuning_arguments(parser, model_size, epochs, batch_size, eval_freq,
     parser.add_argument("--model-size", default=model_size,
                         choices=[*ALLOWED_SIZES, "tiny"],
                         help="GPT-2 size ('tiny' only with --no-pretrained)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the model over the processes (FSDP2) "
+                             "instead of copying it to each (DDP); not with --lora")
     parser.add_argument("--fast", action="store_true",
                         help="as in ch05_train.py: fused kernels (SDPA attention, LayerNorm, "
                              "GELU, QKV, AdamW) and on CUDA TF32 and bf16 autocast; the same "

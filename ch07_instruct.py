@@ -49,7 +49,6 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no tra
 
 import requests
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -60,14 +59,15 @@ from ch05_generate import (add_sampling_arguments, build_lean, generate, generat
                            load_checkpoint, load_text_model, model_file, sampling_of,
                            save_checkpoint, stream_text)
 from ch05_load_gpt2 import ALLOWED_SIZES, load_gpt2_model
-from ch05_train import (BatchShares, FlagsTypedParser, _unwrap, agree, calc_loss_loader,
-                        is_sharded, make_optimizer, plot_losses, quiet_process, refuse_overwrite,
-                        run_header, run_lock, setup_distributed, shard_model, speed_up,
-                        speed_up_finetuning, train_model_shared, train_model_simple,
+from ch05_train import (FlagsTypedParser, _unwrap, agree, calc_loss_loader, is_sharded,
+                        make_optimizer, plot_losses, process_rank, refuse_overwrite, run_header,
+                        run_lock, shard_model, speed_up, speed_up_finetuning,
+                        train_model_shared, train_model_simple, whole_batch_tokens,
                         whole_model_state)
 from ch06_classify import (add_finetuning_arguments, base_model, base_model_name,
-                           finetuning_settings, freeze_and_add_lora, parse_finetuning_args,
-                           plot_values)
+                           end_processes, finetuning_settings, freeze_and_add_lora,
+                           parse_finetuning_args, plot_values, processes,
+                           share_training, wait_for_all)
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
             "ch07/01_main-chapter-code/instruction-data.json")
@@ -576,27 +576,30 @@ def evaluate_dpo_loss_loader(policy_model, reference_model, loader, beta, num_ba
 
 
 def train_model_dpo_simple(policy_model, reference_model, train_loader, val_loader, optimizer,
-                           num_epochs, beta, eval_freq, eval_iter):
+                           num_epochs, beta, eval_freq, eval_iter, shares=None):
     """The bonus's loop: one optimizer step per batch, an evaluation of the loss,
     the reward margin and (beyond the bonus) the reward accuracy every eval_freq
-    steps. Returns what it tracked."""
+    steps. Returns what it tracked. Beyond the bonus: under torchrun each process
+    trains on its share of every batch (`shares`, as in chapter 6) and evaluates
+    the whole model on whole batches."""
     tracking = {k: [] for k in ("train_losses", "val_losses", "train_margins", "val_margins",
                                 "train_accuracies", "val_accuracies", "tokens_seen",
                                 "steps")}
     tokens_seen, global_step = 0, -1
+    module = _unwrap(policy_model)
     for epoch in range(num_epochs):
         policy_model.train()
-        for batch in tqdm(train_loader, desc=f"DPO epoch {epoch + 1}", leave=False):
+        for batch in tqdm(shares or train_loader, desc=f"DPO epoch {epoch + 1}", leave=False):
             optimizer.zero_grad()
             loss, _, _, _ = dpo_loss_batch(batch, policy_model, reference_model, beta)
             loss.backward()
             optimizer.step()
-            tokens_seen += batch["chosen"].numel()
+            tokens_seen += whole_batch_tokens(batch["chosen"])
             global_step += 1
             if global_step % eval_freq == 0:
-                train = evaluate_dpo_loss_loader(policy_model, reference_model, train_loader,
+                train = evaluate_dpo_loss_loader(module, reference_model, train_loader,
                                                  beta, eval_iter)
-                val = evaluate_dpo_loss_loader(policy_model, reference_model, val_loader, beta,
+                val = evaluate_dpo_loss_loader(module, reference_model, val_loader, beta,
                                                eval_iter)
                 for split, (split_loss, margin, accuracy) in (("train", train), ("val", val)):
                     tracking[f"{split}_losses"].append(split_loss)
@@ -1218,16 +1221,23 @@ def run_dpo(settings):
     source = settings["preference_data"] or "the bonus's preference file"
     splits = checked_splits(load_preference_data(settings["preference_data"], settings["data_dir"]),
                             settings["limit"], source)  # before the model: a bad file costs nothing
-    with run_lock(out_dir, RESULTS):
+    rank, world_size, device = processes(settings, "ch07_instruct.py --dpo")
+    with run_lock(out_dir, RESULTS) if rank == 0 else contextlib.nullcontext():
         responses_path = responses_of(dpo_path)
-        if responses_missing(dpo_path, responses_path, settings["overwrite"]):
+        if world_size == 1 and responses_missing(dpo_path, responses_path,
+                                                 settings["overwrite"]):
             return respond_again(dpo_path, splits[1], responses_path, settings)
-        earlier = refuse_overwrite(
+        earlier = agree(lambda: refuse_overwrite(
             [dpo_path, responses_path, scores_of(responses_path)], settings["overwrite"],
             f"Chat with it with --chat --model-file {dpo_path}, or keep it and tune into "
-            "another --out. ", also=[out_dir / name for name in DPO_PLOTS])
-        result = tune_with_dpo(settings, sft_path, dpo_path, splits, earlier)
-        earlier.retire()
+            "another --out. ", also=[out_dir / name for name in DPO_PLOTS]), rank)
+        try:
+            result = tune_with_dpo(settings, sft_path, dpo_path, splits, earlier, device)
+            wait_for_all()
+        finally:
+            end_processes()
+        if rank == 0:
+            earlier.retire()
         return result
 
 
@@ -1253,10 +1263,13 @@ DPO_PLOTS = ("dpo-loss-plot.png", "dpo-margins-plot.png")
 DPO_DEFAULTS = {"lr": 5e-6, "weight_decay": 0.01, "epochs": 1}
 
 
-def tune_with_dpo(settings, sft_path, dpo_path, splits, earlier):
+def tune_with_dpo(settings, sft_path, dpo_path, splits, earlier, device):
     """The bonus's run: the finetuned model and its frozen reference, the preference
-    batches, training, the plots, the model saved as dpo_path, its test responses."""
-    device, hp = get_device(settings["device"]), settings["dpo_hp"]
+    batches, training, the plots, the model saved as dpo_path, its test responses.
+    Under torchrun (beyond the bonus) each process takes a share of every batch,
+    the policy copied (DDP) or sharded (--fsdp, the reference sharded too); the
+    first process writes."""
+    hp = settings["dpo_hp"]
     policy, reference, saved, plan = dpo_models(sft_path, device, settings)
     cfg = saved.pop("cfg")
     tokenizer = bpe_tokenizer(saved["models_dir"])
@@ -1273,24 +1286,28 @@ def tune_with_dpo(settings, sft_path, dpo_path, splits, earlier):
                                                           settings["beta"], settings["eval_iter"])
         print(f"{name} before DPO: loss {loss:.3f}, reward margin {margin:.3f}, reward "
               f"accuracy {accuracy:.2f}")
+    if is_sharded(policy):  # the optimizer must see the sharded parameters, not gathered ones
+        policy.reshard()
     torch.manual_seed(settings["seed"])
     optimizer = make_optimizer(policy, hp["lr"], hp["weight_decay"], plan["fused_adamw"])
     start = time.perf_counter()
+    policy, shares = share_training(policy, train_loader, settings, device)
     tracking = train_model_dpo_simple(policy, reference, train_loader, val_loader, optimizer,
                                       hp["epochs"], settings["beta"], settings["eval_freq"],
-                                      settings["eval_iter"])
+                                      settings["eval_iter"], shares)
     print(f"DPO took {(time.perf_counter() - start) / 60:.2f} minutes.")
+    saved["dpo"] = {"from": str(sft_path), "beta": settings["beta"], **hp,
+                    "preference_data": str(settings["preference_data"] or "the bonus's file")}
+    policy = save_finetuned(dpo_path, _unwrap(policy), cfg, saved, device=device,
+                            what="a model tuned with DPO by ch07_instruct.py")
+    if policy is None:  # the first process writes the plots and the responses
+        return {"tracking": tracking, "path": dpo_path}
     if tracking["train_losses"]:  # each evaluation at the epochs its step has seen
         steps = torch.tensor([(s + 1) / len(train_loader) for s in tracking["steps"]])
         for label, key, name in (("DPO loss", "losses", "dpo-loss-plot.png"),
                                  ("reward margin", "margins", "dpo-margins-plot.png")):
             plot_values(steps, tracking["tokens_seen"], tracking[f"train_{key}"],
                         tracking[f"val_{key}"], label, dpo_path.parent / name)
-    saved["dpo"] = {"from": str(sft_path), "beta": settings["beta"], **hp,
-                    "preference_data": str(settings["preference_data"] or "the bonus's file")}
-    save_checkpoint(dpo_path, model_file("instruct", policy.state_dict(), cfg, saved,
-                                         what="a model tuned with DPO by ch07_instruct.py"))
-    print(f"Model saved as {dpo_path}")
     earlier.retire(responses_of(dpo_path), scores_of(responses_of(dpo_path)))  # another model's
     write_responses(policy, splits[1], tokenizer, device, cfg["context_length"],
                     settings["max_new_tokens"], responses_of(dpo_path), **sampling_of(settings))
@@ -1307,11 +1324,17 @@ def dpo_models(sft_path, device, settings):
         torch.manual_seed(settings["seed"])
         freeze_and_add_lora(policy, settings["rank"], settings["alpha"], say=print)
         saved.update(lora_rank=settings["rank"], lora_alpha=settings["alpha"])
+    if settings["fsdp"] and saved["lora_rank"]:
+        raise ValueError(f"--fsdp with a LoRA model ({sft_path}) is not supported: LoRA's "
+                         "small matrices train well with DDP (torchrun without --fsdp).")
     reference = copy.deepcopy(policy).eval()  # frozen: DPO measures against it
     for param in reference.parameters():
         param.requires_grad_(False)
     plan = speed_up_finetuning(policy, settings["fast"], device)
     speed_up(reference, plan, device)
+    if settings["fsdp"]:  # the reference sharded like the policy: neither is whole anywhere
+        shard_model(policy, plan)
+        shard_model(reference, plan)
     return policy, reference, saved, plan
 
 
@@ -1354,9 +1377,9 @@ def run(settings):
     """The command: score, tune with DPO, chat, or finetune."""
     out_dir = Path(settings["out"])
     responses_path = out_dir / "instruction-data-with-response.json"
-    modes = [f"--{m}" for m in ("evaluate", "dpo", "chat", "serve") if settings[m]]
+    modes = [f"--{m}" for m in ("evaluate", "chat", "serve") if settings[m]]
     if modes and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"Under torchrun, ch07_instruct.py finetunes; run {modes[0]} as one "
+        raise ValueError(f"Under torchrun, ch07_instruct.py finetunes (and tunes with --dpo); run {modes[0]} as one "
                          "process (python ch07_instruct.py ...).")
     if settings["evaluate"]:
         return evaluate_saved(responses_of(settings["model_file"]) if settings["model_file"]
@@ -1368,7 +1391,7 @@ def run(settings):
     if settings["serve"]:
         return serve(settings)
     model_path = out_dir / model_name(settings)
-    rank, world_size, device = processes(settings)
+    rank, world_size, device = processes(settings, "ch07_instruct.py")
     splits = load_splits(settings)  # before the lock and the model: a bad file costs nothing
     with run_lock(out_dir, RESULTS) if rank == 0 else contextlib.nullcontext():
         if world_size == 1 and responses_missing(model_path, responses_path,
@@ -1381,27 +1404,12 @@ def run(settings):
         try:
             result = finetune(settings, model_path, responses_path, splits, earlier,
                               (rank, world_size, device))
+            wait_for_all()
         finally:
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
+            end_processes()
         if rank == 0:
             earlier.retire()
         return result
-
-
-def processes(settings):
-    """(rank, processes, device): one process, or torchrun's several (the finetuning
-    only), the others quiet; --fsdp needs several, and no LoRA."""
-    if os.environ.get("RANK", "0") != "0":
-        quiet_process()
-    rank, world_size, device = setup_distributed(settings["device"], log=print)
-    if settings["fsdp"] and world_size == 1:
-        raise ValueError("--fsdp shards the model over several processes: launch them with "
-                         "torchrun, e.g. torchrun --nproc_per_node=4 ch07_instruct.py --fsdp ...")
-    if settings["fsdp"] and settings["lora"]:
-        raise ValueError("--fsdp with --lora is not supported: LoRA's small matrices train "
-                         "well with DDP (torchrun without --fsdp).")
-    return rank, world_size, device
 
 
 def chat_with_saved(settings):
@@ -1482,12 +1490,7 @@ def finetune(settings, model_path, responses_path, splits, earlier, ranks=None):
         train_losses, val_losses, tokens_seen = train_model_simple(
             model, train_loader, val_loader, optimizer, device, **options)
     else:  # beyond the book: each process a share of every batch, one process's steps
-        shares = DataLoader(train_loader.dataset, collate_fn=train_loader.collate_fn,
-                            batch_sampler=BatchShares(len(train_loader.dataset),
-                                                      settings["batch_size"], rank, world_size))
-        if not settings["fsdp"]:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
+        model, shares = share_training(model, train_loader, settings, device)
         train_losses, val_losses, tokens_seen = train_model_shared(
             model, shares, (train_loader, val_loader), optimizer, device, **options)
         model = _unwrap(model)
@@ -1495,11 +1498,15 @@ def finetune(settings, model_path, responses_path, splits, earlier, ranks=None):
     if train_losses and is_main:
         plot_losses(torch.linspace(0, settings["epochs"], len(train_losses)), tokens_seen,
                     train_losses, val_losses, out_dir / "loss-plot.png")
-    model = save_finetuned(model_path, model, cfg, settings, is_main, device)
+    saved = {"model_size": settings["model_size"], "models_dir": str(settings["models_dir"]),
+             "init_from": settings["init_from"],
+             "lora_rank": settings["rank"] if settings["lora"] else None,
+             "lora_alpha": settings["alpha"], "mask_instructions": settings["mask_instructions"]}
+    model = save_finetuned(model_path, model, cfg, saved, device=device,
+                           what="an instruction-finetuned model of ch07_instruct.py")
     result = {"model": model, "train_losses": train_losses, "val_losses": val_losses,
               "test_data": test_data}
     if not is_main:  # the first process writes the responses and scores them
-        dist.barrier()
         return result
     earlier.retire(responses_path, out_dir / "scores.json")  # the earlier model's, not this one's
     write_responses(model, test_data, tokenizer, device, cfg["context_length"],
@@ -1511,8 +1518,6 @@ def finetune(settings, model_path, responses_path, splits, earlier, ranks=None):
               f"start one (`ollama serve`, `ollama pull {settings['judge_model']}`) and run "
               f"`python ch07_instruct.py --evaluate --out {out_dir}`.")
     print(f"Total run time: {(time.perf_counter() - start) / 60:.2f} minutes.")
-    if world_size > 1:
-        dist.barrier()
     return result
 
 
@@ -1530,19 +1535,15 @@ def instruction_loaders(train_data, val_data, tokenizer, cfg, device, settings):
     return train_loader, val_loader
 
 
-def save_finetuned(path, model, cfg, settings, is_main=True, device="cpu"):
-    """Save the model (the first process; a sharded one is gathered to it first)
-    and return it whole: on the first process, a sharded one as a model of its
-    own on `device`, to write the responses with."""
-    saved = {"model_size": settings["model_size"], "models_dir": str(settings["models_dir"]),
-             "init_from": settings["init_from"],
-             "lora_rank": settings["rank"] if settings["lora"] else None,
-             "lora_alpha": settings["alpha"], "mask_instructions": settings["mask_instructions"]}
+def save_finetuned(path, model, cfg, saved, what, device="cpu"):
+    """Save the model with `saved` (its settings) as `what`: the first process,
+    a sharded model gathered to it first. Returns the model whole on the first
+    process (a sharded one as a model of its own on `device`, to write the
+    responses with) and None on the others."""
     state = whole_model_state(model)
-    if not is_main:
-        return model
-    save_checkpoint(path, model_file("instruct", state, cfg, saved,
-                                     what="an instruction-finetuned model of ch07_instruct.py"))
+    if process_rank() != 0:
+        return None
+    save_checkpoint(path, model_file("instruct", state, cfg, saved, what=what))
     print(f"Model saved as {path}")
     if is_sharded(model):
         model = build_model(cfg, saved["lora_rank"], saved["lora_alpha"])
@@ -1622,9 +1623,6 @@ def build_parser():
     parser.add_argument("--model-file", metavar="FILE", default=None,
                         help="the model --chat talks to, --evaluate scores the responses of, or "
                              "--dpo tunes (default: the one finetuned in --out)")
-    parser.add_argument("--fsdp", action="store_true",
-                        help="under torchrun: shard the model over the processes (FSDP2) "
-                             "instead of copying it to each (DDP); not with --lora")
     srv = parser.add_argument_group("serving (beyond the book): a chat page and an "
                                     "OpenAI-style API")
     srv.add_argument("--serve", action="store_true",

@@ -1756,12 +1756,18 @@ def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
               **bench.child_generate(v, p)} for v in ("uncached", "cached", "fast")]
     assert all(r["tokens_per_s"] > 0 for r in runs if "tokens_per_s" in r)
     assert len(runs[-1]["tokens"]) == 6
+    runs += [{"name": "train_memory", "variant": v, "others_cpu_cores": 0.0, "peak_gb": gb,
+              "processes": n, "failed": failed} for v, gb, n, failed in [
+                  ("1558M", float("nan"), 1, "torch.OutOfMemoryError: CUDA out of memory."),
+                  ("1558M:fsdp", 9.5, 4, None)]]
     rows, derived, targets, _ = bench.summarise_cuda(runs, p)
     assert derived["KV cache tokens = uncached (1: yes)"] == 1.0
     assert math.isclose(derived["fast path MFU (vs bf16 mm)"], runs[1]["gflops_per_s"] / 1e3)
     bench.print_table(rows, derived, targets, None, False, "cuda")
     out = capsys.readouterr().out
     assert "fast + compile MFU (vs bf16 mm)" in out
+    assert re.search(r"peak memory +1558M +nan .* GB \(torch.OutOfMemoryError: CUDA out of ", out)
+    assert re.search(r"peak memory +1558M:fsdp +9.5 .* GB, --fsdp over 4 GPUs ", out)
     # each line says whether its target applies to this run, and whether it was met
     line = lambda key: next(l for l in out.splitlines() if l.startswith(key))  # noqa: E731
     assert line("KV cache tokens = uncached").endswith(">= 1     met (a target of the cuda "
@@ -3826,7 +3832,7 @@ def test_chat_loop_streams_and_exits_on_empty_line(tokenizer):
 
 
 def test_wrong_combinations_of_processes_and_modes_are_one_line_each(tmp_path, capsys):
-    for chapter in (ch05, ch07):
+    for chapter in (ch05, ch06, ch07):
         with pytest.raises(ValueError, match=r"^--fsdp shards the model over several "
                                              r"processes: launch them with torchrun"):
             chapter.main(args_of(chapter, ["--fsdp", "--out", str(tmp_path / "x"),
@@ -3842,8 +3848,8 @@ def test_wrong_combinations_of_processes_and_modes_are_one_line_each(tmp_path, c
     with pytest.raises(ValueError, match=r"^--only: no measurement fly; they are train,"):
         bench.main(bench.build_parser().parse_args(["--only", "serve,fly", "--device", "cpu"]))
     with unittest.mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):
-        with pytest.raises(ValueError, match=r"^Under torchrun, ch07_instruct.py finetunes; "
-                                             r"run --chat as one process"):
+        with pytest.raises(ValueError, match=r"^Under torchrun, ch07_instruct.py finetunes \(and "
+                                             r"tunes with --dpo\); run --chat as one process"):
             ch07.main(args_of(ch07, ["--chat"]))
 
 
@@ -3864,34 +3870,85 @@ def test_batch_shares_are_the_books_batches_split_among_processes():
         ch05.BatchShares(22, 6, 0, 4)
 
 
-def test_chapter7_finetunes_on_two_processes_as_on_one_with_ddp_and_fsdp(tmp_path, capsys):
+def test_chapter7_finetunes_and_tunes_with_dpo_on_two_processes_as_on_one(tmp_path, capsys):
     """Each process takes half of every batch; the loss is the whole batch's, so the
-    losses, weights and responses are one process's; the first process writes."""
+    losses, weights and responses are one process's (DDP, and --fsdp, with DPO's
+    reference sharded too); the first process writes."""
     argv = ["--data", str(SHARED / "data" / "instruction-data.json"), "--model-size", "tiny",
             "--no-pretrained", "--limit", "20", "--batch-size", "4", "--epochs", "1",
             "--eval-freq", "2", "--eval-iter", "1", "--max-new-tokens", "2", "--device", "cpu",
             "--mask-instructions", "--ollama-url", "http://127.0.0.1:9/api/chat"]
     ch07.main(args_of(ch07, [*argv, "--out", str(tmp_path / "one")]))
-    losses = lambda out: re.findall(r"Ep 1 \(Step \d+\): Train loss [\d.]+, Val loss [\d.]+",  # noqa: E731
-                                    out)
-    one_lines = losses(capsys.readouterr().out)
-    one = gen.load_checkpoint(tmp_path / "one" / "gpt2-tiny-sft.pth")["model"]
-    responses = (tmp_path / "one" / "instruction-data-with-response.json").read_text()
+    sft = tmp_path / "one" / "gpt2-tiny-sft.pth"
+    dpo = ["--dpo", "--model-file", str(sft), "--preference-data",
+           str(SHARED / "data" / "instruction-data-with-preference.json"), "--limit", "8",
+           "--batch-size", "4", "--eval-freq", "1", "--eval-iter", "1", "--lr", "1e-4",
+           "--max-new-tokens", "2", "--device", "cpu"]
+    ch07.main(args_of(ch07, [*dpo, "--out", str(tmp_path / "one-dpo")]))
+    printed = lambda out: re.findall(r"Ep 1 \(Step \d+\): Train loss [\d.]+, Val loss [^\n]+",  # noqa: E731
+                                     out)
+    one_lines = printed(capsys.readouterr().out)
+    assert len(one_lines) == 3 + 2 and "reward margins" in one_lines[-1]
+    runs = {(task, layout): subprocess.Popen(  # all at once: most of each is starting Python
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "ch07_instruct.py", *(argv if task == "sft" else dpo),
+         "--out", str(tmp_path / f"{task}-{layout}"),
+         *(["--fsdp"] if layout == "fsdp" else [])], cwd=HERE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for task in ("sft", "dpo") for layout in ("ddp", "fsdp")}
+    outs = {run: finished(proc) for run, proc in runs.items()}
+    for layout in ("ddp", "fsdp"):
+        # printed once, the same
+        assert printed(outs["sft", layout]) + printed(outs["dpo", layout]) == one_lines
+        for task, one, name, responses in [
+                ("sft", "one", "gpt2-tiny-sft.pth", "instruction-data-with-response.json"),
+                ("dpo", "one-dpo", "gpt2-tiny-dpo.pth", "instruction-data-with-dpo-response.json")]:
+            folder = tmp_path / f"{task}-{layout}"
+            ones = gen.load_checkpoint(tmp_path / one / name)["model"]
+            saved = gen.load_checkpoint(folder / name)["model"]
+            assert all(torch.allclose(v, ones[k], atol=1e-5) for k, v in saved.items()), folder
+            assert (folder / responses).read_text() == (tmp_path / one / responses).read_text()
+            assert sorted(p.name for p in folder.iterdir()) == sorted(
+                p.name for p in (tmp_path / one).iterdir())  # each file once, and one lock
+
+
+def test_chapter6_finetunes_on_two_processes_as_on_one_with_ddp_and_fsdp(tmp_path, capsys):
+    """ch06_classify.py under torchrun: each process half of every batch, so the
+    losses, accuracies and weights are one process's; the first process writes."""
+    rows = [(" ".join(["free prize now", "see you at lunch", "call home"][i % 3].split() *
+                      (1 + i % 4)), ["spam", "ham", "other"][i % 3]) for i in range(48)]
+    (tmp_path / "own.csv").write_text("text,label\n" + "".join(f"{t},{label}\n"
+                                                              for t, label in rows))
+    argv = ["--data", str(tmp_path / "own.csv"), "--model-size", "tiny", "--no-pretrained",
+            "--epochs", "1", "--batch-size", "4", "--eval-freq", "2", "--eval-iter", "2",
+            "--trainable", "last_block", "--lr", "1e-3", "--device", "cpu"]
+    ch06.main(args_of(ch06, [*argv, "--out", str(tmp_path / "one")]))
+    printed = lambda out: re.findall(r"Ep 1 \(Step \d+\): Train loss [\d.]+, Val loss [\d.]+|"  # noqa: E731
+                                     r"Training accuracy: [\d.]+%", out)
+    one_lines = printed(capsys.readouterr().out)
+    one = gen.load_checkpoint(tmp_path / "one" / "classifier.pth")["model"]
     runs = {layout: subprocess.Popen(  # both at once: most of each is starting Python
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "ch07_instruct.py", *argv, "--out", str(tmp_path / layout),
+         "ch06_classify.py", *argv, "--out", str(tmp_path / layout),
          *(["--fsdp"] if layout == "fsdp" else [])], cwd=HERE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         for layout in ("ddp", "fsdp")}
     for layout, proc in runs.items():
         out = finished(proc)
-        assert losses(out) == one_lines and len(one_lines) == 3  # printed once, the same
-        saved = gen.load_checkpoint(tmp_path / layout / "gpt2-tiny-sft.pth")["model"]
-        assert all(torch.allclose(v, one[k], atol=1e-5) for k, v in saved.items()), layout
-        assert (tmp_path / layout / "instruction-data-with-response.json").read_text() == \
-            responses
+        assert printed(out) == one_lines and len(one_lines) == 5  # printed once, the same
+        saved = gen.load_checkpoint(tmp_path / layout / "classifier.pth")["model"]
+        # the key biases' gradients are zero but for rounding, which AdamW scales up
+        assert all(torch.allclose(v, one[k], atol=1e-5) for k, v in saved.items()
+                   if not k.endswith("W_key.bias")), layout
+        # those key biases may tip a text near the boundary: one of the 32 at most
+        assert json.loads((tmp_path / layout / "accuracy.json").read_text()) == pytest.approx(
+            json.loads((tmp_path / "one" / "accuracy.json").read_text()), abs=1 / 32)
         assert sorted(p.name for p in (tmp_path / layout).iterdir()) == sorted(
             p.name for p in (tmp_path / "one").iterdir())  # each file once, and one lock
+    with unittest.mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):
+        with pytest.raises(ValueError, match=r"^Under torchrun, ch06_classify.py finetunes; "
+                                             r"run --classify as one process"):
+            ch06.main(args_of(ch06, ["--classify", "Hi", "--out", str(tmp_path / "one")]))
 
 
 def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
