@@ -39,6 +39,7 @@ import threading
 import time
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import partial
 from pathlib import Path
 
@@ -47,6 +48,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no tra
                                                    "was done.", file=sys.stderr),
                                              os._exit(130)))
 
+import numpy as np
 import requests
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -214,74 +216,58 @@ class JudgeUnavailable(RuntimeError):
 
 
 def query_model(prompt, model="llama3", url=OLLAMA_URL, timeout=300):
-    """The judge's answer, read from Ollama's streamed chat reply (one JSON object
-    a line), with a fixed seed and temperature 0 for repeatable scores."""
-    data = {"model": model, "messages": [{"role": "user", "content": prompt}],
-            "options": {"seed": 123, "temperature": 0, "num_ctx": 2048}}
-    try:
-        with requests.post(url, json=data, stream=True, timeout=timeout) as response:
-            if response.status_code != 200:
-                detail = judge_error(response)
-                raise JudgeUnavailable(f"The Ollama server at {url} answered "
-                                       f"{response.status_code}: {detail}. Is the model "
-                                       f"pulled? (`ollama pull {model}`)")
-            response_data = ""
-            for line in response.iter_lines():
-                if not line:
-                    continue
-                try:
-                    message = json.loads(line)
-                except ValueError:  # beyond the book: this entry fails, not the run
-                    raise ValueError(f"a reply that is not Ollama's JSON: {line[:60]!r}") from None
-                if "error" in message:
-                    raise JudgeUnavailable(f"The Ollama server at {url} said: {message['error']}")
-                response_data += message.get("message", {}).get("content", "")
-                if message.get("done"):
-                    break
-            return response_data
-    except requests.Timeout:
-        raise JudgeUnavailable(f"The Ollama server at {url} answered the check, but gave no "
-                               f"answer within {timeout} s.") from None
-    except requests.RequestException as err:
-        raise JudgeUnavailable(
-            f"No Ollama server answered at {url} ({type(err).__name__}). Start one with "
-            f"`ollama serve` and `ollama pull {model}`, or pass --ollama-url.") from None
+    """The judge's answer, with a fixed seed and temperature 0 for repeatable
+    scores. Beyond the book: through ModelClient, so also from an OpenAI-style
+    server, with retries."""
+    return ModelClient(url, model, timeout=timeout).ask(prompt)
 
 
 def check_if_running(url=OLLAMA_URL, timeout=3):
-    """Whether an Ollama server answers at url's host (the book checks for the process)."""
+    """Whether a server answers at url's host (the book checks for Ollama's process;
+    beyond the book, any HTTP answer counts: OpenAI-style servers have no page there)."""
     base = re.match(r"https?://[^/]+", url)
     try:
-        return requests.get(base.group(0) if base else url, timeout=timeout).ok
+        requests.get(base.group(0) if base else url, timeout=timeout)
+        return True
     except requests.RequestException:
         return False
 
 
 def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, scores_path=None,
-                          timeout=300, overwrite=False):
+                          timeout=300, overwrite=False, client=None, workers=1):
     """Scores 0-100 from the judge; an answer that is not such a number is reported
     and left out. Beyond the book: with scores_path, each entry's score (None where
     the answer was no number) is saved as it comes, and a later call goes on where
-    this one stopped: entries already scored are not asked again, failed ones are."""
+    this one stopped: entries already scored are not asked again, failed ones are.
+    `client`: a ModelClient (any API style, retries, a cache); `workers`: requests
+    in flight at once."""
+    client = client or ModelClient(url, model, timeout=timeout)
     fingerprint = responses_fingerprint(json_data, json_key)
-    by_entry = saved_scores(scores_path, fingerprint, model, overwrite)
+    by_entry = saved_scores(scores_path, fingerprint, client.model, overwrite)
     todo = [i for i in range(len(json_data)) if by_entry.get(str(i)) is None]
     if len(todo) < len(json_data):
         print(f"{len(json_data) - len(todo)} entries were scored by an earlier run "
               f"({scores_path}); scoring the other {len(todo)}.")
     i = None
+    pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        for i in tqdm(todo, desc="Scoring entries"):
-            by_entry[str(i)] = score_entry(json_data[i], json_key, model, url, timeout)
+        asked = {pool.submit(score_entry, json_data[i], json_key, client): i for i in todo}
+        for future in tqdm(as_completed(asked), total=len(asked), desc="Scoring entries",
+                           unit="entry"):
+            i = asked[future]
+            by_entry[str(i)] = future.result()
             if scores_path:
                 write_text_atomic(scores_path, json.dumps(
-                    {"model": model, "responses": fingerprint, "scores": by_entry}, indent=2))
+                    {"model": client.model, "responses": fingerprint, "scores": by_entry},
+                    indent=2))
     except JudgeUnavailable as err:
         done = sum(v is not None for v in by_entry.values())
         kept = f"; they are saved in {scores_path}, and --evaluate goes on from there" \
             if scores_path else ""
         raise JudgeUnavailable(f"{err} That was entry {i}; the {done} scores obtained are "
                                f"kept{kept}.") from None
+    finally:  # Ctrl-C or a failure: no new requests; those in flight still reach the cache
+        pool.shutdown(wait=False, cancel_futures=True)
     scores = [by_entry[str(i)] for i in range(len(json_data)) if by_entry.get(str(i)) is not None]
     failed = [i for i in range(len(json_data)) if by_entry.get(str(i)) is None]
     if failed:
@@ -328,7 +314,7 @@ def saved_scores(scores_path, fingerprint, model, overwrite):
     return {k: v for k, v in saved["scores"].items() if isinstance(v, int) or v is None}
 
 
-def score_entry(entry, json_key, model, url, timeout):
+def score_entry(entry, json_key, client):
     """The judge's score of one response, or None when its answer is not one."""
     prompt = (
         f"Given the input `{format_input(entry)}` "
@@ -338,7 +324,7 @@ def score_entry(entry, json_key, model, url, timeout):
         f"Respond with the integer number only."
     )
     try:
-        score = query_model(prompt, model, url, timeout)
+        score = client.ask(prompt)
         value = int(score.strip())
         if not 0 <= value <= 100:
             raise ValueError(f"{value} is outside 0-100")
@@ -346,6 +332,264 @@ def score_entry(entry, json_key, model, url, timeout):
     except ValueError as err:
         tqdm.write(f"Could not convert score of an entry: {err}")
         return None
+
+
+# ---- Beyond the book: one client for Ollama and every OpenAI-style server ----
+# The judge (and ch07_data.py's generator) may be Ollama's native chat API or any
+# server that speaks OpenAI's /v1/chat/completions: OpenAI, Ollama's /v1, vLLM,
+# llama.cpp's server, this command's own --serve. Connection errors, timeouts,
+# 429 and 5xx are retried with backoff (honouring Retry-After); every answer is
+# cached by (style, model, messages, options), so a rerun pays nothing twice.
+
+API_STYLES = ("ollama", "openai")
+
+
+def api_style_of(url):
+    """openai for a URL whose path ends in /v1 or /v1/chat/completions, else ollama."""
+    path = url.split("?")[0].rstrip("/")
+    return "openai" if path.endswith(("/v1", "/v1/chat/completions")) else "ollama"
+
+
+def chat_endpoint(url, style):
+    """The URL to POST chats to: an OpenAI-style base URL (…/v1) gets /chat/completions."""
+    url = url.rstrip("/")
+    return url + "/chat/completions" if style == "openai" and url.endswith("/v1") else url
+
+
+class RetryableFailure(Exception):
+    """A failure worth asking again: the server may answer later (wait: its Retry-After)."""
+
+    def __init__(self, message, wait=None):
+        super().__init__(message)
+        self.wait = wait
+
+
+class ModelClient:
+    """A chat model behind HTTP: `ask(prompt or messages)` returns its answer.
+
+    api_style: "ollama" (POST /api/chat, streamed JSON lines) or "openai" (POST
+    /v1/chat/completions); by default from the URL. The key (api_key) is sent as
+    a bearer token and never printed or saved. timeout: seconds a request may take;
+    retries: how often a failed request is asked again (waiting backoff, 2 x
+    backoff, ... up to 60 s, or the server's Retry-After). cache_path: a JSON Lines
+    file of answers, read at the start (unless not `reuse`: everything is asked
+    anew) and appended as answers come."""
+
+    def __init__(self, url, model, api_style=None, api_key=None, timeout=300, retries=4,
+                 backoff=1.0, cache_path=None, options=None, reuse=True):
+        self.style = api_style or api_style_of(url)
+        self.url, self.model, self.api_key = chat_endpoint(url, self.style), model, api_key
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.options = dict(options or {"seed": 123, "temperature": 0, "num_ctx": 2048})
+        self.cache = AnswerCache(cache_path, reuse) if cache_path else None
+        self.requests = 0  # requests sent (a cached answer sends none)
+
+    def ask(self, prompt):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        key = hashlib.sha256(json.dumps([self.style, self.model, messages, self.options],
+                                        sort_keys=True).encode()).hexdigest()
+        if self.cache and key in self.cache:
+            return self.cache[key]
+        for attempt in itertools.count():
+            try:
+                answer = self.ask_once(messages)
+                break
+            except RetryableFailure as err:
+                if attempt >= self.retries:
+                    tries = f" ({attempt + 1} tries)" if attempt else ""
+                    raise JudgeUnavailable(f"{err}{tries}") from None
+                time.sleep(err.wait if err.wait is not None
+                           else min(60.0, self.backoff * 2 ** attempt))
+        if self.cache:
+            self.cache[key] = answer
+        return answer
+
+    def ask_once(self, messages):
+        self.requests += 1
+        if self.style == "openai":
+            body = {"model": self.model, "messages": messages, "stream": False,
+                    **{k: v for k, v in self.options.items() if k in ("seed", "temperature")}}
+        else:
+            body = {"model": self.model, "messages": messages, "options": self.options}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            with requests.post(self.url, json=body, headers=headers, stream=True,
+                               timeout=self.timeout) as response:
+                self.check_status(response)
+                if self.style == "openai":
+                    return openai_answer(response, self.url)
+                return ollama_answer(response, self.url)
+        except requests.Timeout:
+            raise RetryableFailure(f"The server at {self.url} answered the check, but gave no "
+                                   f"answer within {self.timeout:g} s.") from None
+        except requests.RequestException as err:
+            what = "Ollama server" if self.style == "ollama" else "server"
+            start = (f"Start one with `ollama serve` and `ollama pull {self.model}`, or pass "
+                     "--judge-url." if self.style == "ollama" else "Is --judge-url right?")
+            raise RetryableFailure(f"No {what} answered at {self.url} "
+                                   f"({type(err).__name__}). {start}") from None
+
+    def check_status(self, response):
+        """The reply's status and kind: retried (429, 5xx), or one line that says why not."""
+        status = response.status_code
+        if status == 429 or status >= 500:
+            raise RetryableFailure(f"The server at {self.url} answered {status}: "
+                                   f"{judge_error(response)}.", retry_after(response))
+        if status != 200:
+            hint = {"ollama": f"Is the model pulled? (`ollama pull {self.model}`)",
+                    "openai": "Is the API key right (--api-key, or $OPENAI_API_KEY)?" if status
+                    in (401, 403) else f"Does the server have the model {self.model!r}?"}
+            raise JudgeUnavailable(f"The server at {self.url} answered {status}: "
+                                   f"{judge_error(response)}. {hint[self.style]}")
+        if "text/html" in response.headers.get("Content-Type", ""):
+            raise JudgeUnavailable(f"The server at {self.url} answered a web page, not the "
+                                   f"{self.style} chat API: give the API's URL to --judge-url "
+                                   "(Ollama: …/api/chat; OpenAI-style: …/v1).")
+
+
+def retry_after(response):
+    """The seconds a 429 or 503 asks to wait (Retry-After in seconds), or None."""
+    try:
+        return min(300.0, max(0.0, float(response.headers.get("Retry-After", ""))))
+    except ValueError:
+        return None
+
+
+def ollama_answer(response, url):
+    """The text of Ollama's streamed chat reply (one JSON object a line)."""
+    response_data = ""
+    for line in response.iter_lines():
+        if not line:
+            continue
+        try:
+            message = json.loads(line)
+        except ValueError:  # this entry fails, not the run
+            raise ValueError(f"a reply that is not Ollama's JSON: {line[:60]!r}") from None
+        if "error" in message:
+            raise JudgeUnavailable(f"The Ollama server at {url} said: {message['error']}")
+        response_data += message.get("message", {}).get("content", "")
+        if message.get("done"):
+            break
+    return response_data
+
+
+def openai_answer(response, url):
+    """choices[0].message.content of an OpenAI-style chat completion."""
+    try:
+        content = response.json()["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ValueError(f"a reply from {url} that is not a chat completion: "
+                         f"{response.text[:60]!r}") from None
+    if not isinstance(content, str):
+        raise ValueError(f"a reply from {url} without text: {content!r:.60}")
+    return content
+
+
+class AnswerCache:
+    """Answers by key, in a JSON Lines file appended one answer at a time (a line
+    cut short by a kill is skipped when read); safe for several threads."""
+
+    def __init__(self, path, reuse=True):
+        self.path, self.answers, self.lock = Path(path), {}, threading.Lock()
+        if reuse and self.path.exists():
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                    self.answers[record["key"]] = record["answer"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    def __contains__(self, key):
+        return key in self.answers
+
+    def __getitem__(self, key):
+        return self.answers[key]
+
+    def __setitem__(self, key, answer):
+        with self.lock:
+            self.answers[key] = answer
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, "answer": answer}) + "\n")
+
+
+def compare_judges(path_a, path_b):
+    """--compare-judges: two judges' scores of the same responses side by side (the
+    bonus's correlation analysis): means, rank correlations, the widest gaps."""
+    judges = [read_scores(path) for path in (path_a, path_b)]
+    (a, model_a, seen_a), (b, model_b, seen_b) = judges
+    if seen_a and seen_b and seen_a != seen_b:
+        raise ValueError(f"{path_a} and {path_b} score different responses: compare two "
+                         "judges of the same responses file.")
+    both = sorted(set(a) & set(b), key=int)
+    if len(both) < 2:
+        raise ValueError(f"{path_a} and {path_b} have {len(both)} entries scored by both: "
+                         "comparing needs at least 2.")
+    x, y = np.array([a[i] for i in both], float), np.array([b[i] for i in both], float)
+    result = {"entries": len(both), "mean_a": x.mean(), "mean_b": y.mean(),
+              "spearman": spearman(x, y), "kendall": kendall_tau_b(x, y),
+              "apart": [(int(i), a[i], b[i]) for i in both if abs(a[i] - b[i]) >= 50]}
+    print(f"{'judge':<24}{'file':<40}{'mean':>8}")
+    for model, path, mean in ((model_a, path_a, result["mean_a"]),
+                              (model_b, path_b, result["mean_b"])):
+        print(f"{model:<24}{str(path)[-39:]:<40}{mean:>8.2f}")
+    print(f"Entries scored by both: {len(both)}; Spearman's rho {result['spearman']:.3f}, "
+          f"Kendall's tau-b {result['kendall']:.3f}")
+    print(f"{len(result['apart'])} entries 50 or more points apart" +
+          "".join(f"\n  entry {i}: {sa} vs {sb}" for i, sa, sb in result["apart"]))
+    return result
+
+
+def read_scores(path):
+    """({entry: score}, judge model, responses fingerprint) of a scores.json."""
+    saved = read_json(path, "Give a scores.json that --evaluate wrote.")
+    if not isinstance(saved, dict) or not isinstance(saved.get("scores"), dict):
+        raise ValueError(f"{path} holds no scores: give a scores.json that --evaluate wrote.")
+    scores = {k: v for k, v in saved["scores"].items() if isinstance(v, int)}
+    return scores, str(saved.get("model", "?")), saved.get("responses")
+
+
+def average_ranks(values):
+    """Ranks 1..n, ties sharing their average rank."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    sorted_values = values[order]
+    start = 0
+    for end in range(1, len(values) + 1):
+        if end == len(values) or sorted_values[end] != sorted_values[start]:
+            ranks[order[start:end]] = (start + end + 1) / 2
+            start = end
+    return ranks
+
+
+def spearman(x, y):
+    """Spearman's rho: Pearson's correlation of the average ranks (nan if one is constant)."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denominator = np.sqrt((rx ** 2).sum() * (ry ** 2).sum())
+    return float((rx * ry).sum() / denominator) if denominator else float("nan")
+
+
+def kendall_tau_b(x, y):
+    """Kendall's tau-b: (concordant - discordant) pairs over the tie-corrected count."""
+    s = pairs_x = pairs_y = 0
+    for i in range(len(x) - 1):  # entry i against the later ones: memory stays O(n)
+        dx, dy = np.sign(x[i + 1:] - x[i]), np.sign(y[i + 1:] - y[i])
+        s, pairs_x, pairs_y = s + (dx * dy).sum(), pairs_x + (dx != 0).sum(), pairs_y + (
+            dy != 0).sum()
+    return float(s / np.sqrt(float(pairs_x) * pairs_y)) if pairs_x and pairs_y else float("nan")
+
+
+def judge_client(settings, cache_folder=None):
+    """The judge of --judge-url/--judge-model, as the command's flags set it up
+    (--overwrite asks everything anew)."""
+    return ModelClient(settings["judge_url"], settings["judge_model"], settings["api_style"],
+                       settings["judge_key"], settings["timeout"], settings["retries"],
+                       cache_path=Path(cache_folder) / JUDGE_CACHE if cache_folder else None,
+                       reuse=not settings["overwrite"])
+
+
+JUDGE_CACHE = "judge-cache.jsonl"
 
 
 # ---- Beyond the book: saving, loading and chatting ----
@@ -1174,13 +1418,13 @@ def score_responses(responses_path, settings):
     without = [i for i, e in enumerate(test_data) if not isinstance(e.get("model_response"), str)]
     if without:
         raise ValueError(f"Entry {without[0]} of {responses_path} has no model_response text.")
-    if not check_if_running(settings["ollama_url"]):
-        raise JudgeUnavailable(
-            f"No Ollama server answered at {settings['ollama_url']}. Start one with `ollama serve` "
-            f"and `ollama pull {settings['judge_model']}`; the responses stay in {responses_path}.")
-    scores = generate_model_scores(test_data, "model_response", settings["judge_model"],
-                                   settings["ollama_url"], scores_of(responses_path),
-                                   overwrite=settings["overwrite"])
+    if not check_if_running(settings["judge_url"]):
+        raise JudgeUnavailable(f"No server answered at {settings['judge_url']}. "
+                               f"{start_judge(settings)}; the responses stay in "
+                               f"{responses_path}.")
+    scores = generate_model_scores(test_data, "model_response", scores_path=scores_of(
+        responses_path), overwrite=settings["overwrite"], workers=settings["workers"],
+        client=judge_client(settings, responses_path.parent))
     average = sum(scores) / len(scores) if scores else float("nan")
     print(f"Number of scores: {len(scores)} of {len(test_data)}")
     print(f"Average score: {average:.2f}")
@@ -1189,6 +1433,14 @@ def score_responses(responses_path, settings):
 
 # What a run writes in --out (a killed run's temporary files of these are removed)
 RESULTS = ("*.pth", "*.json", "*.png")
+
+
+def start_judge(settings):
+    """How to get the judge of --judge-url going, in the user's words."""
+    if ModelClient(settings["judge_url"], "", settings["api_style"]).style == "ollama":
+        return (f"Start one with `ollama serve` and `ollama pull {settings['judge_model']}`, "
+                "or give --judge-url")
+    return "Start it, or give another --judge-url"
 
 
 def responses_of(model_path):
@@ -1366,8 +1618,11 @@ def instruct_settings(args):
     settings = finetuning_settings(args)
     given = getattr(args, "given", set())
     settings["dpo_hp"] = {k: settings[k] if k in given else v for k, v in DPO_DEFAULTS.items()}
+    # --api-key: the key --serve asks of its clients, or else the one sent to the judge
+    settings["judge_key"] = settings["api_key"] or os.environ.get("OPENAI_API_KEY") or None
     settings["api_key"] = settings["api_key"] or os.environ.get("API_KEY") or None
-    modes = [f"--{m}" for m in ("evaluate", "dpo", "chat", "serve") if settings[m]]
+    modes = [f"--{m.replace('_', '-')}" for m in ("evaluate", "dpo", "chat", "serve",
+                                                  "compare_judges") if settings[m]]
     if len(modes) > 1:
         raise ValueError(f"{' and '.join(modes)} are different tasks: give one.")
     return settings
@@ -1377,10 +1632,13 @@ def run(settings):
     """The command: score, tune with DPO, chat, or finetune."""
     out_dir = Path(settings["out"])
     responses_path = out_dir / "instruction-data-with-response.json"
-    modes = [f"--{m}" for m in ("evaluate", "chat", "serve") if settings[m]]
+    modes = [f"--{m.replace('_', '-')}" for m in ("evaluate", "chat", "serve", "compare_judges")
+             if settings[m]]
     if modes and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"Under torchrun, ch07_instruct.py finetunes (and tunes with --dpo); run {modes[0]} as one "
                          "process (python ch07_instruct.py ...).")
+    if settings["compare_judges"]:
+        return compare_judges(*settings["compare_judges"])
     if settings["evaluate"]:
         return evaluate_saved(responses_of(settings["model_file"]) if settings["model_file"]
                               else responses_path, settings)
@@ -1511,11 +1769,11 @@ def finetune(settings, model_path, responses_path, splits, earlier, ranks=None):
     earlier.retire(responses_path, out_dir / "scores.json")  # the earlier model's, not this one's
     write_responses(model, test_data, tokenizer, device, cfg["context_length"],
                     settings["max_new_tokens"], responses_path, **sampling_of(settings))
-    if check_if_running(settings["ollama_url"]):
+    if check_if_running(settings["judge_url"]):
         result.update(score_responses(responses_path, settings))
     else:
-        print(f"No Ollama server at {settings['ollama_url']}: to score the responses later, "
-              f"start one (`ollama serve`, `ollama pull {settings['judge_model']}`) and run "
+        print(f"No judge answered at {settings['judge_url']}: to score the responses later, "
+              f"{start_judge(settings)[0].lower() + start_judge(settings)[1:]}, and run "
               f"`python ch07_instruct.py --evaluate --out {out_dir}`.")
     print(f"Total run time: {(time.perf_counter() - start) / 60:.2f} minutes.")
     return result
@@ -1616,8 +1874,27 @@ def build_parser():
                         help="folder for the finetuned model, responses and plots")
     parser.add_argument("--evaluate", action="store_true",
                         help="only score the saved responses with the judge model")
-    parser.add_argument("--judge-model", default="llama3", help="Ollama model that scores")
-    parser.add_argument("--ollama-url", default=OLLAMA_URL, help="Ollama's chat endpoint")
+    parser.add_argument("--compare-judges", nargs=2, metavar=("A.json", "B.json"), default=None,
+                        help="compare two judges' scores.json of the same responses: their "
+                             "means, Spearman's and Kendall's rank correlations, and the "
+                             "entries they score 50 or more points apart")
+    judge = parser.add_argument_group(
+        "the judge (beyond the book: Ollama, or any OpenAI-style server)")
+    judge.add_argument("--judge-url", "--ollama-url", dest="judge_url", default=OLLAMA_URL,
+                       metavar="URL",
+                       help="the judge's chat endpoint: Ollama's …/api/chat, or an OpenAI-style "
+                            "…/v1 (OpenAI, Ollama's /v1, vLLM, llama.cpp, --serve)")
+    judge.add_argument("--judge-model", default="llama3", metavar="NAME", help="the model that scores")
+    judge.add_argument("--api-style", choices=API_STYLES, default=None,
+                       help="the judge's API (default: openai for a URL ending in /v1 or "
+                            "/v1/chat/completions, else ollama)")
+    judge.add_argument("--workers", type=number(int, at_least=1), default=1, metavar="N",
+                       help="requests to the judge in flight at once")
+    judge.add_argument("--timeout", type=number(float, above=0), default=300, metavar="S",
+                       help="seconds the judge may take for one answer")
+    judge.add_argument("--retries", type=number(int, at_least=0), default=4, metavar="N",
+                       help="times a failed request (no connection, timeout, 429, 5xx) is "
+                            "asked again, waiting 1, 2, 4 ... s or the server's Retry-After")
     parser.add_argument("--chat", action="store_true",
                         help="chat with the saved finetuned model (empty line or Ctrl-D ends)")
     parser.add_argument("--model-file", metavar="FILE", default=None,
@@ -1634,8 +1911,10 @@ def build_parser():
     srv.add_argument("--port", type=number(int, at_least=0, at_most=65535), default=8000,
                      help="port to listen on (0: any free port)")
     srv.add_argument("--api-key", metavar="KEY", default=None,
-                     help="the key every API request must send as 'Authorization: Bearer "
-                          "KEY' (default: $API_KEY; none on this machine's address)")
+                     help="with --serve, the key every API request must send as "
+                          "'Authorization: Bearer KEY' (default: $API_KEY; none on this "
+                          "machine's address); when judging, the key sent to an OpenAI-style "
+                          "judge (default: $OPENAI_API_KEY); never printed or saved")
     srv.add_argument("--max-queue", type=number(int, at_least=1), default=16,
                      help="requests that may wait for the model; more get 503")
     srv.add_argument("--cors-origin", metavar="ORIGIN", default=None,

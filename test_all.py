@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 import unittest.mock
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -3499,49 +3500,87 @@ def test_bad_own_data_gets_one_line_and_writes_nothing(case, tmp_path):
 
 
 class StubOllama(LocalServer):
-    """A server on 127.0.0.1 that speaks Ollama's streamed chat API: the answer
-    to each prompt is answer(prompt), sent as newline-delimited JSON chunks; an
-    answer in bytes is sent as it is (not JSON), a (status, text) pair as that
-    HTTP error, and None answers after 2 s."""
+    """A server on 127.0.0.1 that speaks Ollama's streamed chat API (style
+    "ollama") or OpenAI's chat completions (style "openai", at /v1): the answer
+    to each prompt is answer(prompt), sent as newline-delimited JSON chunks or as
+    one completion. An answer in bytes is sent as it is (not JSON); a (status,
+    text) pair as that HTTP error; {"status": S, "retry_after": T} as status S
+    with Retry-After T; "DROP" closes the connection unanswered; "HTML" is a web
+    page with status 200; None answers after 2 s. Each request's body and
+    Authorization header are kept, and the most requests in flight at once."""
 
-    def __init__(self, answer):
-        self.prompts, self.bodies = [], []
+    def __init__(self, answer, style="ollama"):
+        self.prompts, self.bodies, self.keys = [], [], []
+        self.in_flight = self.most_in_flight = 0
+        lock = threading.Lock()
         stub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
-                self.send_response(200)
+                self.send_response(200 if style == "ollama" else 404)
                 self.end_headers()
-                self.wfile.write(b"Ollama is running")
+                self.wfile.write(b"Ollama is running" if style == "ollama" else b"")
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                stub.bodies.append(body)
-                prompt = body["messages"][-1]["content"]
-                stub.prompts.append(prompt)
-                text = answer(prompt)
+                with lock:
+                    stub.bodies.append(body)
+                    stub.keys.append(self.headers.get("Authorization"))
+                    stub.prompts.append(body["messages"][-1]["content"])
+                    stub.in_flight += 1
+                    stub.most_in_flight = max(stub.most_in_flight, stub.in_flight)
+                try:
+                    self.reply(body, answer(body["messages"][-1]["content"]))
+                finally:
+                    with lock:
+                        stub.in_flight -= 1
+
+            def reply(self, body, text):
                 if text is None:
                     time.sleep(2)
                     text = "50"
                 if isinstance(text, tuple):
                     self.send_error(*text)
                     return
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-ndjson")
-                self.end_headers()
-                if isinstance(text, bytes):
-                    self.wfile.write(text)
+                if isinstance(text, dict):
+                    self.send_response(text["status"])
+                    self.send_header("Retry-After", str(text["retry_after"]))
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": {"message": "slow down"}}')
                     return
-                for i in range(0, len(text), 2):  # two characters a chunk
-                    chunk = {"model": body["model"], "done": False,
-                             "message": {"role": "assistant", "content": text[i:i + 2]}}
-                    self.wfile.write((json.dumps(chunk) + "\n").encode())
-                self.wfile.write((json.dumps({"model": body["model"], "done": True,
-                                              "message": {"role": "assistant", "content": ""}})
-                                  + "\n").encode())
+                if text == "DROP":
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.send_response(200)
+                kind = {"HTML": "text/html", "openai": "application/json"}.get(
+                    text if text == "HTML" else style, "application/x-ndjson")
+                self.send_header("Content-Type", kind)
+                self.end_headers()
+                if text == "HTML" or isinstance(text, bytes):
+                    self.wfile.write(b"<html>Welcome</html>" if text == "HTML" else text)
+                elif style == "openai":
+                    self.wfile.write(json.dumps({
+                        "id": "chatcmpl-1", "object": "chat.completion", "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                            "role": "assistant", "content": text}}]}).encode())
+                else:
+                    for i in range(0, len(text), 2):  # two characters a chunk
+                        chunk = {"model": body["model"], "done": False,
+                                 "message": {"role": "assistant", "content": text[i:i + 2]}}
+                        self.wfile.write((json.dumps(chunk) + "\n").encode())
+                    self.wfile.write((json.dumps({"model": body["model"], "done": True,
+                                                  "message": {"role": "assistant",
+                                                              "content": ""}}) + "\n").encode())
 
         super().__init__(Handler)
-        self.url += "/api/chat"
+        self.url += "/api/chat" if style == "ollama" else "/v1"
+
+
+class StubOpenAI(StubOllama):
+    def __init__(self, answer):
+        super().__init__(answer, style="openai")
 
 
 @pytest.fixture(scope="session")
@@ -3583,6 +3622,139 @@ def test_ollama_client_scores_and_averages(serve, instruction_data):
     assert "score the model response `A reply.`" in stub.prompts[0]
     assert stub.bodies[0]["options"] == {"seed": 123, "temperature": 0, "num_ctx": 2048}
     assert ch07.check_if_running(stub.url)
+
+
+def judge_score(prompt):
+    """One judge's answers, whichever API serves them: a number from the prompt."""
+    return str(zlib.crc32(prompt.encode()) % 101)
+
+
+def test_the_judge_scores_alike_through_ollama_and_openai_style_servers(serve, tmp_path,
+                                                                        instruction_data):
+    entries = [{**e, "model_response": f"Reply {i}."} for i, e in enumerate(instruction_data[:6])]
+    ollama, openai_style = serve(StubOllama, judge_score), serve(StubOpenAI, judge_score)
+    by_ollama = ch07.generate_model_scores(entries, "model_response", url=ollama.url)
+    client = ch07.ModelClient(openai_style.url, "gpt-judge", api_key="sk-test-123")
+    assert (client.style, client.url) == ("openai", openai_style.url + "/chat/completions")
+    by_openai = ch07.generate_model_scores(entries, "model_response", client=client)
+    assert by_openai == by_ollama and len(by_ollama) == 6 and ollama.prompts == openai_style.prompts
+    assert openai_style.keys == ["Bearer sk-test-123"] * 6 and ollama.keys == [None] * 6
+    assert openai_style.bodies[0] == {"model": "gpt-judge", "stream": False, "seed": 123,
+                                      "temperature": 0, "messages": [
+                                          {"role": "user", "content": openai_style.prompts[0]}]}
+    # the stub is OpenAI's shape: the official client reads the same answer from it
+    official = optional("openai", "the judge is checked against OpenAI's own client")
+    completion = official.OpenAI(base_url=openai_style.url, api_key="x").chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Score this."}])
+    assert completion.choices[0].message.content == judge_score("Score this.")
+    assert ch07.ModelClient("http://h/api/chat", "m", api_style="openai").url == \
+        "http://h/api/chat"  # --api-style wins over the URL's look
+    # a judge that answers a web page is one line naming the URL
+    with pytest.raises(ch07.JudgeUnavailable, match=r"^The server at .*/api/chat answered a web "
+                                                    r"page, not the ollama chat API"):
+        ch07.query_model("hi", url=serve(StubOllama, lambda prompt: "HTML").url)
+    # this project's own server judges too (a random tiny model: its answers are no scores)
+    with chat_server(tmp_path) as (url, served):
+        own = ch07.ModelClient(url + "/v1", served.name, options={"temperature": 0})
+        answer = own.ask("Name a color.")
+        direct = official.OpenAI(base_url=url + "/v1", api_key="x").chat.completions.create(
+            model=served.name, temperature=0, messages=[{"role": "user",
+                                                          "content": "Name a color."}])
+        assert answer == direct.choices[0].message.content and own.requests == 1
+
+
+def test_the_judge_is_asked_again_after_429_5xx_drops_and_timeouts(serve, instruction_data,
+                                                                   tmp_path, capsys):
+    replies = iter([{"status": 429, "retry_after": 0}, (500, "oops"), "DROP", None, "77"])
+    stub = serve(StubOpenAI, lambda prompt: next(replies))
+    client = ch07.ModelClient(stub.url, "m", timeout=0.5, backoff=0.01)
+    start = time.monotonic()
+    assert client.ask("Score it.") == "77" and client.requests == len(stub.prompts) == 5
+    assert time.monotonic() - start < 5  # Retry-After 0 is honoured, the backoff is small
+    # a Retry-After of 1 s is waited for
+    replies = iter([{"status": 503, "retry_after": 1}, "60"])
+    stub = serve(StubOllama, lambda prompt: next(replies))
+    start = time.monotonic()
+    assert ch07.ModelClient(stub.url, "m", backoff=0).ask("x") == "60"
+    assert time.monotonic() - start >= 1
+    # a judge that keeps failing: one line, with the tries
+    stub = serve(StubOllama, lambda prompt: (500, "down"))
+    with pytest.raises(ch07.JudgeUnavailable, match=r"^The server at .* answered 500: .*down.*"
+                                                    r"\(3 tries\)$"):
+        ch07.ModelClient(stub.url, "m", retries=2, backoff=0).ask("x")
+    # 4 workers give the scores of 1, with requests in flight at once
+    entries = [{**e, "model_response": f"Reply {i}."} for i, e in enumerate(instruction_data[:12])]
+    one = ch07.generate_model_scores(entries, "model_response",
+                                     url=serve(StubOllama, judge_score).url)
+    slow = serve(StubOllama, lambda prompt: time.sleep(0.1) or judge_score(prompt))
+    assert ch07.generate_model_scores(entries, "model_response", url=slow.url, workers=4) == one
+    assert slow.most_in_flight == 4
+    # a run stopped by a failing judge resumes from its cache: nothing is asked twice
+    cache = tmp_path / "judge-cache.jsonl"
+    asked = iter(judge_score(f"{i}") for i in range(7))
+    flaky = serve(StubOllama, lambda prompt: next(asked, (404, "gone")))
+    with pytest.raises(ch07.JudgeUnavailable, match=r"answered 404"):
+        ch07.generate_model_scores(entries, "model_response", client=ch07.ModelClient(
+            flaky.url, "m", cache_path=cache))
+    assert len(cache.read_text().splitlines()) == 7
+    with open(cache, "a") as f:
+        f.write('{"key": "cut sho')  # a kill in mid-line
+    judge = serve(StubOllama, judge_score)
+    client = ch07.ModelClient(judge.url, "m", cache_path=cache)
+    scores = ch07.generate_model_scores(entries, "model_response", client=client)
+    assert client.requests == len(judge.prompts) == 12 - 7 and len(scores) == 12
+    assert ch07.generate_model_scores(entries, "model_response", client=client) == scores
+    assert client.requests == 5  # all cached now
+    # through the command: the key is sent, never shown or saved
+    responses = [{**e, "model_response": "A reply."} for e in instruction_data[:3]]
+    ch02.write_text_atomic(tmp_path / "instruction-data-with-response.json", json.dumps(responses))
+    keyed = serve(StubOpenAI, judge_score)
+    result = ch07.main(args_of(ch07, ["--evaluate", "--out", str(tmp_path), "--judge-url",
+                                      keyed.url, "--judge-model", "gpt-judge", "--api-key",
+                                      "sk-SECRET-42", "--workers", "2"]))
+    assert len(result["scores"]) == 3 and keyed.keys == ["Bearer sk-SECRET-42"] * 3
+    with unittest.mock.patch.dict(os.environ, {"OPENAI_API_KEY": "sk-SECRET-42"}):
+        refused = serve(StubOpenAI, lambda prompt: (401, "invalid key"))
+        with pytest.raises(ch07.JudgeUnavailable, match=r"answered 401: .*Is the API key right "
+                                                        r"\(--api-key, or \$OPENAI_API_KEY\)\?"):
+            ch07.main(args_of(ch07, ["--evaluate", "--out", str(tmp_path), "--overwrite",
+                                     "--judge-url", refused.url]))
+    assert refused.keys == ["Bearer sk-SECRET-42"]
+    out = capsys.readouterr()
+    assert "sk-SECRET" not in out.out + out.err
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and b"sk-SECRET" in p.read_bytes()]
+
+
+def test_two_judges_are_compared_as_scipy_correlates_them(tmp_path, capsys):
+    stats = optional("scipy.stats", "the rank correlations are checked against SciPy's")
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 101, 60)
+    b = np.clip(a + rng.integers(-30, 31, 60), 0, 100)
+    b[[3, 9]] = [0, 100]  # wide gaps, and ties from the clipping and the small range
+    a[[3, 9]] = [90, 20]
+    files = []
+    for name, scores in (("llama3", a), ("gpt-4o", b)):
+        by_entry = {str(i): int(v) for i, v in enumerate(scores)}
+        by_entry["5"] = None if name == "llama3" else by_entry["5"]  # not a number: left out
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps({"model": name, "responses": "f1", "scores": by_entry}))
+    result = ch07.main(args_of(ch07, ["--compare-judges", *map(str, files)]))
+    kept = [i for i in range(60) if i != 5]
+    assert result["entries"] == 59
+    assert result["spearman"] == pytest.approx(stats.spearmanr(a[kept], b[kept])[0], abs=1e-12)
+    assert result["kendall"] == pytest.approx(stats.kendalltau(a[kept], b[kept])[0], abs=1e-12)
+    assert result["mean_a"] == pytest.approx(a[kept].mean())
+    assert [i for i, _, _ in result["apart"]] == [i for i in kept if abs(a[i] - b[i]) >= 50]
+    assert (3, 90, 0) in result["apart"] and (9, 20, 100) in result["apart"]
+    out = capsys.readouterr().out
+    assert "Entries scored by both: 59; Spearman's rho" in out and "entry 3: 90 vs 0" in out
+    other = json.loads(files[1].read_text())
+    files[1].write_text(json.dumps({**other, "responses": "f2"}))
+    with pytest.raises(ValueError, match=r"score different responses"):
+        ch07.main(args_of(ch07, ["--compare-judges", *map(str, files)]))
+    files[1].write_text("[1, 2")
+    with pytest.raises(ValueError, match=r"gpt-4o\.json is not valid JSON"):
+        ch07.main(args_of(ch07, ["--compare-judges", *map(str, files)]))
 
 
 def test_unreachable_judge_gives_a_clear_error():
@@ -3670,13 +3842,14 @@ def test_judge_failures_keep_the_scores_obtained(serve, instruction_data, tmp_pa
     saved = json.loads(scores_path.read_text(encoding="utf-8"))["scores"]
     assert saved == {"0": 80, "1": 70, "2": 60, "3": None, "4": 50}
     # a judge that accepts the connection but does not answer in time on entry 2
-    answers = iter(["80", "70", None])
-    stub = serve(StubOllama, lambda prompt: next(answers))
+    answers = iter(["80", "70"])
+    stub = serve(StubOllama, lambda prompt: next(answers, None))
     with pytest.raises(ch07.JudgeUnavailable, match=r"answered the check, but gave no answer "
                                                     r"within 1 s\. That was entry 2; the 2 "
                                                     r"scores obtained are kept; they are saved"):
-        ch07.generate_model_scores(entries, "model_response", url=stub.url,
-                                   scores_path=tmp_path / "new.json", timeout=1)
+        ch07.generate_model_scores(entries, "model_response", scores_path=tmp_path / "new.json",
+                                   client=ch07.ModelClient(stub.url, "llama3", timeout=1,
+                                                           retries=0))
     saved = json.loads((tmp_path / "new.json").read_text(encoding="utf-8"))
     assert saved["scores"] == {"0": 80, "1": 70} and saved["model"] == "llama3"
     # too little data for the three splits
@@ -3694,7 +3867,7 @@ def test_evaluate_goes_on_from_the_saved_scores_and_never_wipes_them(tmp_path, s
     ch02.write_text_atomic(tmp_path / "instruction-data-with-response.json", json.dumps(responses))
     scores_path = tmp_path / "scores.json"
     evaluate = lambda url, *extra: ch07.main(args_of(ch07,   # noqa: E731
-        ["--evaluate", "--out", str(tmp_path), "--ollama-url", url, *extra]))
+        ["--evaluate", "--out", str(tmp_path), "--ollama-url", url, "--retries", "0", *extra]))
     answers = iter(["80", "80", "80", (503, "busy")])  # an HTML error page: one line all the same
     busy = serve(StubOllama, lambda prompt: next(answers))
     with pytest.raises(ch07.JudgeUnavailable, match=r"^[^\n]*answered 503: .*Error code: 503.* That was entry 3; the 3 "
