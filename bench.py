@@ -11,6 +11,9 @@ On the CPU (the default):
      process and with one per CPU
   8. ch07_instruct.py --serve: time to first token and tokens/s with 1, 4 and 16 clients
      at once, streaming completions, tiny and 124M
+  9. judging (ch07_instruct.py's client): entries/s with 1 and 8 workers against a fake
+     OpenAI-style judge that answers in 50 ms
+ 10. near-duplicates (ch07_data.py): seconds and peak memory over 52,000 synthetic entries
 
 With --device cuda:
   1. training through ch05_train.py's own loop (data loading, logging and evaluations
@@ -48,11 +51,13 @@ HERE = Path(__file__).resolve().parent
 
 FULL = {"model": "124M", "context": 256, "batch": 2, "train_steps": 4, "warmup": 2,
         "new_tokens": 200, "mm_n": 4096, "dataset_tokens": 2_000_000, "eval_items": 40,
-        "tokenize_copies": 40, "serve_tokens": 32, "repeats": 3}
+        "tokenize_copies": 40, "serve_tokens": 32, "judge_entries": 64, "dup_entries": 52_000,
+        "repeats": 3}
 # --quick: the same measurements on a small model, in under a minute
 QUICK = {"model": "bench-small", "context": 128, "batch": 2, "train_steps": 3, "warmup": 1,
          "new_tokens": 30, "mm_n": 2048, "dataset_tokens": 2_000_000, "eval_items": 8,
-         "tokenize_copies": 10, "serve_tokens": 16, "repeats": 1}
+         "tokenize_copies": 10, "serve_tokens": 16, "judge_entries": 32, "dup_entries": 5_000,
+         "repeats": 1}
 SMALL = {"emb_dim": 256, "n_layers": 4, "n_heads": 4}
 # --device cuda: the issue's GPU configuration. Rates are read between the
 # evaluations at steps eval_every and 2 * eval_every (compiling comes before)
@@ -325,6 +330,70 @@ def child_serve(variant, p):
             "tokens_per_s": tokens / seconds, "tokens": tokens}
 
 
+def child_judge(variant, p):
+    """Judging through ch07_instruct.py's client with `variant` workers, against a
+    fake OpenAI-style judge on 127.0.0.1 that answers each request after 50 ms:
+    entries scored a second."""
+    import http.server
+    import threading
+    import ch07_instruct as ch07
+
+    class Judge(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(0.05)
+            body = json.dumps({"choices": [{"index": 0, "message": {
+                "role": "assistant", "content": "50"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    entries = [{"instruction": f"Task {i}.", "input": "", "output": "An answer.",
+                "model_response": "A response."} for i in range(p["judge_entries"])]
+    client = ch07.ModelClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "judge")
+    start = time.perf_counter()
+    scores = ch07.generate_model_scores(entries, "model_response", client=client,
+                                        workers=int(variant))
+    seconds = time.perf_counter() - start
+    server.shutdown()
+    return {"entries_per_s": len(scores) / seconds}
+
+
+def synthetic_entries(n, seed=0):
+    """n instruction entries of random words, a near-duplicate instruction every 100th."""
+    import random
+    rng = random.Random(seed)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9)))
+             for _ in range(5000)]
+    phrase = lambda low, high: " ".join(rng.choices(words, k=rng.randint(low, high)))  # noqa: E731
+    entries = [{"instruction": phrase(4, 14), "input": phrase(3, 8) if i % 3 == 0 else "",
+                "output": phrase(3, 30)} for i in range(n)]
+    for k in range(0, n - 1, 100):
+        entries[k + 1]["instruction"] = entries[k]["instruction"] + " again"
+    return entries
+
+
+def child_duplicates(variant, p):
+    """ch07_data.py's near-duplicate finder over dup_entries synthetic entries, all
+    three fields: seconds and peak resident memory."""
+    import ch07_data
+    entries = synthetic_entries(p["dup_entries"])
+    reset_peak_rss()
+    before = rss_bytes()
+    start = time.perf_counter()
+    pairs = [pair for field in ch07_data.FIELDS
+             for pair in ch07_data.find_near_duplicates(entries, field=field)]
+    return {"seconds": time.perf_counter() - start, "pairs": len(pairs),
+            "peak_mb": peak_rss_bytes() / 2 ** 20, "mb_beyond_start": (peak_rss_bytes() - before)
+            / 2 ** 20}
+
+
 def child_save(variant, p):
     """A saved model the load benchmark reads, in load_gpt2_model's layout."""
     import torch
@@ -395,7 +464,8 @@ def child_train_memory(variant, p):
 CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": child_copy,
             "generate": child_generate, "load": child_load, "dataset": child_dataset,
             "train_command": child_train_command, "eval": child_eval,
-            "tokenize": child_tokenize, "serve": child_serve, "train_memory": child_train_memory}
+            "tokenize": child_tokenize, "serve": child_serve, "train_memory": child_train_memory,
+            "judge": child_judge, "duplicates": child_duplicates}
 
 
 # ---- The parent: run children interleaved, summarise ----
@@ -464,6 +534,10 @@ def summarise(runs, p):
         ("tokenizing", f"{os.cpu_count()} workers", stat("tokenize", "all", "tokens_per_s"),
          "tokens/s"),
     ]
+    rows += [("judging", f"{w} worker{'s' if w != '1' else ''}",
+              stat("judge", w, "entries_per_s"), "entries/s") for w in ("1", "8")]
+    rows += [("duplicates", f"{p['dup_entries']:,} entries", stat("duplicates", "-", key), unit)
+             for key, unit in (("seconds", "s"), ("peak_mb", "MB peak"))]
     for variant in serve_variants(p):  # ch07_instruct.py --serve
         name, clients = variant.split(":")
         who = f"{name}, {clients} client{'s' if clients != '1' else ''}"
@@ -488,6 +562,8 @@ def summarise(runs, p):
         "dataset memory (MB extra)": median("dataset", "-", "mb_beyond_tokens"),
         "tokenizing speed-up, all workers": (median("tokenize", "all", "tokens_per_s") /
                                              median("tokenize", "1", "tokens_per_s")),
+        "judging speed-up, 8 workers": (median("judge", "8", "entries_per_s") /
+                                        median("judge", "1", "entries_per_s")),
     }
     targets = {
         "fast/book training speed-up": (">=", 1.3),
@@ -605,7 +681,8 @@ def main(args):
                      ("generate", ("uncached", "cached")), ("copy", ("-",)),
                      ("load", ("plain", "lean")), ("dataset", ("-",)),
                      ("eval", ("tiny", "124M")), ("tokenize", ("1", "all")),
-                     ("serve", serve_variants(p))]
+                     ("serve", serve_variants(p)), ("judge", ("1", "8")),
+                     ("duplicates", ("-",))]
             if args.only:
                 unknown = set(args.only) - {name for name, _ in pairs}
                 if unknown:

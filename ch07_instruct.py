@@ -218,8 +218,8 @@ class JudgeUnavailable(RuntimeError):
 def query_model(prompt, model="llama3", url=OLLAMA_URL, timeout=300):
     """The judge's answer, with a fixed seed and temperature 0 for repeatable
     scores. Beyond the book: through ModelClient, so also from an OpenAI-style
-    server, with retries."""
-    return ModelClient(url, model, timeout=timeout).ask(prompt)
+    server (asked once, as the book asks; ModelClient retries on request)."""
+    return ModelClient(url, model, timeout=timeout, retries=0).ask(prompt)
 
 
 def check_if_running(url=OLLAMA_URL, timeout=3):

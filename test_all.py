@@ -48,6 +48,7 @@ import ch05_generate as gen
 import ch05_load_gpt2 as gpt2
 import ch05_train as ch05
 import ch06_classify as ch06
+import ch07_data as ch07d
 import ch07_instruct as ch07
 
 HERE = Path(__file__).resolve().parent
@@ -1784,6 +1785,8 @@ def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
     assert [bench.child_tokenize(v, tokenize)["workers"] for v in ("1", "all")] == \
         [1, os.cpu_count()]
     assert bench.child_serve("tiny:3", {"serve_tokens": 4})["tokens"] == 12  # 3 clients' whole
+    assert bench.child_judge("4", {"judge_entries": 8})["entries_per_s"] > 0
+    assert bench.child_duplicates("-", {"dup_entries": 300})["pairs"] >= 2  # the planted ones
 
 
 # ======= Chapter 5, loading GPT-2: the book's listings =======
@@ -3667,10 +3670,10 @@ def test_the_judge_is_asked_again_after_429_5xx_drops_and_timeouts(serve, instru
                                                                    tmp_path, capsys):
     replies = iter([{"status": 429, "retry_after": 0}, (500, "oops"), "DROP", None, "77"])
     stub = serve(StubOpenAI, lambda prompt: next(replies))
-    client = ch07.ModelClient(stub.url, "m", timeout=0.5, backoff=0.01)
+    client = ch07.ModelClient(stub.url, "m", timeout=1, backoff=0.01)
     start = time.monotonic()
     assert client.ask("Score it.") == "77" and client.requests == len(stub.prompts) == 5
-    assert time.monotonic() - start < 5  # Retry-After 0 is honoured, the backoff is small
+    assert time.monotonic() - start < 8  # Retry-After 0 is honoured, the backoff is small
     # a Retry-After of 1 s is waited for
     replies = iter([{"status": 503, "retry_after": 1}, "60"])
     stub = serve(StubOllama, lambda prompt: next(replies))
@@ -3686,7 +3689,7 @@ def test_the_judge_is_asked_again_after_429_5xx_drops_and_timeouts(serve, instru
     entries = [{**e, "model_response": f"Reply {i}."} for i, e in enumerate(instruction_data[:12])]
     one = ch07.generate_model_scores(entries, "model_response",
                                      url=serve(StubOllama, judge_score).url)
-    slow = serve(StubOllama, lambda prompt: time.sleep(0.1) or judge_score(prompt))
+    slow = serve(StubOllama, lambda prompt: time.sleep(0.3) or judge_score(prompt))
     assert ch07.generate_model_scores(entries, "model_response", url=slow.url, workers=4) == one
     assert slow.most_in_flight == 4
     # a run stopped by a failing judge resumes from its cache: nothing is asked twice
@@ -3908,6 +3911,101 @@ def test_evaluate_goes_on_from_the_saved_scores_and_never_wipes_them(tmp_path, s
         evaluate(judge.url)
 
 
+# ---- Chapter 7's dataset tools (ch07_data.py) ----
+
+BONUS_EXAMPLE = [  # find-near-duplicates.py's example entries
+    {"instruction": "What is the capital of Italy?", "input": "",
+     "output": "The capital of Italy is Rome."},
+    {"instruction": "What's the capital city of Italy?", "input": "",
+     "output": "The capital city is Rome."},
+    {"instruction": "Identify the main verb in the sentence: 'The cat sleeps on the couch.'",
+     "input": "", "output": "The verb is 'sleeps'."},
+    {"instruction": "Identify the verb in the following sentence: The cat sleeps on the couch.",
+     "input": "", "output": "The verb in the sentence is \"sleeps.\""}]
+
+
+def bonus_pairs(entries, field, threshold=0.75):
+    """The bonus's computation, the whole matrix at once with scikit-learn's
+    cosine_similarity, its positions mapped back to the entries."""
+    text = optional("sklearn.feature_extraction.text", "the bonus's TF-IDF is the reference")
+    pairwise = optional("sklearn.metrics.pairwise", "the bonus's cosine is the reference")
+    kept = [k for k, e in enumerate(entries) if e[field]]
+    if not kept:
+        return []
+    matrix = text.TfidfVectorizer(stop_words=None, analyzer="char", ngram_range=(1, 3)) \
+        .fit_transform([re.sub(r"[^\w\s]", "", entries[k][field].lower()) for k in kept])
+    sims = pairwise.cosine_similarity(matrix)
+    return [(kept[a], kept[b], sims[a, b]) for a in range(len(kept))
+            for b in range(a + 1, len(kept)) if sims[a, b] > threshold
+            and len(entries[kept[a]][field]) > 1 and len(entries[kept[b]][field]) > 1]
+
+
+def same_pairs(found, expected):
+    assert [(i, j) for i, j, _ in found] == [(i, j) for i, j, _ in expected]
+    assert all(abs(s - t) < 1e-6 for (_, _, s), (_, _, t) in zip(found, expected))
+
+
+def test_near_duplicates_equal_the_bonus_computation(tmp_path, instruction_data, capsys):
+    for field in ch07d.FIELDS:
+        same_pairs(ch07d.find_near_duplicates(BONUS_EXAMPLE, field=field),
+                   bonus_pairs(BONUS_EXAMPLE, field))
+    # the chapter's file: most inputs are empty, and the pairs index the file all the same
+    entries = instruction_data[:400]
+    for field, threshold in (("instruction", 0.75), ("input", 0.5), ("output", 0.6)):
+        found = ch07d.find_near_duplicates(entries, threshold, field)
+        same_pairs(found, bonus_pairs(entries, field, threshold))
+        assert found and all(entries[i][field] and entries[j][field] for i, j, _ in found)
+    # small blocks, and every n-gram sparse or every one dense: the same pairs
+    rows = ch07d.tfidf_rows([ch07d.preprocess_text(e["output"]) for e in entries])
+    reference = ch07d.similar_pairs(rows, 0.6)
+    for options in ({"block_cells": 1000}, {"dense_features": 0}, {"dense_features": 10 ** 6}):
+        same_pairs(ch07d.similar_pairs(rows, 0.6, **options), reference)
+    # the command: the pairs as JSON, and the bonus's filtered list
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(BONUS_EXAMPLE + BONUS_EXAMPLE[:1]), encoding="utf-8")
+    result = ch07d.main(ch07d.parse_args(["--find-duplicates", str(path), "--json",
+                                          str(tmp_path / "pairs.json"), "--remove-duplicates",
+                                          str(tmp_path / "clean.json")]))
+    pairs = json.loads((tmp_path / "pairs.json").read_text())
+    assert {(p["field"], p["i"], p["j"]) for p in pairs} >= {("instruction", 0, 4),
+                                                             ("output", 0, 1)}
+    bonus = list(BONUS_EXAMPLE + BONUS_EXAMPLE[:1])  # its loop: field by field, on what is left
+    for field in ch07d.FIELDS:
+        gone = {j for _, j, _ in bonus_pairs(bonus, field)} if field != "instruction" else set()
+        bonus = [e for k, e in enumerate(bonus) if k not in gone]
+    assert json.loads((tmp_path / "clean.json").read_text()) == bonus == result["kept"]
+    assert "entries; " in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match=r"--json .*pairs\.json already exists"):
+        ch07d.main(ch07d.parse_args(["--find-duplicates", str(path), "--json",
+                                     str(tmp_path / "pairs.json")]))
+    for bad, message in [('{"instruction": "x"}', r"must hold a JSON list of entries"),
+                         ('[{"instruction": "x"}]', r"Entry 0 of .* has no output text"),
+                         ('[{"instr', r"is not valid JSON")]:
+        path.write_text(bad, encoding="utf-8")
+        with pytest.raises(ValueError, match=message):
+            ch07d.main(ch07d.parse_args(["--find-duplicates", str(path)]))
+    with pytest.raises(ValueError, match=r"^--field outputs: give fields among"):
+        ch07d.main(ch07d.parse_args(["--find-duplicates", str(path), "--field", "outputs"]))
+
+
+def test_near_duplicates_of_20000_entries_in_bounded_memory(tmp_path):
+    """The whole matrix of 20,000 entries would hold 3.2 GB; block by block the
+    process stays far below (its peak resident memory is printed)."""
+    entries = bench.synthetic_entries(20000)  # random words, a near-duplicate every 100th
+    (tmp_path / "big.json").write_text(json.dumps(entries), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, ch07_data as d\ntry:\n    d.main(d.parse_args("
+         "sys.argv[1:]))\nfinally:\n    print(open('/proc/self/status').read())",
+         "--find-duplicates", str(tmp_path / "big.json"), "--field", "instruction", "--json",
+         str(tmp_path / "pairs.json")], cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    peak_mb = int(re.search(r"VmHWM:\s+(\d+) kB", done.stdout).group(1)) / 1024
+    print(f"peak resident memory for 20,000 entries: {peak_mb:.0f} MB")
+    assert peak_mb < 1200
+    found = {(p["i"], p["j"]) for p in json.loads((tmp_path / "pairs.json").read_text())}
+    assert {(k, k + 1) for k in range(0, 20000, 100)} <= found
+
+
 def readme_tour():
     """The commands of README.md's one-minute path, in its order, as argument lists."""
     text = (HERE / "README.md").read_text(encoding="utf-8")
@@ -4068,14 +4166,16 @@ def test_chapter7_finetunes_and_tunes_with_dpo_on_two_processes_as_on_one(tmp_pa
          "--out", str(tmp_path / f"{task}-{layout}"),
          *(["--fsdp"] if layout == "fsdp" else [])], cwd=HERE, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        for task in ("sft", "dpo") for layout in ("ddp", "fsdp")}
+        for task, layout in (("sft", "ddp"), ("sft", "fsdp"), ("dpo", "fsdp"))}
     outs = {run: finished(proc) for run, proc in runs.items()}
     for layout in ("ddp", "fsdp"):
-        # printed once, the same
-        assert printed(outs["sft", layout]) + printed(outs["dpo", layout]) == one_lines
+        # printed once, the same (DPO under --fsdp: the policy and its reference sharded)
+        assert printed(outs["sft", layout]) == one_lines[:3]
+        assert layout == "ddp" or printed(outs["dpo", layout]) == one_lines[3:]
         for task, one, name, responses in [
                 ("sft", "one", "gpt2-tiny-sft.pth", "instruction-data-with-response.json"),
-                ("dpo", "one-dpo", "gpt2-tiny-dpo.pth", "instruction-data-with-dpo-response.json")]:
+                ("dpo", "one-dpo", "gpt2-tiny-dpo.pth", "instruction-data-with-dpo-response.json")
+        ][:1 if layout == "ddp" else 2]:
             folder = tmp_path / f"{task}-{layout}"
             ones = gen.load_checkpoint(tmp_path / one / name)["model"]
             saved = gen.load_checkpoint(folder / name)["model"]
