@@ -384,15 +384,18 @@ class ModelClient:
         self.cache = AnswerCache(cache_path, reuse) if cache_path else None
         self.requests = 0  # requests sent (a cached answer sends none)
 
-    def ask(self, prompt):
+    def ask(self, prompt, options=None):
+        """The answer to a prompt (or a list of messages); `options` replace the
+        client's (seed, temperature, ...) for this request."""
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        key = hashlib.sha256(json.dumps([self.style, self.model, messages, self.options],
+        options = self.options if options is None else options
+        key = hashlib.sha256(json.dumps([self.style, self.model, messages, options],
                                         sort_keys=True).encode()).hexdigest()
         if self.cache and key in self.cache:
             return self.cache[key]
         for attempt in itertools.count():
             try:
-                answer = self.ask_once(messages)
+                answer = self.ask_once(messages, options)
                 break
             except RetryableFailure as err:
                 if attempt >= self.retries:
@@ -404,13 +407,14 @@ class ModelClient:
             self.cache[key] = answer
         return answer
 
-    def ask_once(self, messages):
+    def ask_once(self, messages, options):
         self.requests += 1
         if self.style == "openai":
             body = {"model": self.model, "messages": messages, "stream": False,
-                    **{k: v for k, v in self.options.items() if k in ("seed", "temperature")}}
+                    **{k: v for k, v in options.items() if k in ("seed", "temperature",
+                                                                 "top_p")}}
         else:
-            body = {"model": self.model, "messages": messages, "options": self.options}
+            body = {"model": self.model, "messages": messages, "options": options}
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         try:
             with requests.post(self.url, json=body, headers=headers, stream=True,

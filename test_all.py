@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -1699,9 +1700,7 @@ def test_fsdp_trains_resumes_and_spans_machines_as_one_process_does(tmp_path, sh
     for layout in resumes:
         same_losses(tmp_path / f"resumed-{layout}", range(step + 4))  # the history, then on
     # the checkpoint is in one process's layout: the weights equal one process's
-    ch05.main(args_of(ch05, [*common, "--batch-size", "2", "--max-steps", str(step + 4),
-                             "--out", str(tmp_path / "one-again")]))
-    ones = gen.load_checkpoint(tmp_path / "one-again" / "checkpoint.pt")
+    ones = gen.load_checkpoint(tmp_path / "resumed-one" / "checkpoint.pt")
     saved = gen.load_checkpoint(tmp_path / "resumed-fsdp" / "checkpoint.pt")
     for key, value in saved["model"].items():
         assert torch.allclose(value, ones["model"][key], atol=1e-6), key
@@ -4004,6 +4003,121 @@ def test_near_duplicates_of_20000_entries_in_bounded_memory(tmp_path):
     assert peak_mb < 1200
     found = {(p["i"], p["j"]) for p in json.loads((tmp_path / "pairs.json").read_text())}
     assert {(k, k + 1) for k in range(0, 20000, 100)} <= found
+
+
+def fake_generator(duplicate_every=4):
+    """A model's answers for ch07_data.py: to Llama 3's user header, an instruction
+    of random words (every duplicate_every-th repeats the one before, and one is a
+    stray header); to a question, its answer; to a rewrite, a marked text."""
+    words = ["".join(random.Random(k).choices("abcdefghijklmnopqrstuvwxyz", k=6))
+             for k in range(400)]
+    said, lock = [], threading.Lock()
+
+    def answer(prompt):
+        with lock:
+            if prompt == ch07d.LLAMA3_USER_HEADER:
+                n = len(said)
+                said.append(" ".join(random.Random(n).sample(words, 6)) + "?")
+                if n == 2:
+                    return "<|start_header_id|>assistant"
+                return "\n" + said[-2 if n and n % duplicate_every == 0 else -1] + "\nMore."
+        if "slightly rewrite the output to be more polite" in prompt:
+            return "Kindly: " + prompt.split("correct output `")[1].split("`")[0]
+        if "more impolite" in prompt:
+            return "Whatever: " + prompt.split("correct output `")[1].split("`")[0]
+        if prompt.startswith("Rewrite the following text in the passive voice"):
+            return "Passively, " + prompt.split("\n\n", 1)[1]
+        if "IMPROVED:" in prompt:
+            return "" if "Reply 1." in prompt else "Too short.\nIMPROVED:\nA better reply."
+        if prompt.startswith("Shout:"):
+            return prompt.upper()
+        return "The answer to " + prompt
+    return answer
+
+
+def test_new_entries_rewrites_and_preferences_from_a_model(tmp_path, serve, capsys):
+    generator = serve(StubOllama, fake_generator())
+    out = tmp_path / "new.json"
+    run = lambda *argv: ch07d.main(ch07d.parse_args([*argv, "--generator-url",  # noqa: E731
+                                                     generator.url]))
+    made = run("--generate-data", "6", "--data-out", str(out), "--workers", "2")
+    entries = json.loads(out.read_text())
+    assert entries == made["entries"] and len(entries) == 6
+    assert all(e["output"] == "The answer to " + e["instruction"] and e["input"] == ""
+               for e in entries)
+    assert not ch07d.find_near_duplicates(entries) and not any("<|" in e["instruction"]
+                                                               for e in entries)
+    first = generator.bodies[0]
+    assert first["messages"] == [{"role": "assistant", "content": ch07d.LLAMA3_USER_HEADER}]
+    assert first["options"]["temperature"] == 1.0
+    assert len({b["options"]["seed"] for b in generator.bodies}) > 6  # each sample its own
+    # the same command again: refused, then with --overwrite every answer from the cache
+    with pytest.raises(FileExistsError, match=r"--data-out .*new\.json already exists"):
+        run("--generate-data", "6", "--data-out", str(out))
+    asked = len(generator.prompts)
+    again = run("--generate-data", "6", "--data-out", str(out), "--overwrite")
+    assert again["requests"] == 0 and len(generator.prompts) == asked
+    assert json.loads(out.read_text()) == entries
+    # a preference file the chapter's --dpo reads: polite rewrites chosen, impolite rejected
+    source = tmp_path / "source.json"
+    source.write_text(json.dumps([{"instruction": f"Say {w}.", "input": "", "output": f"{w}."}
+                                  for w in ("hi", "yes", "no", "thanks", "maybe") * 4]))
+    prefs = run("--make-preferences", str(source), "--data-out", str(tmp_path / "prefs.json"),
+                "--workers", "3")["entries"]
+    rng = random.Random(123)
+    for entry in prefs:
+        polite = rng.choice(["polite", "impolite"]) == "polite"
+        assert (entry["chosen"], entry["rejected"]) == (
+            ("Kindly: " + entry["output"], entry["output"]) if polite else
+            (entry["output"], "Whatever: " + entry["output"]))
+    assert len(prefs) == 20 and json.loads((tmp_path / "prefs.json").read_text()) == prefs
+    common = ["--model-size", "tiny", "--out", str(tmp_path / "run"), "--device", "cpu"]
+    ch07.main(args_of(ch07, [*common, "--no-pretrained", "--data",
+                             str(SHARED / "data" / "instruction-data.json"), "--limit", "8",
+                             "--batch-size", "4", "--epochs", "1", "--max-new-tokens", "2",
+                             "--ollama-url", "http://127.0.0.1:9/api/chat"]))
+    tuned = ch07.main(args_of(ch07, ["--dpo", *common, "--preference-data",
+                                     str(tmp_path / "prefs.json"), "--limit", "4",
+                                     "--batch-size", "4", "--max-new-tokens", "2"]))
+    assert tuned["tracking"]["train_losses"] and (tmp_path / "run" / "gpt2-tiny-dpo.pth").exists()
+    # rewrites: the passive voice, a reflection's improvement, a prompt of one's own
+    replies = [{"instruction": "Name a color.", "input": "", "output": f"Reply {i}."}
+               for i in range(3)]
+    (tmp_path / "replies.json").write_text(json.dumps(replies))
+    passive = run("--rewrite", str(tmp_path / "replies.json"), "--data-out",
+                  str(tmp_path / "passive.json"))["entries"]
+    assert [e["output"] for e in passive] == [f"Passively, Reply {i}." for i in range(3)]
+    capsys.readouterr()
+    reflected = run("--rewrite", str(tmp_path / "replies.json"), "--style", "reflect",
+                    "--data-out", str(tmp_path / "reflect.json"))["entries"]
+    assert [e["output"] for e in reflected] == ["A better reply."] * 2  # entry 1 had none
+    assert "Entry 1: the answer held no rewrite" in capsys.readouterr().out
+    (tmp_path / "shout.txt").write_text("Shout: {instruction} {output}", encoding="utf-8")
+    shouted = run("--rewrite", str(tmp_path / "replies.json"), "--style",
+                  str(tmp_path / "shout.txt"), "--field", "instruction", "--data-out",
+                  str(tmp_path / "shout.json"))["entries"]
+    assert shouted[0]["instruction"] == "SHOUT: NAME A COLOR. REPLY 0." and \
+        shouted[0]["output"] == "Reply 0."
+    # bad input: one line each, nothing written
+    (tmp_path / "bad.txt").write_text("Hi {name}", encoding="utf-8")
+    for argv, error, message in [
+            (["--rewrite", str(tmp_path / "replies.json"), "--style", str(tmp_path / "bad.txt"),
+              "--data-out", str(tmp_path / "x.json")], ValueError, r"may hold \{instruction\}"),
+            (["--make-preferences", str(tmp_path / "replies.json")], ValueError,
+             r"write to --data-out FILE: give one"),
+            (["--make-preferences", str(tmp_path / "new.json"), "--generate-data", "2"],
+             ValueError, r"are different tasks: give one"),
+            (["--rewrite", str(tmp_path / "shout.txt"), "--data-out", str(tmp_path / "x.json")],
+             ValueError, r"shout\.txt is not valid JSON")]:
+        with pytest.raises(error, match=message):
+            run(*argv)
+    assert not (tmp_path / "x.json").exists()
+    page = serve(StubOllama, lambda prompt: "HTML")  # (a new folder: no cached answers)
+    with pytest.raises(ch07.JudgeUnavailable, match=r"answered a web page.*The entries "
+                                                    r"finished so far are in .*x\.json"):
+        ch07d.main(ch07d.parse_args(["--make-preferences", str(source), "--data-out",
+                                     str(tmp_path / "new" / "x.json"), "--generator-url",
+                                     page.url]))
 
 
 def readme_tour():
