@@ -25,7 +25,6 @@ import json
 import os
 import random
 import re
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +32,8 @@ from tqdm import tqdm
 
 from ch02_data import (HelpFormatter, check_output_file, number, read_json, run_command,
                        write_text_atomic)
-from ch07_instruct import (API_STYLES, OLLAMA_URL, JudgeUnavailable, ModelClient, check_entries,
-                           format_input)
+from ch07_instruct import (API_STYLES, OLLAMA_URL, JudgeUnavailable, ModelClient, as_answered,
+                           check_entries, format_input)
 
 FIELDS = ("instruction", "input", "output")
 
@@ -204,25 +203,22 @@ def generate_entries(client, count, path, template="llama3", workers=1, seed=0):
     """`count` new entries written to `path` as they come; an entry whose
     instruction is a near-duplicate of an earlier one is dropped."""
     entries, tried = [], 0
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        with tqdm(total=count, desc="New entries", unit="entry") as bar:
-            while len(entries) < count:
-                if tried > 20 * count + 100:
-                    raise ValueError(f"{tried} requests gave {len(entries)} new entries: the "
-                                     "model's instructions repeat; try --template none or "
-                                     "another --generator-model.")
-                wanted = max(workers, count - len(entries))
-                batch = [pool.submit(new_entry, client, seed + tried + i, template)
-                         for i in range(wanted)]
-                tried += wanted
-                made = [entry for entry in (f.result() for f in batch) if entry]
-                before = len(entries)
-                entries = without_near_duplicates(entries + made)[:count]
-                bar.update(len(entries) - before)
-                write_text_atomic(path, json.dumps(entries, indent=4))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    with tqdm(total=count, desc="New entries", unit="entry") as bar:
+        while len(entries) < count:
+            if tried > 20 * count + 100:
+                raise ValueError(f"{tried} requests gave {len(entries)} new entries: the "
+                                 "model's instructions repeat; try --template none or "
+                                 "another --generator-model.")
+            wanted = max(workers, count - len(entries))  # a batch, then its near-duplicates
+            batch = sorted(as_answered(lambda k: new_entry(client, k, template),
+                                       range(seed + tried, seed + tried + wanted), workers),
+                           key=lambda done: done[0])
+            tried += wanted
+            made = [entry for entry in (future.result() for _, future in batch) if entry]
+            before = len(entries)
+            entries = without_near_duplicates(entries + made)[:count]
+            bar.update(len(entries) - before)
+            write_text_atomic(path, json.dumps(entries, indent=4))
     print(f"Wrote {len(entries)} new entries to {path} ({tried} asked; the others gave no "
           "instruction or repeated an earlier one)")
     return entries
@@ -256,24 +252,19 @@ def answer_each(client, entries, prompt_of, path, finish, workers=1, desc="Entri
     answer) makes its new entry, or None to leave it out (it says why). The
     entries finished so far are written to `path`, in order, as they come."""
     done, failed = {}, []
-    pool = ThreadPoolExecutor(max_workers=workers)
-    try:
-        asked = {pool.submit(client.ask, prompt_of(i, entry)): i
-                 for i, entry in enumerate(entries)}
-        for future in tqdm(as_completed(asked), total=len(asked), desc=desc, unit="entry"):
-            i = asked[future]
-            try:
-                made = finish(i, entries[i], future.result())
-            except ValueError as err:  # an answer that is not text: this entry fails
-                made = None
-                tqdm.write(f"Entry {i}: {err}; left out.")
-            if made is None:
-                failed.append(i)
-            else:
-                done[i] = made
-                write_text_atomic(path, json.dumps([done[k] for k in sorted(done)], indent=4))
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+    answered = as_answered(lambda i: client.ask(prompt_of(i, entries[i])), range(len(entries)),
+                           workers)
+    for i, future in tqdm(answered, total=len(entries), desc=desc, unit="entry"):
+        try:
+            made = finish(i, entries[i], future.result())
+        except ValueError as err:  # an answer that is not text: this entry fails
+            made = None
+            tqdm.write(f"Entry {i}: {err}; left out.")
+        if made is None:
+            failed.append(i)
+        else:
+            done[i] = made
+            write_text_atomic(path, json.dumps([done[k] for k in sorted(done)], indent=4))
     if failed:
         print(f"{len(failed)} entries got no usable answer and are left out: "
               f"{sorted(failed)[:20]}{'...' if len(failed) > 20 else ''}")

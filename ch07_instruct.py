@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 import warnings
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
 
@@ -249,12 +249,10 @@ def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, s
         print(f"{len(json_data) - len(todo)} entries were scored by an earlier run "
               f"({scores_path}); scoring the other {len(todo)}.")
     i = None
-    pool = ThreadPoolExecutor(max_workers=workers)
     try:
-        asked = {pool.submit(score_entry, json_data[i], json_key, client): i for i in todo}
-        for future in tqdm(as_completed(asked), total=len(asked), desc="Scoring entries",
-                           unit="entry"):
-            i = asked[future]
+        answered = as_answered(lambda i: score_entry(json_data[i], json_key, client), todo,
+                               workers)
+        for i, future in tqdm(answered, total=len(todo), desc="Scoring entries", unit="entry"):
             by_entry[str(i)] = future.result()
             if scores_path:
                 write_text_atomic(scores_path, json.dumps(
@@ -266,8 +264,6 @@ def generate_model_scores(json_data, json_key, model="llama3", url=OLLAMA_URL, s
             if scores_path else ""
         raise JudgeUnavailable(f"{err} That was entry {i}; the {done} scores obtained are "
                                f"kept{kept}.") from None
-    finally:  # Ctrl-C or a failure: no new requests; those in flight still reach the cache
-        pool.shutdown(wait=False, cancel_futures=True)
     scores = [by_entry[str(i)] for i in range(len(json_data)) if by_entry.get(str(i)) is not None]
     failed = [i for i in range(len(json_data)) if by_entry.get(str(i)) is None]
     if failed:
@@ -487,6 +483,23 @@ def openai_answer(response, url):
     if not isinstance(content, str):
         raise ValueError(f"a reply from {url} without text: {content!r:.60}")
     return content
+
+
+def as_answered(work, items, workers=1):
+    """(item, future of work(item)) as each finishes, with at most `workers` at work
+    at once. A caller that stops (an error, Ctrl-C) starts nothing more; what is at
+    work finishes in the background (and reaches the cache)."""
+    pool, items, running = ThreadPoolExecutor(max_workers=workers), iter(items), {}
+    try:
+        for item in itertools.islice(items, workers):
+            running[pool.submit(work, item)] = item
+        while running:
+            for future in wait(running, return_when=FIRST_COMPLETED).done:
+                yield running.pop(future), future
+                for item in itertools.islice(items, 1):  # the next, once this one is taken
+                    running[pool.submit(work, item)] = item
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class AnswerCache:

@@ -4120,6 +4120,32 @@ def test_new_entries_rewrites_and_preferences_from_a_model(tmp_path, serve, caps
                                      page.url]))
 
 
+def test_a_killed_run_resumes_from_its_cached_answers(tmp_path, serve):
+    """ch07_data.py killed (SIGKILL: no goodbye) while the model answers: the
+    answers it had are in the cache, and the rerun asks only for the others."""
+    slow = serve(StubOllama, lambda prompt: time.sleep(0.1) or "Kindly: yes.")
+    source = tmp_path / "source.json"
+    source.write_text(json.dumps([{"instruction": f"Say {i}.", "input": "", "output": f"{i}."}
+                                  for i in range(12)]))
+    argv = [sys.executable, "ch07_data.py", "--make-preferences", str(source), "--data-out",
+            str(tmp_path / "prefs.json"), "--generator-url", slow.url]
+    killed = subprocess.Popen(argv, cwd=HERE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    cache = tmp_path / "generator-cache.jsonl"
+    deadline = time.time() + 60
+    while not cache.exists() or len(cache.read_text().splitlines()) < 4:
+        assert killed.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    killed.kill()
+    killed.wait(timeout=30)
+    cached = len(cache.read_text().splitlines())
+    assert 4 <= cached < 12
+    asked = len(slow.prompts)
+    ch07d.main(ch07d.parse_args([*argv[2:], "--overwrite"]))  # the same command again
+    assert len(slow.prompts) - asked == 12 - cached  # nothing asked twice
+    assert len(json.loads((tmp_path / "prefs.json").read_text())) == 12
+
+
 def readme_tour():
     """The commands of README.md's one-minute path, in its order, as argument lists."""
     text = (HERE / "README.md").read_text(encoding="utf-8")
