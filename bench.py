@@ -100,12 +100,10 @@ def median(values):
 
 
 def training_flops(cfg, batch, context):
-    """6 x (parameters in matmuls) per token, plus attention's 12 x layers x
-    context x emb_dim per token (the usual model-FLOPs count)."""
-    d, layers = cfg["emb_dim"], cfg["n_layers"]
-    matmul_params = layers * 12 * d * d + d * cfg["vocab_size"]  # blocks, and out_head
-    per_token = 6 * matmul_params + 12 * layers * context * d
-    return per_token * batch * context
+    """A training step's FLOPs: ch04_gpt.py's count per token (6N + 12 L T d, what
+    FlopCounterMode counts), for batch x context tokens."""
+    from ch04_gpt import flops_per_token
+    return flops_per_token(cfg, context) * batch * context
 
 
 # ---- The measurements, one per child process ----

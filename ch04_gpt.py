@@ -10,6 +10,7 @@ replayed as a CUDA graph, `GraphedStep`) and, with `FAST_KERNELS` in the
 config, faster kernels with the book's results.
 
 Run:  python ch04_gpt.py [--prompt "Hello, I am"]
+      python ch04_gpt.py --flops [--device cuda]   (FLOPs per token; the largest batches)
 Imports the attention and the caches from ch03_attention.py, and needs torch alone:
 ch03_attention.py and this file, copied into another project, build GPTModel (the
 demo imports tiktoken and ch02_data.py when it runs).
@@ -397,9 +398,100 @@ class GraphedStep:
 
 
 
+# ---- Beyond the book: FLOPs (the chapter's bonus performance analysis) ----
+# Every model-FLOPs utilisation (MFU) the project prints divides by this count.
+
+def flops_per_token(cfg, context=None, training=True):
+    """FLOPs per token of a forward pass (training=False) or a training step: 2 per
+    weight of every matmul (the blocks' 12 * emb_dim^2 and the output head), plus
+    attention's 4 * n_layers * context * emb_dim (queries x keys, weights x values);
+    a step's backward pass costs twice its forward: 6N + 12 L T d in all."""
+    d, layers = cfg["emb_dim"], cfg["n_layers"]
+    context = context or cfg["context_length"]
+    forward = 2 * (layers * 12 * d * d + d * cfg["vocab_size"]) + 4 * layers * context * d
+    return 3 * forward if training else forward
+
+
+def counted_flops_per_token(cfg, context=None, training=True, device="meta"):
+    """The same count, as PyTorch's FlopCounterMode counts the model's operations
+    on one sequence of `context` tokens (on the meta device: shapes only, no work)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    context = context or cfg["context_length"]
+    with torch.device(device):
+        model = GPTModel({**cfg, "context_length": max(context, cfg["context_length"])})
+        ids = torch.zeros(1, context, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        logits = model(ids)
+        if training:
+            logits.float().sum().backward()
+    return counter.get_total_flops() / context
+
+
+def largest_batch(cfg, device, context=None, limit=1024):
+    """The most sequences of `context` tokens a training step (forward, backward,
+    AdamW) fits on `device`, by doubling, then halving the gap."""
+    context = context or cfg["context_length"]
+    model = GPTModel(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters())
+
+    def fits(batch):
+        try:
+            ids = torch.zeros(batch, context, dtype=torch.long, device=device)
+            model(ids).float().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return True
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        finally:
+            torch.cuda.empty_cache()
+    low, high = 0, 1
+    while high <= limit and fits(high):
+        low, high = high, min(high * 2, limit + 1)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def flops_table(sizes, device=None):
+    """--flops: per size, the parameters and the FLOPs per token of a forward pass
+    and of a training step, counted and by the formula; on CUDA the largest batch."""
+    rows = []
+    for size in sizes:
+        cfg = gpt_config(size)
+        row = {"size": size, "params": param_count(cfg),
+               "forward": counted_flops_per_token(cfg, training=False),
+               "training": counted_flops_per_token(cfg),
+               "formula": flops_per_token(cfg)}
+        if device is not None and device.type == "cuda":
+            row["largest_batch"] = largest_batch(cfg, device)
+        rows.append(row)
+    print(f"{'size':<7}{'parameters':>14}{'forward/token':>16}{'step/token':>14}"
+          f"{'6N+12LTd':>14}{'count/formula':>15}" + ("  largest batch" if device is not None
+                                                     and device.type == "cuda" else ""))
+    for r in rows:
+        print(f"{r['size']:<7}{r['params']:>14,}{r['forward'] / 1e9:>14.2f} G"
+              f"{r['training'] / 1e9:>12.2f} G{r['formula'] / 1e9:>12.2f} G"
+              f"{r['training'] / r['formula']:>15.4f}" +
+              (f"{r['largest_batch']:>15}" if "largest_batch" in r else ""))
+    print("Context 1024 tokens; a training step is forward + backward. Counted by "
+          "torch.utils.flop_counter.FlopCounterMode (matmuls and attention only).")
+    return rows
+
+
+def param_count(cfg):
+    with torch.device("meta"):
+        return sum(p.numel() for p in GPTModel(cfg).parameters())
+
+
 # ---- The chapter's demo ----
 
 def main(args):
+    if args.flops:
+        return flops_table(["124M", "355M", "774M", "1558M"],
+                           get_device(args.device) if args.device != "auto" else None)
     import tiktoken  # the demo's only: the model itself needs torch alone
     torch.set_printoptions(precision=4, sci_mode=False)
     tokenizer = tiktoken.get_encoding("gpt2")
@@ -459,6 +551,11 @@ def build_parser():
     parser.add_argument("--model", dest="model_size", choices=list(MODEL_CONFIGS),
                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the earlier name
     parser.add_argument("--seed", type=int, default=123, help="random seed")
+    parser.add_argument("--flops", action="store_true",
+                        help="instead of the demo: each GPT-2 size's FLOPs per token of a "
+                             "forward pass and a training step, counted and by the formula "
+                             "MFU uses; with --device cuda also the largest batch that trains")
+    add_device_argument(parser)
     return parser
 
 

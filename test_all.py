@@ -674,6 +674,23 @@ def test_chapter4_main_runs_tiny():
 # ---- Chapters 3 and 4, beyond the book: the key-value cache and the fast kernels ----
 
 
+def test_flops_counted_by_pytorch_equal_the_formula_mfu_uses(capsys):
+    for cfg, context in ((TINY, 32), ({**TINY, **ch04.FAST_KERNELS}, 32),
+                         (ch04.gpt_config("124M"), 128)):
+        for training in (False, True):
+            counted = ch04.counted_flops_per_token(cfg, context, training)
+            assert counted == pytest.approx(ch04.flops_per_token(cfg, context, training),
+                                            rel=0.02)
+    assert bench.training_flops(TINY, 2, 32) == ch04.flops_per_token(TINY, 32) * 64
+    rows = ch04.flops_table(["tiny"])
+    assert rows[0]["params"] == sum(p.numel() for p in ch04.GPTModel(
+        ch04.gpt_config("tiny")).parameters())
+    assert "count/formula" in capsys.readouterr().out
+    # the largest batch, searched by doubling and halving (the CPU never runs out: the limit)
+    assert ch04.largest_batch(TINY, torch.device("cpu"), context=8, limit=5) == 5
+    assert ch04.parse_args(["--flops", "--device", "cpu"]).flops
+
+
 def test_chapters_3_and_4_copied_alone_build_gptmodel_with_torch_alone(tmp_path):
     """Copying a file is one way this repository is used: ch03_attention.py and
     ch04_gpt.py, alone in a folder where only torch can be imported, give GPTModel."""
