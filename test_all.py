@@ -4298,87 +4298,122 @@ def test_batch_shares_are_the_books_batches_split_among_processes():
         ch05.BatchShares(22, 6, 0, 4)
 
 
-def test_chapter7_finetunes_and_tunes_with_dpo_on_two_processes_as_on_one(tmp_path, capsys):
-    """Each process takes half of every batch; the loss is the whole batch's, so the
-    losses, weights and responses are one process's (DDP, and --fsdp, with DPO's
-    reference sharded too); the first process writes."""
-    argv = ["--data", str(SHARED / "data" / "instruction-data.json"), "--model-size", "tiny",
-            "--no-pretrained", "--limit", "20", "--batch-size", "4", "--epochs", "1",
-            "--eval-freq", "2", "--eval-iter", "1", "--max-new-tokens", "2", "--device", "cpu",
-            "--mask-instructions", "--ollama-url", "http://127.0.0.1:9/api/chat"]
-    ch07.main(args_of(ch07, [*argv, "--out", str(tmp_path / "one")]))
-    sft = tmp_path / "one" / "gpt2-tiny-sft.pth"
-    dpo = ["--dpo", "--model-file", str(sft), "--preference-data",
-           str(SHARED / "data" / "instruction-data-with-preference.json"), "--limit", "8",
-           "--batch-size", "4", "--eval-freq", "1", "--eval-iter", "1", "--lr", "1e-4",
-           "--max-new-tokens", "2", "--device", "cpu"]
-    ch07.main(args_of(ch07, [*dpo, "--out", str(tmp_path / "one-dpo")]))
-    printed = lambda out: re.findall(r"Ep 1 \(Step \d+\): Train loss [\d.]+, Val loss [^\n]+",  # noqa: E731
-                                     out)
-    one_lines = printed(capsys.readouterr().out)
-    assert len(one_lines) == 3 + 2 and "reward margins" in one_lines[-1]
-    runs = {(task, layout): subprocess.Popen(  # all at once: most of each is starting Python
+# ---- Chapters 6 and 7 on two processes ----
+
+
+def chapter6_argv(folder):
+    rows = [(" ".join(["free prize now", "see you at lunch", "call home"][i % 3].split() *
+                      (1 + i % 4)), ["spam", "ham", "other"][i % 3]) for i in range(48)]
+    (folder / "own.csv").write_text("text,label\n" + "".join(f"{t},{label}\n"
+                                                            for t, label in rows))
+    return ["--data", str(folder / "own.csv"), "--model-size", "tiny", "--no-pretrained",
+            "--epochs", "1", "--batch-size", "4", "--eval-freq", "2", "--eval-iter", "2",
+            "--trainable", "last_block", "--lr", "1e-3", "--device", "cpu"]
+
+
+CHAPTER7_ARGV = ["--data", str(SHARED / "data" / "instruction-data.json"), "--model-size",
+                 "tiny", "--no-pretrained", "--limit", "20", "--batch-size", "4", "--epochs",
+                 "1", "--eval-freq", "2", "--eval-iter", "1", "--max-new-tokens", "2",
+                 "--device", "cpu", "--mask-instructions", "--ollama-url",
+                 "http://127.0.0.1:9/api/chat"]
+
+
+def launch_two(script, argv, out):
+    """torchrun --nproc_per_node=2 SCRIPT ARGV --out OUT, its output in files (no pipe
+    to fill while nobody reads it)."""
+    out.mkdir(parents=True)
+    return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "ch07_instruct.py", *(argv if task == "sft" else dpo),
-         "--out", str(tmp_path / f"{task}-{layout}"),
-         *(["--fsdp"] if layout == "fsdp" else [])], cwd=HERE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        for task, layout in (("sft", "ddp"), ("sft", "fsdp"), ("dpo", "fsdp"))}
-    outs = {run: finished(proc) for run, proc in runs.items()}
-    for layout in ("ddp", "fsdp"):
-        # printed once, the same (DPO under --fsdp: the policy and its reference sharded)
-        assert printed(outs["sft", layout]) == one_lines[:3]
-        assert layout == "ddp" or printed(outs["dpo", layout]) == one_lines[3:]
-        for task, one, name, responses in [
-                ("sft", "one", "gpt2-tiny-sft.pth", "instruction-data-with-response.json"),
-                ("dpo", "one-dpo", "gpt2-tiny-dpo.pth", "instruction-data-with-dpo-response.json")
-        ][:1 if layout == "ddp" else 2]:
-            folder = tmp_path / f"{task}-{layout}"
-            ones = gen.load_checkpoint(tmp_path / one / name)["model"]
-            saved = gen.load_checkpoint(folder / name)["model"]
-            assert all(torch.allclose(v, ones[k], atol=1e-5) for k, v in saved.items()), folder
-            assert (folder / responses).read_text() == (tmp_path / one / responses).read_text()
-            assert sorted(p.name for p in folder.iterdir()) == sorted(
-                p.name for p in (tmp_path / one).iterdir())  # each file once, and one lock
+         script, *argv, "--out", str(out / "run")], cwd=HERE,
+        stdout=open(out / "stdout", "w"), stderr=open(out / "stderr", "w"),
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def launch_done(proc, out, timeout=300):
+    """What a launch_two run printed, once it has ended well."""
+    proc.wait(timeout=timeout)
+    printed, errors = (out / "stdout").read_text(), (out / "stderr").read_text()
+    assert proc.returncode == 0, printed[-2000:] + errors[-3000:]
+    return printed
 
 
 def test_chapter6_finetunes_on_two_processes_as_on_one_with_ddp_and_fsdp(tmp_path, capsys):
     """ch06_classify.py under torchrun: each process half of every batch, so the
     losses, accuracies and weights are one process's; the first process writes."""
-    rows = [(" ".join(["free prize now", "see you at lunch", "call home"][i % 3].split() *
-                      (1 + i % 4)), ["spam", "ham", "other"][i % 3]) for i in range(48)]
-    (tmp_path / "own.csv").write_text("text,label\n" + "".join(f"{t},{label}\n"
-                                                              for t, label in rows))
-    argv = ["--data", str(tmp_path / "own.csv"), "--model-size", "tiny", "--no-pretrained",
-            "--epochs", "1", "--batch-size", "4", "--eval-freq", "2", "--eval-iter", "2",
-            "--trainable", "last_block", "--lr", "1e-3", "--device", "cpu"]
+    argv = chapter6_argv(tmp_path)
+    launched = {layout: launch_two("ch06_classify.py", [*argv, *(["--fsdp"] if layout ==
+                                                                 "fsdp" else [])],
+                                   tmp_path / layout) for layout in ("ddp", "fsdp")}
     ch06.main(args_of(ch06, [*argv, "--out", str(tmp_path / "one")]))
     printed = lambda out: re.findall(r"Ep 1 \(Step \d+\): Train loss [\d.]+, Val loss [\d.]+|"  # noqa: E731
                                      r"Training accuracy: [\d.]+%", out)
     one_lines = printed(capsys.readouterr().out)
     one = gen.load_checkpoint(tmp_path / "one" / "classifier.pth")["model"]
-    runs = {layout: subprocess.Popen(  # both at once: most of each is starting Python
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "ch06_classify.py", *argv, "--out", str(tmp_path / layout),
-         *(["--fsdp"] if layout == "fsdp" else [])], cwd=HERE, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        for layout in ("ddp", "fsdp")}
-    for layout, proc in runs.items():
-        out = finished(proc)
-        assert printed(out) == one_lines and len(one_lines) == 5  # printed once, the same
-        saved = gen.load_checkpoint(tmp_path / layout / "classifier.pth")["model"]
+    for layout, proc in launched.items():
+        out = tmp_path / layout
+        assert printed(launch_done(proc, out)) == one_lines and len(one_lines) == 5  # once
+        saved = gen.load_checkpoint(out / "run" / "classifier.pth")["model"]
         # the key biases' gradients are zero but for rounding, which AdamW scales up
         assert all(torch.allclose(v, one[k], atol=1e-5) for k, v in saved.items()
                    if not k.endswith("W_key.bias")), layout
         # those key biases may tip a text near the boundary: one of the 32 at most
-        assert json.loads((tmp_path / layout / "accuracy.json").read_text()) == pytest.approx(
+        assert json.loads((out / "run" / "accuracy.json").read_text()) == pytest.approx(
             json.loads((tmp_path / "one" / "accuracy.json").read_text()), abs=1 / 32)
-        assert sorted(p.name for p in (tmp_path / layout).iterdir()) == sorted(
+        assert sorted(p.name for p in (out / "run").iterdir()) == sorted(
             p.name for p in (tmp_path / "one").iterdir())  # each file once, and one lock
     with unittest.mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}):
         with pytest.raises(ValueError, match=r"^Under torchrun, ch06_classify.py finetunes; "
                                              r"run --classify as one process"):
             ch06.main(args_of(ch06, ["--classify", "Hi", "--out", str(tmp_path / "one")]))
+
+
+def same_printed(lines, expected):
+    """The same lines, each number equal to the last digit it is printed with (a
+    value at a rounding boundary may print one digit apart)."""
+    assert len(lines) == len(expected) and all(
+        re.sub(r"-?\d+\.\d+", "#", a) == re.sub(r"-?\d+\.\d+", "#", b)
+        for a, b in zip(lines, expected)), (lines, expected)
+    for a, b in zip(lines, expected):
+        for x, y in zip(re.findall(r"-?\d+\.\d+", a), re.findall(r"-?\d+\.\d+", b)):
+            assert abs(float(x) - float(y)) <= 1.01 * 10 ** -len(y.split(".")[1]), (a, b)
+
+
+def test_chapter7_finetunes_and_tunes_with_dpo_on_two_processes_as_on_one(tmp_path, capsys):
+    """Each process takes half of every batch; the loss is the whole batch's, so the
+    losses, weights and responses are one process's (DDP, and --fsdp, with DPO's
+    reference sharded too); the first process writes."""
+    runs = {("sft", layout): launch_two("ch07_instruct.py", [*CHAPTER7_ARGV, *(
+        ["--fsdp"] if layout == "fsdp" else [])], tmp_path / f"sft-{layout}")
+        for layout in ("ddp", "fsdp")}  # at once: most of each is starting Python
+    ch07.main(args_of(ch07, [*CHAPTER7_ARGV, "--out", str(tmp_path / "one")]))
+    sft = tmp_path / "one" / "gpt2-tiny-sft.pth"
+    dpo = ["--dpo", "--model-file", str(sft), "--preference-data",
+           str(SHARED / "data" / "instruction-data-with-preference.json"), "--limit", "8",
+           "--batch-size", "4", "--eval-freq", "1", "--eval-iter", "1", "--lr", "1e-4",
+           "--max-new-tokens", "2", "--device", "cpu"]
+    runs["dpo", "fsdp"] = launch_two("ch07_instruct.py", [*dpo, "--fsdp"],
+                                     tmp_path / "dpo-fsdp")
+    ch07.main(args_of(ch07, [*dpo, "--out", str(tmp_path / "one-dpo")]))
+    printed = lambda out: re.findall(r"Ep 1 \(Step \d+\): Train loss [\d.]+, Val loss [^\n]+",  # noqa: E731
+                                     out)
+    one_lines = printed(capsys.readouterr().out)
+    assert len(one_lines) == 3 + 2 and "reward margins" in one_lines[-1]
+    for (task, layout), proc in runs.items():
+        out = tmp_path / f"{task}-{layout}"
+        # printed once, the same (DPO under --fsdp: the policy and its reference sharded)
+        same_printed(printed(launch_done(proc, out)), one_lines[:3] if task == "sft" else
+                     one_lines[3:])
+        one, name, responses = {
+            "sft": ("one", "gpt2-tiny-sft.pth", "instruction-data-with-response.json"),
+            "dpo": ("one-dpo", "gpt2-tiny-dpo.pth", "instruction-data-with-dpo-response.json")
+        }[task]
+        ones = gen.load_checkpoint(tmp_path / one / name)["model"]
+        saved = gen.load_checkpoint(out / "run" / name)["model"]
+        assert all(torch.allclose(v, ones[k], atol=1e-5) for k, v in saved.items()), out
+        assert (out / "run" / responses).read_text() == \
+            (tmp_path / one / responses).read_text()
+        assert sorted(p.name for p in (out / "run").iterdir()) == sorted(
+            p.name for p in (tmp_path / one).iterdir())  # each file once, and one lock
 
 
 def test_chapter7_end_to_end_with_a_stub_judge(tmp_path, serve, capsys):
@@ -4984,7 +5019,8 @@ def test_each_shared_idea_has_one_flag_name_in_every_script():
     parsers = {"ch02_data.py": ch02.build_parser(), "ch03_attention.py": ch03.build_parser(),
                "ch04_gpt.py": ch04.build_parser(), "ch05_train.py": ch05.build_parser(),
                "ch05_load_gpt2.py": gpt2.build_parser(), "ch06_classify.py": ch06.build_parser(),
-               "ch07_instruct.py": ch07.build_parser(), "bench.py": bench.build_parser()}
+               "ch07_instruct.py": ch07.build_parser(), "ch07_data.py": ch07d.build_parser(),
+               "bench.py": bench.build_parser()}
     shown = {name: {flag for a in parser._actions if a.help != argparse.SUPPRESS
                     for flag in a.option_strings} for name, parser in parsers.items()}
     expected = {"--model-size": ["ch04_gpt.py", "ch05_train.py", "ch05_load_gpt2.py",
@@ -4993,9 +5029,9 @@ def test_each_shared_idea_has_one_flag_name_in_every_script():
                            "ch07_instruct.py"],
                 "--context-length": ["ch02_data.py", "ch05_train.py"],
                 "--seed": ["ch04_gpt.py", "ch05_train.py", "ch05_load_gpt2.py",
-                           "ch06_classify.py", "ch07_instruct.py"],
-                "--device": ["ch05_train.py", "ch05_load_gpt2.py", "ch06_classify.py",
-                             "ch07_instruct.py", "bench.py"]}
+                           "ch06_classify.py", "ch07_instruct.py", "ch07_data.py"],
+                "--device": ["ch04_gpt.py", "ch05_train.py", "ch05_load_gpt2.py",
+                             "ch06_classify.py", "ch07_instruct.py", "bench.py"]}
     for flag, scripts in expected.items():
         assert [n for n in parsers if flag in shown[n]] == scripts, flag
     for old in ("--model", "--text"):
@@ -5018,6 +5054,17 @@ def test_a_flag_out_of_range_exits_2_and_an_unwritable_out_is_named(tmp_path, ca
         args_of(gpt2, ["--top-k", "0"])
     assert exit_.value.code == 2
     assert "argument --top-k: must be at least 1, got 0" in capsys.readouterr().err
+    for parse, argv, message in [  # the judge's and the generator's numbers, at 0 and below
+            (lambda a: args_of(ch07, a), ["--workers", "0"], "--workers: must be at least 1"),
+            (lambda a: args_of(ch07, a), ["--timeout", "0"], "--timeout: must be above 0"),
+            (lambda a: args_of(ch07, a), ["--retries", "-1"], "--retries: must be at least 0"),
+            (ch07d.parse_args, ["--generate-data", "0"], "--generate-data: must be at least 1"),
+            (ch07d.parse_args, ["--workers", "-2"], "--workers: must be at least 1"),
+            (ch07d.parse_args, ["--threshold", "1.5"], "--threshold: must be at least 0 and "
+                                                      "at most 1")]:
+        with pytest.raises(SystemExit) as exit_:
+            parse(argv)
+        assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
     (tmp_path / "a_file").write_text("x", encoding="utf-8")
     with pytest.raises(OSError, match=re.escape(f"--out {tmp_path / 'a_file' / 'sub'}: "
                                                 f"{tmp_path / 'a_file'} is a file")):
