@@ -15,6 +15,11 @@ On the CPU (the default):
      OpenAI-style judge that answers in 50 ms
  10. near-duplicates (ch07_data.py): seconds and peak memory over 52,000 synthetic entries
 
+With --attention (CPU or CUDA): ch03_attention.py's implementations of the same
+attention (the book's, a wrapper of single heads, fused QKV, einsum, SDPA, SDPA's
+math kernel, nn.MultiheadAttention, FlexAttention), forward and forward + backward
+(compiled too on CUDA), as a table and a bar chart.
+
 With --device cuda:
   1. training through ch05_train.py's own loop (data loading, logging and evaluations
      included), 124M, context 1024, batch 16, on a memory-mapped corpus: the book's
@@ -52,17 +57,17 @@ HERE = Path(__file__).resolve().parent
 FULL = {"model": "124M", "context": 256, "batch": 2, "train_steps": 4, "warmup": 2,
         "new_tokens": 200, "mm_n": 4096, "dataset_tokens": 2_000_000, "eval_items": 40,
         "tokenize_copies": 40, "serve_tokens": 32, "judge_entries": 64, "dup_entries": 52_000,
-        "repeats": 3}
+        "attn_batch": 2, "attn_context": 256, "attn_steps": 5, "repeats": 3}
 # --quick: the same measurements on a small model, in under a minute
 QUICK = {"model": "bench-small", "context": 128, "batch": 2, "train_steps": 3, "warmup": 1,
          "new_tokens": 30, "mm_n": 2048, "dataset_tokens": 2_000_000, "eval_items": 8,
          "tokenize_copies": 10, "serve_tokens": 16, "judge_entries": 32, "dup_entries": 5_000,
-         "repeats": 1}
+         "attn_batch": 2, "attn_context": 128, "attn_steps": 3, "repeats": 1}
 SMALL = {"emb_dim": 256, "n_layers": 4, "n_heads": 4}
 # --device cuda: the issue's GPU configuration. Rates are read between the
 # evaluations at steps eval_every and 2 * eval_every (compiling comes before)
 CUDA = {"model": "124M", "context": 1024, "batch": 16, "eval_every": 100, "new_tokens": 200,
-        "mm_n": 8192, "repeats": 1}
+        "mm_n": 8192, "attn_batch": 8, "attn_context": 1024, "attn_steps": 20, "repeats": 1}
 
 
 # ---- Helpers the child processes use ----
@@ -392,6 +397,71 @@ def child_duplicates(variant, p):
             / 2 ** 20}
 
 
+def child_attention(variant, p):
+    """ch03_attention.py's implementations of the same attention (GPT-2 124M's: 768
+    wide, 12 heads), forward and forward + backward, in milliseconds; a variant
+    ending in "+compile" is torch.compile'd (CUDA)."""
+    import warnings
+    import torch
+    import ch03_attention as ch03
+    warnings.simplefilter("ignore")  # FlexAttention's note that it runs uncompiled
+    name, _, compiled = variant.partition("+")
+    device = torch.device(p["device"])
+    torch.manual_seed(0)
+    mha = ch03.MultiHeadAttention(768, 768, p["attn_context"], 0.0, 12).to(device).eval()
+    attention = ch03.attention_implementations()[name]
+    if compiled:
+        attention = torch.compile(attention)
+    x = torch.randn(p["attn_batch"], p["attn_context"], 768, device=device, requires_grad=True)
+
+    def timed(backward):
+        times = []
+        for i in range(p["attn_steps"] + 2):  # two to warm up
+            start = time.perf_counter()
+            with torch.set_grad_enabled(backward):
+                out = attention(mha, x)
+                if backward:
+                    out.sum().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        return 1000 * median(times)
+    no_backward = name == "FlexAttention" and device.type == "cpu"  # PyTorch has none there
+    return {"forward_ms": timed(False), "backward_ms": float("nan") if no_backward
+            else timed(True)}
+
+
+def attention_variants(p):
+    import ch03_attention as ch03
+    names = list(ch03.attention_implementations())
+    return tuple(names + ([f"{n}+compile" for n in names] if p["device"] == "cuda" else []))
+
+
+def summarise_attention(runs, p, plot_path):
+    """The table's rows, and a bar chart of both times per implementation."""
+    values, stat = statistics(runs)
+    variants = [v for v in attention_variants(p) if values("attention", v, "forward_ms")]
+    rows = [(label, v, stat("attention", v, key), "ms") for v in variants
+            for label, key in (("forward", "forward_ms"), ("fwd+bwd", "backward_ms"))]
+    from ch03_attention import pyplot, save_figure
+    fig, ax = pyplot().subplots(figsize=(8, 0.45 * len(variants) + 1.2))
+    at = list(range(len(variants)))
+    for shift, label, key in ((-0.2, "forward", "forward_ms"), (0.2, "forward + backward",
+                                                                  "backward_ms")):
+        ax.barh([a + shift for a in at], [stat("attention", v, key)["median"] for v in variants],
+                height=0.4, label=label)
+    ax.set_yticks(at, variants)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"ms (batch {p['attn_batch']}, {p['attn_context']} tokens, 768 wide, "
+                  f"12 heads, {p['device']})")
+    ax.legend()
+    fig.tight_layout()  # the implementations' names in full
+    save_figure(fig, plot_path)
+    print(f"Saved {plot_path}")
+    return rows, {}, {}, None
+
+
 def child_save(variant, p):
     """A saved model the load benchmark reads, in load_gpt2_model's layout."""
     import torch
@@ -463,7 +533,7 @@ CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": ch
             "generate": child_generate, "load": child_load, "dataset": child_dataset,
             "train_command": child_train_command, "eval": child_eval,
             "tokenize": child_tokenize, "serve": child_serve, "train_memory": child_train_memory,
-            "judge": child_judge, "duplicates": child_duplicates}
+            "judge": child_judge, "duplicates": child_duplicates, "attention": child_attention}
 
 
 # ---- The parent: run children interleaved, summarise ----
@@ -615,11 +685,12 @@ def summarise_cuda(runs, p):
 
 
 def print_table(rows, derived, targets, bound, quick, device):
-    print(f"\n{'measurement':<12}{'variant':<16}{'median':>10}{'range':>22}  {'unit':<10}"
+    wide = max([16] + [len(variant) + 2 for _, variant, _, _ in rows])
+    print(f"\n{'measurement':<12}{'variant':<{wide}}{'median':>10}{'range':>22}  {'unit':<10}"
           f"{'others CPU':>10}")
     for name, variant, s, unit in rows:
         rng = f"{s['min']:.4g}-{s['max']:.4g}"
-        print(f"{name:<12}{variant:<16}{s['median']:>10.4g}{rng:>22}  {unit:<10}"
+        print(f"{name:<12}{variant:<{wide}}{s['median']:>10.4g}{rng:>22}  {unit:<10}"
               f"{s['others_cpu_cores']:>9.2f}c")
     if bound is not None:
         print(f"\nbandwidth bound for batch-1 decoding: {bound:.1f} tokens/s "
@@ -662,7 +733,9 @@ def main(args):
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         p["models_dir"] = p["work_dir"] = tmp
-        if cuda:
+        if args.attention:  # the attention implementations alone
+            pairs = [("attention", attention_variants(p))]
+        elif cuda:
             import torch
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU.")
@@ -696,7 +769,10 @@ def main(args):
             for _ in range(p["repeats"]):
                 for variant in variants:  # A B A B ...
                     runs.append(run_child(name, variant, p, env))
-    rows, derived, targets, bound = (summarise_cuda if cuda else summarise)(runs, p)
+    if args.attention:
+        rows, derived, targets, bound = summarise_attention(runs, p, args.attention_plot)
+    else:
+        rows, derived, targets, bound = (summarise_cuda if cuda else summarise)(runs, p)
     print_table(rows, derived, targets, bound, args.quick, args.device)
     print(f"\nbench.py took {time.perf_counter() - started:.0f} s")
     if args.json:
@@ -754,6 +830,12 @@ def build_parser():
                              "auto: cuda where PyTorch sees a GPU, else cpu")
     parser.add_argument("--data-dir", default="data",
                         help="where the-verdict.txt is (or is downloaded to) for --device cuda")
+    parser.add_argument("--attention", action="store_true",
+                        help="instead: ch03_attention.py's attention implementations side by "
+                             "side (forward, forward + backward; compiled too on CUDA), with a "
+                             "bar chart")
+    parser.add_argument("--attention-plot", default="attention-bench.png", metavar="PNG",
+                        help="where --attention saves its bar chart")
     parser.add_argument("--passive", action="store_true",
                         help="set OMP_WAIT_POLICY=PASSIVE in the measured processes (steadier "
                              "on a busy machine, slower on a quiet one)")

@@ -17,6 +17,7 @@ demo and save_figure import ch02_data.py when they run, for whole files and a
 clean stop.
 """
 import argparse
+import importlib.util
 import os
 import signal
 import sys
@@ -297,6 +298,118 @@ class ExtendedMultiHeadAttention(MultiHeadAttention):
             queries, keys, values, dropout_p=dropout_p, is_causal=causal,
             attn_mask=None if causal or hidden is None else ~hidden)
         return context_vec.transpose(1, 2).reshape(b, num_tokens, self.d_out)
+
+
+# ---- Beyond the book: attention implementations side by side (the chapter's bonus) ----
+# The same multi-head causal attention computed eight ways, each from the weights
+# of one book MultiHeadAttention `mha` (so outputs and gradients can be compared):
+# attention_implementations()[name](mha, x). bench.py --attention times them.
+
+def split_heads(t, num_heads):
+    b, num_tokens, d_out = t.shape  # -> (b, num_heads, num_tokens, head_dim)
+    return t.view(b, num_tokens, num_heads, d_out // num_heads).transpose(1, 2)
+
+
+def merge_heads(t):
+    b, num_heads, num_tokens, head_dim = t.shape  # -> (b, num_tokens, d_out)
+    return t.transpose(1, 2).reshape(b, num_tokens, num_heads * head_dim)
+
+
+def causal_softmax(scores):
+    num_tokens = scores.shape[-1]
+    mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=scores.device).triu(1)
+    return torch.softmax(scores.masked_fill(mask, -torch.inf), dim=-1)
+
+
+def heads_wrapper(mha, x):
+    """Chapter 3's MultiHeadAttentionWrapper: one CausalAttention per head (its slice
+    of the weights), the outputs concatenated, then the out_proj MultiHeadAttention has."""
+    hd, outputs = mha.head_dim, []
+    for h in range(mha.num_heads):
+        part = slice(h * hd, (h + 1) * hd)
+        q, k, v = (torch.nn.functional.linear(x, layer.weight[part], None if layer.bias is None
+                                              else layer.bias[part])
+                   for layer in (mha.W_query, mha.W_key, mha.W_value))
+        outputs.append(causal_softmax(q @ k.transpose(1, 2) / hd ** 0.5) @ v)
+    return mha.out_proj(torch.cat(outputs, dim=-1))
+
+
+def fused_qkv(mha, x):
+    """One matmul for the queries, keys and values (their weights stacked)."""
+    weight = torch.cat([mha.W_query.weight, mha.W_key.weight, mha.W_value.weight])
+    bias = None if mha.W_query.bias is None else torch.cat(
+        [mha.W_query.bias, mha.W_key.bias, mha.W_value.bias])
+    q, k, v = (split_heads(t, mha.num_heads) for t in
+               torch.nn.functional.linear(x, weight, bias).chunk(3, dim=-1))
+    weights = causal_softmax(q @ k.transpose(2, 3) / mha.head_dim ** 0.5)
+    return mha.out_proj(merge_heads(weights @ v))
+
+
+def einsum_attention(mha, x):
+    """Projections, scores and the weighted sum as einsum expressions."""
+    q, k, v = (split_heads(torch.einsum("bnd,od->bno", x, layer.weight) +
+                           (0 if layer.bias is None else layer.bias), mha.num_heads)
+               for layer in (mha.W_query, mha.W_key, mha.W_value))
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / mha.head_dim ** 0.5
+    context = torch.einsum("bhqk,bhkd->bhqd", causal_softmax(scores), v)
+    return mha.out_proj(merge_heads(context))
+
+
+def sdpa(mha, x, backend=None):
+    """PyTorch's scaled_dot_product_attention (is_causal): its fastest kernel, or
+    `backend` alone (SDPBackend.MATH: the reference computation)."""
+    q, k, v = (split_heads(layer(x), mha.num_heads)
+               for layer in (mha.W_query, mha.W_key, mha.W_value))
+    if backend is None:
+        context = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        from torch.nn.attention import sdpa_kernel
+        with sdpa_kernel(backend):
+            context = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return mha.out_proj(merge_heads(context))
+
+
+def sdpa_math(mha, x):
+    from torch.nn.attention import SDPBackend
+    return sdpa(mha, x, SDPBackend.MATH)
+
+
+def torch_multihead(mha, x):
+    """nn.MultiheadAttention's own computation (multi_head_attention_forward) with
+    the book's weights: stacked in-projection, a causal mask, the out_proj."""
+    num_tokens = x.shape[1]
+    mask = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=x.device).triu(1)
+    bias = None if mha.W_query.bias is None else torch.cat(
+        [mha.W_query.bias, mha.W_key.bias, mha.W_value.bias])
+    seq_first = x.transpose(0, 1)  # (num_tokens, b, d_in): its layout without batch_first
+    out, _ = torch.nn.functional.multi_head_attention_forward(
+        seq_first, seq_first, seq_first, mha.d_out, mha.num_heads,
+        torch.cat([mha.W_query.weight, mha.W_key.weight, mha.W_value.weight]), bias,
+        None, None, False, 0.0, mha.out_proj.weight, mha.out_proj.bias, training=False,
+        need_weights=False, attn_mask=mask)
+    return out.transpose(0, 1)
+
+
+def flex(mha, x):
+    """FlexAttention with a causal block mask (PyTorch 2.5 and later)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    q, k, v = (split_heads(layer(x), mha.num_heads)
+               for layer in (mha.W_query, mha.W_key, mha.W_value))
+    num_tokens = x.shape[1]
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None,
+                                   num_tokens, num_tokens, device=x.device.type)
+    return mha.out_proj(merge_heads(flex_attention(q, k, v, block_mask=block_mask)))
+
+
+def attention_implementations():
+    """{name: fn(mha, x)}: the book's module first, FlexAttention where PyTorch has it."""
+    implementations = {"book MultiHeadAttention": lambda mha, x: mha(x),
+                       "wrapper of single heads": heads_wrapper, "fused QKV": fused_qkv,
+                       "einsum": einsum_attention, "SDPA": sdpa, "SDPA, math kernel": sdpa_math,
+                       "nn.MultiheadAttention": torch_multihead}
+    if importlib.util.find_spec("torch.nn.attention.flex_attention"):
+        implementations["FlexAttention"] = flex
+    return implementations
 
 
 # ---- Beyond the book: saving plots (chapters 3, 5, 6 and 7 use these) ----

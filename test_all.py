@@ -674,6 +674,32 @@ def test_chapter4_main_runs_tiny():
 # ---- Chapters 3 and 4, beyond the book: the key-value cache and the fast kernels ----
 
 
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_every_attention_implementation_equals_the_books(qkv_bias, recwarn):
+    """The same weights, the same outputs and gradients (to 1e-5), eight ways;
+    FlexAttention has no backward on the CPU, so there its forward alone."""
+    torch.manual_seed(0)
+    mha = ch03.MultiHeadAttention(32, 32, 16, 0.0, 4, qkv_bias=qkv_bias).eval()
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    expected = mha(x)
+    expected.sum().backward()
+    grads = {n: p.grad.clone() for n, p in [*mha.named_parameters(), ("x", x)]}
+    implementations = ch03.attention_implementations()
+    assert len(implementations) >= 7 and "FlexAttention" in implementations  # torch >= 2.5
+    for name, attention in implementations.items():
+        mha.zero_grad()
+        x.grad = None
+        if name == "FlexAttention" and x.device.type == "cpu":
+            with torch.no_grad():
+                assert torch.allclose(attention(mha, x), expected, atol=1e-5), name
+            continue
+        out = attention(mha, x)
+        assert torch.allclose(out, expected, atol=1e-5), name
+        out.sum().backward()
+        for n, p in [*mha.named_parameters(), ("x", x)]:
+            assert torch.allclose(p.grad, grads[n], atol=1e-5, rtol=1e-5), (name, n)
+
+
 def test_flops_counted_by_pytorch_equal_the_formula_mfu_uses(capsys):
     for cfg, context in ((TINY, 32), ({**TINY, **ch04.FAST_KERNELS}, 32),
                          (ch04.gpt_config("124M"), 128)):
@@ -1802,6 +1828,13 @@ def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
         [1, os.cpu_count()]
     assert bench.child_serve("tiny:3", {"serve_tokens": 4})["tokens"] == 12  # 3 clients' whole
     assert bench.child_judge("4", {"judge_entries": 8})["entries_per_s"] > 0
+    attention = {"device": "cpu", "attn_batch": 1, "attn_context": 16, "attn_steps": 1}
+    runs = [{"name": "attention", "variant": v, "others_cpu_cores": 0.0,
+             **bench.child_attention(v, attention)} for v in ("einsum", "SDPA")]
+    assert all(r["forward_ms"] > 0 and r["backward_ms"] > 0 for r in runs)
+    assert len(bench.attention_variants(attention)) == len(ch03.attention_implementations())
+    rows, *_ = bench.summarise_attention(runs, attention, tmp_path / "attention.png")
+    assert len(rows) == 4 and (tmp_path / "attention.png").stat().st_size > 0
     assert bench.child_duplicates("-", {"dup_entries": 300})["pairs"] >= 2  # the planted ones
 
 
