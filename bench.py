@@ -3,7 +3,7 @@
 On the CPU (the default):
   1. training tokens/s, GPT-2 124M, context 256, batch 2: the book's path vs --fast
   2. greedy generation tokens/s, 124M, "Hello, I am", 200 new tokens: uncached vs KV cache
-  3. peak resident memory of loading a saved 124M model: plain vs lean (meta + mmap)
+  3. peak resident memory of loading a saved 124M and 355M model: plain vs lean (meta + mmap)
   4. dataset build time and memory for stride=1 over 2 million tokens
   5. achieved FLOP/s of the training step against a large torch.mm (model FLOPs utilisation)
   6. evaluation: HellaSwag items/s as `ch05_load_gpt2.py --eval` scores them, tiny and 124M
@@ -30,6 +30,8 @@ With --device cuda:
   2. batch-1 greedy decoding, 200 new tokens: uncached, KV cache (a CUDA graph), the
      same with the fast kernels, and Hugging Face's GPT-2 `generate` where
      transformers is installed
+  3. loading a saved 124M and 355M model onto the GPU, plain vs lean: peak host
+     memory and peak GPU memory, each over the weights' size
 
 Every measurement runs in a fresh subprocess, and the variants alternate
 (A B A B ...); the table shows medians and ranges, and how much CPU other
@@ -212,23 +214,31 @@ def child_generate(variant, p):
 
 
 def child_load(variant, p):
+    """Peak resident memory (and on CUDA peak allocated GPU memory) of loading a
+    saved model ("plain" or "lean", ":355M" for GPT-2 355M's size) over its weights."""
     import torch
     from ch04_gpt import GPTModel
     from ch05_load_gpt2 import load_gpt2_model
+    route, _, size = variant.partition(":")
+    size = size or "124M"
     models_dir = Path(p["models_dir"])
-    cfg = model_config(p["model"], qkv_bias=True, drop_rate=0.0)
+    cfg = model_config(p["model"] if size == "124M" else size, qkv_bias=True, drop_rate=0.0)
     baseline = rss_bytes()
     reset_peak_rss()
-    if variant == "plain":  # the usual route: random weights, then a second copy from disk
+    if route == "plain":  # the usual route: random weights, then a second copy from disk
         model = GPTModel(cfg)
-        model.load_state_dict(torch.load(models_dir / "124M" / "model.pth", weights_only=True))
-    else:  # what load_gpt2_model does once the weights are converted
-        model, _ = load_gpt2_model("124M", models_dir)
+        model.load_state_dict(torch.load(models_dir / size / "model.pth", weights_only=True))
+    else:  # what load_gpt2_model does once the weights are converted: meta + mmap + assign
+        model, _ = load_gpt2_model(size, models_dir)
+    cuda = p.get("device") == "cuda"
+    model = model.to("cuda") if cuda else model
     with torch.no_grad():
-        model.eval()(torch.tensor([[15496, 11, 314, 716]]))  # touch every weight
+        model.eval()(torch.tensor([[15496, 11, 314, 716]], device=model.tok_emb.weight.device))
     param_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
     return {"peak_above_baseline": peak_rss_bytes() - baseline, "param_bytes": param_bytes,
-            "multiple": (peak_rss_bytes() - baseline) / param_bytes}
+            "multiple": (peak_rss_bytes() - baseline) / param_bytes,
+            "gpu_multiple": torch.cuda.max_memory_allocated() / param_bytes if cuda
+            else float("nan")}
 
 
 def child_dataset(variant, p):
@@ -463,11 +473,13 @@ def summarise_attention(runs, p, plot_path):
 
 
 def child_save(variant, p):
-    """A saved model the load benchmark reads, in load_gpt2_model's layout."""
+    """A saved model the load benchmark reads, in load_gpt2_model's layout: the
+    run's model as 124M (variant "-"), or GPT-2 355M's size (random weights)."""
     import torch
     from ch04_gpt import GPTModel
-    cfg = model_config(p["model"], qkv_bias=True, drop_rate=0.0)
-    folder = Path(p["models_dir"]) / "124M"
+    size = "124M" if variant == "-" else variant
+    cfg = model_config(p["model"] if size == "124M" else size, qkv_bias=True, drop_rate=0.0)
+    folder = Path(p["models_dir"]) / size
     folder.mkdir(parents=True)
     (folder / "hparams.json").write_text(json.dumps(
         {"n_vocab": cfg["vocab_size"], "n_ctx": cfg["context_length"], "n_embd": cfg["emb_dim"],
@@ -594,6 +606,8 @@ def summarise(runs, p):
         ("copy", "512 MiB", stat("copy", "-", "gb_per_s"), "GB/s"),
         ("load 124M", "plain", stat("load", "plain", "multiple"), "x params"),
         ("load 124M", "lean", stat("load", "lean", "multiple"), "x params"),
+        ("load 355M", "plain", stat("load", "plain:355M", "multiple"), "x params"),
+        ("load 355M", "lean", stat("load", "lean:355M", "multiple"), "x params"),
         ("dataset", "stride=1", stat("dataset", "-", "seconds"), "s"),
         ("dataset", "stride=1", stat("dataset", "-", "mb_beyond_tokens"), "MB extra"),
         ("HellaSwag", "tiny", stat("eval", "tiny", "items_per_s"), "items/s"),
@@ -626,6 +640,8 @@ def summarise(runs, p):
         "KV cache vs bandwidth bound": cached / bound,
         "load peak, lean (x params)": median("load", "lean", "multiple"),
         "load peak, plain (x params)": median("load", "plain", "multiple"),
+        "load peak 355M, lean (x params)": median("load", "lean:355M", "multiple"),
+        "load peak 355M, plain (x params)": median("load", "plain:355M", "multiple"),
         "dataset build (s)": median("dataset", "-", "seconds"),
         "dataset memory (MB extra)": median("dataset", "-", "mb_beyond_tokens"),
         "tokenizing speed-up, all workers": (median("tokenize", "all", "tokens_per_s") /
@@ -639,6 +655,7 @@ def summarise(runs, p):
         "KV cache speed-up": (">=", 5.0),
         "KV cache vs bandwidth bound": (">=", 0.85),
         "load peak, lean (x params)": ("<=", 1.2),
+        "load peak 355M, lean (x params)": ("<=", 1.3),
         "dataset build (s)": ("<", 2.0),
         "dataset memory (MB extra)": ("<", 100.0),
     }
@@ -663,6 +680,14 @@ def summarise_cuda(runs, p):
             rows.append(("peak memory", run["variant"], stat("train_memory", run["variant"],
                                                              "peak_gb"),
                          f"GB{sharded}" + (f" ({run['failed']})" if run["failed"] else "")))
+    for route in ("plain", "lean"):  # loading onto the GPU: host memory, then GPU memory
+        for size in ("124M", "355M"):
+            variant = route if size == "124M" else f"{route}:{size}"
+            if values("load", variant, "multiple"):
+                rows += [(f"load {size}", route, stat("load", variant, "multiple"),
+                          "x params, host"),
+                         (f"load {size}", route, stat("load", variant, "gpu_multiple"),
+                          "x params, GPU")]
     rows.append(("torch.mm", f"bf16 {p['mm_n']}^3", stat("mm", "-", "gflops_per_s"),
                  "GFLOP/s"))
     rows += [("decoding", label, stat("generate", v, "tokens_per_s"), "tokens/s")
@@ -740,17 +765,22 @@ def main(args):
             if not torch.cuda.is_available():
                 raise ValueError("--device cuda was asked for, but PyTorch sees no CUDA GPU.")
             p["corpus"] = prepare_corpus(p, args.data_dir)
+            for size in ("-", "355M"):  # the models the loading measurement reads
+                run_child("save", size, p, env)
             # GPT-2 774M and 1558M: one process, and sharded over the GPUs when there are several
             sizes = [f"{size}{fsdp}" for size in ("774M", "1558M")
                      for fsdp in ("", ":fsdp")[:1 + (torch.cuda.device_count() > 1)]]
             pairs = [("mm", ("-",)), ("train_command", tuple(v for _, v in TRAIN_VARIANTS)),
                      ("train_memory", tuple(sizes)),
+                     ("load", ("plain", "lean", "plain:355M", "lean:355M")),
                      ("generate", ("uncached", "cached", "fast") +
                       (("hf",) if importlib.util.find_spec("transformers") else ()))]
         else:
             pairs = [("train", ("book", "fast")), ("mm", ("-",)),
                      ("generate", ("uncached", "cached")), ("copy", ("-",)),
-                     ("load", ("plain", "lean")), ("dataset", ("-",)),
+                     ("load", ("plain", "lean") + (() if args.quick else
+                                                   ("plain:355M", "lean:355M"))),
+                     ("dataset", ("-",)),
                      ("eval", ("tiny", "124M")), ("tokenize", ("1", "all")),
                      ("serve", serve_variants(p)), ("judge", ("1", "8")),
                      ("duplicates", ("-",))]
@@ -762,6 +792,8 @@ def main(args):
                 pairs = [(name, v) for name, v in pairs if name in args.only]
             if {"generate", "load"} & {name for name, _ in pairs}:
                 run_child("save", "-", p, env)  # in a child too: the parent stays small
+            if "load" in {name for name, _ in pairs} and not args.quick:
+                run_child("save", "355M", p, env)
         runs = []
         print(f"{'cuda' if cuda else 'quick' if args.quick else 'full'} run, {p['repeats']} "
               f"repeat(s), variants alternating; {os.cpu_count()} CPUs")

@@ -1828,6 +1828,14 @@ def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
         [1, os.cpu_count()]
     assert bench.child_serve("tiny:3", {"serve_tokens": 4})["tokens"] == 12  # 3 clients' whole
     assert bench.child_judge("4", {"judge_entries": 8})["entries_per_s"] > 0
+    saved = {"model": "tiny", "models_dir": str(tmp_path / "models")}
+    bench.child_save("-", saved)  # the loading measurement's model, read both ways
+    loads = [{"name": "load", "variant": v, "others_cpu_cores": 0.0,
+              **bench.child_load(v, saved)} for v in ("plain", "lean")]
+    assert all(r["param_bytes"] > 0 and math.isnan(r["gpu_multiple"]) for r in loads)
+    cuda_rows, *_ = bench.summarise_cuda(runs + loads, p)
+    assert [r[3] for r in cuda_rows if r[0] == "load 124M"] == ["x params, host",
+                                                               "x params, GPU"] * 2
     attention = {"device": "cpu", "attn_batch": 1, "attn_context": 16, "attn_steps": 1}
     runs = [{"name": "attention", "variant": v, "others_cpu_cores": 0.0,
              **bench.child_attention(v, attention)} for v in ("einsum", "SDPA")]
