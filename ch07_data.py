@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from ch02_data import (HelpFormatter, check_output_file, number, read_json, run_command,
                        write_text_atomic)
-from ch07_instruct import (API_STYLES, OLLAMA_URL, JudgeUnavailable, ModelClient, as_answered,
-                           check_entries, format_input)
+from ch07_instruct import (OLLAMA_URL, JudgeUnavailable, ModelClient, add_client_arguments,
+                           as_answered, check_entries, format_input)
 
 FIELDS = ("instruction", "input", "output")
 
@@ -447,19 +447,10 @@ def build_parser():
                            "…/v1")
     make.add_argument("--generator-model", metavar="NAME", default="llama3",
                       help="the model that writes")
-    make.add_argument("--api-style", choices=API_STYLES, default=None,
-                      help="the server's API (default: openai for a URL ending in /v1, else "
-                           "ollama)")
     make.add_argument("--api-key", metavar="KEY", default=None,
                       help="the key sent to an OpenAI-style server (default: $OPENAI_API_KEY); "
                            "never printed or saved")
-    make.add_argument("--workers", type=number(int, at_least=1), default=1, metavar="N",
-                      help="requests in flight at once")
-    make.add_argument("--timeout", type=number(float, above=0), default=300, metavar="S",
-                      help="seconds the model may take for one answer")
-    make.add_argument("--retries", type=number(int, at_least=0), default=4, metavar="N",
-                      help="times a failed request (no connection, timeout, 429, 5xx) is asked "
-                           "again")
+    add_client_arguments(make, "the model")
     make.add_argument("--seed", type=int, default=123,
                       help="seeds the new entries' requests and the polite/impolite choice")
     parser.add_argument("--overwrite", action="store_true",

@@ -597,6 +597,21 @@ def kendall_tau_b(x, y):
     return float(s / np.sqrt(float(pairs_x) * pairs_y)) if pairs_x and pairs_y else float("nan")
 
 
+def add_client_arguments(group, who):
+    """The flags of how `who` (the judge; ch07_data.py's model that writes) is
+    asked through ModelClient: its API, requests in flight, timeout, retries."""
+    group.add_argument("--api-style", choices=API_STYLES, default=None,
+                       help=f"{who}'s API (default: openai for a URL ending in /v1 or "
+                            "/v1/chat/completions, else ollama)")
+    group.add_argument("--workers", type=number(int, at_least=1), default=1, metavar="N",
+                       help=f"requests to {who} in flight at once")
+    group.add_argument("--timeout", type=number(float, above=0), default=300, metavar="S",
+                       help=f"seconds {who} may take for one answer")
+    group.add_argument("--retries", type=number(int, at_least=0), default=4, metavar="N",
+                       help="times a failed request (no connection, timeout, 429, 5xx) is "
+                            "asked again, waiting 1, 2, 4 ... s or the server's Retry-After")
+
+
 def judge_client(settings, cache_folder=None):
     """The judge of --judge-url/--judge-model, as the command's flags set it up
     (--overwrite asks everything anew)."""
@@ -1901,17 +1916,9 @@ def build_parser():
                        metavar="URL",
                        help="the judge's chat endpoint: Ollama's …/api/chat, or an OpenAI-style "
                             "…/v1 (OpenAI, Ollama's /v1, vLLM, llama.cpp, --serve)")
-    judge.add_argument("--judge-model", default="llama3", metavar="NAME", help="the model that scores")
-    judge.add_argument("--api-style", choices=API_STYLES, default=None,
-                       help="the judge's API (default: openai for a URL ending in /v1 or "
-                            "/v1/chat/completions, else ollama)")
-    judge.add_argument("--workers", type=number(int, at_least=1), default=1, metavar="N",
-                       help="requests to the judge in flight at once")
-    judge.add_argument("--timeout", type=number(float, above=0), default=300, metavar="S",
-                       help="seconds the judge may take for one answer")
-    judge.add_argument("--retries", type=number(int, at_least=0), default=4, metavar="N",
-                       help="times a failed request (no connection, timeout, 429, 5xx) is "
-                            "asked again, waiting 1, 2, 4 ... s or the server's Retry-After")
+    judge.add_argument("--judge-model", default="llama3", metavar="NAME",
+                       help="the model that scores")
+    add_client_arguments(judge, "the judge")
     parser.add_argument("--chat", action="store_true",
                         help="chat with the saved finetuned model (empty line or Ctrl-D ends)")
     parser.add_argument("--model-file", metavar="FILE", default=None,
