@@ -14,6 +14,8 @@ On the CPU (the default):
   9. judging (ch07_instruct.py's client): entries/s with 1 and 8 workers against a fake
      OpenAI-style judge that answers in 50 ms
  10. near-duplicates (ch07_data.py): seconds and peak memory over 52,000 synthetic entries
+ 11. FLOPs per token of a training step, 124M to 1558M: FlopCounterMode's count against
+     the formula every MFU here uses (ch04_gpt.py --flops)
 
 With --attention (CPU or CUDA): ch03_attention.py's implementations of the same
 attention (the book's, a wrapper of single heads, fused QKV, einsum, SDPA, SDPA's
@@ -442,6 +444,18 @@ def child_attention(variant, p):
             else timed(True)}
 
 
+FLOPS_SIZES = ("124M", "355M", "774M", "1558M")
+
+
+def child_flops(variant, p):
+    """A GPT-2 size's FLOPs per token of a training step (context 1024): counted by
+    FlopCounterMode on the meta device, and by the formula the MFU figures use."""
+    from ch04_gpt import counted_flops_per_token, flops_per_token, gpt_config
+    cfg = gpt_config(variant)
+    counted, formula = counted_flops_per_token(cfg), flops_per_token(cfg)
+    return {"gflops_per_token": counted / 1e9, "count_over_formula": counted / formula}
+
+
 def attention_variants(p):
     import ch03_attention as ch03
     names = list(ch03.attention_implementations())
@@ -545,7 +559,8 @@ CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": ch
             "generate": child_generate, "load": child_load, "dataset": child_dataset,
             "train_command": child_train_command, "eval": child_eval,
             "tokenize": child_tokenize, "serve": child_serve, "train_memory": child_train_memory,
-            "judge": child_judge, "duplicates": child_duplicates, "attention": child_attention}
+            "judge": child_judge, "duplicates": child_duplicates, "attention": child_attention,
+            "flops": child_flops}
 
 
 # ---- The parent: run children interleaved, summarise ----
@@ -620,6 +635,8 @@ def summarise(runs, p):
               stat("judge", w, "entries_per_s"), "entries/s") for w in ("1", "8")]
     rows += [("duplicates", f"{p['dup_entries']:,} entries", stat("duplicates", "-", key), unit)
              for key, unit in (("seconds", "s"), ("peak_mb", "MB peak"))]
+    rows += [("FLOPs/token", f"{size} step", stat("flops", size, "gflops_per_token"), "GFLOP")
+             for size in FLOPS_SIZES]
     for variant in serve_variants(p):  # ch07_instruct.py --serve
         name, clients = variant.split(":")
         who = f"{name}, {clients} client{'s' if clients != '1' else ''}"
@@ -648,6 +665,9 @@ def summarise(runs, p):
                                              median("tokenize", "1", "tokens_per_s")),
         "judging speed-up, 8 workers": (median("judge", "8", "entries_per_s") /
                                         median("judge", "1", "entries_per_s")),
+        "FLOPs count vs formula, worst": max(
+            (abs(v - 1) for size in FLOPS_SIZES
+             for v in values("flops", size, "count_over_formula")), default=math.nan),
     }
     targets = {
         "fast/book training speed-up": (">=", 1.3),
@@ -658,6 +678,7 @@ def summarise(runs, p):
         "load peak 355M, lean (x params)": ("<=", 1.3),
         "dataset build (s)": ("<", 2.0),
         "dataset memory (MB extra)": ("<", 100.0),
+        "FLOPs count vs formula, worst": ("<=", 0.02),
     }
     return ([row for row in rows if row[2]], {k: v for k, v in derived.items() if v == v},
             targets, bound if bound == bound else None)  # without what --only left out
@@ -783,7 +804,7 @@ def main(args):
                      ("dataset", ("-",)),
                      ("eval", ("tiny", "124M")), ("tokenize", ("1", "all")),
                      ("serve", serve_variants(p)), ("judge", ("1", "8")),
-                     ("duplicates", ("-",))]
+                     ("duplicates", ("-",)), ("flops", FLOPS_SIZES)]
             if args.only:
                 unknown = set(args.only) - {name for name, _ in pairs}
                 if unknown:
@@ -855,7 +876,8 @@ def build_parser():
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     parser.add_argument("--only", type=lambda text: text.split(","), default=None,
                         metavar="NAMES", help="only these CPU measurements, comma-separated: "
-                        "train, mm, generate, copy, load, dataset, eval, tokenize, serve")
+                        "train, mm, generate, copy, load, dataset, eval, tokenize, serve, "
+                        "judge, duplicates, flops")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="cpu: the measurements above; cuda: the GPU configuration "
                              "(124M, context 1024, batch 16, through ch05_train.py's loop); "

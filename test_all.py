@@ -1828,6 +1828,7 @@ def test_bench_cuda_measurements_run_on_the_cpu_too(tmp_path, capsys):
         [1, os.cpu_count()]
     assert bench.child_serve("tiny:3", {"serve_tokens": 4})["tokens"] == 12  # 3 clients' whole
     assert bench.child_judge("4", {"judge_entries": 8})["entries_per_s"] > 0
+    assert bench.child_flops("tiny", {})["count_over_formula"] == pytest.approx(1, abs=0.02)
     saved = {"model": "tiny", "models_dir": str(tmp_path / "models")}
     bench.child_save("-", saved)  # the loading measurement's model, read both ways
     loads = [{"name": "load", "variant": v, "others_cpu_cores": 0.0,
