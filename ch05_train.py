@@ -1120,10 +1120,28 @@ def speed_up_finetuning(model, fast, device, log=print):
     return plan
 
 
+def launched_processes():
+    """How many processes torchrun started for this command (1 without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def wait_for_all():
+    """Under torchrun, each process waits here until the first has written its
+    files: one that ended early could take the others down with it."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def end_processes():
+    """The processes' group ended (under torchrun), so that each exits cleanly."""
+    if _distributed():
+        dist.destroy_process_group()
+
+
 def setup_distributed(device_name, log):
     """(rank, world_size, device) from torchrun's environment; one process
     otherwise. Every process chooses its device the same way."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_processes()
     device = get_device(device_name, log=log)
     if world_size == 1:
         return 0, 1, device
@@ -1398,8 +1416,7 @@ def main(args):
                 claim_out_dir(out_dir, settings["overwrite"], log)
             return run(settings, ckpt, out_dir, device, rank, world_size, stopper, log)
     finally:
-        if _distributed():
-            dist.destroy_process_group()
+        end_processes()
 
 
 # What a run writes in --out (temporary files of these left by a killed run are

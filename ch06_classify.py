@@ -729,7 +729,7 @@ def run(settings):
     torchrun, on several processes)."""
     classifier_path = Path(settings["out"]) / "classifier.pth"
     if settings["classify"] or settings["classify_file"]:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if ch05_train.launched_processes() > 1:
             raise ValueError("Under torchrun, ch06_classify.py finetunes; run --classify as one "
                              "process (python ch06_classify.py ...).")
         device = get_device(settings["device"])
@@ -758,9 +758,9 @@ def run(settings):
             "--out. ", also=[out_dir / name for name in PLOTS]), rank)
         try:
             result = finetune(settings, classifier_path, device, data, rank)
-            wait_for_all()
+            ch05_train.wait_for_all()
         finally:
-            end_processes()
+            ch05_train.end_processes()
         if rank == 0:
             earlier.retire()  # what this run did not write again: a plot it had no points for
         return result
@@ -779,19 +779,6 @@ def processes(settings, script):
         raise ValueError("--fsdp with --lora is not supported: LoRA's small matrices train "
                          "well with DDP (torchrun without --fsdp).")
     return rank, world_size, device
-
-
-def wait_for_all():
-    """Under torchrun, each process waits here until the first has written its
-    files: one that ended early could take the others down with it."""
-    if ch05_train.world_size() > 1:
-        torch.distributed.barrier()
-
-
-def end_processes():
-    """The processes' group ended (under torchrun), so that each exits cleanly."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 PLOTS = ("loss-plot.png", "accuracy-plot.png", "confusion-matrix.png")

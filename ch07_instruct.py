@@ -61,15 +61,14 @@ from ch05_generate import (add_sampling_arguments, build_lean, generate, generat
                            load_checkpoint, load_text_model, model_file, sampling_of,
                            save_checkpoint, stream_text)
 from ch05_load_gpt2 import ALLOWED_SIZES, load_gpt2_model
-from ch05_train import (FlagsTypedParser, _unwrap, agree, calc_loss_loader, is_sharded,
-                        make_optimizer, plot_losses, process_rank, refuse_overwrite, run_header,
-                        run_lock, shard_model, speed_up, speed_up_finetuning,
-                        train_model_shared, train_model_simple, whole_batch_tokens,
-                        whole_model_state)
+from ch05_train import (FlagsTypedParser, _unwrap, agree, calc_loss_loader, end_processes,
+                        is_sharded, launched_processes, make_optimizer, plot_losses,
+                        process_rank, refuse_overwrite, run_header, run_lock, shard_model,
+                        speed_up, speed_up_finetuning, train_model_shared, train_model_simple,
+                        wait_for_all, whole_batch_tokens, whole_model_state)
 from ch06_classify import (add_finetuning_arguments, base_model, base_model_name,
-                           end_processes, finetuning_settings, freeze_and_add_lora,
-                           parse_finetuning_args, plot_values, processes,
-                           share_training, wait_for_all)
+                           finetuning_settings, freeze_and_add_lora, parse_finetuning_args,
+                           plot_values, processes, share_training)
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
             "ch07/01_main-chapter-code/instruction-data.json")
@@ -1666,7 +1665,7 @@ def run(settings):
     responses_path = out_dir / "instruction-data-with-response.json"
     modes = [f"--{m.replace('_', '-')}" for m in ("evaluate", "chat", "serve", "compare_judges")
              if settings[m]]
-    if modes and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if modes and launched_processes() > 1:
         raise ValueError(f"Under torchrun, ch07_instruct.py finetunes (and tunes with --dpo); run {modes[0]} as one "
                          "process (python ch07_instruct.py ...).")
     if settings["compare_judges"]:
