@@ -61,12 +61,14 @@ HERE = Path(__file__).resolve().parent
 FULL = {"model": "124M", "context": 256, "batch": 2, "train_steps": 4, "warmup": 2,
         "new_tokens": 200, "mm_n": 4096, "dataset_tokens": 2_000_000, "eval_items": 40,
         "tokenize_copies": 40, "serve_tokens": 32, "judge_entries": 64, "dup_entries": 52_000,
-        "attn_batch": 2, "attn_context": 256, "attn_steps": 5, "repeats": 3}
+        "attn_batch": 2, "attn_context": 256, "attn_steps": 5, "bpe_bytes": 1_000_000,
+        "bpe_vocab": 5000, "repeats": 3}
 # --quick: the same measurements on a small model, in under a minute
 QUICK = {"model": "bench-small", "context": 128, "batch": 2, "train_steps": 3, "warmup": 1,
          "new_tokens": 30, "mm_n": 2048, "dataset_tokens": 2_000_000, "eval_items": 8,
          "tokenize_copies": 10, "serve_tokens": 16, "judge_entries": 32, "dup_entries": 5_000,
-         "attn_batch": 2, "attn_context": 128, "attn_steps": 3, "repeats": 1}
+         "attn_batch": 2, "attn_context": 128, "attn_steps": 3, "bpe_bytes": 200_000,
+         "bpe_vocab": 1000, "repeats": 1}
 SMALL = {"emb_dim": 256, "n_layers": 4, "n_heads": 4}
 # --device cuda: the issue's GPU configuration. Rates are read between the
 # evaluations at steps eval_every and 2 * eval_every (compiling comes before)
@@ -299,6 +301,57 @@ def child_tokenize(variant, p):
         start = time.perf_counter()
         tokens = sum(len(ids) for _, _, ids in tokenize(path, range(groups)))
         return {"tokens_per_s": tokens / (time.perf_counter() - start), "workers": workers}
+
+
+def bpe_text(n_bytes):
+    """n_bytes of varied English and code, offline: this project's own files, repeated."""
+    files = sorted(HERE.glob("*.py")) + sorted(HERE.glob("*.md"))
+    text = "\n".join(f.read_text(encoding="utf-8") for f in files)
+    return (text * (n_bytes // len(text.encode()) + 1)).encode()[:n_bytes].decode(errors="ignore")
+
+
+def child_bpe(variant, p):
+    """ch02_data.py's BPE from scratch ("ours", in Python) beside Hugging Face's
+    tokenizers (in Rust, on every core): training a vocabulary of bpe_vocab on
+    bpe_bytes of text; then encoding that text with GPT-2's vocabulary, by each
+    of them and by tiktoken (Rust, one thread)."""
+    from ch02_data import BPETokenizer, bpe_tokenizer, hf_vocabulary_files
+    text, gpt2 = bpe_text(p["bpe_bytes"]), bpe_tokenizer(p["models_dir"])
+    mb, result = len(text.encode()) / 1e6, {}
+    expected = gpt2.encode(text, disallowed_special=())  # "<|endoftext|>" in it is text
+    if variant == "ours":
+        start = time.perf_counter()
+        trained = BPETokenizer().train(text, p["bpe_vocab"])
+        result["train_s"] = time.perf_counter() - start
+        result["merges_per_s"] = len(trained.merges) / result["train_s"]
+        encoder = BPETokenizer.from_tiktoken(gpt2)
+        encode = lambda: encoder.encode(text, disallowed_special=())  # noqa: E731
+    elif variant == "hf":
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trained = Tokenizer(models.BPE())
+        trained.pre_tokenizer = byte_level
+        trainer = trainers.BpeTrainer(vocab_size=p["bpe_vocab"], special_tokens=["<|endoftext|>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+        start = time.perf_counter()
+        trained.train_from_iterator(text.splitlines(keepends=True), trainer)
+        result["train_s"] = time.perf_counter() - start
+        result["merges_per_s"] = (trained.get_vocab_size() - 257) / result["train_s"]
+        folder = Path(p["work_dir"])
+        for name, content in hf_vocabulary_files(gpt2).items():
+            (folder / name).write_text(content, encoding="utf-8")
+        encoder = Tokenizer(models.BPE.from_file(str(folder / "vocab.json"),
+                                                 str(folder / "merges.txt")))
+        encoder.pre_tokenizer = byte_level
+        encode = lambda: encoder.encode(text).ids  # noqa: E731
+    else:
+        encode = lambda: gpt2.encode(text, disallowed_special=())  # noqa: E731
+    start = time.perf_counter()
+    ids = encode()
+    result["encode_mb_per_s"] = mb / (time.perf_counter() - start)
+    result["same_ids_as_tiktoken"] = float(ids == expected)
+    return result
 
 
 def child_serve(variant, p):
@@ -560,7 +613,7 @@ CHILDREN = {"save": child_save, "train": child_train, "mm": child_mm, "copy": ch
             "train_command": child_train_command, "eval": child_eval,
             "tokenize": child_tokenize, "serve": child_serve, "train_memory": child_train_memory,
             "judge": child_judge, "duplicates": child_duplicates, "attention": child_attention,
-            "flops": child_flops}
+            "flops": child_flops, "bpe": child_bpe}
 
 
 # ---- The parent: run children interleaved, summarise ----
@@ -635,6 +688,13 @@ def summarise(runs, p):
               stat("judge", w, "entries_per_s"), "entries/s") for w in ("1", "8")]
     rows += [("duplicates", f"{p['dup_entries']:,} entries", stat("duplicates", "-", key), unit)
              for key, unit in (("seconds", "s"), ("peak_mb", "MB peak"))]
+    mb, vocab = f"{p['bpe_bytes'] / 1e6:g} MB", f"{p['bpe_vocab']:,}"
+    for variant, who in (("ours", "ours (Python)"), ("hf", "HF tokenizers")):
+        rows += [("BPE training", f"{who}, {mb} -> {vocab}", stat("bpe", variant, "train_s"), "s"),
+                 ("BPE training", who, stat("bpe", variant, "merges_per_s"), "merges/s")]
+    rows += [("BPE encoding", who, stat("bpe", variant, "encode_mb_per_s"), "MB/s")
+             for variant, who in (("ours", "ours (Python)"), ("tiktoken", "tiktoken"),
+                                  ("hf", "HF tokenizers"))]
     rows += [("FLOPs/token", f"{size} step", stat("flops", size, "gflops_per_token"), "GFLOP")
              for size in FLOPS_SIZES]
     for variant in serve_variants(p):  # ch07_instruct.py --serve
@@ -665,6 +725,8 @@ def summarise(runs, p):
                                              median("tokenize", "1", "tokens_per_s")),
         "judging speed-up, 8 workers": (median("judge", "8", "entries_per_s") /
                                         median("judge", "1", "entries_per_s")),
+        "BPE encoding, ours = tiktoken (1: yes)": median("bpe", "ours", "same_ids_as_tiktoken"),
+        "BPE encoding, HF = tiktoken (1: yes)": median("bpe", "hf", "same_ids_as_tiktoken"),
         "FLOPs count vs formula, worst": max(
             (abs(v - 1) for size in FLOPS_SIZES
              for v in values("flops", size, "count_over_formula")), default=math.nan),
@@ -679,6 +741,8 @@ def summarise(runs, p):
         "dataset build (s)": ("<", 2.0),
         "dataset memory (MB extra)": ("<", 100.0),
         "FLOPs count vs formula, worst": ("<=", 0.02),
+        "BPE encoding, ours = tiktoken (1: yes)": (">=", 1.0),
+        "BPE encoding, HF = tiktoken (1: yes)": (">=", 1.0),
     }
     return ([row for row in rows if row[2]], {k: v for k, v in derived.items() if v == v},
             targets, bound if bound == bound else None)  # without what --only left out
@@ -732,11 +796,12 @@ def summarise_cuda(runs, p):
 
 def print_table(rows, derived, targets, bound, quick, device):
     wide = max([16] + [len(variant) + 2 for _, variant, _, _ in rows])
-    print(f"\n{'measurement':<12}{'variant':<{wide}}{'median':>10}{'range':>22}  {'unit':<10}"
+    first = max([12] + [len(name) + 1 for name, _, _, _ in rows])
+    print(f"\n{'measurement':<{first}}{'variant':<{wide}}{'median':>10}{'range':>22}  {'unit':<10}"
           f"{'others CPU':>10}")
     for name, variant, s, unit in rows:
         rng = f"{s['min']:.4g}-{s['max']:.4g}"
-        print(f"{name:<12}{variant:<{wide}}{s['median']:>10.4g}{rng:>22}  {unit:<10}"
+        print(f"{name:<{first}}{variant:<{wide}}{s['median']:>10.4g}{rng:>22}  {unit:<10}"
               f"{s['others_cpu_cores']:>9.2f}c")
     if bound is not None:
         print(f"\nbandwidth bound for batch-1 decoding: {bound:.1f} tokens/s "
@@ -804,7 +869,9 @@ def main(args):
                      ("dataset", ("-",)),
                      ("eval", ("tiny", "124M")), ("tokenize", ("1", "all")),
                      ("serve", serve_variants(p)), ("judge", ("1", "8")),
-                     ("duplicates", ("-",)), ("flops", FLOPS_SIZES)]
+                     ("duplicates", ("-",)), ("flops", FLOPS_SIZES),
+                     ("bpe", ("ours", "tiktoken") + (("hf",) if importlib.util.find_spec(
+                         "tokenizers") else ()))]
             if args.only:
                 unknown = set(args.only) - {name for name, _ in pairs}
                 if unknown:

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import functools
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -36,6 +37,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no tra
                                              os._exit(130)))
 
 import numpy as np
+import regex  # tiktoken's own dependency: GPT-2's pattern needs \p{L}
 import requests
 import tiktoken
 import torch
@@ -561,7 +563,7 @@ def load_the_verdict(path=None, data_dir="data"):
 EOT = "<|endoftext|>"
 
 
-def collect_text_files(paths):
+def collect_text_files(paths, flag="--data"):
     """Text files from --data: files as given, folders searched for *.txt."""
     files = []
     for path in map(Path, paths):
@@ -573,7 +575,7 @@ def collect_text_files(paths):
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"--data path not found: {path}")
+            raise FileNotFoundError(f"{flag} path not found: {path}")
     return files
 
 
@@ -595,9 +597,10 @@ def iter_text_blocks(path, block_chars=1 << 23):
         yield "".join(block)
 
 
-def corpus_fingerprint(files):
-    """Changes whenever a file is added, removed, resized or rewritten."""
-    h = hashlib.sha1(b"gpt2-uint16-v1")
+def corpus_fingerprint(files, vocabulary=""):
+    """Changes whenever a file is added, removed, resized or rewritten, or the
+    vocabulary is another than GPT-2's (a tokenizer of --train-bpe, by name)."""
+    h = hashlib.sha1(b"gpt2-uint16-v1" + vocabulary.encode())
     for f in files:
         st = f.stat()
         h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -610,7 +613,8 @@ def build_token_file(files, cache_dir, tokenizer, num_threads=None, log=print, c
     <fingerprint>.json records its length and CRC-32: a file that is cut or
     damaged is never trained on, but moved aside and tokenized again. check=False
     trusts an existing file (one another process has just checked or written)."""
-    path = Path(cache_dir) / f"{corpus_fingerprint(files)}.bin"
+    own = tokenizer.name if hasattr(tokenizer, "files") else ""  # a trained tokenizer's
+    path = Path(cache_dir) / f"{corpus_fingerprint(files, own)}.bin"
     record = path.with_suffix(".json")
     if path.exists():
         problem = token_file_problem(path, record) if check else None
@@ -1032,15 +1036,25 @@ def token_workers(workers, models_dir):
         yield tokenize
 
 
-# ---- Beyond the book: GPT-2's BPE files ----
-# OpenAI's GPT-2 download spells its vocabulary in two files, encoder.json and
+# ---- Beyond the book: BPE from scratch (the chapter's bonus material) ----
+# GPT-2's tokenizer is byte-level BPE: GPT2_PATTERN cuts text into words (a
+# space goes with the word after it), each word's UTF-8 bytes start as 256
+# single-byte tokens, and the learned merges, lowest rank first, join
+# neighbours into longer tokens. Training learns those merges from a text: the
+# most frequent neighbouring pair becomes a new token, again and again.
+# OpenAI's GPT-2 download spells the vocabulary in two files, encoder.json and
 # vocab.bpe (Hugging Face: vocab.json and merges.txt), each token's bytes written
-# as printable characters. Read both ways: tiktoken's encoding from them, offline,
-# and them from tiktoken's encoding (ch05_load_gpt2.py's export).
+# as printable characters; a tokenizer trained here is saved the same way.
+
+# GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, spaces
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
+                r"""\s+(?!\S)|\s""")
+
 
 def gpt2_byte_symbols():
     """GPT-2's byte-to-character table: bytes that print stand for themselves, the
-    others (space, controls) for characters from 256 on, in byte order."""
+    others (space, controls) for characters from 256 on, in byte order. The
+    table's order is the order of GPT-2's first 256 token ids."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
                  *range(ord("®"), ord("ÿ") + 1)]
     symbols, n = {b: chr(b) for b in printable}, 0
@@ -1050,28 +1064,247 @@ def gpt2_byte_symbols():
     return {ch: b for b, ch in symbols.items()}
 
 
+class BPETokenizer:
+    """Byte-level BPE as GPT-2's: token ids are the 256 bytes (in GPT-2's order),
+    then one per merge in the order learned, then the special tokens. Encoding
+    merges a word's lowest-ranked neighbouring pair first, as tiktoken does, so
+    GPT-2's own files encode here exactly as tiktoken encodes."""
+
+    def __init__(self):
+        self.vocab = [bytes([b]) for b in gpt2_byte_symbols().values()]  # id -> bytes
+        self.ranks = {token: i for i, token in enumerate(self.vocab)}  # bytes -> id
+        self.merges = []  # (bytes, bytes) in the order learned
+        self.special_tokens = {}  # text -> id
+        self.merge_seconds = 0.0
+        self._pretokenize = regex.compile(GPT2_PATTERN)
+        self._cache = {}
+
+    @property
+    def n_vocab(self):
+        return len(self.vocab) + len(self.special_tokens)
+
+    @property
+    def eot_token(self):
+        return self.special_tokens[EOT]
+
+    def _add_merge(self, a, b):
+        """The id of token a+b, added (with its merge) if new."""
+        token = a + b
+        if token not in self.ranks:
+            self.ranks[token] = len(self.vocab)
+            self.vocab.append(token)
+            self.merges.append((a, b))
+        return self.ranks[token]
+
+    def _add_special_tokens(self, names):
+        for name in sorted(names):
+            self.special_tokens[name] = self.n_vocab
+
+    # Training: pairs are counted once; a merge then updates only the counts of
+    # the words it touches, and a heap finds the next most frequent pair
+    def train(self, text, vocab_size, allowed_special=frozenset({EOT}), progress=False):
+        n_merges = vocab_size - len(self.vocab) - len(allowed_special)
+        if n_merges < 0:
+            raise ValueError(f"A vocabulary of {vocab_size} tokens cannot hold the 256 bytes and "
+                             f"{len(allowed_special)} special token(s): ask for at least "
+                             f"{len(self.vocab) + len(allowed_special)}.")
+        start = time.perf_counter()
+        words = collections.Counter(  # special tokens are never part of a merge
+            piece.encode("utf-8") for chunk in split_at(text, allowed_special)
+            if chunk not in allowed_special for piece in self._pretokenize.findall(chunk))
+        seqs = [[self.ranks[bytes([b])] for b in word] for word in words]
+        freqs = list(words.values())
+        counts, where = collections.Counter(), collections.defaultdict(set)
+        for i, seq in enumerate(seqs):
+            for pair in zip(seq, seq[1:]):
+                counts[pair] += freqs[i]
+                where[pair].add(i)
+        heap = [(-n, pair) for pair, n in counts.items()]
+        heapq.heapify(heap)
+        target = len(self.vocab) + n_merges
+        with tqdm(total=n_merges, desc="Merges", unit="merge", disable=not progress) as bar:
+            while len(self.vocab) < target and heap:
+                n, pair = heapq.heappop(heap)
+                if counts.get(pair) != -n:
+                    continue  # an older count of a pair since changed
+                before = len(self.vocab)
+                new_id = self._add_merge(self.vocab[pair[0]], self.vocab[pair[1]])
+                bar.update(len(self.vocab) - before)
+                changed = set()
+                for i in where.pop(pair):
+                    merged = merge_pair(seqs[i], pair, new_id)
+                    if len(merged) == len(seqs[i]):
+                        continue  # the pair left this word in an earlier merge
+                    for p in zip(seqs[i], seqs[i][1:]):
+                        counts[p] -= freqs[i]
+                        changed.add(p)
+                    for p in zip(merged, merged[1:]):
+                        counts[p] += freqs[i]
+                        where[p].add(i)
+                        changed.add(p)
+                    seqs[i] = merged
+                for p in changed:
+                    if counts[p] > 0:
+                        heapq.heappush(heap, (-counts[p], p))
+                    else:
+                        del counts[p]
+        self._add_special_tokens(allowed_special)
+        self.merge_seconds = time.perf_counter() - start
+        self._cache.clear()
+        return self
+
+    # Encoding and decoding, with tiktoken's arguments
+    def encode(self, text, allowed_special=frozenset(), disallowed_special="all"):
+        ids = []
+        for chunk in self._split_special(text, allowed_special, disallowed_special):
+            if isinstance(chunk, int):
+                ids.append(chunk)
+                continue
+            for piece in self._pretokenize.findall(chunk):
+                ids.extend(self._encode_word(piece.encode("utf-8")))
+        return ids
+
+    def _encode_word(self, word):
+        if word in self.ranks:
+            return [self.ranks[word]]
+        if word not in self._cache:
+            parts = [word[i:i + 1] for i in range(len(word))]
+            while len(parts) > 1:
+                ranked = [(self.ranks.get(a + b), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))
+                          if a + b in self.ranks]
+                if not ranked:
+                    break
+                _, i = min(ranked)  # the lowest rank, the leftmost of equals
+                parts[i:i + 2] = [parts[i] + parts[i + 1]]
+            self._cache[word] = [self.ranks[p] for p in parts]
+        return self._cache[word]
+
+    def _split_special(self, text, allowed_special, disallowed_special):
+        """text cut into plain chunks and the special tokens allowed in it (as their
+        ids); a disallowed one in the text raises ValueError, as in tiktoken."""
+        known = set(self.special_tokens)
+        allowed = known if allowed_special == "all" else known & set(allowed_special)
+        disallowed = known - allowed if disallowed_special == "all" else set(disallowed_special)
+        for name in disallowed:
+            if name in text:
+                raise ValueError(f"The text contains the special token {name!r}: pass it in "
+                                 "allowed_special to encode it as one token, or "
+                                 "disallowed_special=() to encode it as text.")
+        return [self.special_tokens[part] if part in allowed else part
+                for part in split_at(text, allowed) if part]
+
+    def decode_bytes(self, ids):
+        names = {i: name.encode("utf-8") for name, i in self.special_tokens.items()}
+        return b"".join(names[i] if i in names else self.vocab[i] for i in ids)
+
+    def decode(self, ids):
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    # GPT-2's file format
+    def files(self):
+        """{"encoder.json": ..., "vocab.bpe": ...}: the tokens with their ids, and the merges."""
+        symbol = {b: ch for ch, b in gpt2_byte_symbols().items()}
+        spell = lambda token: "".join(symbol[b] for b in token)  # noqa: E731
+        encoder = {spell(token): i for i, token in enumerate(self.vocab)}
+        encoder.update(self.special_tokens)
+        merges = "".join(f"{spell(a)} {spell(b)}\n" for a, b in self.merges)
+        return {"encoder.json": json.dumps(encoder, ensure_ascii=False),
+                "vocab.bpe": "#version: 0.2\n" + merges}
+
+    def save(self, folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for name, text in self.files().items():
+            write_text_atomic(Path(folder) / name, text)
+
+    @classmethod
+    def load(cls, folder):
+        folder = Path(folder)
+        if not (folder / "encoder.json").is_file() or not (folder / "vocab.bpe").is_file():
+            raise FileNotFoundError(f"{folder} holds no tokenizer: it needs encoder.json and "
+                                    "vocab.bpe (what `python ch02_data.py --train-bpe` writes).")
+        return cls.from_files(folder / "encoder.json", folder / "vocab.bpe")
+
+    @classmethod
+    def from_files(cls, encoder_json, vocab_bpe):
+        return cls.from_texts(read_text(encoder_json), read_text(vocab_bpe),
+                              f"{encoder_json} and {vocab_bpe}")
+
+    @classmethod
+    def from_texts(cls, encoder_text, merges_text, source="the tokenizer's files"):
+        """Replays the merges, then checks that encoder.json gives every token the
+        id replaying gave it; the tokens after them are special tokens."""
+        tokenizer, byte_of = cls(), gpt2_byte_symbols()
+        try:
+            encoder = json.loads(encoder_text)
+            for line in merges_text.split("\n")[1:]:
+                if line.strip():
+                    a, b = line.split(" ")
+                    tokenizer._add_merge(bytes(byte_of[ch] for ch in a),
+                                         bytes(byte_of[ch] for ch in b))
+            n = len(tokenizer.vocab)
+            special = {name: i for name, i in encoder.items() if i >= n}
+            plain = {bytes(byte_of[ch] for ch in name): i for name, i in encoder.items() if i < n}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            plain, special = None, {}
+        if plain != tokenizer.ranks or sorted(special.values()) != list(range(n, n + len(special))):
+            raise ValueError(f"{source} are not one byte-level BPE vocabulary (the ids of "
+                             "encoder.json are not the order of vocab.bpe's merges).")
+        tokenizer.special_tokens = dict(sorted(special.items(), key=lambda item: item[1]))
+        return tokenizer
+
+    @classmethod
+    def from_tiktoken(cls, encoding):
+        """The same vocabulary from a tiktoken encoding (its merges found by bpe_merges)."""
+        ranks = {t: encoding.encode_single_token(t) for t in encoding.token_byte_values()}
+        tokenizer = cls()
+        for a, b in bpe_merges(ranks):
+            tokenizer._add_merge(a, b)
+        if tokenizer.ranks != ranks:
+            raise ValueError(f"tiktoken's {encoding.name} is not byte-level BPE in GPT-2's "
+                             "byte order.")
+        tokenizer.special_tokens = {name: encoding.encode_single_token(name)
+                                    for name in sorted(encoding.special_tokens_set)}
+        return tokenizer
+
+    def to_tiktoken(self, name):
+        """tiktoken's encoding of this vocabulary: the same ids, encoded in Rust."""
+        return tiktoken.Encoding(name=name, pat_str=GPT2_PATTERN, mergeable_ranks=self.ranks,
+                                 special_tokens=self.special_tokens, explicit_n_vocab=self.n_vocab)
+
+
+def split_at(text, names):
+    """text cut before and after each occurrence of the strings in names."""
+    if not names:
+        return [text]
+    return re.split("(" + "|".join(map(re.escape, sorted(names, key=len, reverse=True))) + ")",
+                    text)
+
+
+def merge_pair(seq, pair, new_id):
+    """seq with each occurrence of the pair, left to right, replaced by new_id."""
+    merged, i = [], 0
+    while i < len(seq):
+        if i + 1 < len(seq) and seq[i] == pair[0] and seq[i + 1] == pair[1]:
+            merged.append(new_id)
+            i += 2
+        else:
+            merged.append(seq[i])
+            i += 1
+    return merged
+
+
 def gpt2_tokenizer_from_files(encoder_json, vocab_bpe):
-    """GPT-2's byte-level BPE built from the two files of OpenAI's model download.
-    encoder.json's ids are the merge ranks (vocab.bpe lists the merges in that
-    order), so it alone gives tiktoken's ranks. Read here rather than through
-    tiktoken's loader, which copies every file it reads into its cache folder."""
-    byte_of = gpt2_byte_symbols()
-    encoder = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
-    ranks = {bytes(byte_of[ch] for ch in token): rank for token, rank in encoder.items()
-             if token != "<|endoftext|>"}
-    merges = Path(vocab_bpe).read_text(encoding="utf-8").split("\n")[1:]
-    n_merges = sum(1 for line in merges if line.strip())
-    if len(ranks) != 256 + n_merges or sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"{encoder_json} ({len(ranks)} tokens) and {vocab_bpe} ({n_merges} "
-                         "merges) are not one GPT-2 vocabulary; delete both to download them "
-                         "again.")
-    return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": 50256}, explicit_n_vocab=50257)
-
-
-# GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, spaces
-GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|"""
-                r"""\s+(?!\S)|\s""")
+    """GPT-2's byte-level BPE built from the two files of OpenAI's model download,
+    encoding in tiktoken. Read here rather than through tiktoken's loader, which
+    copies every file it reads into its cache folder."""
+    try:
+        tokenizer = BPETokenizer.from_files(encoder_json, vocab_bpe)
+    except ValueError as err:
+        raise ValueError(f"{err} Delete both to download them again.") from None
+    if tokenizer.n_vocab != 50257:
+        raise ValueError(f"{encoder_json} ({tokenizer.n_vocab} tokens) and {vocab_bpe} are not "
+                         "GPT-2's vocabulary; delete both to download them again.")
+    return tokenizer.to_tiktoken("gpt2-local")
 
 
 def local_bpe_tokenizer(models_dir):
@@ -1082,6 +1315,26 @@ def local_bpe_tokenizer(models_dir):
         if vocab.exists():
             return gpt2_tokenizer_from_files(encoder, vocab)
     return None
+
+
+def tokenizer_from_folder(folder):
+    """A tokenizer folder of --train-bpe (or GPT-2's own files) as a tiktoken
+    encoding named after its files' hash: token files made with another
+    tokenizer are never mistaken for its own."""
+    tokenizer = BPETokenizer.load(folder)
+    if EOT not in tokenizer.special_tokens:
+        raise ValueError(f"The tokenizer in {folder} has no {EOT} token, which separates "
+                         "documents: train it again with the default special tokens.")
+    return saved_tokenizer(tokenizer.files())
+
+
+def saved_tokenizer(files):
+    """The tiktoken encoding of a tokenizer's files as files() gives them."""
+    digest = hashlib.sha1("\0".join(files[k] for k in sorted(files)).encode()).hexdigest()
+    tokenizer = BPETokenizer.from_texts(files["encoder.json"], files["vocab.bpe"])
+    encoding = tokenizer.to_tiktoken(f"bpe-{digest[:12]}")
+    encoding.files = files  # what a model file records of the tokenizer it was trained with
+    return encoding
 
 
 def bpe_merges(ranks):
@@ -1114,15 +1367,9 @@ def bpe_merges(ranks):
 @functools.cache
 def hf_vocabulary_files(tokenizer):
     """vocab.json and merges.txt of Hugging Face's GPT-2 tokenizer for tiktoken's
-    encoding: the same vocabulary, each token's bytes spelled in GPT-2's byte symbols."""
-    symbol = {b: ch for ch, b in gpt2_byte_symbols().items()}
-    spell = lambda token: "".join(symbol[b] for b in token)  # noqa: E731
-    ranks = {t: tokenizer.encode_single_token(t) for t in tokenizer.token_byte_values()}
-    vocab = {spell(t): r for t, r in sorted(ranks.items(), key=lambda item: item[1])}
-    vocab[EOT] = tokenizer.eot_token
-    merges = "".join(f"{spell(a)} {spell(b)}\n" for a, b in bpe_merges(ranks))
-    return {"vocab.json": json.dumps(vocab, ensure_ascii=False),
-            "merges.txt": "#version: 0.2\n" + merges}
+    encoding: GPT-2's own two files under Hugging Face's names."""
+    files = BPETokenizer.from_tiktoken(tokenizer).files()
+    return {"vocab.json": files["encoder.json"], "merges.txt": files["vocab.bpe"]}
 
 
 # ---- Beyond the book: fixed sinusoidal positions (the original transformer's) ----
@@ -1147,9 +1394,50 @@ def count_tokens_cl100k(text):
         return None
 
 
+# ---- Beyond the book: the command that trains a tokenizer (--train-bpe) ----
+
+def train_bpe(settings):
+    """Learn a BPE vocabulary from text files and save it in GPT-2's format."""
+    files = collect_text_files(settings["train_bpe"], "--train-bpe")
+    out = Path(settings["tokenizer_out"])
+    for name in ("encoder.json", "vocab.bpe"):
+        if (out / name).exists() and not settings["overwrite"]:
+            raise FileExistsError(f"{out} already holds a tokenizer ({name}). Replace it with "
+                                  "--overwrite, or give another --tokenizer-out.")
+    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, "--tokenizer-out")
+    text = EOT.join(read_text(f) for f in files)
+    tokenizer = BPETokenizer().train(text, settings["vocab_size"], progress=True)
+    n_merges, seconds = len(tokenizer.merges), tokenizer.merge_seconds
+    print(f"Learned {n_merges:,} merges from {len(text.encode()) / 1e6:.2f} MB of text "
+          f"({len(files)} file(s)) in {seconds:.2f} s: {n_merges / seconds:,.0f} merges/s")
+    if tokenizer.n_vocab < settings["vocab_size"]:
+        print(f"Note: the text has no more pairs to merge; the vocabulary has "
+              f"{tokenizer.n_vocab:,} tokens, not {settings['vocab_size']:,}.")
+    print("Its last merges:", ", ".join(repr(tokenizer.decode_bytes([i]).decode(errors="replace"))
+                                         for i in range(tokenizer.n_vocab - 6,
+                                                        tokenizer.n_vocab - 1)))
+    sample = "Every effort moves you"
+    print(f"{sample!r} in its tokens:", [tokenizer.decode([i]) for i in tokenizer.encode(sample)])
+    fast = tokenizer.to_tiktoken("trained")
+    n_ours = len(fast.encode(text, allowed_special="all"))
+    try:
+        n_gpt2 = f"{len(bpe_tokenizer().encode(text, allowed_special='all')):,}"
+    except DownloadError:
+        n_gpt2 = "n/a (offline)"
+    print(f"The text in tokens: {n_ours:,} with this vocabulary of {tokenizer.n_vocab:,}, "
+          f"{n_gpt2} with GPT-2's of 50,257")
+    tokenizer.save(out)
+    print(f"Saved {out / 'encoder.json'} and {out / 'vocab.bpe'}; pretrain with it: "
+          f"python ch05_train.py --tokenizer {out}")
+    return tokenizer
+
+
 # ---- The chapter's demo ----
 
 def main(args):
+    if args.train_bpe:
+        return train_bpe(vars(args))
     raw_text = load_the_verdict(args.data, args.data_dir)
     # Beyond the book: the demo's batches need this many tokens of the user's text
     needed = max(8 * 4, args.batch_size * args.context_length) + 1
@@ -1243,7 +1531,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Chapter 2 demo: tokenizers, sliding-window dataloader, embeddings.",
         formatter_class=HelpFormatter,
-        epilog='example: python ch02_data.py --data my_text.txt --context-length 8')
+        epilog='examples:\n  python ch02_data.py --data my_text.txt --context-length 8\n'
+               '  python ch02_data.py --train-bpe the-verdict.txt --vocab-size 1000 '
+               '--tokenizer-out my_tokenizer')
     parser.add_argument("--data", default=None, metavar="FILE",
                         help="UTF-8 text file to use; default: download the book's "
                              "the-verdict.txt into --data-dir")
@@ -1259,6 +1549,18 @@ def build_parser():
                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--emb-dim", type=number(int, at_least=1), default=256,
                         help="embedding size in the embedding demo")
+    bpe = parser.add_argument_group("training a BPE tokenizer (instead of the demo)")
+    bpe.add_argument("--train-bpe", nargs="+", metavar="FILE_OR_FOLDER",
+                     help="learn a byte-level BPE vocabulary (GPT-2's kind) from these UTF-8 "
+                          "files (folders: their *.txt)")
+    bpe.add_argument("--vocab-size", type=number(int, at_least=257, at_most=2 ** 16),
+                     default=1000, help="tokens in the vocabulary: the 256 bytes, the merges "
+                                        "and <|endoftext|>")
+    bpe.add_argument("--tokenizer-out", default="tokenizer", metavar="DIR",
+                     help="folder for the tokenizer's encoder.json and vocab.bpe (GPT-2's "
+                          "format); ch05_train.py --tokenizer DIR pretrains with it")
+    bpe.add_argument("--overwrite", action="store_true",
+                     help="replace a tokenizer already in --tokenizer-out")
     return parser
 
 

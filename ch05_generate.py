@@ -27,7 +27,8 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: one line and 130, no tra
 
 import torch
 
-from ch02_data import HelpFormatter, atomic_path, bpe_tokenizer, number, run_command
+from ch02_data import (HelpFormatter, atomic_path, bpe_tokenizer, number, run_command,
+                       saved_tokenizer)
 from ch04_gpt import GPTModel, add_device_argument, cached_step, get_device, new_kv_cache
 
 
@@ -268,11 +269,17 @@ def merge_lora(state_dict, alpha):
     return merged
 
 
-def load_text_model(path, device, flag="--from", why_not=""):
-    """(model in eval mode, its config, what the file holds) from any model file
-    of this project that generates text: one whose output layer scores the
-    vocabulary (a LoRA-finetuned model has its LoRA merged in)."""
+def load_text_model(path, device, flag="--from", why_not="", own_tokenizer=False):
+    """(model in eval mode, its config, what the file holds, its tokenizer) from
+    any model file of this project that generates text: one whose output layer
+    scores the vocabulary (a LoRA-finetuned model has its LoRA merged in). The
+    tokenizer is None for GPT-2's; a model pretrained with a tokenizer of its own
+    (ch05_train.py --tokenizer) is refused unless own_tokenizer."""
     saved = load_checkpoint(path, mmap=True)
+    if saved.get("tokenizer") and not own_tokenizer:
+        raise ValueError(f"{path} was pretrained with a tokenizer of its own (ch05_train.py "
+                         f"--tokenizer), and {flag} here takes a model of GPT-2's tokenizer: "
+                         "generate from it with ch05_generate.py.")
     if saved["config"] is None:
         raise ValueError(f"{path} is a bare state dict of an earlier version, without the "
                          "config that builds its model: write it again with the command that "
@@ -287,7 +294,8 @@ def load_text_model(path, device, flag="--from", why_not=""):
                          f"outputs, not one per token of its vocabulary: {flag} takes a model "
                          f"that generates text{why_not}.")
     model = build_lean(lambda: GPTModel(cfg), state_dict, source=str(path))
-    return model.to(device).eval(), cfg, what_is(saved)
+    tokenizer = saved_tokenizer(saved["tokenizer"]) if saved.get("tokenizer") else None
+    return model.to(device).eval(), cfg, what_is(saved), tokenizer
 
 
 def generate_stream(model, idx, max_new_tokens, context_size, temperature=0.0, top_k=None,
@@ -391,8 +399,8 @@ def generate_from(settings):
     """Stream a continuation of settings["prompt"] from the model file settings["from_file"]."""
     device = get_device(settings["device"])
     path = Path(settings["from_file"])
-    model, cfg, what = load_text_model(path, device)
-    tokenizer = bpe_tokenizer()
+    model, cfg, what, tokenizer = load_text_model(path, device, own_tokenizer=True)
+    tokenizer = tokenizer or bpe_tokenizer()
     torch.manual_seed(settings["seed"])
     print(f"{path} ({what}): {sum(p.numel() for p in model.parameters()):,} parameters")
     print(settings["prompt"], end="", flush=True)

@@ -791,7 +791,7 @@ def export_hf(checkpoint, out_dir, overwrite=False, models_dir="gpt2"):
     GPT2LMHeadModel.from_pretrained loads; returns its config.json."""
     out_dir = Path(out_dir)
     check_export_folder(out_dir, overwrite)
-    model, cfg, _ = load_text_model(
+    model, cfg, _, _ = load_text_model(
         checkpoint, "cpu", flag="--from", why_not=" (Hugging Face's GPT2LMHeadModel has no "
         "place for a classifier's head)")
     if cfg["vocab_size"] < 50257:
@@ -1242,8 +1242,10 @@ def run_eval(settings, base_urls):
     if settings["json"]:
         check_output_file(settings["json"], settings["overwrite"], "--json")
     device = get_device(settings["device"])
-    if settings["from_file"]:
-        model, cfg, _ = load_text_model(settings["from_file"], device)
+    tokenizer = None
+    if settings["from_file"]:  # a model with a tokenizer of its own is scored with it
+        model, cfg, _, tokenizer = load_text_model(settings["from_file"], device,
+                                                   own_tokenizer=True)
         source = Path(settings["from_file"])
     else:
         model, cfg = load_gpt2_model(settings["model_size"], settings["models_dir"],
@@ -1251,7 +1253,7 @@ def run_eval(settings, base_urls):
                                      hf_file=settings["hf_file"])
         model.to(device)
         source = find_hf_file(settings["hf_file"]) if settings["hf_file"] else None
-    tokenizer = bpe_tokenizer(settings["models_dir"])
+    tokenizer = tokenizer or bpe_tokenizer(settings["models_dir"])
     results = evaluate(model, cfg, settings["eval"], settings, device, tokenizer)
     size = min(GPT2_HPARAMS, key=lambda s: abs(GPT2_HPARAMS[s]["n_layer"] *
                                                 GPT2_HPARAMS[s]["n_embd"] ** 2 -

@@ -41,7 +41,8 @@ from tqdm import tqdm
 from ch02_data import (CORPORA, EOT, GPTDatasetV1, HelpFormatter, Stopped, TextTooShort,
                        atomic_path, bpe_tokenizer, build_token_file, check_output_file,
                        check_writable, collect_text_files, load_the_verdict, move_aside, number,
-                       prepare_corpus, read_text, run_command, token_amount, unwritable)
+                       prepare_corpus, read_text, run_command, saved_tokenizer, token_amount,
+                       tokenizer_from_folder, unwritable)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import (MODEL_CONFIGS, GPTModel, add_device_argument, generate_text_simple,
                       get_device, gpt_config, use_fast_kernels)
@@ -596,31 +597,34 @@ def new_state():
             "seconds": 0.0, "first_loss": None, "history": {"log": [], "lrs": []}}
 
 
-def training_checkpoint(model, cfg, optimizer, settings, state, device):
+def training_checkpoint(model, cfg, optimizer, settings, state, device, tokenizer=None):
     """Everything a resume needs; the random states are CPU tensors on every device.
     Under --fsdp every process calls this (the states are gathered), and only
-    the first gets the checkpoint; the others get None."""
+    the first gets the checkpoint; the others get None. A tokenizer of --train-bpe
+    goes into the file too (its two files' text): the model is no use without it."""
     saved = {k: settings[k] for k in SAVED_SETTINGS}
     model_state, optimizer_state = whole_states(model, optimizer)
     if model_state is None:
         return None
+    own = {"tokenizer": tokenizer.files} if hasattr(tokenizer, "files") else {}
     return model_file("pretraining", model_state, cfg, saved,
                       what="a ch05_train.py training checkpoint",
-                      optimizer=optimizer_state, **state,
+                      optimizer=optimizer_state, **state, **own,
                       rng_state=torch.get_rng_state(),
                       cuda_rng_state=(torch.cuda.get_rng_state(device) if device.type == "cuda"
                                       else None))
 
 
 def save_training(path, model, cfg, optimizer, settings, state, device, val_loader, stopper,
-                  is_main):
+                  is_main, tokenizer=None):
     """Every process checks that the weights still work; the first one writes
     (under --fsdp, after every process has sent it its part of the states)."""
     check_loss(sound_loss(model, val_loader, device), state, cfg["vocab_size"],
                f"the validation loss of the weights to be saved at step {state['step']}")
     if is_main or is_sharded(model):
         with stopper.deferred():
-            checkpoint = training_checkpoint(model, cfg, optimizer, settings, state, device)
+            checkpoint = training_checkpoint(model, cfg, optimizer, settings, state, device,
+                                             tokenizer)
             if is_main:
                 save_checkpoint(path, checkpoint)
     return state["step"]
@@ -700,7 +704,7 @@ def train(model, cfg, loaders, optimizer, device, tokenizer, settings, state, ou
             stop = in_any_process(stopper.signal is not None, device, sync)
             if saving or stop:
                 saved_step = save_training(path, model, cfg, optimizer, settings, state, device,
-                                           val_loader, stopper, is_main)
+                                           val_loader, stopper, is_main, tokenizer)
                 stop = stop or in_any_process(stopper.signal is not None, device)
             if stop:
                 raise stopped_by(stopper.signal, step, last_step, path)
@@ -1195,6 +1199,19 @@ def load_corpus(settings, tokenizer, rank, log):
             for part, name in zip(parts, ("training", "validation"))]
 
 
+def run_tokenizer(settings, ckpt):
+    """GPT-2's tokenizer, or the one of --tokenizer (on --resume, the one saved in
+    the checkpoint: its folder may have gone since)."""
+    if ckpt and ckpt.get("tokenizer"):
+        return saved_tokenizer(ckpt["tokenizer"])
+    if not settings["tokenizer"]:
+        return bpe_tokenizer()
+    if named_corpus(settings["data"]):
+        raise ValueError(f"The named corpus {settings['data'][0]} is tokenized with GPT-2's "
+                         "tokenizer; --tokenizer takes text files (--data FILE_OR_FOLDER).")
+    return tokenizer_from_folder(settings["tokenizer"])
+
+
 def named_corpus(data):
     """The corpus --data names (fineweb-edu, tinystories), or None for text files."""
     if data and len(data) == 1 and data[0] in CORPORA and not Path(data[0]).exists():
@@ -1236,7 +1253,7 @@ def make_loaders(train_set, val_set, settings, device, rank, world_size):
 # given again takes the checkpoint's value; given again, a training setting takes
 # effect and a model setting is refused. Run settings are each run's own (the
 # checkpoint keeps --fast and --compile only to say when a resume drops them).
-MODEL_SETTINGS = ("model_size", "context_length", "n_layers", "emb_dim", "n_heads")
+MODEL_SETTINGS = ("model_size", "context_length", "n_layers", "emb_dim", "n_heads", "tokenizer")
 SHAPE_SETTINGS = ("n_layers", "emb_dim", "n_heads")  # each None: --model-size's
 TRAINING_SETTINGS = ("data", "data_tokens", "train_ratio", "memmap", "memmap_above_mb",
                      "batch_size", "grad_accum", "lr", "weight_decay", "schedule", "warmup_steps",
@@ -1367,7 +1384,8 @@ def export_weights(source, destination, overwrite=False):
     --init-from and --export-hf; it cannot be resumed."""
     check_output_file(destination, overwrite, "--export-weights")
     saved = load_checkpoint(source, mmap=True, earlier=earlier_checkpoint)
-    save_checkpoint(destination, {**{k: saved[k] for k in ("kind", "model", "config", "settings")},
+    save_checkpoint(destination, {**{k: saved[k] for k in ("kind", "model", "config", "settings",
+                                                           "tokenizer") if k in saved},
                                   "what": f"the weights of {what_is(saved)} (--export-weights)"})
     mb = lambda path: Path(path).stat().st_size / 1e6  # noqa: E731
     print(f"Saved the weights of {source} ({mb(source):,.0f} MB) as {destination} "
@@ -1442,7 +1460,7 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     """Build the data, model and optimizer (from the checkpoint on --resume),
     train, then plot and sample."""
     is_main = rank == 0
-    tokenizer = bpe_tokenizer()
+    tokenizer = run_tokenizer(settings, ckpt)
     train_set, val_set = load_corpus(settings, tokenizer, rank, log)
     loaders = make_loaders(train_set, val_set, settings, device, rank, world_size)
     if ckpt:  # before building anything: a finished run has nothing to resume
@@ -1457,7 +1475,7 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
     plan = speed_plan(settings["fast"], settings["compile"], device)
     log(describe_speed(plan, settings["fast"], settings["compile"]))
     cfg = ({**ckpt["config"], "drop_rate": settings["drop_rate"]} if ckpt else
-           model_config(settings))
+           {**model_config(settings), "vocab_size": tokenizer.n_vocab})
     torch.manual_seed(settings["seed"])
     model = GPTModel(cfg)
     model.to(device)
@@ -1601,6 +1619,10 @@ def build_parser():
                        default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the earlier name
     model.add_argument("--context-length", type=positive, default=256,
                        help="tokens per training window (GPT-2 itself uses 1024)")
+    model.add_argument("--tokenizer", metavar="DIR", default=None,
+                       help="a tokenizer of `ch02_data.py --train-bpe` (its encoder.json and "
+                            "vocab.bpe), instead of GPT-2's; the model's vocabulary is its size, "
+                            "and the checkpoint keeps it")
     model.add_argument("--drop-rate", type=number(float, at_least=0, below=1), default=0.1,
                        help="dropout rate")
     opt = parser.add_argument_group("optimization")

@@ -993,7 +993,7 @@ def base_model(settings, without_weights):
     --init-from (a model you pretrained with ch05_train.py, say), or with
     --no-pretrained the same architecture from random weights (chapters 6, 7)."""
     if settings["init_from"]:
-        model, cfg, what = load_text_model(settings["init_from"], "cpu", flag="--init-from")
+        model, cfg, what, _ = load_text_model(settings["init_from"], "cpu", flag="--init-from")
         print(f"Starting from {settings['init_from']} ({what}): "
               f"{cfg['n_layers']} layers, embedding size {cfg['emb_dim']}, context "
               f"{cfg['context_length']}; --model-size is not used.")

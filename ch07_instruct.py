@@ -1382,7 +1382,7 @@ def load_served_model(settings, device):
                                 f"ch07_instruct.py --out {path.parent}`), or give "
                                 "--model-file FILE (or a GPT-2 size such as 124M).")
     chat = load_checkpoint(path, mmap=True)["kind"] == "instruct"
-    model, cfg, _ = load_text_model(path, device, flag="--model-file")
+    model, cfg, _, _ = load_text_model(path, device, flag="--model-file")
     return model, cfg, path.stem, chat
 
 

@@ -9,6 +9,7 @@ Tests that need TensorFlow or transformers say so in one line where they are
 missing (and fail under CI=true, where .ci/run installs them).
 """
 import argparse
+import collections
 import concurrent.futures
 import contextlib
 import csv
@@ -542,6 +543,91 @@ def test_sinusoidal_position_encoding():
     assert math.isclose(pe[pos, 2 * i], math.sin(pos / 10000 ** (2 * i / 16)), rel_tol=1e-5)
     assert math.isclose(pe[pos, 2 * i + 1], math.cos(pos / 10000 ** (2 * i / 16)), rel_tol=1e-5)
     assert ch02.sinusoidal_position_encoding(5, 7).shape == (5, 7)
+
+
+# ======= Chapter 2's bonus: BPE from scratch =======
+
+MULTILINGUAL = ("Grüße aus München! Привет, мир. こんにちは世界。 مرحبا بالعالم 🙂🚀 naïve café "
+                "ünïcödé   \n\n\t x  don't I'LL WE'VE 12345 3.14159 — ½ ‽ 東京 𝔘𝔫𝔦 \r\n end  ")
+
+
+def naive_bpe_merges(text, n_merges):
+    """An independent reference: every pair recounted before each merge (the
+    bonus notebook's way), the most frequent first, ties to the smallest ids."""
+    byte_id = {b: i for i, b in enumerate(ch02.gpt2_byte_symbols().values())}
+    pieces = [p.encode() for chunk in text.split(ch02.EOT) if chunk
+              for p in ch02.regex.findall(ch02.GPT2_PATTERN, chunk)]
+    words = [[byte_id[b] for b in p] for p in pieces]
+    vocab = {i: bytes([b]) for b, i in byte_id.items()}
+    for _ in range(n_merges):
+        counts = collections.Counter(pair for w in words for pair in zip(w, w[1:]))
+        if not counts:
+            break
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        new = len(vocab)
+        vocab[new] = vocab[pair[0]] + vocab[pair[1]]
+        words = [ch02.merge_pair(w, pair, new) for w in words]
+    return [vocab[i] for i in range(256, len(vocab))]
+
+
+def test_bpe_trained_here_merges_as_a_full_recount_would_and_round_trips_any_text(
+        verdict, tmp_path):
+    text = verdict[:6000] + ch02.EOT + verdict[6000:9000]
+    trained = ch02.BPETokenizer().train(text, 400)
+    assert trained.n_vocab == 400 and trained.eot_token == 399
+    assert trained.vocab[256:] == naive_bpe_merges(text, 143)  # same merges, same order
+    for sample in (MULTILINGUAL, verdict, "", "<|endoftext|>", "a<|endoftext|>b 🙂" * 3):
+        ids = trained.encode(sample, allowed_special={"<|endoftext|>"})
+        assert trained.decode(ids) == sample
+    assert trained.encode("x<|endoftext|>", allowed_special="all")[-1] == 399
+    assert trained.encode("x<|endoftext|>", disallowed_special=()) != \
+        trained.encode("x<|endoftext|>", allowed_special="all")
+    with pytest.raises(ValueError, match="special token"):
+        trained.encode("x<|endoftext|>")  # as tiktoken: not allowed, not silently text
+    trained.save(tmp_path / "tok")
+    loaded = ch02.BPETokenizer.load(tmp_path / "tok")
+    assert loaded.vocab == trained.vocab and loaded.special_tokens == trained.special_tokens
+    fast = ch02.tokenizer_from_folder(tmp_path / "tok")  # tiktoken with these ranks
+    for sample in (MULTILINGUAL, verdict):
+        assert fast.encode(sample, allowed_special="all") == \
+            trained.encode(sample, allowed_special="all")
+    (tmp_path / "tok" / "vocab.bpe").write_text("#version: 0.2\nh e\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not one byte-level BPE vocabulary"):
+        ch02.BPETokenizer.load(tmp_path / "tok")
+    with pytest.raises(ValueError, match="at least 257"):
+        ch02.BPETokenizer().train(text, 100)
+
+
+def test_gpt2s_own_files_encode_here_exactly_as_tiktoken(verdict, tokenizer):
+    gpt2_files = SHARED / "gpt2_vocab"
+    ours = ch02.BPETokenizer.from_files(gpt2_files / "encoder.json", gpt2_files / "vocab.bpe")
+    assert ours.n_vocab == tokenizer.n_vocab == 50257
+    for text in (verdict, MULTILINGUAL, MULTILINGUAL + ch02.EOT + verdict[:500]):
+        ids = ours.encode(text, allowed_special="all")
+        assert ids == tokenizer.encode(text, allowed_special="all")
+        assert ours.decode(ids) == text
+    assert ours.files() == ch02.BPETokenizer.from_tiktoken(tokenizer).files()
+
+
+def test_a_tokenizer_trained_here_pretrains_generates_and_goes_with_its_model(
+        tmp_path, verdict_path, capsys):
+    ch02.main(args_of(ch02, ["--train-bpe", str(verdict_path), "--vocab-size", "300",
+                             "--tokenizer-out", str(tmp_path / "tok")]))
+    assert "merges/s" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        ch02.main(args_of(ch02, ["--train-bpe", str(verdict_path), "--tokenizer-out",
+                                 str(tmp_path / "tok")]))
+    run = ch05.main(train_args(tmp_path / "run", "--tokenizer", str(tmp_path / "tok"),
+                               "--max-steps", "2", "--memmap"))
+    assert run["model"].tok_emb.weight.shape[0] == 300  # its vocabulary, not GPT-2's
+    (tmp_path / "tok").rename(tmp_path / "gone")  # the model file carries its tokenizer
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    capsys.readouterr()
+    generated = gen.main(args_of(gen, ["--from", str(checkpoint), "--max-new-tokens", "5",
+                                       "--device", "cpu"]))
+    assert generated["text"].startswith("Every effort moves you")  # GPT-2's ids would not fit
+    with pytest.raises(ValueError, match="tokenizer of its own"):
+        ch07.base_model({"init_from": str(checkpoint)}, False)
 
 
 # ======= Chapter 3: the book's listings =======
