@@ -19,8 +19,11 @@ import contextlib
 import csv
 import functools
 import io
+import json
 import math
 import os
+import random
+import shlex
 import signal
 import socket
 import sys
@@ -42,7 +45,7 @@ from ch02_data import (CORPORA, EOT, GPTDatasetV1, HelpFormatter, Stopped, TextT
                        atomic_path, bpe_tokenizer, build_token_file, check_output_file,
                        check_writable, collect_text_files, load_the_verdict, move_aside, number,
                        prepare_corpus, read_text, run_command, saved_tokenizer, token_amount,
-                       tokenizer_from_folder, unwritable)
+                       tokenizer_from_folder, unwritable, write_text_atomic)
 from ch03_attention import pyplot, save_figure
 from ch04_gpt import (MODEL_CONFIGS, GPTModel, add_device_argument, generate_text_simple,
                       get_device, gpt_config, use_fast_kernels)
@@ -807,9 +810,13 @@ def describe_schedule(settings, total_steps):
             f"{total_steps:,} steps")
 
 
+class RunFinished(ValueError):
+    """A resumed checkpoint that has taken every step asked for."""
+
+
 def refuse_finished(step, last_step):
     if step >= last_step:
-        raise ValueError(f"The checkpoint is at step {step}, the last of the {last_step + 1} "
+        raise RunFinished(f"The checkpoint is at step {step}, the last of the {last_step + 1} "
                          "steps asked for: give a larger --max-steps or --epochs to go on.")
 
 
@@ -1402,6 +1409,13 @@ def main(args):
     if args.export_weights:
         return export_weights(args.from_file or Path(args.out) / "checkpoint.pt",
                               args.export_weights, args.overwrite)
+    if args.sweep:
+        if launched_processes() > 1:
+            raise ValueError("--sweep runs its trials one after another in one process: start "
+                             "it with python, not torchrun.")
+        return run_sweep({k: getattr(args, k) for k in ("sweep", "trials", "sweep_out",
+                                                        "overwrite", "seed")},
+                         args.argv, build_parser())
     rank, world_size, device = setup_distributed(
         args.device, log=print if os.environ.get("RANK", "0") == "0" else lambda *a: None)
     is_main = rank == 0
@@ -1530,7 +1544,257 @@ def run(settings, ckpt, out_dir, device, rank, world_size, stopper, log):
                              max_new_tokens=settings["max_new_tokens"] or 15,
                              context_size=cfg["context_length"], **sampling_of(settings))
         log(f"Sample ({describe_sampling(settings)}):", token_ids_to_text(token_ids, tokenizer))
-    return {"model": raw_model, "history": history, "state": state, "seconds": seconds}
+    return {"model": raw_model, "history": history, "state": state, "seconds": seconds,
+            "data": (train_set, val_set)}
+
+
+# ---- Beyond the book: a hyperparameter search (--sweep, the chapter's bonus material) ----
+# A grid file maps settings of this command to the values to try, e.g.
+#   {"peak_lr": [0.0001, 0.0005], "batch_size": [4, 8], "drop_rate": [0.0, 0.1]}
+# Every point of the grid (or --trials of them, drawn at random) is a normal
+# run with those flags in its own folder, its seed fixed; a trial that finishes
+# writes result.json, so a sweep run again after a kill skips finished trials and
+# resumes the one it stopped in.
+
+BONUS_NAMES = {"peak_lr": "lr", "warmup_iters": "warmup_steps", "n_epochs": "epochs"}
+NOT_SWEPT = {"out", "resume", "overwrite", "sweep", "trials", "sweep_out", "generate", "from_file",
+             "export_weights", "device", "data_dir", "eval_data_dir", "fsdp", "help"}
+
+
+def sweep_actions(parser):
+    """{setting: its argparse action} for every setting a grid may vary."""
+    return {a.dest: a for a in parser._actions
+            if a.option_strings and a.help != argparse.SUPPRESS and a.dest not in NOT_SWEPT}
+
+
+def read_grid(path, actions):
+    """{setting: [values]} from a grid file, in the command's names (the bonus's
+    names, and flags with dashes, are translated); each value is checked as its
+    flag checks it, so a bad grid is refused before the first trial."""
+    source = f"--sweep {path}"
+    try:
+        grid = json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source} is not valid JSON ({err.msg}, line {err.lineno}).") from None
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"{source} must hold a JSON object of settings and the values to try, "
+                         'e.g. {"peak_lr": [0.0001, 0.0005], "batch_size": [4, 8]}.')
+    checked = {}
+    for name, values in grid.items():
+        key = BONUS_NAMES.get(name, name.lstrip("-").replace("-", "_"))
+        if key not in actions:
+            raise ValueError(f"{source}: {name!r} is not a setting a sweep can vary; these can: "
+                             f"{', '.join(sorted([*BONUS_NAMES, *actions]))}.")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{source}: {name!r} must map to a list of values to try, e.g. "
+                             f'"{name}": [{json.dumps(actions[key].default)}].')
+        checked[key] = [flag_value(actions[key], value, f"{source}: {name!r}") for value in values]
+    return checked
+
+
+def flag_value(action, value, where):
+    """value, checked as the flag's own type and choices check it on the command line."""
+    if action.nargs == 0:  # a switch (--fast): true or false
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} is a switch: its values are true and false, not {value!r}.")
+        return value
+    try:
+        for text in (value if isinstance(value, list) else [value]):
+            converted = action.type(str(text)) if action.type else str(text)
+            if action.choices and converted not in action.choices:
+                raise ValueError(f"must be one of {', '.join(map(str, action.choices))}")
+    except (argparse.ArgumentTypeError, ValueError, TypeError) as err:
+        raise ValueError(f"{where}: {json.dumps(value)} is refused: {err}.") from None
+    return value
+
+
+def sweep_points(grid, trials, seed):
+    """The grid's points in itertools.product's order, or `trials` of them drawn
+    at random (seeded: the same draw each time the sweep is run)."""
+    keys, sizes = list(grid), [len(v) for v in grid.values()]
+    total = math.prod(sizes)
+    chosen = (range(total) if not trials or trials >= total else
+              random.Random(seed).sample(range(total), trials))
+    points = []
+    for index in chosen:
+        point = {}
+        for key, size in zip(reversed(keys), reversed(sizes)):  # the last key varies fastest
+            index, i = divmod(index, size)
+            point[key] = grid[key][i]
+        points.append({k: point[k] for k in keys})
+    return points, total
+
+
+def trial_flags(point, actions):
+    flags = []
+    for key, value in point.items():
+        option = max(actions[key].option_strings, key=len)
+        if actions[key].nargs == 0:
+            flags += [option] if value else []
+        else:
+            flags += [option, *map(str, value if isinstance(value, list) else [value])]
+    return flags
+
+
+def base_argv(argv):
+    """The sweep command's own flags without the sweep's, for every trial."""
+    own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--sweep", "--trials", "--sweep-out", "--out", "--resume"):
+        own.add_argument(flag)
+    own.add_argument("--overwrite", action="store_true")
+    return own.parse_known_args(argv)[1]
+
+
+def run_sweep(settings, argv, parser):
+    """--sweep: every trial in turn, the results table rewritten as each ends."""
+    actions = sweep_actions(parser)
+    grid = read_grid(settings["sweep"], actions)
+    points, total = sweep_points(grid, settings["trials"], settings["seed"])
+    out, base = Path(settings["sweep_out"]), base_argv(argv)
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out, ("sweep.json", "results.csv", "sweep.png"), flag="--sweep-out"):
+        plan = {"grid": grid, "points": points, "flags": base}
+        claim_sweep_dir(out, plan, settings["overwrite"])
+        print(f"Sweep: {len(points)} trial(s) of the grid's {total:,} points, each a run of "
+              f"`ch05_train.py {shlex.join(base)}` with its flags, into {out}/trial-NNN")
+        results = []
+        for trial, point in enumerate(points, 1):
+            folder = out / f"trial-{trial:03d}"
+            result = None if settings["overwrite"] else read_result(folder)
+            if result is None:
+                print(f"\n== Trial {trial} of {len(points)}: {shlex.join(trial_flags(point, actions))}")
+                result = run_trial(base + trial_flags(point, actions), folder,
+                                   settings["overwrite"], trial, len(points))
+                write_text_atomic(folder / "result.json", json.dumps({**result, "point": point}))
+            else:
+                print(f"Trial {trial}: finished before, validation loss {result['val_loss']:.3f}")
+            results.append({**result, "trial": trial, "point": point})
+            write_sweep_results(out, results, grid)
+    best = min(results, key=sort_key)
+    print_sweep_table(results, grid)
+    print(f"\nBest: trial {best['trial']}, validation loss {best['val_loss']:.3f}. Its run:\n  "
+          f"python ch05_train.py {shlex.join(base + trial_flags(best['point'], actions))} "
+          "--out runs/best")
+    return {"results": sorted(results, key=sort_key), "best": best}
+
+
+def claim_sweep_dir(out, plan, overwrite):
+    """A --sweep-out holding another sweep (another grid, other flags) is refused
+    unless --overwrite; the same sweep goes on."""
+    saved = out / "sweep.json"
+    if saved.exists() and not overwrite:
+        try:
+            same = json.loads(saved.read_text(encoding="utf-8")) == plan
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise ValueError(f"{out} holds another sweep (its grid or flags differ: {saved}). "
+                             "Give another --sweep-out, or start over with --overwrite.")
+    write_text_atomic(saved, json.dumps(plan, indent=1))
+
+
+def read_result(folder):
+    try:
+        return json.loads((folder / "result.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not finished (or cut short while written): the trial runs (again)
+
+
+def run_trial(flags, folder, overwrite, trial, count):
+    """One trial, a normal run (resumed from its checkpoint when one was left):
+    its last evaluation's losses, or the error that ended it."""
+    checkpoint = folder / "checkpoint.pt"
+    flags = flags + ["--out", str(folder)] + (["--overwrite"] if overwrite else [])
+    if checkpoint.exists() and not overwrite:
+        flags += ["--resume", str(checkpoint)]
+        print(f"(resuming trial {trial} from {checkpoint})")
+    start = time.perf_counter()
+    try:
+        args = parse_args(flags)
+    except SystemExit:  # argparse has printed why (--n-heads that do not divide --emb-dim)
+        return failed_trial(trial, "its flags were refused (the line above says why)", start)
+    try:
+        run = main(args)
+    except RunFinished:  # killed between its last save and its result.json: its last evaluation
+        last = [r for r in read_log(folder / "log.csv") if "val_loss" in r][-1]
+        return {"val_loss": last["val_loss"], "train_loss": last["train_loss"],
+                "seconds": time.perf_counter() - start}
+    except Stopped as stop:
+        raise Stopped(f"{stop}\nThe sweep stopped in trial {trial} of {count}: run the same "
+                      "command again to go on from there.", stop.code) from None
+    except (ValueError, OSError, Diverged) as err:
+        return failed_trial(trial, str(err), start)
+    model = run["model"].eval()
+    train_loss, val_loss = (final_loss(model, windows) for windows in run["data"])
+    print(f"Trial {trial}: validation loss {val_loss:.3f}, training loss {train_loss:.3f} (the "
+          f"trained model, on the first {SWEEP_WINDOWS} windows of each split)")
+    return {"val_loss": val_loss, "train_loss": train_loss,
+            "tokens_seen": run["state"]["tokens_seen"], "seconds": time.perf_counter() - start}
+
+
+SWEEP_WINDOWS = 512  # each trial's losses are on the same windows, whatever its batch size
+
+
+def final_loss(model, dataset):
+    """The loss on a split's first SWEEP_WINDOWS windows, after training."""
+    windows = torch.utils.data.Subset(dataset, range(min(len(dataset), SWEEP_WINDOWS)))
+    with torch.no_grad():
+        return calc_loss_loader(DataLoader(windows, batch_size=8), model,
+                                next(model.parameters()).device)
+
+
+def failed_trial(trial, error, start):
+    print(f"Trial {trial} failed: {error}")
+    return {"val_loss": math.nan, "train_loss": math.nan, "error": error,
+            "seconds": time.perf_counter() - start}
+
+
+def read_log(path):
+    with open(path, encoding="utf-8") as f:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]
+
+
+def sort_key(result):
+    loss = result["val_loss"]
+    return (math.isnan(loss), loss, result["trial"])  # failed trials last
+
+
+def write_sweep_results(out, results, grid):
+    """results.csv sorted by validation loss, and sweep.png: the loss against each setting."""
+    columns = ["rank", "trial", "val_loss", "train_loss", *grid, "seconds", "error"]
+    lines = io.StringIO()
+    writer = csv.DictWriter(lines, columns, lineterminator="\n")
+    writer.writeheader()
+    for rank, result in enumerate(sorted(results, key=sort_key), 1):
+        writer.writerow({"rank": rank, "trial": result["trial"], "val_loss": result["val_loss"],
+                         "train_loss": result["train_loss"], **result["point"],
+                         "seconds": round(result["seconds"], 1), "error": result.get("error", "")})
+    write_text_atomic(out / "results.csv", lines.getvalue())
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(grid), figsize=(3.2 * len(grid), 3), squeeze=False,
+                             sharey=True)
+    done = [r for r in results if not math.isnan(r["val_loss"])]
+    for ax, key in zip(axes[0], grid):
+        labels = [json.dumps(v) for v in grid[key]]  # categories: numbers, names, lists alike
+        ax.scatter([labels.index(json.dumps(r["point"][key])) for r in done],
+                   [r["val_loss"] for r in done])
+        ax.set_xticks(range(len(labels)), labels, rotation=30)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
+        ax.set_xlabel(key)
+    axes[0][0].set_ylabel("validation loss")
+    fig.tight_layout()
+    save_figure(fig, out / "sweep.png")
+
+
+def print_sweep_table(results, grid):
+    width = {k: max([len(k)] + [len(json.dumps(v)) for v in grid[k]]) for k in grid}
+    print(f"\n{'rank':>4} {'trial':>5} {'val loss':>9} {'train loss':>10}  " +
+          "  ".join(f"{k:<{width[k]}}" for k in grid))
+    for rank, r in enumerate(sorted(results, key=sort_key), 1):
+        print(f"{rank:>4} {r['trial']:>5} {r['val_loss']:>9.3f} {r['train_loss']:>10.3f}  " +
+              "  ".join(f"{json.dumps(r['point'][k]):<{width[k]}}" for k in grid) +
+              (f"  failed: {r['error'][:60]}" if r.get("error") else ""))
 
 
 class FlagsTypedParser(argparse.ArgumentParser):
@@ -1707,12 +1971,25 @@ def build_parser():
                             "with or without it")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the model (slow first steps, faster after; not on MPS)")
+    sweep = parser.add_argument_group("a hyperparameter search (the chapter's bonus)")
+    sweep.add_argument("--sweep", metavar="GRID.json", default=None,
+                       help='try every point of a grid of settings, e.g. {"peak_lr": [1e-4, '
+                            '5e-4], "batch_size": [4, 8]} (the bonus\'s names or this '
+                            "command's), each a run with the other flags given here; results.csv "
+                            "and sweep.png rank them by validation loss. Run again after a stop "
+                            "to go on")
+    sweep.add_argument("--trials", type=positive, default=None, metavar="N",
+                       help="with --sweep: N points of the grid drawn at random (seeded by "
+                            "--seed) instead of all")
+    sweep.add_argument("--sweep-out", default="runs/sweep", metavar="DIR",
+                       help="with --sweep: the folder of the trials (trial-NNN) and results")
     return parser
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # a sweep's trials start from them
     base = MODEL_CONFIGS[args.model_size]
     emb_dim, n_heads = args.emb_dim or base["emb_dim"], args.n_heads or base["n_heads"]
     if (args.emb_dim or args.n_heads) and emb_dim % n_heads:
@@ -1728,6 +2005,9 @@ def kept_when_stopped(settings):
         return "--generate writes no files."
     if settings["export_weights"]:
         return f"{settings['export_weights']} is written whole or not at all."
+    if settings["sweep"]:
+        return ("The sweep keeps its finished trials and the last checkpoint of the one it "
+                "stopped in: run the same command again to go on.")
     return ("Training had not begun, so nothing of this run was saved; an earlier run's files "
             "in --out are as they were.")
 

@@ -1436,6 +1436,76 @@ def test_sigterm_from_outside_saves_and_exits_143(tmp_path, short_text):
     # resuming after a SIGTERM is exact: the "SIGTERM" case of the interruption test
 
 
+def test_a_sweep_killed_after_its_first_trial_goes_on_where_it_stopped(tmp_path, short_text,
+                                                                      capsys):
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"peak_lr": [0.001, 0.0005]}), encoding="utf-8")  # the bonus's name
+    argv = ["--sweep", str(grid), "--sweep-out", str(tmp_path / "sweep"), "--data",
+            str(short_text), "--model-size", "tiny", "--context-length", "32", "--batch-size",
+            "2", "--max-steps", "3", "--eval-iter", "1", "--device", "cpu"]
+    proc = subprocess.Popen([sys.executable, "ch05_train.py", *argv], cwd=HERE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "sweep" / "trial-001" / "result.json"
+    deadline = time.time() + 120
+    while not first.exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.05)
+    proc.kill()  # no chance to tidy up
+    proc.communicate()
+    kept = first.read_bytes()
+    swept = ch05.main(args_of(ch05, argv))
+    out = capsys.readouterr().out
+    assert "Trial 1: finished before" in out and "== Trial 2 of 2: --lr 0.0005" in out
+    assert first.read_bytes() == kept  # not run again
+    with open(tmp_path / "sweep" / "results.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["rank"] for r in rows] == ["1", "2"] and {r["trial"] for r in rows} == {"1", "2"}
+    assert float(rows[0]["val_loss"]) <= float(rows[1]["val_loss"])
+    best = swept["best"]
+    assert best["trial"] == int(rows[0]["trial"]) and best["val_loss"] == swept["results"][0]["val_loss"]
+    command = re.search(r"python ch05_train\.py (.*)\n", out.split("Best:")[1]).group(1)
+    again = ch05.parse_args(shlex.split(command))  # the best trial's run, as printed
+    assert again.lr == best["point"]["lr"] and again.max_steps == 3 and again.sweep is None
+    assert (tmp_path / "sweep" / "sweep.png").stat().st_size > 0
+    trial = gen.load_checkpoint(tmp_path / "sweep" / "trial-002" / "checkpoint.pt")
+    assert trial["settings"]["lr"] == 0.0005 and trial["settings"]["seed"] == 123
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"lr": [0.002]}), encoding="utf-8")
+    with pytest.raises(ValueError, match="holds another sweep .* --overwrite"):
+        ch05.main(args_of(ch05, [*argv, "--sweep", str(other)]))
+
+
+@pytest.mark.parametrize("grid, error", [
+    ("[1, 2]", "must hold a JSON object"), ('{"lr": [0.001', "not valid JSON"),
+    ('{"learning_rate": [0.1]}', "'learning_rate' is not a setting a sweep can vary"),
+    ('{"out": ["x"]}', "'out' is not a setting"), ('{"lr": 0.001}', "must map to a list"),
+    ('{"lr": []}', "must map to a list"), ('{"lr": [0.001, 0]}', "'lr': 0 is refused: must be above 0"),
+    ('{"batch_size": [2.5]}', "whole number"), ('{"fast": ["yes"]}', "a switch"),
+    ('{"schedule": ["linear"]}', "one of constant, cosine")])
+def test_a_bad_grid_is_refused_in_one_line_before_any_trial(tmp_path, grid, error):
+    (tmp_path / "grid.json").write_text(grid, encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(error)):
+        ch05.main(args_of(ch05, ["--sweep", str(tmp_path / "grid.json"), "--sweep-out",
+                                 str(tmp_path / "sweep")]))
+    assert not list(tmp_path.glob("sweep/trial-*"))
+
+
+def test_a_sweep_draws_the_same_random_points_each_time_and_names_them_as_flags():
+    grid = {"lr": [1e-4, 5e-4, 1e-3], "batch_size": [2, 4], "fast": [False, True]}
+    every, total = ch05.sweep_points(grid, None, 123)
+    assert total == 12 and every == [dict(zip(grid, values))
+                                     for values in itertools.product(*grid.values())]
+    drawn, _ = ch05.sweep_points(grid, 5, 123)
+    assert drawn == ch05.sweep_points(grid, 5, 123)[0] and len(drawn) == 5
+    assert all(point in every for point in drawn) and len({json.dumps(p) for p in drawn}) == 5
+    assert ch05.sweep_points(grid, 50, 123)[0] == every
+    actions = ch05.sweep_actions(ch05.build_parser())
+    assert ch05.trial_flags({"lr": 5e-4, "batch_size": 4, "fast": True}, actions) == \
+        ["--lr", "0.0005", "--batch-size", "4", "--fast"]
+    assert ch05.base_argv(["--sweep", "g.json", "--lr", "1", "--out", "x", "--overwrite",
+                           "--trials", "3", "--sweep-out", "s"]) == ["--lr", "1"]
+
+
 def test_resume_keeps_the_checkpoints_settings_unless_given(tmp_path, capsys):
     ch05.main(train_args(tmp_path, "--max-steps", "2", "--lr", "1e-3", "--eval-freq", "1"))
     checkpoint = str(tmp_path / "checkpoint.pt")
