@@ -361,6 +361,7 @@ def child_serve(variant, p):
     import concurrent.futures
     import requests
     import torch
+    import ch06_classify as ch06
     import ch07_instruct as ch07
     from ch02_data import bpe_tokenizer
     from ch04_gpt import GPTModel
@@ -371,7 +372,7 @@ def child_serve(variant, p):
                               name, False, {"max_new_tokens": p["serve_tokens"],
                                             "temperature": 0.0, "top_k": None, "top_p": None},
                               max_queue=64)
-    server, url, _ = ch07.start_serving(served, {"host": "127.0.0.1", "port": 0,
+    server, url, _ = ch06.start_serving(served, {"host": "127.0.0.1", "port": 0,
                                                  "api_key": None, "cors_origin": None,
                                                  "max_queue": 64})
     url += "/v1/completions"
@@ -392,7 +393,7 @@ def child_serve(variant, p):
     with concurrent.futures.ThreadPoolExecutor(int(clients)) as pool:
         results = list(pool.map(client, range(int(clients))))
     seconds = time.perf_counter() - start
-    ch07.stop_serving(server, served)
+    ch06.stop_serving(server, served)
     tokens = sum(tokens for _, tokens in results)
     return {"ttft_ms": 1000 * median([first for first, _ in results]),
             "tokens_per_s": tokens / seconds, "tokens": tokens}

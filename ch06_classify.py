@@ -20,16 +20,21 @@ Imports from ch02_data.py, ch03_attention.py (plots), ch04_gpt.py, ch05_generate
 (model files), ch05_train.py (training) and ch05_load_gpt2.py (GPT-2's weights).
 """
 import argparse
+import concurrent.futures
 import contextlib
 import csv
 import functools
+import hmac
+import http.server
 import io
 import json
 import math
 import os
+import queue
 import re
 import signal
 import sys
+import threading
 import time
 import warnings
 import zipfile
@@ -712,10 +717,362 @@ def classify_texts(texts, path, device, batch_size=8, out_csv=None):
     return [choices[0] for choices in named]
 
 
+# ---- Beyond the book: serving over HTTP (--serve): a page and a JSON API ----
+# Standard library only (http.server); chapter 7's chat server is built on the
+# same pieces. Errors are answered in OpenAI's shape, request bodies are at most
+# 1 MB, an API key is needed to listen beyond this machine, and one thread runs
+# the model, taking requests in order of arrival.
+
+MAX_BODY = 1 << 20  # 1 MB: a request body beyond it gets 413
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error",
+                 headers=()):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.headers = dict(headers)
+
+    def body(self):
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+class ModelWorker:
+    """The one thread that runs the model: jobs in order of arrival, at most
+    max_queue waiting (more get 503 with Retry-After). A subclass says how a job
+    runs (work), how a waiting one is turned away (refuse), and which request
+    handler and page serve it (handler, page)."""
+    handler = page = None
+
+    def __init__(self, max_queue=16):
+        self.jobs = queue.Queue(maxsize=max_queue)
+        self.thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self.thread.start()
+
+    def submit(self, job):
+        try:
+            self.jobs.put_nowait(job)
+        except queue.Full:
+            raise ApiError(503, f"The server is busy ({self.jobs.maxsize} requests wait "
+                                "already); try again in a moment.", code="overloaded",
+                           kind="server_error", headers={"Retry-After": "1"}) from None
+
+    def close(self):
+        """Stop taking jobs: the one that runs ends as usual, those waiting get 503."""
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self.refuse(job, ApiError(503, "The server is stopping.", kind="server_error"))
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _run(self):
+        while (job := self.jobs.get()) is not None:
+            self.work(job)
+
+
+class ApiHandler(http.server.BaseHTTPRequestHandler):
+    """The routes of routes(): GET / is the page, the others need the API key when
+    one is set; anything else is 404, naming them."""
+    protocol_version = "HTTP/1.1"
+    served = settings = None  # set on the subclass make_server builds
+
+    def routes(self):
+        return {("GET", "/"): self.page}
+
+    def log_message(self, format, *args):  # one quiet line a request, on stderr
+        if self.settings.get("verbose"):
+            super().log_message(format, *args)
+
+    def do_GET(self):
+        self.route("GET")
+
+    def do_POST(self):
+        self.route("POST")
+
+    def do_OPTIONS(self):
+        if not self.settings["cors_origin"]:
+            return self.send_error_json(ApiError(404, "No such route.", code="not_found"))
+        self.send_response(204)
+        self.cors_headers()
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def route(self, method):
+        with self.settings["active"]:
+            self.answer(method)
+
+    def answer(self, method):
+        path = self.path.split("?")[0]
+        routes = self.routes()
+        try:
+            handler = routes.get((method, path))
+            if handler is None:
+                names = [f"{m} {p}" for m, p in routes]
+                raise ApiError(404, f"No route {method} {path}: this server has "
+                                    f"{', '.join(names[:-1])} and {names[-1]}.", code="not_found")
+            if path != "/":  # the page holds no data; the API needs the key, if one is set
+                self.check_key()
+            handler()
+        except ApiError as err:
+            self.send_error_json(err)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as err:  # a bug of ours: one line in the log, a 500 for the client
+            self.log_error("%s: %s", type(err).__name__, err)
+            self.close_connection = True
+            self.send_error_json(ApiError(500, f"Internal error ({type(err).__name__}).",
+                                          kind="server_error"))
+
+    def check_key(self):
+        key = self.settings["api_key"]
+        if not key:
+            return
+        given = self.headers.get("Authorization", "")
+        token = given[7:] if given.startswith("Bearer ") else ""
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise ApiError(401, "A valid API key is needed: send it as 'Authorization: Bearer "
+                                "KEY'.", code="invalid_api_key")
+
+    def read_body(self):
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            self.close_connection = True  # where its body ends is unknown
+            raise ApiError(411, "The request needs a Content-Length.")
+        if int(length) > MAX_BODY:
+            self.close_connection = True  # its body is not read
+            raise ApiError(413, f"The request body has {int(length):,} bytes; the most is "
+                                f"{MAX_BODY:,}.", code="request_too_large")
+        try:
+            body = json.loads(self.rfile.read(int(length)) or b"null")
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
+        return body
+
+    def page(self):
+        self.send_bytes(200, self.settings["page"], "text/html; charset=utf-8")
+
+    def cors_headers(self):
+        origin = self.settings["cors_origin"]
+        if origin and self.headers.get("Origin") == origin:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Vary", "Origin")
+
+    def send_json(self, status, data, headers=()):
+        self.send_bytes(status, json.dumps(data).encode(), "application/json", headers)
+
+    def send_error_json(self, err):
+        self.send_json(err.status, err.body(), err.headers)
+
+    def send_bytes(self, status, data, content_type, headers=()):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in dict(headers).items():
+            self.send_header(name, value)
+        self.cors_headers()
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class ActiveRequests:
+    """A count of the requests being answered: a stopping server waits for it to reach 0."""
+
+    def __init__(self):
+        self.count, self.zero = 0, threading.Condition()
+
+    def __enter__(self):
+        with self.zero:
+            self.count += 1
+
+    def __exit__(self, *exc):
+        with self.zero:
+            self.count -= 1
+            self.zero.notify_all()
+
+    def wait(self, timeout):
+        with self.zero:
+            return self.zero.wait_for(lambda: self.count == 0, timeout)
+
+
+def make_server(served, settings):
+    """The HTTP server (not yet serving) of `served` (its handler and page), on
+    --host and --port (0: any free port). A port in use is one line."""
+    host = settings["host"]
+    if host not in LOOPBACK and not settings["api_key"]:
+        raise ValueError(f"--host {host} lets other machines in: give --api-key KEY (or set "
+                         "$API_KEY), which every request must then carry.")
+    try:
+        page = served.page.read_bytes()
+    except OSError:
+        raise ValueError(f"The page {served.page.name} is missing beside the scripts in "
+                         f"{served.page.parent}: copy it there with them.") from None
+    handler = type("Handler", (served.handler,), {"served": served, "settings": {
+        **settings, "page": page, "active": ActiveRequests()}})
+    try:
+        server = http.server.ThreadingHTTPServer((host, settings["port"]), handler)
+    except OSError as err:
+        raise OSError(f"Cannot serve on {host}:{settings['port']} ({err.strerror}): "
+                      "give another --port (or --host).") from None
+    return server
+
+
+def start_serving(served, settings):
+    """make_server, serving from a thread of its own: (server, its URL, the thread)."""
+    server = make_server(served, settings)
+    host, port = server.server_address[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
+    thread.start()
+    return server, url, thread
+
+
+def stop_serving(server, served, timeout=30):
+    """No new connections; the job being run ends as usual, those waiting get
+    503, and the answers under way are sent (for at most `timeout` seconds)."""
+    server.shutdown()
+    served.close()
+    server.RequestHandlerClass.settings["active"].wait(timeout)
+    server.server_close()
+
+
+def serve_until_stopped(served, settings, banner):
+    """Serve until Ctrl-C or SIGTERM, which stop taking requests and end the
+    answers under way; banner(url) is the line that says where. Returns the URL."""
+    server, url, thread = start_serving(served, settings)
+    print(banner(url) + (" (with the API key)" if settings["api_key"] else "") +
+          ". Ctrl-C stops.", flush=True)
+    try:
+        while thread.is_alive():
+            thread.join(0.5)  # signals arrive in this thread
+    except KeyboardInterrupt as err:
+        name = signal.Signals(getattr(err, "signum", signal.SIGINT)).name
+        print(f"\nStopping ({name}): no new requests; the answers under way end first.",
+              flush=True)
+    stop_serving(server, served)
+    print("Stopped.")
+    return url
+
+
+def add_server_arguments(group, api_key_help):
+    """The flags of --serve in chapters 6 and 7 (each adds its own --serve)."""
+    group.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; other than this machine's needs --api-key")
+    group.add_argument("--port", type=number(int, at_least=0, at_most=65535), default=8000,
+                       help="port to listen on (0: any free port)")
+    group.add_argument("--api-key", metavar="KEY", default=None, help=api_key_help)
+    group.add_argument("--max-queue", type=number(int, at_least=1), default=16,
+                       help="requests that may wait for the model; more get 503")
+    group.add_argument("--cors-origin", metavar="ORIGIN", default=None,
+                       help="a web page's origin allowed to call the API from a browser, e.g. "
+                            "http://localhost:3000 (default: none)")
+    group.add_argument("--verbose", action="store_true", help="log every request on stderr")
+
+
+# The classifier's page, and POST /v1/classify: {"text": "..."} or {"text": [...]}
+
+CLASSIFY_PAGE = Path(__file__).with_name("ch06_classify.html")
+MAX_TEXTS = 256  # texts in one request
+
+
+class ClassifyHandler(ApiHandler):
+    """GET / (the page), GET /v1/models and POST /v1/classify."""
+
+    def routes(self):
+        return {("GET", "/"): self.page, ("GET", "/v1/models"): self.models,
+                ("POST", "/v1/classify"): self.classify}
+
+    def models(self):
+        served = self.served
+        self.send_json(200, {"object": "list", "data": [{
+            "id": served.name, "object": "model", "created": 0, "owned_by": "ch06_classify.py",
+            "classes": served.classes, "max_length": served.max_length}]})
+
+    def classify(self):
+        texts = request_texts(self.read_body())
+        job = ([self.served.tokenizer.encode(t, disallowed_special=()) for t in texts],
+               concurrent.futures.Future())
+        self.served.submit(job)
+        self.send_json(200, {"object": "list", "model": self.served.name,
+                             "data": job[1].result()})
+
+
+def request_texts(body):
+    """The texts of a request: "text", a string or a list of 1 to MAX_TEXTS strings."""
+    text = body.get("text")
+    texts = [text] if isinstance(text, str) else text
+    if not isinstance(texts, list) or not texts or len(texts) > MAX_TEXTS or not all(
+            isinstance(t, str) for t in texts):
+        raise ApiError(400, f"'text' must be a string, or a list of 1 to {MAX_TEXTS} strings.",
+                       param="text", code="invalid_value")
+    blank = [i for i, t in enumerate(texts) if is_blank(t)]
+    if blank:
+        raise ApiError(400, f"Text {blank[0]} is empty (or invisible characters only).",
+                       param="text", code="invalid_value")
+    return texts
+
+
+class ServedClassifier(ModelWorker):
+    """A classifier of load_classifier, run by the model thread: each job is a
+    request's token ids and the Future its answer goes into."""
+    handler, page = ClassifyHandler, CLASSIFY_PAGE
+
+    def __init__(self, model, settings, tokenizer, device, name, max_queue=16):
+        self.model, self.tokenizer, self.device, self.name = model, tokenizer, device, name
+        self.classes, self.max_length = settings["classes"], settings["max_length"]
+        self.token = settings["token"]
+        super().__init__(max_queue)
+
+    def work(self, job):
+        ids, answer = job
+        try:
+            ranked = [choices for i in range(0, len(ids), 8) for choices in classify_batch(
+                ids[i:i + 8], self.model, self.device, self.max_length, self.token,
+                top=len(self.classes))]
+            answer.set_result([{
+                "label": self.classes[choices[0][0]], "probability": choices[0][1],
+                "probabilities": {self.classes[c]: p for c, p in choices},
+                "tokens": len(text_ids), "truncated": len(text_ids) > self.max_length}
+                for text_ids, choices in zip(ids, ranked)])
+        except Exception as err:  # a failed job is its request's error, not the server's
+            answer.set_exception(ApiError(500, f"Classifying failed: {err}",
+                                          kind="server_error"))
+
+    def refuse(self, job, err):
+        job[1].set_exception(err)
+
+
+def serve_classifier(settings):
+    """--serve: the page and POST /v1/classify for the classifier in --out."""
+    device = get_device(settings["device"])
+    path = Path(settings["out"]) / "classifier.pth"
+    model, saved = load_classifier(path, device)
+    served = ServedClassifier(model, saved, bpe_tokenizer(saved["models_dir"]), device,
+                              f"{path.parent.name}-classifier", settings["max_queue"])
+    url = serve_until_stopped(served, settings, lambda url: (
+        f"Serving the classifier {path} ({', '.join(served.classes[:8])}"
+        f"{', ...' if len(served.classes) > 8 else ''}) at {url}/ : the page there, "
+        f"POST {url}/v1/classify"))
+    return {"url": url, "name": served.name}
+
+
 # ---- The chapter's run ----
 
 def main(args):
-    return run(finetuning_settings(args))
+    settings = finetuning_settings(args)
+    settings["api_key"] = settings["api_key"] or os.environ.get("API_KEY") or None  # --serve's
+    return run(settings)
 
 
 def finetuning_settings(args):
@@ -728,10 +1085,15 @@ def run(settings):
     """The command: classify with the saved classifier, or finetune one (under
     torchrun, on several processes)."""
     classifier_path = Path(settings["out"]) / "classifier.pth"
+    if ch05_train.launched_processes() > 1 and (settings["classify"] or settings["classify_file"]
+                                                or settings["serve"]):
+        raise ValueError("Under torchrun, ch06_classify.py finetunes; run --classify and --serve "
+                         "as one process (python ch06_classify.py ...).")
+    if settings["serve"]:
+        if settings["classify"] or settings["classify_file"]:
+            raise ValueError("--serve and --classify are different tasks: give one.")
+        return serve_classifier(settings)
     if settings["classify"] or settings["classify_file"]:
-        if ch05_train.launched_processes() > 1:
-            raise ValueError("Under torchrun, ch06_classify.py finetunes; run --classify as one "
-                             "process (python ch06_classify.py ...).")
         device = get_device(settings["device"])
         texts = list(settings["classify"] or [])
         if any(is_blank(text) for text in texts):
@@ -1149,11 +1511,21 @@ def build_parser():
                         help="write --classify-file's results to this CSV (text, label, "
                              "probability; the top 3 with more than 3 classes) instead of "
                              "printing them; replaced only with --overwrite")
+    srv = parser.add_argument_group("serving (beyond the book: the chapter's bonus page)")
+    srv.add_argument("--serve", action="store_true",
+                     help="serve the classifier in --out at http://HOST:PORT/: a page to try "
+                          "texts on, and POST /v1/classify with {\"text\": ...} (or a list), "
+                          "until Ctrl-C")
+    add_server_arguments(srv, "the key every API request must send as 'Authorization: Bearer "
+                              "KEY' (default: $API_KEY; none on this machine's address); never "
+                              "printed or saved")
     return parser
 
 
 def kept_when_stopped(settings):
     """What an interrupted run of this command kept, in its words."""
+    if settings["serve"]:
+        return "Serving writes no files."
     if settings["classify"] or settings["classify_file"]:
         return ("Nothing was written: --classify-out is written whole or not at all."
                 if settings["classify_out"] else "Nothing is written by --classify.")

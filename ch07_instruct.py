@@ -23,8 +23,6 @@ finetuning flags and settings).
 import contextlib
 import copy
 import hashlib
-import hmac
-import http.server
 import importlib
 import itertools
 import json
@@ -66,9 +64,10 @@ from ch05_train import (FlagsTypedParser, _unwrap, agree, calc_loss_loader, end_
                         process_rank, refuse_overwrite, run_header, run_lock, shard_model,
                         speed_up, speed_up_finetuning, train_model_shared, train_model_simple,
                         wait_for_all, whole_batch_tokens, whole_model_state)
-from ch06_classify import (add_finetuning_arguments, base_model, base_model_name,
-                           finetuning_settings, freeze_and_add_lora, parse_finetuning_args,
-                           plot_values, processes, share_training)
+from ch06_classify import (ApiError, ApiHandler, ModelWorker, add_finetuning_arguments,
+                           add_server_arguments, base_model, base_model_name, finetuning_settings,
+                           freeze_and_add_lora, parse_finetuning_args, plot_values, processes,
+                           serve_until_stopped, share_training)
 
 DATA_URL = ("https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/"
             "ch07/01_main-chapter-code/instruction-data.json")
@@ -890,28 +889,12 @@ def train_model_dpo_simple(policy_model, reference_model, train_loader, val_load
 
 
 # ---- Beyond the book: serving the model (--serve): a chat page and an OpenAI-style API ----
-# Standard library only (http.server). One thread runs the model and takes the
-# requests in order of arrival; each request's thread streams its own tokens as
-# they come. The API follows OpenAI's chat completions, completions and models
+# On chapter 6's server (http.server: its limits, API key, page and model
+# thread). Each request's thread streams its own tokens as the model thread
+# makes them. The API follows OpenAI's chat completions, completions and models
 # routes, so its official clients (and the tools built on them) talk to it.
 
 CHAT_PAGE = Path(__file__).with_name("ch07_chat.html")
-MAX_BODY = 1 << 20  # 1 MB: a request body beyond it gets 413
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
-
-    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error",
-                 headers=()):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-        self.headers = dict(headers)
-
-    def body(self):
-        return {"error": {"message": str(self), "type": self.kind, "param": self.param,
-                          "code": self.code}}
 
 
 class Job:
@@ -921,56 +904,6 @@ class Job:
     def __init__(self, idx, max_tokens, sampling, seed):
         self.idx, self.max_tokens, self.sampling, self.seed = idx, max_tokens, sampling, seed
         self.tokens, self.cancelled = queue.Queue(), threading.Event()
-
-
-class ServedModel:
-    """The model and the one thread that runs it: jobs in order of arrival, at
-    most max_queue waiting (more get 503 with Retry-After)."""
-
-    def __init__(self, model, tokenizer, device, cfg, name, chat, defaults, max_queue=16):
-        self.model, self.tokenizer, self.device, self.cfg = model, tokenizer, device, cfg
-        self.name, self.chat, self.defaults = name, chat, defaults
-        self.jobs = queue.Queue(maxsize=max_queue)
-        self.thread = threading.Thread(target=self._run, name="model", daemon=True)
-        self.thread.start()
-
-    def submit(self, job):
-        try:
-            self.jobs.put_nowait(job)
-        except queue.Full:
-            raise ApiError(503, f"The server is busy ({self.jobs.maxsize} requests wait "
-                                "already); try again in a moment.", code="overloaded",
-                           kind="server_error", headers={"Retry-After": "1"}) from None
-
-    def close(self):
-        """Stop taking jobs: the one that runs ends as usual, those waiting get 503."""
-        while True:
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.tokens.put(ApiError(503, "The server is stopping.", kind="server_error"))
-        self.jobs.put(None)
-        self.thread.join()
-
-    def _run(self):
-        while (job := self.jobs.get()) is not None:
-            try:
-                if job.cancelled.is_set():
-                    continue
-                if job.seed is not None:
-                    torch.manual_seed(job.seed)
-                for token in generate_stream(self.model, job.idx.to(self.device), job.max_tokens,
-                                             self.cfg["context_length"], eos_id=EOT_ID,
-                                             **job.sampling):
-                    if job.cancelled.is_set():
-                        break
-                    job.tokens.put(int(token))
-            except Exception as err:  # a failed generation is its request's error, not ours
-                job.tokens.put(ApiError(500, f"Generation failed: {err}", kind="server_error"))
-            finally:
-                job.tokens.put(None)
 
 
 TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false",
@@ -1115,89 +1048,14 @@ def answer_pieces(job, served, stop, client_gone):
             shown = ready
 
 
-class ApiHandler(http.server.BaseHTTPRequestHandler):
-    """The routes: GET / (the page), GET /v1/models, POST /v1/chat/completions and
-    POST /v1/completions; anything else is 404."""
-    protocol_version = "HTTP/1.1"
-    served = settings = None  # set on the subclass make_server builds
+class ChatHandler(ApiHandler):
+    """The routes: GET / (the chat page), GET /v1/models, POST /v1/chat/completions
+    and POST /v1/completions (chapter 6's ApiHandler answers the rest)."""
 
-    def log_message(self, format, *args):  # one quiet line a request, on stderr
-        if self.settings.get("verbose"):
-            super().log_message(format, *args)
-
-    def do_GET(self):
-        self.route("GET")
-
-    def do_POST(self):
-        self.route("POST")
-
-    def do_OPTIONS(self):
-        if not self.settings["cors_origin"]:
-            return self.send_error_json(ApiError(404, "No such route.", code="not_found"))
-        self.send_response(204)
-        self.cors_headers()
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def route(self, method):
-        with self.settings["active"]:
-            self.answer(method)
-
-    def answer(self, method):
-        path = self.path.split("?")[0]
-        routes = {("GET", "/"): self.page, ("GET", "/v1/models"): self.models,
-                  ("POST", "/v1/chat/completions"): self.chat_completions,
-                  ("POST", "/v1/completions"): self.completions}
-        try:
-            handler = routes.get((method, path))
-            if handler is None:
-                raise ApiError(404, f"No route {method} {path}: this server has GET /, GET "
-                                    "/v1/models, POST /v1/chat/completions and POST "
-                                    "/v1/completions.", code="not_found")
-            if path != "/":  # the page holds no data; the API needs the key, if one is set
-                self.check_key()
-            handler()
-        except ApiError as err:
-            self.send_error_json(err)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as err:  # a bug of ours: one line in the log, a 500 for the client
-            self.log_error("%s: %s", type(err).__name__, err)
-            self.close_connection = True
-            self.send_error_json(ApiError(500, f"Internal error ({type(err).__name__}).",
-                                          kind="server_error"))
-
-    def check_key(self):
-        key = self.settings["api_key"]
-        if not key:
-            return
-        given = self.headers.get("Authorization", "")
-        token = given[7:] if given.startswith("Bearer ") else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):
-            raise ApiError(401, "A valid API key is needed: send it as 'Authorization: Bearer "
-                                "KEY'.", code="invalid_api_key")
-
-    def read_body(self):
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True  # where its body ends is unknown
-            raise ApiError(411, "The request needs a Content-Length.")
-        if int(length) > MAX_BODY:
-            self.close_connection = True  # its body is not read
-            raise ApiError(413, f"The request body has {int(length):,} bytes; the most is "
-                                f"{MAX_BODY:,}.", code="request_too_large")
-        try:
-            body = json.loads(self.rfile.read(int(length)) or b"null")
-        except (ValueError, UnicodeDecodeError):
-            raise ApiError(400, "The body is not valid JSON.", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "The body must be a JSON object.", code="invalid_json")
-        return body
-
-    def page(self):
-        self.send_bytes(200, self.settings["page"], "text/html; charset=utf-8")
+    def routes(self):
+        return {("GET", "/"): self.page, ("GET", "/v1/models"): self.models,
+                ("POST", "/v1/chat/completions"): self.chat_completions,
+                ("POST", "/v1/completions"): self.completions}
 
     def models(self):
         self.send_json(200, {"object": "list", "data": [model_card(self.served)]})
@@ -1291,27 +1149,36 @@ class ApiHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def cors_headers(self):
-        origin = self.settings["cors_origin"]
-        if origin and self.headers.get("Origin") == origin:
-            self.send_header("Access-Control-Allow-Origin", origin)
-            self.send_header("Vary", "Origin")
 
-    def send_json(self, status, data, headers=()):
-        self.send_bytes(status, json.dumps(data).encode(), "application/json", headers)
+class ServedModel(ModelWorker):
+    """The model, and the thread that runs it (chapter 6's ModelWorker): each job is
+    a request's generation, its tokens sent to the request's thread as they come."""
+    handler, page = ChatHandler, CHAT_PAGE
 
-    def send_error_json(self, err):
-        self.send_json(err.status, err.body(), err.headers)
+    def __init__(self, model, tokenizer, device, cfg, name, chat, defaults, max_queue=16):
+        self.model, self.tokenizer, self.device, self.cfg = model, tokenizer, device, cfg
+        self.name, self.chat, self.defaults = name, chat, defaults
+        super().__init__(max_queue)
 
-    def send_bytes(self, status, data, content_type, headers=()):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for name, value in dict(headers).items():
-            self.send_header(name, value)
-        self.cors_headers()
-        self.end_headers()
-        self.wfile.write(data)
+    def work(self, job):
+        try:
+            if job.cancelled.is_set():
+                return
+            if job.seed is not None:
+                torch.manual_seed(job.seed)
+            for token in generate_stream(self.model, job.idx.to(self.device), job.max_tokens,
+                                         self.cfg["context_length"], eos_id=EOT_ID,
+                                         **job.sampling):
+                if job.cancelled.is_set():
+                    break
+                job.tokens.put(int(token))
+        except Exception as err:  # a failed generation is its request's error, not ours
+            job.tokens.put(ApiError(500, f"Generation failed: {err}", kind="server_error"))
+        finally:
+            job.tokens.put(None)
+
+    def refuse(self, job, err):
+        job.tokens.put(err)
 
 
 def usage(prompt_tokens, completion_tokens):
@@ -1324,48 +1191,6 @@ def model_card(served):
     return {"id": served.name, "object": "model", "created": 0, "owned_by": "ch07_instruct.py",
             "context_length": served.cfg["context_length"], "chat": served.chat,
             "defaults": served.defaults}
-
-
-class ActiveRequests:
-    """A count of the requests being answered: a stopping server waits for it to reach 0."""
-
-    def __init__(self):
-        self.count, self.zero = 0, threading.Condition()
-
-    def __enter__(self):
-        with self.zero:
-            self.count += 1
-
-    def __exit__(self, *exc):
-        with self.zero:
-            self.count -= 1
-            self.zero.notify_all()
-
-    def wait(self, timeout):
-        with self.zero:
-            return self.zero.wait_for(lambda: self.count == 0, timeout)
-
-
-def make_server(served, settings):
-    """The HTTP server (not yet serving) for `served`, on --host and --port (0: any
-    free port). A port in use is one line."""
-    host = settings["host"]
-    if host not in LOOPBACK and not settings["api_key"]:
-        raise ValueError(f"--host {host} lets other machines in: give --api-key KEY (or set "
-                         "$API_KEY), which every request must then carry.")
-    try:
-        page = CHAT_PAGE.read_bytes()
-    except OSError:
-        raise ValueError(f"The chat page {CHAT_PAGE.name} is missing beside "
-                         f"{Path(__file__).name}: copy it there with the script.") from None
-    handler = type("Handler", (ApiHandler,), {"served": served, "settings": {
-        **settings, "page": page, "active": ActiveRequests()}})
-    try:
-        server = http.server.ThreadingHTTPServer((host, settings["port"]), handler)
-    except OSError as err:
-        raise OSError(f"Cannot serve on {host}:{settings['port']} ({err.strerror}): "
-                      "give another --port (or --host).") from None
-    return server
 
 
 def load_served_model(settings, device):
@@ -1386,25 +1211,6 @@ def load_served_model(settings, device):
     return model, cfg, path.stem, chat
 
 
-def start_serving(served, settings):
-    """make_server, serving from a thread of its own: (server, its URL, the thread)."""
-    server = make_server(served, settings)
-    host, port = server.server_address[:2]
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-    thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
-    thread.start()
-    return server, url, thread
-
-
-def stop_serving(server, served, timeout=30):
-    """No new connections; the answer being generated ends as usual, those waiting get
-    503, and the answers under way are sent (for at most `timeout` seconds)."""
-    server.shutdown()
-    served.close()
-    server.RequestHandlerClass.settings["active"].wait(timeout)
-    server.server_close()
-
-
 def serve(settings):
     """--serve: the chat page and the API until Ctrl-C or SIGTERM, which stop taking
     requests and end the answers under way; then exit 0."""
@@ -1413,19 +1219,9 @@ def serve(settings):
     served = ServedModel(model, bpe_tokenizer(settings["models_dir"]), device, cfg, name, chat,
                          {"max_new_tokens": settings["max_new_tokens"], **sampling_of(settings)},
                          settings["max_queue"])
-    server, url, thread = start_serving(served, settings)
-    print(f"Serving {name} ({'chat' if chat else 'text'}, context {cfg['context_length']}) at "
-          f"{url}/ : the chat page there, the OpenAI-style API at {url}/v1"
-          f"{' (with the API key)' if settings['api_key'] else ''}. Ctrl-C stops.", flush=True)
-    try:
-        while thread.is_alive():
-            thread.join(0.5)  # signals arrive in this thread
-    except KeyboardInterrupt as err:
-        name = signal.Signals(getattr(err, "signum", signal.SIGINT)).name
-        print(f"\nStopping ({name}): no new requests; the answers under way end first.",
-              flush=True)
-    stop_serving(server, served)
-    print("Stopped.")
+    url = serve_until_stopped(served, settings, lambda url: (
+        f"Serving {name} ({'chat' if chat else 'text'}, context {cfg['context_length']}) at "
+        f"{url}/ : the chat page there, the OpenAI-style API at {url}/v1"))
     return {"url": url, "name": name}
 
 
@@ -1929,21 +1725,10 @@ def build_parser():
                      help="serve the model --chat talks to (or --model-file: also a "
                           "ch05_train.py checkpoint or a GPT-2 size such as 124M, which "
                           "continue text) at http://HOST:PORT/, until Ctrl-C")
-    srv.add_argument("--host", default="127.0.0.1",
-                     help="address to listen on; other than this machine's needs --api-key")
-    srv.add_argument("--port", type=number(int, at_least=0, at_most=65535), default=8000,
-                     help="port to listen on (0: any free port)")
-    srv.add_argument("--api-key", metavar="KEY", default=None,
-                     help="with --serve, the key every API request must send as "
-                          "'Authorization: Bearer KEY' (default: $API_KEY; none on this "
-                          "machine's address); when judging, the key sent to an OpenAI-style "
-                          "judge (default: $OPENAI_API_KEY); never printed or saved")
-    srv.add_argument("--max-queue", type=number(int, at_least=1), default=16,
-                     help="requests that may wait for the model; more get 503")
-    srv.add_argument("--cors-origin", metavar="ORIGIN", default=None,
-                     help="a web page's origin allowed to call the API from a browser, e.g. "
-                          "http://localhost:3000 (default: none)")
-    srv.add_argument("--verbose", action="store_true", help="log every request on stderr")
+    add_server_arguments(srv, "with --serve, the key every API request must send as "
+                              "'Authorization: Bearer KEY' (default: $API_KEY; none on this "
+                              "machine's address); when judging, the key sent to an OpenAI-style "
+                              "judge (default: $OPENAI_API_KEY); never printed or saved")
     dpo = parser.add_argument_group("preference tuning with DPO (beyond the book: the "
                                     "chapter's bonus)")
     dpo.add_argument("--dpo", action="store_true",

@@ -4916,11 +4916,11 @@ def chat_server(tmp_path, chat=True, extra=(), slow=None):
     else:
         served_generate = ch07.generate_stream
     with unittest.mock.patch.object(ch07, "generate_stream", served_generate):
-        server, url, _ = ch07.start_serving(served, settings)
+        server, url, _ = ch06.start_serving(served, settings)
         try:
             yield url, served
         finally:
-            ch07.stop_serving(server, served, timeout=10)
+            ch06.stop_serving(server, served, timeout=10)
 
 
 def greedy_answer(served, ids, max_tokens):
@@ -5193,6 +5193,118 @@ def test_the_chat_page_streams_an_answer_stops_one_and_starts_anew_in_a_browser(
             box.send_keys("Hello again", Keys.ENTER)
             wait.until(lambda d: len(turns()) == 2 and d.find_element(By.ID, "send").is_enabled())
             assert turns()[1].text and "error" not in turns()[1].get_attribute("class")
+    finally:
+        driver.quit()
+
+
+# ---- Chapter 6, beyond the book: the classifier's page and API (--serve) ----
+
+CLASSES = ["ham", "spam", "promo", "news", "other"]
+
+
+@contextlib.contextmanager
+def classifier_server(tmp_path, extra=()):
+    """`ch06_classify.py --serve` of a tiny 5-class classifier (max_length 8) on a
+    free port, in this process (the command, with its wait for Ctrl-C left out):
+    yields (url, the served classifier)."""
+    model = ch06.prepare_classifier(tiny_model(0), TINY, num_classes=len(CLASSES))
+    ch06.save_classifier(tmp_path / "out" / "classifier.pth", model, TINY, {
+        "trainable": "last_block", "lora_rank": None, "lora_alpha": 16, "max_length": 8,
+        "models_dir": "gpt2", "classes": CLASSES, "token": "last"})
+    started = {}
+
+    def serve_without_waiting(served, settings, banner):
+        started["server"], url, _ = ch06.start_serving(served, settings)
+        started["served"] = served
+        print(banner(url))
+        return url
+    with unittest.mock.patch.object(ch06, "serve_until_stopped", serve_without_waiting):
+        result = ch06.main(args_of(ch06, ["--serve", "--out", str(tmp_path / "out"), "--port",
+                                          "0", "--device", "cpu", *extra]))
+    try:
+        yield result["url"], started["served"]
+    finally:
+        ch06.stop_serving(started["server"], started["served"], timeout=10)
+
+
+def test_the_classify_api_answers_as_the_command_line_does_and_refuses_bad_requests(tmp_path):
+    long_text = "This message goes on for rather more than eight tokens, so it is cut."
+    with classifier_server(tmp_path, ["--api-key", "k3y"]) as (url, served):
+        key = {"Authorization": "Bearer k3y"}
+        answer = requests.post(url + "/v1/classify", json={"text": ["Hi there", long_text]},
+                               headers=key, timeout=30)
+        assert answer.status_code == 200, answer.text
+        first, second = answer.json()["data"]
+        with pytest.warns(UserWarning, match="only their first 8 are classified"):
+            expected = ch06.classify_texts(["Hi there", long_text],
+                                           tmp_path / "out" / "classifier.pth", "cpu")
+        for got, (label, probability) in zip((first, second), expected):
+            assert got["label"] == label and got["probability"] == pytest.approx(probability)
+            assert set(got["probabilities"]) == set(CLASSES)
+            assert sum(got["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+            assert max(got["probabilities"], key=got["probabilities"].get) == label
+        assert not first["truncated"] and second["truncated"] and second["tokens"] > 8
+        one = requests.post(url + "/v1/classify", json={"text": "Hi there"}, headers=key).json()
+        assert one["data"] == [first] and one["model"] == "out-classifier"
+        models = requests.get(url + "/v1/models", headers=key).json()["data"][0]
+        assert models["classes"] == CLASSES and models["max_length"] == 8
+        classify = url + "/v1/classify"
+        for kwargs, status, code in [
+                ({"json": {"text": ""}}, 400, "invalid_value"),
+                ({"json": {"text": " \u200b "}}, 400, "invalid_value"),
+                ({"json": {"text": []}}, 400, "invalid_value"),
+                ({"json": {"text": 5}}, 400, "invalid_value"),
+                ({"json": {"texts": "hi"}}, 400, "invalid_value"),
+                ({"json": {"text": ["ok", 3]}}, 400, "invalid_value"),
+                ({"json": {"text": ["a"] * (ch06.MAX_TEXTS + 1)}}, 400, "invalid_value"),
+                ({"json": ["hi"]}, 400, "invalid_json"),
+                ({"data": b"{not json"}, 400, "invalid_json"),
+                ({"data": b"x" * (2 << 20)}, 413, "request_too_large")]:
+            answer = requests.post(classify, headers=key, timeout=30, **kwargs)
+            assert answer.status_code == status, (kwargs, answer.text)
+            assert answer.json()["error"]["code"] == code and answer.json()["error"]["message"]
+        assert requests.post(classify, json={"text": "hi"}).status_code == 401
+        assert requests.get(url + "/", timeout=30).status_code == 200  # the page itself is open
+        answer = requests.get(url + "/v1/chat/completions", headers=key)
+        assert answer.status_code == 404 and "POST /v1/classify" in answer.json()["error"]["message"]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:  # at once, in order of arrival
+            answers = list(pool.map(lambda i: requests.post(classify, headers=key, json={
+                "text": f"Hi there {i}"}, timeout=60), range(8)))
+        assert [a.status_code for a in answers] == [200] * 8
+    with pytest.raises(ValueError, match=r"--host 0\.0\.0\.0 lets other machines in"):
+        with classifier_server(tmp_path, ["--host", "0.0.0.0"]):
+            pass
+
+
+def test_the_classifier_page_shows_the_class_and_its_probabilities_in_a_browser(tmp_path):
+    driver = chromium_driver()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    wait = WebDriverWait(driver, 60, poll_frequency=0.05)
+    try:
+        with classifier_server(tmp_path, ["--api-key", "k3y"]) as (url, served):
+            driver.get(url + "/")
+            wait.until(lambda d: "API key" in d.find_element(By.ID, "model-name").text)
+            driver.find_element(By.ID, "api_key").send_keys("k3y")
+            driver.find_element(By.ID, "classify").click()  # no text yet
+            wait.until(lambda d: "Type a text first" in d.find_element(By.ID, "error").text)
+            driver.find_element(By.ID, "text").send_keys("Win a prize now", Keys.CONTROL,
+                                                         Keys.ENTER)
+            wait.until(lambda d: d.find_element(By.ID, "label").text)
+            expected = requests.post(url + "/v1/classify", json={"text": "Win a prize now"},
+                                     headers={"Authorization": "Bearer k3y"}).json()["data"][0]
+            assert driver.find_element(By.ID, "label").text == expected["label"]
+            assert driver.find_element(By.ID, "model-name").text == "out-classifier"
+            assert not driver.find_element(By.ID, "error").is_displayed()
+            bars = driver.find_elements(By.CSS_SELECTOR, ".bar")
+            shown = [(b.find_element(By.CLASS_NAME, "name").text,
+                      float(b.find_element(By.CLASS_NAME, "value").text.rstrip("%")))
+                     for b in bars]
+            ranked = sorted(expected["probabilities"].items(), key=lambda kv: -kv[1])
+            assert [name for name, _ in shown] == [name for name, _ in ranked]
+            assert [p for _, p in shown] == pytest.approx([100 * p for _, p in ranked], abs=0.06)
+            assert "top" in bars[0].get_attribute("class")
     finally:
         driver.quit()
 
