@@ -1269,7 +1269,7 @@ TRAINING_SETTINGS = ("data", "data_tokens", "train_ratio", "memmap", "memmap_abo
                      "eval_text", "eval_limit")
 RUN_SETTINGS = ("data_dir", "workers", "eval_data_dir", "out", "overwrite", "resume", "device",
                 "fast", "compile", "fsdp", "generate", "from_file", "export_weights", "max_new_tokens",
-                "temperature", "top_k", "top_p")
+                "temperature", "top_k", "top_p", "sweep", "trials", "sweep_out")
 SAVED_SETTINGS = MODEL_SETTINGS + TRAINING_SETTINGS + ("fast", "compile")
 
 
