@@ -1409,6 +1409,8 @@ def main(args):
     if args.export_weights:
         return export_weights(args.from_file or Path(args.out) / "checkpoint.pt",
                               args.export_weights, args.overwrite)
+    if not args.sweep and {"trials", "sweep_out"} & args.given:
+        raise ValueError("--trials and --sweep-out go with --sweep GRID.json.")
     if args.sweep:
         if launched_processes() > 1:
             raise ValueError("--sweep runs its trials one after another in one process: start "
