@@ -6,10 +6,12 @@ download helper every later chapter uses, how every command writes its files
 and stops (whole files only, run locks, `--overwrite` that keeps the earlier
 results until new ones exist, `run_command`'s one-line errors and signals),
 memory-mapped token files for corpora larger than memory
-(`build_token_file`), and named corpora (FineWeb-Edu, TinyStories) downloaded
-and tokenized in several processes into sharded token files (`prepare_corpus`).
+(`build_token_file`), named corpora (FineWeb-Edu, TinyStories) downloaded
+and tokenized in several processes into sharded token files (`prepare_corpus`),
+and byte-level BPE trained from scratch, in GPT-2's file format (`BPETokenizer`).
 
 Run:  python ch02_data.py [--text the-verdict.txt]
+      python ch02_data.py --train-bpe my_texts/ --vocab-size 8000 --tokenizer-out my_tokenizer
 Imports no earlier chapter file.
 """
 import argparse

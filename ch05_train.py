@@ -6,10 +6,12 @@ D's `train_model` (warm-up, cosine decay, gradient clipping). `text_to_token_ids
 `token_ids_to_text` and `generate` live in ch05_generate.py and import from here
 too. Beyond the book: the `ch05_train.py` command, with checkpoints and exact
 resume, corpora larger than memory, several processes (DistributedDataParallel),
-and the speed-ups chapters 6 and 7 share (`speed_up`, `make_optimizer`).
+the speed-ups chapters 6 and 7 share (`speed_up`, `make_optimizer`), a
+tokenizer of your own (--tokenizer) and a hyperparameter search (--sweep).
 
 Run:  python ch05_train.py                      (the book's run on the-verdict)
       python ch05_train.py --data my_texts/ --epochs 1 --schedule cosine
+      python ch05_train.py --sweep grid.json --data my_texts/ --max-steps 500
       torchrun --nproc_per_node=2 ch05_train.py ...
 Imports from ch02_data.py, ch03_attention.py (saving plots), ch04_gpt.py and
 ch05_generate.py.

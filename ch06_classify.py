@@ -8,13 +8,16 @@ and `classify_review`; appendix E's `LoRALayer`, `LinearWithLoRA` and
 and used again with --classify (and --classify-file, in batches); data of your
 own (a .csv, .tsv or .jsonl of texts and labels, any number of classes), the
 token that feeds the head (--token), per-class accuracy and a confusion matrix,
-and the command, its settings resolved once from its flags (chapter 7 shares
-its finetuning flags, `finetuning_settings` and `base_model`).
+a page and a JSON API for the classifier (--serve, on the HTTP server that
+chapter 7's chat server builds on), and the command, its settings resolved
+once from its flags (chapter 7 shares its finetuning flags,
+`finetuning_settings` and `base_model`).
 
 Run:  python ch06_classify.py                       (finetune GPT-2 124M, as the book)
       python ch06_classify.py --lora --rank 16 --alpha 16
       python ch06_classify.py --classify "You won a prize, reply now"
       python ch06_classify.py --data reviews.csv --out runs/reviews
+      python ch06_classify.py --serve          (a page and an API at http://127.0.0.1:8000/)
       torchrun --nproc_per_node=4 ch06_classify.py --fsdp --model-size 1558M  (several GPUs)
 Imports from ch02_data.py, ch03_attention.py (plots), ch04_gpt.py, ch05_generate.py
 (model files), ch05_train.py (training) and ch05_load_gpt2.py (GPT-2's weights).
