@@ -626,6 +626,16 @@ def test_a_tokenizer_trained_here_pretrains_generates_and_goes_with_its_model(
     generated = gen.main(args_of(gen, ["--from", str(checkpoint), "--max-new-tokens", "5",
                                        "--device", "cpu"]))
     assert generated["text"].startswith("Every effort moves you")  # GPT-2's ids would not fit
+    with pytest.raises(FileNotFoundError, match=r"holds no tokenizer: it needs encoder\.json "
+                                                r"and vocab\.bpe \(what `python ch02_data\.py "
+                                                r"--train-bpe` writes\)"):
+        ch05.main(train_args(tmp_path / "other", "--tokenizer", str(tmp_path / "tok")))
+    (tmp_path / "gone" / "encoder.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="are not one byte-level BPE vocabulary"):
+        ch05.main(train_args(tmp_path / "other", "--tokenizer", str(tmp_path / "gone")))
+    with pytest.raises(ValueError, match="named corpus fineweb-edu is tokenized with GPT-2's"):
+        ch05.main(train_args(tmp_path / "other", "--tokenizer", str(tmp_path / "gone"),
+                             "--data", "fineweb-edu"))
     with pytest.raises(ValueError, match="tokenizer of its own"):
         ch07.base_model({"init_from": str(checkpoint)}, False)
 
@@ -1473,6 +1483,23 @@ def test_a_sweep_killed_after_its_first_trial_goes_on_where_it_stopped(tmp_path,
     other.write_text(json.dumps({"lr": [0.002]}), encoding="utf-8")
     with pytest.raises(ValueError, match="holds another sweep .* --overwrite"):
         ch05.main(args_of(ch05, [*argv, "--sweep", str(other)]))
+
+
+def test_a_failing_trial_is_ranked_last_and_the_sweep_goes_on(tmp_path, short_text, capsys):
+    grid = tmp_path / "grid.json"  # a context longer than the text: that trial cannot run
+    grid.write_text(json.dumps({"context_length": [100000, 32]}), encoding="utf-8")
+    swept = ch05.main(args_of(ch05, [
+        "--sweep", str(grid), "--sweep-out", str(tmp_path / "sweep"), "--data", str(short_text),
+        "--model-size", "tiny", "--batch-size", "2", "--max-steps", "1", "--eval-iter", "1",
+        "--device", "cpu"]))
+    failed, ran = sorted(swept["results"], key=lambda r: r["trial"])
+    assert "too short for --context-length 100000" in failed["error"]
+    assert math.isnan(failed["val_loss"]) and ran["val_loss"] > 0
+    assert swept["best"]["trial"] == 2 and swept["results"][-1]["trial"] == 1  # failed: last
+    with open(tmp_path / "sweep" / "results.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["trial"] for r in rows] == ["2", "1"] and "too short" in rows[1]["error"]
+    assert "Trial 1 failed: The training split is too short" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("grid, error", [
@@ -5379,7 +5406,12 @@ def test_a_flag_out_of_range_exits_2_and_an_unwritable_out_is_named(tmp_path, ca
             (ch07d.parse_args, ["--generate-data", "0"], "--generate-data: must be at least 1"),
             (ch07d.parse_args, ["--workers", "-2"], "--workers: must be at least 1"),
             (ch07d.parse_args, ["--threshold", "1.5"], "--threshold: must be at least 0 and "
-                                                      "at most 1")]:
+                                                      "at most 1"),
+            (ch02.parse_args, ["--vocab-size", "256"], "--vocab-size: must be at least 257"),
+            (ch02.parse_args, ["--vocab-size", "70000"], "at most 65536"),  # uint16 token files
+            (ch05.parse_args, ["--trials", "0"], "--trials: must be at least 1"),
+            (ch06.parse_args, ["--port", "-1"], "--port: must be at least 0"),
+            (ch06.parse_args, ["--max-queue", "0"], "--max-queue: must be at least 1")]:
         with pytest.raises(SystemExit) as exit_:
             parse(argv)
         assert exit_.value.code == 2 and message in capsys.readouterr().err, argv
