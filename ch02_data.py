@@ -1220,11 +1220,8 @@ class BPETokenizer:
 
     @classmethod
     def load(cls, folder):
-        folder = Path(folder)
-        if not (folder / "encoder.json").is_file() or not (folder / "vocab.bpe").is_file():
-            raise FileNotFoundError(f"{folder} holds no tokenizer: it needs encoder.json and "
-                                    "vocab.bpe (what `python ch02_data.py --train-bpe` writes).")
-        return cls.from_files(folder / "encoder.json", folder / "vocab.bpe")
+        files = tokenizer_files(folder)
+        return cls.from_texts(files["encoder.json"], files["vocab.bpe"], f"The files in {folder}")
 
     @classmethod
     def from_files(cls, encoder_json, vocab_bpe):
@@ -1232,7 +1229,7 @@ class BPETokenizer:
                               f"{encoder_json} and {vocab_bpe}")
 
     @classmethod
-    def from_texts(cls, encoder_text, merges_text, source="the tokenizer's files"):
+    def from_texts(cls, encoder_text, merges_text, source="The tokenizer's files"):
         """Replays the merges, then checks that encoder.json gives every token the
         id replaying gave it; the tokens after them are special tokens."""
         tokenizer, byte_of = cls(), gpt2_byte_symbols()
@@ -1319,21 +1316,30 @@ def local_bpe_tokenizer(models_dir):
     return None
 
 
+def tokenizer_files(folder):
+    """{"encoder.json": its text, "vocab.bpe": its text} of a tokenizer folder."""
+    folder = Path(folder)
+    if not (folder / "encoder.json").is_file() or not (folder / "vocab.bpe").is_file():
+        raise FileNotFoundError(f"{folder} holds no tokenizer: it needs encoder.json and "
+                                "vocab.bpe (what `python ch02_data.py --train-bpe` writes).")
+    return {name: read_text(folder / name) for name in ("encoder.json", "vocab.bpe")}
+
+
 def tokenizer_from_folder(folder):
     """A tokenizer folder of --train-bpe (or GPT-2's own files) as a tiktoken
     encoding named after its files' hash: token files made with another
     tokenizer are never mistaken for its own."""
-    tokenizer = BPETokenizer.load(folder)
-    if EOT not in tokenizer.special_tokens:
+    encoding = saved_tokenizer(tokenizer_files(folder), f"The files in {folder}")
+    if EOT not in encoding.special_tokens_set:
         raise ValueError(f"The tokenizer in {folder} has no {EOT} token, which separates "
                          "documents: train it again with the default special tokens.")
-    return saved_tokenizer(tokenizer.files())
+    return encoding
 
 
-def saved_tokenizer(files):
-    """The tiktoken encoding of a tokenizer's files as files() gives them."""
+def saved_tokenizer(files, source="The tokenizer's files"):
+    """The tiktoken encoding of a tokenizer's two files, as tokenizer_files reads them."""
     digest = hashlib.sha1("\0".join(files[k] for k in sorted(files)).encode()).hexdigest()
-    tokenizer = BPETokenizer.from_texts(files["encoder.json"], files["vocab.bpe"])
+    tokenizer = BPETokenizer.from_texts(files["encoder.json"], files["vocab.bpe"], source)
     encoding = tokenizer.to_tiktoken(f"bpe-{digest[:12]}")
     encoding.files = files  # what a model file records of the tokenizer it was trained with
     return encoding
