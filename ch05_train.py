@@ -1674,8 +1674,11 @@ def run_sweep(settings, argv, parser):
                 print(f"Trial {trial}: finished before, validation loss {result['val_loss']:.3f}")
             results.append({**result, "trial": trial, "point": point})
             write_sweep_results(out, results, grid)
-    best = min(results, key=sort_key)
     print_sweep_table(results, grid)
+    best = min(results, key=sort_key)
+    if math.isnan(best["val_loss"]):
+        raise ValueError(f"No trial of the sweep finished ({out / 'results.csv'} says why); "
+                         f"trial 1: {results[0]['error']}")
     print(f"\nBest: trial {best['trial']}, validation loss {best['val_loss']:.3f}. Its run:\n  "
           f"python ch05_train.py {shlex.join(base + trial_flags(best['point'], actions))} "
           "--out runs/best")
@@ -1726,7 +1729,7 @@ def run_trial(flags, folder, overwrite, trial, count):
     except Stopped as stop:
         raise Stopped(f"{stop}\nThe sweep stopped in trial {trial} of {count}: run the same "
                       "command again to go on from there.", stop.code) from None
-    except (ValueError, OSError, Diverged) as err:
+    except (ValueError, Diverged) as err:  # these settings' own trouble: the others may run
         return failed_trial(trial, str(err), start)
     model = run["model"].eval()
     train_loss, val_loss = (final_loss(model, windows) for windows in run["data"])

@@ -1500,6 +1500,16 @@ def test_a_failing_trial_is_ranked_last_and_the_sweep_goes_on(tmp_path, short_te
         rows = list(csv.DictReader(f))
     assert [r["trial"] for r in rows] == ["2", "1"] and "too short" in rows[1]["error"]
     assert "Trial 1 failed: The training split is too short" in capsys.readouterr().out
+    grid.write_text(json.dumps({"context_length": [100000, 200000]}), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"No trial of the sweep finished \(.*results\.csv says "
+                                         r"why\); trial 1: The training split is too short"):
+        ch05.main(args_of(ch05, ["--sweep", str(grid), "--sweep-out", str(tmp_path / "none"),
+                                 "--data", str(short_text), "--device", "cpu"]))
+    # a problem of the flags every trial shares (a missing file) stops the sweep at once
+    with pytest.raises(FileNotFoundError, match="--data path not found"):
+        ch05.main(args_of(ch05, ["--sweep", str(grid), "--sweep-out", str(tmp_path / "gone"),
+                                 "--data", str(tmp_path / "gone.txt"), "--device", "cpu"]))
+    assert not (tmp_path / "gone" / "trial-002").exists()
 
 
 @pytest.mark.parametrize("grid, error", [
